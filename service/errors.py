@@ -1,0 +1,117 @@
+"""Domain errors and their single mapping to HTTP.
+
+Every layer raises these plain exceptions; only `http_error` (used by one exception
+handler in the app) turns them into a status, headers and a JSON body. This module
+imports nothing from the web framework so that preprocessing, the engine and the
+model source stay framework-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class LungserveError(Exception):
+    """Base of every error the service reports to a client."""
+
+    code: str = "internal_error"
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(LungserveError):
+    code = "bad_request"
+    status = 400
+
+
+class InvalidImage(BadRequest):
+    """The bytes are not a decodable image (empty, truncated, unknown format...)."""
+
+    code = "invalid_image"
+    status = 422
+
+
+class ImageTooLarge(LungserveError):
+    """Too many bytes or too many pixels: refused before (or instead of) decoding."""
+
+    code = "image_too_large"
+    status = 413
+
+
+class TooManyFiles(LungserveError):
+    code = "too_many_files"
+    status = 413
+
+
+class MissingField(BadRequest):
+    code = "missing_field"
+    status = 422
+
+
+class Overloaded(LungserveError):
+    """The bounded queue is full: shed load now rather than queue without limit."""
+
+    code = "overloaded"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(LungserveError):
+    code = "deadline_exceeded"
+    status = 504
+
+
+class ModelNotReady(LungserveError):
+    code = "model_not_ready"
+    status = 503
+
+
+class ShuttingDown(LungserveError):
+    code = "shutting_down"
+    status = 503
+
+
+class InferenceFailed(LungserveError):
+    """The model run for this request's batch failed; other batches are unaffected."""
+
+    code = "inference_failed"
+    status = 500
+
+
+class Unauthorized(LungserveError):
+    code = "unauthorized"
+    status = 401
+
+
+class NotFound(LungserveError):
+    code = "not_found"
+    status = 404
+
+
+class ModelSourceError(Exception):
+    """The model could not be fetched or verified. Fatal at startup, refused on reload."""
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
+    """The one place where a domain error becomes an HTTP answer."""
+    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if request_id is not None:
+        error["request_id"] = request_id
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return HttpError(status=exc.status, body={"error": error}, headers=headers)

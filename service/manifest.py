@@ -1,0 +1,44 @@
+"""The model manifest (`model.json`): the contract between export, storage and serving."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "model.json"
+MODEL_NAME = "model.onnx"
+
+
+class Manifest(BaseModel):
+    """What the service needs to run a model correctly; extra keys are kept verbatim."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    version: str
+    classes: list[str] = Field(min_length=2)
+    input_name: str
+    output_name: str
+    input_size: int = Field(gt=0, le=4096)
+    input_dtype: str = "uint8"
+    resize: dict[str, str]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    file: str = MODEL_NAME
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls.model_validate_json(path.read_bytes())
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
