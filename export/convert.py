@@ -116,8 +116,11 @@ def export(
             "sha256": sha,
             "file": MODEL_NAME,
             "opset": OPSET,
-            "calibration": {"method": "temperature scaling", "temperature": (training or {}).get("validation", {}).get("temperature")},
-            "parity": {"images": int(len(parity_images)), "max_abs_diff": diff},
+            "calibration": {
+                "method": "temperature scaling on the validation groups",
+                "temperature": (training or {}).get("validation", {}).get("temperature"),
+            },
+            "parity": {"images": len(parity_images), "max_abs_diff": diff},
             "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         if training:
@@ -125,7 +128,9 @@ def export(
             manifest_data["validation_groups"] = training["validation_groups"]
             val = training["validation"]
             manifest_data["validation_metrics"] = {
-                k: val[k] for k in ("n", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "ece", "ece_before_calibration")
+                k: val[k]
+                for k in ("n", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "ece",
+                          "ece_before_calibration")
             }
             manifest_data["training"] = {"config": training["config"], "best_epoch": training["best_epoch"],
                                          "train_seconds": training["train_seconds"]}

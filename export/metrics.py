@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ def expected_calibration_error(
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ece = 0.0
     bins: list[dict[str, float]] = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         mask = (conf > lo) & (conf <= hi)
         if not mask.any():
             continue
@@ -49,7 +50,7 @@ def classification_report(
             recalls.append(recall)
     ece, bins = expected_calibration_error(labels, probs)
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": float((pred == labels).mean()),
         "balanced_accuracy": float(np.mean(recalls)),
         "per_class": per_class,

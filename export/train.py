@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from export import data as data_mod
 from export.calibrate import fit_temperature
@@ -151,9 +152,10 @@ def _augment_and_onehot(n_classes: int, smoothing: float) -> Any:
     return fn
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:
+    e = np.exp(np.asarray(z, dtype=np.float64) - np.max(z, axis=1, keepdims=True))
+    out: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def _plot_history(hist: dict[str, list[float]], path: Path) -> None:

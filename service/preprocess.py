@@ -66,8 +66,7 @@ def load_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: b
                 # several times cheaper than a full decode of a 768 px original.
                 img.draft("RGB", (size, size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
             resized = rgb.resize((size, size), _FILTER)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc

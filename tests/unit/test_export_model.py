@@ -32,7 +32,8 @@ def test_builder_follows_the_block_design(tiny_model: Any) -> None:
     block = ["Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D"]
     assert kinds[:2] == ["InputLayer", "Rescaling"]
     assert kinds[2:14] == block * 3
-    assert kinds[14:] == ["GlobalAveragePooling2D", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense", "Softmax"]
+    head = ["GlobalAveragePooling2D", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense", "Softmax"]
+    assert kinds[14:] == head
     assert tiny_model.input.dtype == "uint8"
     probs = tiny_model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
     assert probs.shape == (2, 3)
@@ -49,7 +50,8 @@ def test_export_matches_keras_and_writes_manifest_and_metadata(tiny_model: Any, 
     on_disk = Manifest.read(tmp_path / "out" / "model.json")
     assert on_disk == manifest
     assert manifest.sha256 == sha256_file(onnx_path)
-    assert manifest.input_size == 32 and manifest.resize == RESIZE
+    assert manifest.input_size == 32
+    assert manifest.resize == RESIZE
     assert manifest.dump()["parity"]["max_abs_diff"] <= 1e-4
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -58,7 +60,8 @@ def test_export_matches_keras_and_writes_manifest_and_metadata(tiny_model: Any, 
     assert isinstance(inp.shape[0], str)  # dynamic batch dimension
     assert out.name == OUTPUT_NAME
     meta = sess.get_modelmeta().custom_metadata_map
-    assert meta["version"] == "t1" and meta["input_size"] == "32"
+    assert meta["version"] == "t1"
+    assert meta["input_size"] == "32"
     assert json.loads(meta["classes"]) == manifest.classes
     # batching must not change an answer
     batch = sess.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
