@@ -99,6 +99,13 @@ class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 
 
+class ModelRejected(LungserveError):
+    """A reload found a model it could not fetch, verify or warm up; the old one keeps serving."""
+
+    code = "model_rejected"
+    status = 409
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -114,4 +121,6 @@ def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
     headers: dict[str, str] = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
     return HttpError(status=exc.status, body={"error": error}, headers=headers)

@@ -1,0 +1,122 @@
+"""`lungserve upload DIR s3://bucket/prefix/`: publish an exported model where the service fetches it.
+
+Writes exactly the layout `service.model_source` reads: `<prefix><manifest.file>` (the ONNX file)
+and `<prefix>model.json`. The model goes first and the manifest last, so a server polling the
+manifest's ETag never sees a manifest that points at a model that is not there yet. The local
+sha256 is checked before anything is sent: a manifest that does not describe its file is never
+published.
+
+Needs only aioboto3 (no TensorFlow), so it works in a serving-only install. Credentials come
+from the standard AWS chain; `endpoint_url` targets MinIO, Ceph or moto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aioboto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from service.errors import ModelSourceError
+from service.manifest import MANIFEST_NAME, sha256_file
+from service.model_source import (
+    DEFAULT_MAX_ATTEMPTS,
+    S3Location,
+    describe_s3_error,
+    parse_manifest,
+    parse_model_uri,
+    s3_client_config,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+
+def upload_location(uri: str) -> S3Location:
+    """The S3 prefix an upload writes to; refuses anything but `s3://bucket[/prefix/]`."""
+    loc = parse_model_uri(uri)
+    if not isinstance(loc, S3Location) or loc.model_key is not None or uri.rstrip().endswith(".json"):
+        raise ModelSourceError(f"upload needs an s3://bucket/prefix/ URI, got {uri!r}")
+    return loc
+
+
+async def upload(
+    model_dir: Path,
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    create_bucket: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    session: aioboto3.Session | None = None,
+) -> list[str]:
+    """Upload the model named by `model_dir/model.json`, then the manifest; return their URIs.
+
+    Raises ModelSourceError (one line) when the folder is not a consistent model or S3 refuses.
+    """
+    loc = upload_location(uri)
+    manifest_path = model_dir / MANIFEST_NAME
+    try:
+        data = await asyncio.to_thread(manifest_path.read_bytes)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read manifest {manifest_path}: {exc.strerror or exc}") from exc
+    manifest = parse_manifest(data, str(manifest_path))
+    model_path = model_dir / manifest.file
+    try:
+        digest = await asyncio.to_thread(sha256_file, model_path)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read model {model_path}: {exc.strerror or exc}") from exc
+    if digest != manifest.sha256:
+        raise ModelSourceError(
+            f"checksum mismatch: {model_path} has sha256 {digest}, its manifest says {manifest.sha256}; "
+            "re-export the model instead of editing either file"
+        )
+
+    model_key = loc.prefix + manifest.file
+    config = s3_client_config(max_attempts=max_attempts)
+    session = session or aioboto3.Session()
+    async with session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config) as s3:
+        current = f"s3://{loc.bucket}"
+        try:
+            if create_bucket:
+                await _ensure_bucket(s3, loc.bucket, region)
+            current = loc.uri(model_key)
+            log.info("uploading %s (%d bytes) to %s", model_path.name, model_path.stat().st_size, current)
+            await s3.upload_file(
+                str(model_path),
+                loc.bucket,
+                model_key,
+                ExtraArgs={"ContentType": "application/octet-stream", "Metadata": {"sha256": manifest.sha256}},
+            )
+            # Last: publishing the manifest is what makes the new model visible to servers.
+            current = loc.uri(loc.manifest_key)
+            await s3.put_object(
+                Bucket=loc.bucket, Key=loc.manifest_key, Body=data, ContentType="application/json"
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise describe_s3_error(
+                exc, uri=current, what="upload", endpoint_url=endpoint_url, max_attempts=max_attempts,
+                writing=True,
+            ) from exc
+    return [loc.uri(model_key), loc.uri(loc.manifest_key)]
+
+
+async def _ensure_bucket(s3: S3Client, bucket: str, region: str | None) -> None:
+    """Create the bucket unless it exists already (for local MinIO / moto set-ups and demos)."""
+    try:
+        await s3.head_bucket(Bucket=bucket)
+        return
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            raise
+    log.info("creating bucket %s", bucket)
+    if region and region != "us-east-1":
+        # Outside us-east-1, S3 wants the region repeated as the location constraint.
+        await s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+    else:
+        await s3.create_bucket(Bucket=bucket)

@@ -1,0 +1,387 @@
+"""HTTP routes and their response models (with OpenAPI examples). No business logic here.
+
+The upload routes take the raw `Request` and parse the multipart body themselves
+(`service.uploads`), so that the queue is checked before the body is read and every upload
+limit answers with its own JSON error; `openapi_extra` describes the form for /docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import LungserveError
+from service.metrics import Metrics
+from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState, deadline, unless_disconnected
+from service.uploads import MULTIPART_OVERHEAD_BYTES, Upload, UploadLimits, check_declared_size, read_uploads
+
+router = APIRouter()
+
+_CLASSES_EXAMPLE: Final[dict[str, Any]] = {"lung_aca": 0.912, "lung_n": 0.011, "lung_scc": 0.077}
+_MODEL_EXAMPLE: Final[dict[str, Any]] = {"name": "lungserve-lung-cnn", "version": "2026.11.22-6d5d6424"}
+
+
+# --- response models ------------------------------------------------------------------------
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. invalid_image")
+    message: str = Field(description="what was wrong, for a human")
+    request_id: str | None = Field(default=None, description="the X-Request-ID of the request, when known")
+
+
+class FileErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"error": {"code": "invalid_image", "message": "the file is empty"}}]
+        }
+    )
+    error: ErrorInfo
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class PredictionResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"label": "lung_aca", "confidence": 0.912, "probabilities": _CLASSES_EXAMPLE, "model": _MODEL_EXAMPLE}
+            ]
+        }
+    )
+    label: str = Field(description="the most probable class")
+    confidence: float = Field(description="the calibrated probability of `label`")
+    probabilities: dict[str, float] = Field(description="calibrated probability of every class, in model order")
+    model: ModelRef = Field(description="the model that computed this answer")
+
+
+class FilePrediction(BaseModel):
+    filename: str | None
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    model: ModelRef
+
+
+class FileError(BaseModel):
+    filename: str | None
+    error: FileErrorInfo
+
+
+class PredictManyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [
+                        {
+                            "filename": "tile-001.jpeg",
+                            "label": "lung_aca",
+                            "confidence": 0.912,
+                            "probabilities": _CLASSES_EXAMPLE,
+                            "model": _MODEL_EXAMPLE,
+                        },
+                        {
+                            "filename": "notes.txt",
+                            "error": {
+                                "code": "invalid_image",
+                                "message": "not a decodable image (expected JPEG, PNG, TIFF or BMP)",
+                            },
+                        },
+                    ]
+                }
+            ]
+        }
+    )
+    results: list[FilePrediction | FileError] = Field(description="one entry per uploaded file, in upload order")
+
+
+class LiveResponse(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"status": "ready", "model": _MODEL_EXAMPLE, "provider": "CPUExecutionProvider"}]
+        }
+    )
+    status: Literal["ready"] = "ready"
+    model: ModelRef
+    provider: str
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_batch_delay_s: float
+    queue_limit: int
+    max_in_flight_batches: int
+    request_deadline_s: float
+
+
+class UploadLimitsInfo(BaseModel):
+    max_file_bytes: int
+    max_files_per_request: int
+    max_request_bytes: int
+    max_image_pixels: int
+
+
+class ModelInfoResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "manifest": {
+                        **_MODEL_EXAMPLE,
+                        "classes": ["lung_aca", "lung_n", "lung_scc"],
+                        "input_name": "image",
+                        "output_name": "probabilities",
+                        "input_size": 128,
+                        "input_dtype": "uint8",
+                        "...": "every other key of model.json",
+                    },
+                    "provider": "CPUExecutionProvider",
+                    "batching": {
+                        "max_batch_size": 16,
+                        "max_batch_delay_s": 0.005,
+                        "queue_limit": 256,
+                        "max_in_flight_batches": 1,
+                        "request_deadline_s": 30.0,
+                    },
+                    "limits": {
+                        "max_file_bytes": 20971520,
+                        "max_files_per_request": 64,
+                        "max_request_bytes": 134217728,
+                        "max_image_pixels": 50000000,
+                    },
+                }
+            ]
+        }
+    )
+    manifest: dict[str, Any] = Field(description="model.json of the model being served")
+    provider: str = Field(description="the ONNX Runtime execution provider really in use")
+    source: dict[str, str | None] | None = Field(
+        default=None, description="where the model was fetched from (URI, S3 ETag / version id)"
+    )
+    batching: BatchingInfo
+    limits: UploadLimitsInfo
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _service(request: Request) -> ServiceState:
+    service: ServiceState = request.app.state.service
+    return service
+
+
+def _model_ref(result: Classified) -> ModelRef:
+    return ModelRef(name=result.manifest.name, version=result.manifest.version)
+
+
+def _error_info(exc: LungserveError) -> FileErrorInfo:
+    return FileErrorInfo(code=exc.code, message=exc.message)
+
+
+async def _classify_upload(
+    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, upload: Upload
+) -> Classified | LungserveError:
+    """One file -> its result, or its own error *returned* (so one bad file never fails others)."""
+    try:
+        if upload.error is not None:
+            raise upload.error
+        image = await service.decode(upload.data, runtime.engine.input_size)
+        result, info = await runtime.classify(reservation, image)
+    except LungserveError as exc:
+        service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
+        return exc
+    service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
+    return result
+
+
+def _multipart_body(field: str, many: bool) -> dict[str, Any]:
+    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    schema = {"type": "array", "items": binary} if many else binary
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
+                }
+            },
+        }
+    }
+
+
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"model": ErrorResponse, "description": "malformed multipart body"},
+    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
+    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
+    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
+    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
+    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
+}
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+@router.post(
+    "/predict",
+    summary="Classify one image",
+    description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
+    responses=_ERRORS,
+    openapi_extra=_multipart_body("file", many=False),
+)
+async def predict(request: Request) -> PredictionResponse:
+    service = _service(request)
+    settings = service.settings
+    limits = UploadLimits(
+        field="file",
+        max_files=1,
+        max_file_bytes=settings.max_file_bytes,
+        max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
+        fail_fast=True,
+    )
+    try:
+        runtime = service.current()
+        # Order matters: declared size, then the queue (503 at once), then read, then decode.
+        check_declared_size(request.headers.get("content-length"), limits)
+        with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
+            async with deadline(settings.request_deadline_s):
+                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+                outcome = await unless_disconnected(
+                    _classify_upload(service, runtime, reservation, upload), request.receive
+                )
+    except LungserveError as exc:
+        service.observer.on_rejected(exc)  # HOOK(metrics/logs): the request failed as a whole
+        raise
+    if isinstance(outcome, LungserveError):
+        raise outcome
+    return PredictionResponse(
+        label=outcome.label,
+        confidence=outcome.confidence,
+        probabilities=outcome.by_class(),
+        model=_model_ref(outcome),
+    )
+
+
+@router.post(
+    "/predict-many",
+    summary="Classify several images",
+    description=(
+        "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
+        "classified gets its own `error` and does not fail the others."
+    ),
+    responses=_ERRORS,
+    openapi_extra=_multipart_body("files", many=True),
+)
+async def predict_many(request: Request) -> PredictManyResponse:
+    service = _service(request)
+    settings = service.settings
+    limits = UploadLimits(
+        field="files",
+        max_files=settings.max_files_per_request,
+        max_file_bytes=settings.max_file_bytes,
+        max_body_bytes=settings.max_request_bytes,
+        fail_fast=False,
+    )
+    try:
+        runtime = service.current()
+        check_declared_size(request.headers.get("content-length"), limits)
+        async with deadline(settings.request_deadline_s):
+            uploads = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+            # A hot reload may have swapped (and stopped) the runtime while the body was read:
+            # admit into the one serving now, so no request fails because of a swap.
+            runtime = service.current()
+            # The number of images is known only now -- still before any decode. All or nothing.
+            with runtime.reserve(sum(1 for u in uploads if u.error is None)) as reservation:
+                outcomes = await unless_disconnected(
+                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u) for u in uploads)),
+                    request.receive,
+                )
+    except LungserveError as exc:
+        service.observer.on_rejected(exc)
+        raise
+    results: list[FilePrediction | FileError] = []
+    for upload, outcome in zip(uploads, outcomes, strict=True):
+        if isinstance(outcome, LungserveError):
+            results.append(FileError(filename=upload.filename, error=_error_info(outcome)))
+        else:
+            results.append(
+                FilePrediction(
+                    filename=upload.filename,
+                    label=outcome.label,
+                    confidence=outcome.confidence,
+                    probabilities=outcome.by_class(),
+                    model=_model_ref(outcome),
+                )
+            )
+    return PredictManyResponse(results=results)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of this process",
+    description="Prometheus text format; see docs/observability.md for what each metric means.",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition"}},
+)
+async def metrics(request: Request) -> Response:
+    collectors: Metrics = request.app.state.metrics
+    body, content_type = collectors.exposition()
+    return Response(content=body, media_type=content_type)
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> LiveResponse:
+    return LiveResponse()
+
+
+@router.get(
+    "/health/ready",
+    summary="The model is loaded and warm",
+    responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
+)
+async def ready(request: Request) -> ReadyResponse:
+    runtime = _service(request).current()
+    engine = runtime.engine
+    return ReadyResponse(model=ModelRef(name=engine.name, version=engine.version), provider=engine.provider)
+
+
+@router.get(
+    "/model",
+    summary="The model being served, its provider and the batching settings",
+    responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
+)
+async def model_info(request: Request) -> ModelInfoResponse:
+    service = _service(request)
+    runtime = service.current()
+    s = service.settings
+    return ModelInfoResponse(
+        manifest=runtime.engine.manifest.dump(),
+        provider=runtime.engine.provider,
+        source=runtime.artifact.describe() if runtime.artifact is not None else None,
+        batching=BatchingInfo(
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_s=s.max_batch_delay_s,
+            queue_limit=s.queue_limit,
+            max_in_flight_batches=s.max_in_flight_batches,
+            request_deadline_s=s.request_deadline_s,
+        ),
+        limits=UploadLimitsInfo(
+            max_file_bytes=s.max_file_bytes,
+            max_files_per_request=s.max_files_per_request,
+            max_request_bytes=s.max_request_bytes,
+            max_image_pixels=s.max_image_pixels,
+        ),
+    )

@@ -1,0 +1,222 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan.
+
+Start-up (lifespan): decode pool -> fetch + verify the model -> ORT engine -> warm-up of
+every batch shape -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
+(drains what was admitted) -> decode pool shut down. All state lives on `app.state.service`
+(a `ServiceState`); nothing is global, so several apps can live in one process (tests).
+
+Every error leaves through one JSON shape, `{"error": {"code", "message", "request_id"?}}`:
+domain errors via `service.errors.http_error`, and FastAPI's validation errors, Starlette's
+404/405 and unexpected exceptions are converted to domain errors first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import service
+from service import admin, api
+from service.batcher import BatchObserver
+from service.engine import Engine
+from service.errors import LungserveError, ModelSourceError, http_error
+from service.logs import RequestContextMiddleware, request_context_from_scope
+from service.metrics import Metrics, PredictionMetrics
+from service.model_source import ModelArtifact, fetch_model
+from service.reload import ModelReloader
+from service.runtime import ModelRuntime, Phase, ServiceState
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def build_runtime(
+    artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None = None
+) -> ModelRuntime:
+    """Engine -> warm-up of every batch size the batcher can form -> started batcher.
+
+    Also the building block of a future hot reload: build the new runtime with this, then
+    `ServiceState.replace_runtime(new)` and `await old.stop(...)`.
+    """
+    # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
+    # /health/live) responsive meanwhile.
+    engine = await asyncio.to_thread(
+        Engine,
+        artifact.onnx_path,
+        artifact.manifest,
+        provider=settings.provider,
+        intra_op_threads=settings.ort_intra_op_threads,
+        inter_op_threads=settings.ort_inter_op_threads,
+    )
+    await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
+    runtime = ModelRuntime(engine, settings, artifact=artifact, observer=observer)
+    await runtime.start()
+    return runtime
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    # Each app its own registry: several apps (tests) in one process never share a counter.
+    metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
+    state = ServiceState(settings=settings, observer=PredictionMetrics(metrics))
+    # POST /admin/reload and the optional ETag poller: new model built beside the old, then swapped.
+    # Each runtime's batcher gets its own observer: while the old one drains, the queue gauges
+    # show the sum of both.
+    reloader = ModelReloader(
+        state,
+        settings,
+        lambda artifact: build_runtime(artifact, settings, metrics.batcher_observer()),
+        on_swap=lambda runtime: _publish_model(metrics, runtime),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.decode_pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_workers, thread_name_prefix="decode"
+        )
+        try:
+            try:
+                artifact = await fetch_model(
+                    settings.model_uri,
+                    cache_dir=settings.model_cache_dir,
+                    endpoint_url=settings.s3_endpoint_url,
+                    region=settings.s3_region,
+                    max_attempts=settings.s3_max_attempts,
+                    timeout_s=settings.model_fetch_timeout_s,
+                )
+            except ModelSourceError as exc:
+                # The one line an operator needs; the server then exits non-zero (start-up failed).
+                log.error("model not loaded from %s: %s", settings.model_uri, exc)
+                # That line is the diagnosis: spare the operator botocore's chained tracebacks.
+                raise ModelSourceError(str(exc)) from None
+            log.info("model fetched and verified (sha256, signature, test inference)", extra=_model_fields(artifact))
+            warm_up_started = time.perf_counter()
+            state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
+            state.phase = Phase.READY
+            serving = state.current()
+            _publish_model(metrics, serving)
+            metrics.set_ready(True)
+            log.info(
+                "ready: model %s %s on %s, batches of up to %d",
+                artifact.manifest.name,
+                artifact.version,
+                serving.engine.provider,
+                settings.max_batch_size,
+                extra={
+                    **_model_fields(artifact),
+                    "provider": serving.engine.provider,
+                    "max_batch_size": settings.max_batch_size,
+                    "load_and_warm_up_s": round(time.perf_counter() - warm_up_started, 3),
+                },
+            )
+            reloader.start_polling()
+            yield
+        finally:
+            state.phase = Phase.STOPPING
+            metrics.set_ready(False)
+            log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+            await reloader.stop()  # no swap from now on; displaced models finish draining
+            runtime = state.runtime
+            if runtime is not None:
+                await runtime.stop(settings.drain_timeout_s)
+            state.decode_pool.shutdown(wait=True, cancel_futures=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="lungserve",
+        version=service.__version__,
+        summary="Lung histopathology classification (LC25000 classes), micro-batched on ONNX Runtime.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.state.reloader = reloader
+    app.state.metrics = metrics
+    # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready"}),
+    )
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _model_fields(artifact: ModelArtifact) -> dict[str, str | int | None]:
+    """Log fields naming a model (`name` would clash with LogRecord.name)."""
+    return {
+        "model_name": artifact.manifest.name,
+        "model_version": artifact.version,
+        "sha256": artifact.sha256,
+        "source": artifact.source,
+        "etag": artifact.etag,
+        "downloaded_bytes": artifact.downloaded_bytes,
+    }
+
+
+def _publish_model(metrics: Metrics, runtime: ModelRuntime) -> None:
+    engine = runtime.engine
+    metrics.set_model(engine.name, engine.version, engine.manifest.sha256, engine.provider)
+
+
+def _request_id(request: Request) -> str | None:
+    ctx = request_context_from_scope(request.scope)
+    return ctx.request_id if ctx is not None else None
+
+
+def _json_error(request: Request, exc: LungserveError) -> JSONResponse:
+    err = http_error(exc, _request_id(request))
+    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LungserveError)
+        return _json_error(request, exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
+        )
+        error = LungserveError(f"invalid request: {problems}")
+        error.code, error.status = "validation_error", 422
+        return _json_error(request, error)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error = LungserveError(str(exc.detail))
+        error.code, error.status = _HTTP_CODES.get(exc.status_code, "http_error"), exc.status_code
+        response = _json_error(request, error)
+        for name, value in (exc.headers or {}).items():  # e.g. Allow on 405
+            response.headers[name] = value
+        return response
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's ServerErrorMiddleware calls this and then re-raises, so the server
+        # still logs the traceback; the client gets the usual JSON shape, without details.
+        return _json_error(request, LungserveError("internal server error"))
+
+    app.add_exception_handler(LungserveError, on_domain_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

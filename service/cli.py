@@ -1,0 +1,198 @@
+"""The `lungserve` command: serve, plus the model tools (train, evaluate, export, upload).
+
+The model tools need the `export` extra (TensorFlow); they are imported lazily so a
+serving-only install has a working `lungserve serve` and a clear message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _export_extra_missing(exc: ImportError) -> int:
+    print(
+        f"lungserve: this command needs the 'export' extra ({exc.name} is missing): "
+        "pip install -r requirements/dev.txt  (or: make dev)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
+    import signal
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings(**overrides)  # LUNGSERVE_* from the environment, flags win
+    except ValidationError as exc:
+        print(f"lungserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    # JSON lines on stderr (LUNGSERVE_LOG_JSON, LUNGSERVE_LOG_LEVEL) for ours and uvicorn's
+    # loggers; uvicorn's own access log is off: RequestContextMiddleware writes one per request.
+    configure_logging(settings.log_level, json=settings.log_json)
+    logging.getLogger("service.cli").info(
+        "serving %s on http://%s:%d with 1 uvicorn worker (one process = one model, one batch queue)",
+        settings.model_uri, settings.host, settings.port,
+    )
+    # log_config=None: uvicorn leaves the logging set up above alone.
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, workers=1, lifespan="on",
+        log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )
+    server = uvicorn.Server(config)
+
+    def graceful(signum: int, frame: object) -> None:
+        # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
+        # it found and raises the signal again. Finding this one, the process exits normally
+        # (status 0) instead of being killed by the default action.
+        pass
+
+    previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        print("lungserve serve: start-up failed (see the log above)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from export.train import TrainConfig, train
+    except ImportError as exc:
+        return _export_extra_missing(exc)
+    cfg = TrainConfig(
+        data=args.data, out=args.out, input_size=args.input_size, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+        allow_image_split=args.allow_image_split, max_steps=args.max_steps,
+    )
+    train(cfg)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    try:
+        from export.evaluate import evaluate
+    except ImportError as exc:
+        return _export_extra_missing(exc)
+    report = evaluate(args.model, args.data, args.out, validation_groups_only=args.validation_groups,
+                      cache_dir=args.cache_dir)
+    print(json.dumps({k: report[k] for k in ("subset", "n", "accuracy", "balanced_accuracy", "ece")}))
+    for name, m in report["per_class"].items():
+        print(
+            f"{name:>10}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
+            f"f1 {m['f1']:.4f}  n={m['support']}"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from export.convert import export, parity_images_from_dir
+        from export.model import build_model  # noqa: F401  (fails early without TensorFlow)
+    except ImportError as exc:
+        return _export_extra_missing(exc)
+    images = None
+    if args.parity_images is not None:
+        import keras
+
+        size = int(keras.models.load_model(args.keras).input_shape[1])
+        images = parity_images_from_dir(args.parity_images, size)
+    manifest = export(args.keras, args.out, parity_images=images, version=args.version)
+    print(f"wrote {args.out}/model.onnx and model.json: version {manifest.version}, sha256 {manifest.sha256}")
+    return 0
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    # Lazy: keeps `lungserve --help` fast; needs only aioboto3, so it works in a serving install.
+    import asyncio
+
+    from export.upload import upload
+    from service.errors import ModelSourceError
+
+    try:
+        uris = asyncio.run(upload(args.dir, args.uri, endpoint_url=args.endpoint_url, region=args.region,
+                                  create_bucket=args.create_bucket))
+    except ModelSourceError as exc:
+        print(f"lungserve upload: {exc}", file=sys.stderr)
+        return 1
+    for uri in uris:
+        print(f"uploaded {uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or LUNGSERVE_HOST)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default 8000, or LUNGSERVE_PORT)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("train", help="train the CNN on a folder-per-class image set, split by group")
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class (+ groups.csv)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, report, plots")
+    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=22)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
+    p.add_argument("--allow-image-split", action="store_true",
+                   help="permit an image-level split when there is no groups.csv (leaks near-copies)")
+    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, ECE, plots")
+    p.add_argument("--model", type=Path, required=True, help="model.onnx (with model.json beside it) or a .keras file")
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    p.add_argument("--out", type=Path, default=None, help="write evaluation.json and PNG plots here")
+    p.add_argument("--validation-groups", action="store_true",
+                   help="only the tissue groups the model was validated on (from its manifest)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="convert a Keras checkpoint to ONNX + model.json, with a parity check")
+    p.add_argument("--keras", type=Path, required=True, help="e.g. RUN/calibrated.keras from `lungserve train`")
+    p.add_argument("--out", type=Path, required=True, help="folder for model.onnx and model.json")
+    p.add_argument("--parity-images", type=Path, default=None,
+                   help="folder of real images (default: RUN/parity_images.npy written by train)")
+    p.add_argument("--version", default=None, help="default: DATE-<checkpoint sha256 prefix>")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("upload", help="put model.onnx + model.json under an S3 prefix (model first, manifest last)")
+    p.add_argument("dir", type=Path, help="folder with model.json and the ONNX file it names")
+    p.add_argument("uri", help="s3://bucket/prefix/")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph, moto); default AWS")
+    p.add_argument("--region", default=None, help="default: the AWS chain's region (AWS_REGION, profile)")
+    p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    p.set_defaults(func=_cmd_upload)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

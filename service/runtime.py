@@ -1,0 +1,270 @@
+"""The serving pipeline behind the routes: decode pool, model runtime (engine + batcher), state.
+
+* `ModelRuntime`: one model version being served -- its `Engine` and the `Batcher` that
+  feeds it. The batcher's handler closes over *this* engine, so a result always carries the
+  manifest of the model that computed it.
+* `ServiceState`: what an app instance holds on `app.state.service`: settings, the decode
+  pool, the current `ModelRuntime` and the lifecycle phase. A future hot reload builds and
+  warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops (drains) the
+  old one; requests already holding the old runtime finish on it.
+* `PredictionObserver`: where per-image statistics leave the request path (metrics and
+  request logs plug in here; the default does nothing).
+
+Framework-free apart from reading the ASGI `receive` callable for client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.engine import Engine
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    LungserveError,
+    ModelNotReady,
+    Overloaded,
+    ShuttingDown,
+)
+from service.manifest import Manifest
+from service.model_source import ModelArtifact
+from service.preprocess import load_image
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+X = TypeVar("X")
+Image = NDArray[np.uint8]
+
+
+class ClientGone(LungserveError):
+    """The client disconnected while its images were waiting; nobody reads this answer."""
+
+    code = "client_closed_request"
+    status = 499  # nginx's convention; only ever seen in logs and metrics
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One image's model output, with the manifest of the model that produced it."""
+
+    probabilities: NDArray[np.float32]  # (C,), manifest class order
+    manifest: Manifest
+
+    @property
+    def label(self) -> str:
+        return self.manifest.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probabilities))
+
+    def by_class(self) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.manifest.classes, self.probabilities, strict=True)}
+
+
+ImageBatcher = Batcher[Image, Classified]
+ImageReservation = Reservation[Image, Classified]
+
+
+class PredictionObserver(Protocol):
+    """Per-request statistics hook (metrics, access-log fields). Called on the event loop."""
+
+    def on_decoded(self, seconds: float) -> None:
+        """One image decoded and resized, taking `seconds` of a pool thread."""
+
+    def on_classified(self, result: Classified, info: BatchInfo) -> None:
+        """One image answered; `info` says which batch carried it and how long it waited."""
+
+    def on_image_failed(self, error: LungserveError) -> None:
+        """One image got its own error (invalid, too large, its batch failed, ...)."""
+
+    def on_rejected(self, error: LungserveError) -> None:
+        """A whole request refused before compute (overload, deadline, not ready, shutting down)."""
+
+
+class NullPredictionObserver:
+    def on_decoded(self, seconds: float) -> None:
+        pass
+
+    def on_classified(self, result: Classified, info: BatchInfo) -> None:
+        pass
+
+    def on_image_failed(self, error: LungserveError) -> None:
+        pass
+
+    def on_rejected(self, error: LungserveError) -> None:
+        pass
+
+
+class ModelRuntime:
+    """An engine and the batcher feeding it: everything that changes with the model version."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        artifact: ModelArtifact | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.artifact = artifact  # where the model came from (source, etag), for /model
+        self.retry_after_s = settings.retry_after_s
+        self.batcher: ImageBatcher = Batcher(
+            self._infer,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_s,
+            max_queue=settings.queue_limit,
+            max_in_flight=settings.max_in_flight_batches,
+            observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
+        )
+
+    def _infer(self, images: Sequence[Image]) -> list[Classified]:
+        """The batch handler: runs in the batcher's worker thread."""
+        probs = self.engine.run(np.stack(images))
+        manifest = self.engine.manifest
+        return [Classified(row, manifest) for row in probs]
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        await self.batcher.stop(drain_timeout_s=drain_timeout_s)
+
+    def reserve(self, n: int) -> ImageReservation:
+        """Admission control: `n` queue slots now, or 503 -- before any body is read or decoded."""
+        try:
+            return self.batcher.reserve(n)
+        except QueueFull as exc:
+            raise Overloaded(
+                f"the server is at capacity ({exc.capacity} images admitted); retry shortly",
+                retry_after_s=self.retry_after_s,
+            ) from exc
+        except BatcherStopped as exc:
+            raise ShuttingDown("the server is shutting down") from exc
+
+    async def classify(self, reservation: ImageReservation, image: Image) -> tuple[Classified, BatchInfo]:
+        try:
+            future = reservation.submit(image)
+        except BatcherStopped as exc:
+            raise ShuttingDown("the server is shutting down") from exc
+        try:
+            return await future
+        except BatcherStopped as exc:
+            raise ShuttingDown("the server shut down before this image was classified") from exc
+        except LungserveError:
+            raise
+        except Exception as exc:
+            # The whole batch failed; only its own requests see this error.
+            log.error("model run failed for a batch: %s", exc, exc_info=exc)
+            raise InferenceFailed("the model run for this image's batch failed") from exc
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class ServiceState:
+    """Everything one app instance holds (on `app.state.service`); no module globals."""
+
+    settings: Settings
+    observer: PredictionObserver = field(default_factory=NullPredictionObserver)
+    decode_pool: ThreadPoolExecutor | None = None
+    runtime: ModelRuntime | None = None
+    phase: Phase = Phase.STARTING
+
+    def current(self) -> ModelRuntime:
+        """The runtime to serve this request with, or the 503 that explains why there is none."""
+        if self.phase is Phase.STOPPING:
+            raise ShuttingDown("the server is shutting down")
+        if self.phase is not Phase.READY or self.runtime is None:
+            raise ModelNotReady("the model is still loading or warming up")
+        return self.runtime
+
+    def replace_runtime(self, new: ModelRuntime) -> ModelRuntime | None:
+        """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
+        old, self.runtime = self.runtime, new
+        return old
+
+    async def decode(self, data: bytes, size: int) -> Image:
+        """`load_image` in the decode pool: the event loop never decodes."""
+        if self.decode_pool is None:
+            raise ModelNotReady("the server is not started")
+        loop = asyncio.get_running_loop()
+        image, seconds = await loop.run_in_executor(
+            self.decode_pool, _timed_load, data, size, self.settings.max_image_pixels
+        )
+        self.observer.on_decoded(seconds)
+        return image
+
+
+def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
+    started = time.perf_counter()
+    image = load_image(data, size, max_pixels=max_pixels)
+    return image, time.perf_counter() - started
+
+
+@asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout` that reports as 504: cancelling the wait cancels the batcher futures."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as exc:
+        if timeout.expired():
+            raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
+        raise
+
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+async def _disconnected(receive: Receive) -> None:
+    # After the body has been read, the server's receive() only returns once the client
+    # has gone (or the response is complete, which cannot happen while we wait here).
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def unless_disconnected(work: Awaitable[X], receive: Receive) -> X:
+    """Await `work`, but cancel it (and with it the queued batcher futures) if the client leaves.
+
+    Call only once the request body has been consumed.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done and watcher.exception() is not None:
+            # receive() itself failed: we cannot watch, so just wait for the work.
+            await asyncio.wait({task})
+        if task.done():
+            return task.result()
+        raise ClientGone("the client disconnected before its answer was ready")
+    finally:
+        watcher.cancel()
+        task.cancel()
+        # Let both finish their cancellation, so nothing is left running or unretrieved.
+        await asyncio.wait({task, watcher})
+        for finished in (task, watcher):
+            if not finished.cancelled():
+                finished.exception()

@@ -1,0 +1,214 @@
+"""Streaming multipart/form-data reader with the service's upload limits.
+
+Why not `request.form()` (or FastAPI `File()` parameters, which call it)? Starlette's
+parser has no per-file byte limit at all (file parts are spooled to disk whatever their
+size; `max_part_size` only bounds *non-file* fields), it reads the whole body before the
+endpoint runs (so the batcher's queue could not be checked first), and its own limits
+(`max_files`, `max_fields`) surface as a generic 400 with a plain-text detail. Parsing the
+stream here with python-multipart's callback parser (the same parser Starlette uses) lets
+every limit give the right JSON error at the moment it is crossed:
+
+* more than `max_files` parts in the expected field  -> 413 too_many_files
+* a file larger than `max_file_bytes`                 -> 413 image_too_large (or that file's error)
+* a body larger than `max_body_bytes` (declared or streamed) -> 413
+* not multipart                                        -> 415; malformed multipart -> 400
+* no part with the expected field name                 -> 422 missing_field (naming what was sent)
+
+Files are kept in memory (bounded by `max_body_bytes`): the images are small and about to
+be decoded, so a temporary file would only add I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
+
+from service.errors import BadRequest, ImageTooLarge, LungserveError, MissingField, TooManyFiles
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+# Room for multipart boundaries and part headers around one file in /predict.
+MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
+# How many unexpected field names to quote back in a missing_field message.
+_MAX_NAMES_REPORTED: Final = 5
+
+
+class UnsupportedMediaType(BadRequest):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class RequestTooLarge(LungserveError):
+    code = "request_too_large"
+    status = 413
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    field: str
+    max_files: int
+    max_file_bytes: int
+    max_body_bytes: int
+    # True for /predict: a too-large file fails the request at once (no point reading on).
+    # False for /predict-many: it becomes that file's error and the others go on.
+    fail_fast: bool
+
+
+@dataclass
+class Upload:
+    """One file of the expected field, in upload order: its bytes or why it was refused."""
+
+    filename: str | None
+    data: bytes = b""
+    error: LungserveError | None = None
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    upload: Upload | None = None  # None: a part of another field, discarded
+    buffer: bytearray = field(default_factory=bytearray)
+    size: int = 0
+
+
+def declared_length(content_length: str | None) -> int | None:
+    if content_length is None:
+        return None
+    try:
+        value = int(content_length)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def check_declared_size(content_length: str | None, limits: UploadLimits) -> None:
+    """Refuse a body whose Content-Length is already over the limit, before reading it."""
+    length = declared_length(content_length)
+    if length is not None and length > limits.max_body_bytes:
+        raise _body_too_large(limits, length)
+
+
+def _body_too_large(limits: UploadLimits, length: int | None) -> LungserveError:
+    size = f"{length} bytes" if length is not None else f"more than {limits.max_body_bytes} bytes"
+    if limits.fail_fast:
+        return ImageTooLarge(f"request body is {size}; the limit for one file is {limits.max_file_bytes} bytes")
+    return RequestTooLarge(f"request body is {size}; the limit is {limits.max_body_bytes} bytes")
+
+
+async def read_uploads(
+    content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits
+) -> list[Upload]:
+    """Parse a multipart body, keeping only the parts named `limits.field`."""
+    ctype, params = parse_options_header(content_type)
+    if ctype != b"multipart/form-data":
+        raise UnsupportedMediaType(
+            f"expected a multipart/form-data body with field {limits.field!r}, "
+            f"got {ctype.decode('latin-1') or 'no content type'}"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadRequest("multipart/form-data without a boundary parameter")
+
+    uploads: list[Upload] = []
+    other_names: list[str] = []
+    part = _Part()
+    header_name = bytearray()
+    header_value = bytearray()
+    finished = False
+
+    def on_part_begin() -> None:
+        nonlocal part
+        part = _Part()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_name.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        part.headers[bytes(header_name).lower()] = bytes(header_value)
+        header_name.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(part.headers.get(b"content-disposition"))
+        raw_name = options.get(b"name")
+        if raw_name is None:
+            raise BadRequest("a multipart part has no name in its Content-Disposition header")
+        name = _decode(raw_name)
+        if name != limits.field:
+            if name not in other_names and len(other_names) < _MAX_NAMES_REPORTED:
+                other_names.append(name)
+            return
+        if len(uploads) >= limits.max_files:
+            raise TooManyFiles(f"more than {limits.max_files} file(s) in field {limits.field!r}")
+        raw_filename = options.get(b"filename")
+        part.upload = Upload(filename=_decode(raw_filename) if raw_filename is not None else None)
+        uploads.append(part.upload)
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        upload = part.upload
+        if upload is None or upload.error is not None:
+            return  # another field, or a file already refused: drop the bytes
+        part.size += end - start
+        if part.size > limits.max_file_bytes:
+            error = ImageTooLarge(f"file is larger than the limit of {limits.max_file_bytes} bytes")
+            if limits.fail_fast:
+                raise error
+            upload.error = error
+            part.buffer = bytearray()
+            return
+        part.buffer.extend(data[start:end])
+
+    def on_part_end() -> None:
+        if part.upload is not None and part.upload.error is None:
+            part.upload.data = bytes(part.buffer)
+        part.buffer = bytearray()
+
+    def on_end() -> None:
+        nonlocal finished
+        finished = True
+
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_end": on_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        received = 0
+        async for chunk in stream:
+            received += len(chunk)
+            if received > limits.max_body_bytes:
+                raise _body_too_large(limits, None)
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from exc
+    except ClientDisconnect as exc:
+        raise BadRequest("the client disconnected before the request body was complete") from exc
+    if not finished:
+        raise BadRequest("malformed multipart body: it ends before the closing boundary")
+    if not uploads:
+        sent = f"; the body has field(s) {', '.join(map(repr, other_names))}" if other_names else ""
+        raise MissingField(f"no file in multipart field {limits.field!r}{sent}")
+    return uploads

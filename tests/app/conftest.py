@@ -1,0 +1,87 @@
+"""In-process app fixtures: the real engine on the bundled model, httpx over ASGI."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from PIL import Image
+
+from service.app import create_app
+from service.runtime import ServiceState
+from service.settings import Settings
+
+# Generous: warm-up shares two cores with whatever else runs (e.g. a training job).
+LIFESPAN_TIMEOUT_S = 120
+
+
+@pytest.fixture(autouse=True)
+def _no_lungserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's LUNGSERVE_* variables must not change what the tests see."""
+    for name in list(os.environ):
+        if name.startswith("LUNGSERVE_"):
+            monkeypatch.delenv(name)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "provider": "cpu",
+        "max_batch_size": 4,
+        "queue_limit": 8,
+        "max_files_per_request": 8,
+        "preprocess_workers": 2,
+        "max_file_bytes": 300_000,
+        "max_request_bytes": 3_000_000,
+        "max_image_pixels": 1_000_000,
+        "request_deadline_s": 60.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Served:
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def state(self) -> ServiceState:
+        state: ServiceState = self.app.state.service
+        return state
+
+
+@asynccontextmanager
+async def serve(settings: Settings, **client_kw: Any) -> AsyncIterator[Served]:
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=LIFESPAN_TIMEOUT_S, shutdown_timeout=LIFESPAN_TIMEOUT_S):
+        transport = httpx.ASGITransport(app, **client_kw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lungserve.test") as client:
+            yield Served(app, client)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    async with serve(make_settings()) as s:
+        yield s
+
+
+
+
+def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise_jpeg(size: int = 224, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"))

@@ -1,0 +1,160 @@
+"""`lungserve serve` as a real uvicorn process: concurrent clients get exactly the answers
+that ONNX Runtime gives for each image alone, and SIGTERM is a clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.manifest import Manifest
+from service.preprocess import load_image
+from tests.conftest import BUNDLED_MODEL, ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
+
+READY_TIMEOUT_S = 120.0
+EXIT_TIMEOUT_S = 60.0
+
+
+def lungserve_executable() -> Path:
+    venv = ROOT / ".venv" / "bin" / "lungserve"
+    return venv if venv.exists() else Path(sys.executable).parent / "lungserve"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def start_server(tmp_path: Path, **env: str) -> Iterator[Server]:
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LUNGSERVE_")}
+    environment.update(env)
+    log = tmp_path / f"serve-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(lungserve_executable()), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=tmp_path,  # the bundled model must be found from the package, not the cwd
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(EXIT_TIMEOUT_S)
+
+
+async def wait_ready(server: Server) -> None:
+    """Poll /health/ready (the readiness event) with a bounded number of attempts."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"server exited with {server.proc.returncode}:\n{server.output()}")
+            try:
+                if (await client.get("/health/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            await asyncio.sleep(0.1)
+    pytest.fail(f"server not ready within {READY_TIMEOUT_S} s:\n{server.output()}")
+
+
+def reference(datas: list[bytes]) -> list[np.ndarray]:
+    """Direct ORT inference, one image per run: what batching must never change."""
+    manifest = Manifest.read(BUNDLED_MODEL / "model.json")
+    session = ort.InferenceSession(str(BUNDLED_MODEL / manifest.file), providers=["CPUExecutionProvider"])
+    out = []
+    for data in datas:
+        batch = load_image(data, manifest.input_size)[None]
+        (probs,) = session.run([manifest.output_name], {manifest.input_name: batch})
+        out.append(np.asarray(probs[0]))
+    return out
+
+
+def images(lc25000: Path, per_class: int) -> list[Path]:
+    return [p for c in ("lung_aca", "lung_n", "lung_scc") for p in sorted((lc25000 / c).glob("*.jpeg"))[:per_class]]
+
+
+async def test_concurrent_answers_equal_direct_inference_and_sigterm_exits_0(
+    tmp_path: Path, lc25000: Path
+) -> None:
+    manifest = Manifest.read(BUNDLED_MODEL / "model.json")
+    paths = images(lc25000, per_class=8)
+    datas = [p.read_bytes() for p in paths]
+    expected = reference(datas)
+
+    with start_server(tmp_path, LUNGSERVE_MAX_BATCH_SIZE="8", LUNGSERVE_MAX_BATCH_DELAY_S="0.01") as server:
+        await wait_ready(server)
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60.0, limits=limits) as client:
+            singles = [client.post("/predict", files={"file": (p.name, d, "image/jpeg")}) for p, d in zip(
+                paths, datas, strict=True)]
+            many = client.post(
+                "/predict-many", files=[("files", (p.name, d, "image/jpeg")) for p, d in zip(paths, datas, strict=True)]
+            )
+            *single_responses, many_response = await asyncio.gather(*singles, many)
+            info = (await client.get("/model")).json()
+
+        assert info["batching"]["max_batch_size"] == 8
+        for r, want in zip(single_responses, expected, strict=True):
+            assert r.status_code == 200, r.text
+            got = [r.json()["probabilities"][c] for c in manifest.classes]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            assert r.json()["label"] == manifest.classes[int(np.argmax(want))]
+        assert many_response.status_code == 200, many_response.text
+        results = many_response.json()["results"]
+        assert [x["filename"] for x in results] == [p.name for p in paths]
+        for x, want in zip(results, expected, strict=True):
+            np.testing.assert_allclose([x["probabilities"][c] for c in manifest.classes], want, rtol=0, atol=1e-5)
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(EXIT_TIMEOUT_S) == 0, server.output()
+    assert "Application shutdown complete" in server.output()
+
+
+async def test_cuda_policy_without_cuda_fails_startup_with_a_clear_message(tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a CUDA build of onnxruntime")
+    with start_server(tmp_path, LUNGSERVE_PROVIDER="cuda") as server:
+        code = server.proc.wait(EXIT_TIMEOUT_S)
+    assert code == 3, server.output()
+    assert "provider policy 'cuda'" in server.output()
+
+
+async def test_invalid_settings_exit_2(tmp_path: Path) -> None:
+    with start_server(tmp_path, LUNGSERVE_MAX_BATCH_SIZE="0") as server:
+        code = server.proc.wait(EXIT_TIMEOUT_S)
+    assert code == 2, server.output()
+    assert "max_batch_size" in server.output()

@@ -1,0 +1,167 @@
+"""load_image: formats, EXIF orientation, every pixel mode, and every way bytes can be bad."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.preprocess import load_image
+
+SIZE = 32
+
+
+def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def halves(width: int = 64, height: int = 32) -> Image.Image:
+    """Left half red, right half blue: orientation is visible after any resize."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    arr[:, : width // 2] = (255, 0, 0)
+    arr[:, width // 2 :] = (0, 0, 255)
+    return Image.fromarray(arr, "RGB")
+
+
+def check(out: np.ndarray, size: int = SIZE) -> None:
+    assert out.shape == (size, size, 3)
+    assert out.dtype == np.uint8
+    assert out.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize(("fmt", "params"), [("JPEG", {"quality": 95}), ("PNG", {}), ("TIFF", {}), ("BMP", {})])
+def test_decodes_every_supported_format(fmt: str, params: dict[str, object]) -> None:
+    out = load_image(encode(halves(), fmt, **params), SIZE)
+    check(out)
+    left, right = out[:, : SIZE // 4].mean(axis=(0, 1)), out[:, -SIZE // 4 :].mean(axis=(0, 1))
+    assert left[0] > 200
+    assert left[2] < 60
+    assert right[2] > 200
+    assert right[0] < 60
+
+
+def test_real_tiles_decode(real_images: list[Path]) -> None:
+    for path in real_images:
+        check(load_image(path.read_bytes(), 128), 128)
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the red left half ends up on top
+    data = encode(halves(), "JPEG", quality=95, exif=exif.tobytes())
+    out = load_image(data, SIZE)
+    top, bottom = out[: SIZE // 4].mean(axis=(0, 1)), out[-SIZE // 4 :].mean(axis=(0, 1))
+    assert top[0] > 200
+    assert top[2] < 60
+    assert bottom[2] > 200
+    assert bottom[0] < 60
+    # Without the tag the same pixels stay left/right.
+    plain = load_image(encode(halves(), "JPEG", quality=95), SIZE)
+    assert plain[:, : SIZE // 4].mean(axis=(0, 1))[0] > 200
+
+
+def test_grey_and_palette_modes() -> None:
+    grey = Image.new("L", (40, 40), 77)
+    np.testing.assert_array_equal(load_image(encode(grey, "PNG"), SIZE), np.full((SIZE, SIZE, 3), 77))
+    palette = halves().convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    out = load_image(encode(palette, "PNG"), SIZE)
+    check(out)
+    assert out[:, 0].mean(axis=0)[0] > 200
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_flattened_on_white(mode: str) -> None:
+    img = Image.new(mode, (40, 40), (10, 0) if mode == "LA" else (10, 20, 30, 0))
+    np.testing.assert_array_equal(load_image(encode(img, "PNG"), SIZE), np.full((SIZE, SIZE, 3), 255))
+    opaque = Image.new(mode, (40, 40), (10, 255) if mode == "LA" else (10, 20, 30, 255))
+    expected = (10, 10, 10) if mode == "LA" else (10, 20, 30)
+    np.testing.assert_array_equal(load_image(encode(opaque, "PNG"), SIZE)[0, 0], expected)
+
+
+def test_palette_with_transparency() -> None:
+    img = Image.new("P", (40, 40), 0)
+    img.putpalette([0, 0, 0] * 256)
+    data = encode(img, "PNG", transparency=0)
+    np.testing.assert_array_equal(load_image(data, SIZE), np.full((SIZE, SIZE, 3), 255))
+
+
+def test_cmyk() -> None:
+    img = Image.new("CMYK", (40, 40), (0, 255, 255, 0))  # pure red in CMYK
+    for fmt in ("JPEG", "TIFF"):
+        out = load_image(encode(img, fmt), SIZE)
+        check(out)
+        r, g, b = out.mean(axis=(0, 1))
+        assert r > 200, fmt
+        assert max(g, b) < 60, fmt
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    arr = np.full((40, 40), 32768, dtype="<u2")
+    img = Image.frombytes("I;16", (40, 40), arr.tobytes())
+    assert img.mode == "I;16"
+    out = load_image(encode(img, "PNG"), SIZE)
+    check(out)
+    assert 126 <= int(out.mean()) <= 130  # half of 16-bit range -> half of 8-bit, not 255
+
+
+def test_large_jpeg_takes_the_draft_path_and_keeps_the_shape() -> None:
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (768, 768, 3), dtype=np.uint8), "RGB")
+    data = encode(big, "JPEG", quality=90)
+    with_draft, without = load_image(data, 128, draft=True), load_image(data, 128, draft=False)
+    check(with_draft, 128)
+    check(without, 128)
+    assert not np.array_equal(with_draft, without)  # the DCT downscale really ran
+
+
+def test_empty_bytes() -> None:
+    with pytest.raises(InvalidImage, match="empty"):
+        load_image(b"", SIZE)
+
+
+@pytest.mark.parametrize("data", [b"hello, not an image", b"\x00" * 1000, b"GIF89a-ish garbage", b"%PDF-1.7\n"])
+def test_garbage(data: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        load_image(data, SIZE)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated(fmt: str) -> None:
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), "RGB")
+    data = encode(img, fmt)
+    with pytest.raises(InvalidImage):
+        load_image(data[: len(data) // 2], SIZE)
+
+
+def test_too_many_pixels_is_refused_from_the_header() -> None:
+    data = encode(Image.new("L", (2000, 1000)), "PNG")
+    with pytest.raises(ImageTooLarge, match="2000x1000"):
+        load_image(data, SIZE, max_pixels=1_000_000)
+    check(load_image(data, SIZE, max_pixels=2_000_000))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that *declares* width x height (and holds almost no data): a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_too_large_not_a_crash() -> None:
+    # 400 M pixels: beyond Pillow's own bomb limit, refused before any pixel is decoded.
+    with pytest.raises(ImageTooLarge):
+        load_image(_png_header_only(20_000, 20_000), SIZE)
+    with pytest.raises(ImageTooLarge):
+        load_image(_png_header_only(10_000, 6_000), SIZE, max_pixels=50_000_000)
