@@ -32,7 +32,7 @@ from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.logs import RequestContextMiddleware, request_context_from_scope
 from service.metrics import Metrics, PredictionMetrics
-from service.model_source import ModelArtifact, fetch_model
+from service.model_source import ModelArtifact, fetch_configured_model
 from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
@@ -94,14 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             try:
-                artifact = await fetch_model(
-                    settings.model_uri,
-                    cache_dir=settings.model_cache_dir,
-                    endpoint_url=settings.s3_endpoint_url,
-                    region=settings.s3_region,
-                    max_attempts=settings.s3_max_attempts,
-                    timeout_s=settings.model_fetch_timeout_s,
-                )
+                artifact = await fetch_configured_model(settings)
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)

@@ -42,6 +42,20 @@ class ImageTooLarge(LungserveError):
     status = 413
 
 
+class RequestTooLarge(LungserveError):
+    """The whole body is over the limit (declared or streamed): refused before it is read."""
+
+    code = "request_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(BadRequest):
+    """The body is not multipart/form-data."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 class TooManyFiles(LungserveError):
     code = "too_many_files"
     status = 413

@@ -55,6 +55,8 @@ from service.manifest import MANIFEST_NAME, Manifest, sha256_file
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
+    from service.settings import Settings
+
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE: Final = 1 << 20
@@ -544,6 +546,18 @@ async def fetch_model(
                 f"(endpoint {endpoint_url or 'AWS S3'})"
             ) from None
         raise
+
+
+async def fetch_configured_model(settings: Settings) -> ModelArtifact:
+    """`fetch_model` with the service's settings: the one call start-up and reload share."""
+    return await fetch_model(
+        settings.model_uri,
+        cache_dir=settings.model_cache_dir,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        max_attempts=settings.s3_max_attempts,
+        timeout_s=settings.model_fetch_timeout_s,
+    )
 
 
 async def current_etag(

@@ -2,7 +2,7 @@
 
 `ModelReloader.reload()` (behind `POST /admin/reload`, and the optional ETag poller):
 
-1. `fetch_model` downloads and verifies the model at `settings.model_uri` (checksum, ONNX
+1. `fetch_configured_model` downloads and verifies the model at `settings.model_uri` (checksum, ONNX
    Runtime load, signature, test inference). A failure is a `ModelRejected` naming the cause;
    the serving model is untouched.
 2. `build` turns it into a started `ModelRuntime` (engine + warm-up of every batch shape + its
@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from service.errors import LungserveError, ModelRejected, ModelSourceError, ShuttingDown
-from service.model_source import ModelArtifact, current_etag, fetch_model, one_line
+from service.model_source import ModelArtifact, current_etag, fetch_configured_model, one_line
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
 
@@ -94,14 +94,7 @@ class ModelReloader:
         previous = _identity(old)
         s = self._settings
         try:
-            artifact = await fetch_model(
-                s.model_uri,
-                cache_dir=s.model_cache_dir,
-                endpoint_url=s.s3_endpoint_url,
-                region=s.s3_region,
-                max_attempts=s.s3_max_attempts,
-                timeout_s=s.model_fetch_timeout_s,
-            )
+            artifact = await fetch_configured_model(s)
         except ModelSourceError as exc:
             log.warning("reload refused, still serving %s: %s", previous["version"], exc)
             raise ModelRejected(f"new model refused, still serving version {previous['version']}: {exc}") from exc

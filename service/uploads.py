@@ -28,7 +28,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from service.errors import BadRequest, ImageTooLarge, LungserveError, MissingField, TooManyFiles
+from service.errors import (
+    BadRequest,
+    ImageTooLarge,
+    LungserveError,
+    MissingField,
+    RequestTooLarge,
+    TooManyFiles,
+    UnsupportedMediaType,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -37,16 +45,6 @@ if TYPE_CHECKING:
 MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
 # How many unexpected field names to quote back in a missing_field message.
 _MAX_NAMES_REPORTED: Final = 5
-
-
-class UnsupportedMediaType(BadRequest):
-    code = "unsupported_media_type"
-    status = 415
-
-
-class RequestTooLarge(LungserveError):
-    code = "request_too_large"
-    status = 413
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.errors import BadRequest, ImageTooLarge, MissingField, TooManyFiles
-from service.uploads import (
+from service.errors import (
+    BadRequest,
+    ImageTooLarge,
+    MissingField,
     RequestTooLarge,
+    TooManyFiles,
     UnsupportedMediaType,
+)
+from service.uploads import (
     Upload,
     UploadLimits,
     check_declared_size,
