@@ -14,8 +14,12 @@ Flow
    that resolves to ``(result, BatchInfo)``. ``Reservation.release()`` (or leaving its ``with``
    block) gives back the slots that were never submitted, e.g. for a file that failed to decode.
 3. One dispatcher task forms batches. A batch is dispatched when ``max_batch_size`` items are
-   waiting, or when ``max_delay_s`` has passed since the oldest waiting item arrived, provided
-   fewer than ``max_in_flight`` batches are computing. The deadline is measured from the oldest
+   waiting, or when ``max_delay_s`` has passed since the oldest waiting item arrived, or
+   (``dispatch_when_idle``, the default) as soon as no reservation is open, i.e. no admitted
+   item is still on its way, provided fewer than ``max_in_flight`` batches are computing. The
+   third rule never makes a batch wait longer; it removes the delay when waiting cannot fill
+   the batch (a lone request at low load), while under load the open reservations of requests
+   being decoded keep the batch gathering up to the delay. The deadline is measured from the oldest
    item's arrival, not from when the dispatcher got round to it, so items that already waited
    behind a busy handler are dispatched as soon as a compute slot frees up (a backlog of at least
    ``max_batch_size`` dispatches at once as well).
@@ -256,6 +260,7 @@ class Batcher(Generic[T, R]):
         executor: concurrent.futures.Executor | None = None,
         max_in_flight: int = 1,
         observer: BatchObserver | None = None,
+        dispatch_when_idle: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -270,6 +275,7 @@ class Batcher(Generic[T, R]):
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
         self._max_in_flight = max_in_flight
+        self._dispatch_when_idle = dispatch_when_idle
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         # An injected executor belongs to the caller; one we create is ours to shut down.
         self._executor = executor
@@ -395,6 +401,7 @@ class Batcher(Generic[T, R]):
     def _release_reserved(self, n: int) -> None:
         self._reserved -= n
         self._release(n)
+        self._wakeup.set()  # fewer items on their way: a waiting batch may go now
 
     def _release(self, n: int) -> None:
         self._used -= n
@@ -453,7 +460,16 @@ class Batcher(Generic[T, R]):
             while self._queue and self._in_flight < self._max_in_flight:
                 oldest = next(iter(self._queue.values()))
                 deadline = oldest.enqueued_at + self._max_delay_s
-                if len(self._queue) >= self._max_batch_size or self._stopping or loop.time() >= deadline:
+                # Waiting only pays while more items are on their way: an open reservation is a
+                # request already admitted and still uploading or decoding. With none, the batch
+                # cannot grow before its delay ends, so it goes now (at low load: no added latency).
+                nothing_coming = self._dispatch_when_idle and self._reserved == 0
+                if (
+                    len(self._queue) >= self._max_batch_size
+                    or self._stopping
+                    or nothing_coming
+                    or loop.time() >= deadline
+                ):
                     self._dispatch(loop)
                 else:
                     wake_at = deadline

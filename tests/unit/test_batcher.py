@@ -5,6 +5,9 @@ asyncio queue and then blocks on a threading.Event, which lets a test hold a bat
 while it queues more. Delays are either very long (a test finishing proves the delay was not
 waited for) or tiny with nothing else to wait for. `asyncio.timeout(SAFETY_S)` only turns a
 hang into a failure; nothing asserts durations.
+
+Most tests set `dispatch_when_idle=False` to check the full-or-delay rules on their own; the
+idle rule (dispatch early when no reservation is open) has its own tests at the end.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ async def results(futures: Sequence[asyncio.Future[tuple[R, BatchInfo]]]) -> lis
 @pytest.mark.anyio
 async def test_full_batch_dispatches_without_waiting_for_the_delay() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = Batcher(handler, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         assert await results(submit_all(batcher, [1, 2, 3, 4])) == [2, 4, 6, 8]
     assert handler.batches == [[1, 2, 3, 4]]
@@ -152,7 +155,7 @@ async def test_full_batch_dispatches_without_waiting_for_the_delay() -> None:
 @pytest.mark.anyio
 async def test_partial_batch_dispatches_after_the_delay() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=SHORT_DELAY_S, max_queue=16)
+    batcher = Batcher(handler, max_batch_size=8, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         assert await results(submit_all(batcher, [21])) == [42]
     assert handler.batches == [[21]]
@@ -161,7 +164,7 @@ async def test_partial_batch_dispatches_after_the_delay() -> None:
 @pytest.mark.anyio
 async def test_backlog_is_split_into_batches_no_larger_than_the_max() -> None:
     handler: Recording[int, str] = Recording(lambda batch: [f"r{x}" for x in batch])
-    batcher: Batcher[int, str] = Batcher(handler, max_batch_size=3, max_delay_s=SHORT_DELAY_S, max_queue=16)
+    batcher: Batcher[int, str] = Batcher(handler, max_batch_size=3, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         # All ten are queued before the dispatcher runs once (no await in between).
         futures = submit_all(batcher, list(range(10)))
@@ -180,7 +183,7 @@ async def test_backlog_is_split_into_batches_no_larger_than_the_max() -> None:
 @pytest.mark.anyio
 async def test_next_batch_is_gathered_while_one_computes_and_dispatched_after(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]  # batch 1 is now blocked in compute
@@ -197,7 +200,7 @@ async def test_next_batch_is_gathered_while_one_computes_and_dispatched_after(ga
 @pytest.mark.anyio
 async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=16, max_in_flight=2)
+    batcher = Batcher(handler, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3])
         # Both compute slots are taken while the gate is closed; the third item waits.
@@ -215,7 +218,7 @@ async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> N
 async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, observer=observer)
+    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -236,7 +239,7 @@ async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory)
 async def test_cancelled_slot_is_returned_at_once(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=4, observer=observer)
+    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False, observer=observer)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3, 4])
         assert batcher.available == 0
@@ -256,7 +259,7 @@ async def test_cancelled_slot_is_returned_at_once(gated: GatedFactory) -> None:
 @pytest.mark.anyio
 async def test_future_cancelled_during_compute_does_not_break_the_batch(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         a, b = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -279,7 +282,7 @@ def fail_on_negative(items: Sequence[int]) -> list[int]:
 @pytest.mark.anyio
 async def test_handler_exception_fails_only_its_own_batch() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, observer=observer)
+    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer)
     async with running(batcher):
         bad = submit_all(batcher, [-1, 5])
         good = submit_all(batcher, [6, 7])
@@ -298,7 +301,7 @@ async def test_wrong_number_of_results_fails_the_batch_with_a_clear_error() -> N
     def drop_last(items: Sequence[int]) -> list[int]:
         return double(items)[:-1] if items[0] == 1 else double(items)
 
-    batcher = Batcher(drop_last, max_batch_size=3, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = Batcher(drop_last, max_batch_size=3, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
     async with running(batcher):
         for future in submit_all(batcher, [1, 2, 3]):
             with pytest.raises(HandlerResultError, match="returned 2 result"):
@@ -311,7 +314,7 @@ async def test_handler_raising_stop_iteration_still_fails_the_futures() -> None:
     def stop(items: Sequence[int]) -> list[int]:
         raise StopIteration
 
-    batcher = Batcher(stop, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=4)
+    batcher = Batcher(stop, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
     async with running(batcher):
         (future,) = submit_all(batcher, [1])
         with pytest.raises(RuntimeError, match="StopIteration"):
@@ -324,7 +327,7 @@ async def test_handler_raising_stop_iteration_still_fails_the_futures() -> None:
 @pytest.mark.anyio
 async def test_stop_drains_queued_and_in_flight_work(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, max_in_flight=2)
+    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -357,7 +360,7 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
     # An injected executor, so the test can wait for the stuck thread after opening the gate.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
-        batcher = Batcher(never_finishes, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16,
+        batcher = Batcher(never_finishes, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False,
                           executor=executor)
         await batcher.start()
         in_compute = submit_all(batcher, [1, 2])
@@ -378,7 +381,7 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
 
 @pytest.mark.anyio
 async def test_reserve_and_submit_after_stop_raise_batcher_stopped() -> None:
-    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=4)
+    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
     await batcher.start()
     early = batcher.reserve(2)
     await batcher.stop(drain_timeout_s=0)
@@ -395,7 +398,7 @@ async def test_reserve_and_submit_after_stop_raise_batcher_stopped() -> None:
 
 @pytest.mark.anyio
 async def test_stop_waits_for_outstanding_reservations() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4)
+    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
     async with running(batcher):
         reservation = batcher.reserve(2)  # a request still decoding its files when stop() begins
         (queued,) = submit_all(batcher, [1])
@@ -412,7 +415,7 @@ async def test_stop_waits_for_outstanding_reservations() -> None:
 
 @pytest.mark.anyio
 async def test_stop_before_start_fails_queued_items() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4)
+    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
     (future,) = submit_all(batcher, [1])
     await batcher.stop()
     with pytest.raises(BatcherStopped):
@@ -424,7 +427,7 @@ async def test_stop_before_start_fails_queued_items() -> None:
 
 @pytest.mark.anyio
 async def test_reservations_are_all_or_nothing_and_release_returns_slots() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4)
+    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
     async with running(batcher):
         three = batcher.reserve(3)
         assert (batcher.available, batcher.reserved) == (1, 3)
@@ -457,7 +460,7 @@ async def test_reservations_are_all_or_nothing_and_release_returns_slots() -> No
 @pytest.mark.anyio
 async def test_items_in_compute_count_against_the_bound(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=3)
+    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=3, dispatch_when_idle=False)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -475,7 +478,7 @@ async def test_items_in_compute_count_against_the_bound(gated: GatedFactory) -> 
 @pytest.mark.anyio
 async def test_observer_sees_queue_batches_and_in_flight() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, observer=observer)
+    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, dispatch_when_idle=False, observer=observer)
     async with running(batcher):
         good = submit_all(batcher, [1, 2])
         bad = submit_all(batcher, [-3, 4])
@@ -495,7 +498,7 @@ async def test_observer_sees_queue_batches_and_in_flight() -> None:
 
 @pytest.mark.anyio
 async def test_a_failing_observer_loses_no_result(caplog: pytest.LogCaptureFixture) -> None:
-    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, observer=BrokenObserver())
+    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, dispatch_when_idle=False, observer=BrokenObserver())
     async with running(batcher):
         assert await results(submit_all(batcher, [1, 2])) == [2, 4]
     assert "batch observer failed" in caplog.text
@@ -517,3 +520,47 @@ def test_invalid_settings_are_refused(kwargs: dict[str, Any]) -> None:
     settings: dict[str, Any] = {"max_batch_size": 2, "max_delay_s": 0.01, "max_queue": 4} | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Batcher(double, **settings)
+
+
+# -- dispatch when nothing more is on its way ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_lone_item_goes_at_once_when_no_reservation_is_open() -> None:
+    handler = Recording(double)
+    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=16)
+    await batcher.start()
+    try:
+        with batcher.reserve(1) as r:
+            fut = r.submit(21)
+        async with asyncio.timeout(SAFETY_S):  # an hour of delay: finishing proves it was not waited
+            result, info = await fut
+        assert result == 42
+        assert info.size == 1
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_batch_waits_for_items_still_on_their_way() -> None:
+    handler = Recording(double)
+    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=16)
+    await batcher.start()
+    try:
+        decoding = batcher.reserve(2)  # another request, admitted and still decoding
+        with batcher.reserve(1) as r:
+            first = r.submit(1)
+        for _ in range(10):  # yield to the loop so the dispatcher sees the item (scheduling, not timing)
+            await asyncio.sleep(0)
+        assert not first.done()
+        assert batcher.queue_depth == 1  # held: two more items are on their way
+        second = decoding.submit(2)
+        decoding.release()  # its other file failed to decode: nothing else is coming
+        async with asyncio.timeout(SAFETY_S):
+            (r1, i1), (r2, i2) = await asyncio.gather(first, second)
+        assert (r1, r2) == (2, 4)
+        assert i1.batch_id == i2.batch_id
+        assert i1.size == 2
+        assert handler.batches == [[1, 2]]
+    finally:
+        await batcher.stop()
