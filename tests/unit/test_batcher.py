@@ -164,7 +164,9 @@ async def test_partial_batch_dispatches_after_the_delay() -> None:
 @pytest.mark.anyio
 async def test_backlog_is_split_into_batches_no_larger_than_the_max() -> None:
     handler: Recording[int, str] = Recording(lambda batch: [f"r{x}" for x in batch])
-    batcher: Batcher[int, str] = Batcher(handler, max_batch_size=3, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher: Batcher[int, str] = Batcher(
+        handler, max_batch_size=3, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False
+    )
     async with running(batcher):
         # All ten are queued before the dispatcher runs once (no await in between).
         futures = submit_all(batcher, list(range(10)))
@@ -200,7 +202,9 @@ async def test_next_batch_is_gathered_while_one_computes_and_dispatched_after(ga
 @pytest.mark.anyio
 async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2)
+    batcher = Batcher(
+        handler, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2
+    )
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3])
         # Both compute slots are taken while the gate is closed; the third item waits.
@@ -218,7 +222,9 @@ async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> N
 async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer)
+    batcher = Batcher(
+        handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer
+    )
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -239,7 +245,9 @@ async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory)
 async def test_cancelled_slot_is_returned_at_once(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False, observer=observer)
+    batcher = Batcher(
+        handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False, observer=observer
+    )
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3, 4])
         assert batcher.available == 0
@@ -282,7 +290,14 @@ def fail_on_negative(items: Sequence[int]) -> list[int]:
 @pytest.mark.anyio
 async def test_handler_exception_fails_only_its_own_batch() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer)
+    batcher = Batcher(
+        fail_on_negative,
+        max_batch_size=2,
+        max_delay_s=LONG_DELAY_S,
+        max_queue=16,
+        dispatch_when_idle=False,
+        observer=observer,
+    )
     async with running(batcher):
         bad = submit_all(batcher, [-1, 5])
         good = submit_all(batcher, [6, 7])
@@ -327,7 +342,9 @@ async def test_handler_raising_stop_iteration_still_fails_the_futures() -> None:
 @pytest.mark.anyio
 async def test_stop_drains_queued_and_in_flight_work(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2)
+    batcher = Batcher(
+        handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2
+    )
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -360,8 +377,14 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
     # An injected executor, so the test can wait for the stuck thread after opening the gate.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
-        batcher = Batcher(never_finishes, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False,
-                          executor=executor)
+        batcher = Batcher(
+            never_finishes,
+            max_batch_size=2,
+            max_delay_s=LONG_DELAY_S,
+            max_queue=16,
+            dispatch_when_idle=False,
+            executor=executor,
+        )
         await batcher.start()
         in_compute = submit_all(batcher, [1, 2])
         assert await started.get() == [1, 2]
@@ -478,7 +501,14 @@ async def test_items_in_compute_count_against_the_bound(gated: GatedFactory) -> 
 @pytest.mark.anyio
 async def test_observer_sees_queue_batches_and_in_flight() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(fail_on_negative, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, dispatch_when_idle=False, observer=observer)
+    batcher = Batcher(
+        fail_on_negative,
+        max_batch_size=2,
+        max_delay_s=LONG_DELAY_S,
+        max_queue=8,
+        dispatch_when_idle=False,
+        observer=observer,
+    )
     async with running(batcher):
         good = submit_all(batcher, [1, 2])
         bad = submit_all(batcher, [-3, 4])
@@ -498,7 +528,14 @@ async def test_observer_sees_queue_batches_and_in_flight() -> None:
 
 @pytest.mark.anyio
 async def test_a_failing_observer_loses_no_result(caplog: pytest.LogCaptureFixture) -> None:
-    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=8, dispatch_when_idle=False, observer=BrokenObserver())
+    batcher = Batcher(
+        double,
+        max_batch_size=2,
+        max_delay_s=LONG_DELAY_S,
+        max_queue=8,
+        dispatch_when_idle=False,
+        observer=BrokenObserver(),
+    )
     async with running(batcher):
         assert await results(submit_all(batcher, [1, 2])) == [2, 4]
     assert "batch observer failed" in caplog.text
