@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         default=256, ge=1, description="images admitted but not yet answered; beyond it requests get 503"
     )
     max_in_flight_batches: int = Field(
-        default=1, ge=1, le=64, description="ORT runs at once (1 is right on CPU: ORT already uses all cores)"
+        default=2, ge=1, le=64, description="model runs at once (on CPU each uses one ORT thread by default)"
     )
     request_deadline_s: float = Field(
         default=30.0, gt=0.0, le=3600.0, description="upload + decode + queue + inference, else 504"
@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     provider: ProviderPolicy = Field(
         default="auto", description="auto: CUDA if really active else CPU; cuda: refuse to start without it"
     )
-    ort_intra_op_threads: int | None = Field(default=None, ge=1, le=1024, description="None = ORT default")
+    ort_intra_op_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="None: 1 per run on CPU (runs overlap instead), ORT's default on CUDA"
+    )
     ort_inter_op_threads: int | None = Field(default=None, ge=1, le=1024, description="None = ORT default")
 
     # --- preprocessing ---

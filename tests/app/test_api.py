@@ -228,7 +228,7 @@ async def test_model_endpoint(served: Served) -> None:
         "max_batch_size": 4,
         "max_batch_delay_s": 0.005,
         "queue_limit": 8,
-        "max_in_flight_batches": 1,
+        "max_in_flight_batches": 2,
         "request_deadline_s": 60.0,
     }
     assert body["limits"]["max_files_per_request"] == 8

@@ -197,3 +197,12 @@ def test_bundled_model_loads_and_warms_up() -> None:
     probs = engine.run(np.full((3, engine.input_size, engine.input_size, 3), 200, dtype=np.uint8))
     assert probs.shape == (3, len(engine.classes))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_cpu_sessions_default_to_one_intra_op_thread() -> None:
+    from service.engine import intra_op_threads_for
+
+    assert intra_op_threads_for(["CPUExecutionProvider"], None) == 1
+    assert intra_op_threads_for(["CPUExecutionProvider"], 3) == 3
+    # With CUDA requested, ORT keeps its own default (the GPU does the work).
+    assert intra_op_threads_for(["CUDAExecutionProvider", "CPUExecutionProvider"], None) is None

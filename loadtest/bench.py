@@ -1,0 +1,849 @@
+"""One-command benchmark: lungserve against its ablations and peers, same images, same load.
+
+    .venv/bin/python loadtest/bench.py --out docs/benchmarks
+
+Systems (each started alone on 127.0.0.1, warmed up, measured, stopped):
+
+    lungserve   `lungserve serve` as shipped (micro-batching on)
+    nobatch     the same with LUNGSERVE_MAX_BATCH_SIZE=1
+    inprocess   the in-process ceiling: decode + preprocess + ORT on both cores, no HTTP
+                (loadtest/inprocess.py), and the single-image in-process latency
+    seed        the seed design: Flask + waitress, Pillow, Keras `model.predict` per request
+    bentoml     BentoML 1.4, same ONNX + preprocessing, adaptive batching (batchable=True)
+    rayserve    Ray Serve, same ONNX + preprocessing, @serve.batch
+
+Load: wrk (C, one thread) with loadtest/wrk_multipart.lua, closed loop at each concurrency
+(default 1, 8, 32, 128), a warm-up then a measured window per level, on two image sets: the
+768x768 originals (../shared/data/lc25000-lung-768) and 224x224 tiles (../shared/data/lc25000-lung).
+Recorded per level: images/s, p50/p95/p99 latency, errors, the peak RSS of the server's whole
+process tree (sampled), the server's and the generator's CPU share of the machine.
+
+The peers run in their own virtual environments, created under --cache (default .bench/) from
+the pinned, hashed requirement files in loadtest/peers/. They are not lungserve dependencies.
+
+Output in --out: RESULTS.md (tables, ratios, goals, command, machine, date), results.json,
+throughput.png and p99.png. Every step is bounded in time; --quick is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import psutil  # type: ignore[import-untyped]  # no stubs; only used through a few calls
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADTEST = ROOT / "loadtest"
+PEERS = LOADTEST / "peers"
+WRK_SCRIPT = LOADTEST / "wrk_multipart.lua"
+BUNDLED_MODEL = ROOT / "service" / "bundled_model"
+SHARED_DATA = Path(os.environ.get("LUNGSERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+ALL_SYSTEMS = ("lungserve", "nobatch", "inprocess", "bentoml", "rayserve", "seed")
+SERVED = ("lungserve", "nobatch", "bentoml", "rayserve", "seed")
+LABELS = {
+    "lungserve": "lungserve (batching on)",
+    "nobatch": "lungserve, batching off",
+    "inprocess": "in-process ceiling",
+    "seed": "seed design (Flask + Keras)",
+    "bentoml": "BentoML",
+    "rayserve": "Ray Serve",
+}
+PEER_VENV = {"seed": "seed", "bentoml": "bentoml", "rayserve": "rayserve"}
+IMAGE_SETS = ("768", "224")
+IMAGE_SET_LABELS = {"768": "768x768 originals", "224": "224x224 tiles"}
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+CORES = os.cpu_count() or 1
+
+
+# --- results --------------------------------------------------------------------------------
+
+@dataclass
+class Level:
+    system: str
+    image_set: str
+    concurrency: int
+    seconds: float
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    peak_rss_mib: float
+    server_cpu_share: float
+    generator_cpu_share: float
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+@dataclass
+class Run:
+    started: str
+    command: str
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    levels: list[Level] = field(default_factory=list)
+    inprocess: dict[str, Any] = field(default_factory=dict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finished: str = ""
+
+
+# --- environment ----------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _pins(requirements: Path, names: Sequence[str]) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in requirements.read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and name.strip().lower() in names:
+            pins[name.strip().lower()] = version.split()[0].rstrip("\\").strip()
+    return pins
+
+
+def machine_description() -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+    import PIL
+
+    wrk = shutil.which("wrk")
+    wrk_version = "not found"
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
+        wrk_version = (out.stdout + out.stderr).strip().splitlines()[0]
+    return {
+        "nproc": CORES,
+        "cpu_model": _cpu_model(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "pillow": PIL.__version__,
+        "numpy": numpy.__version__,
+        "wrk": wrk_version,
+        "peers": {
+            "bentoml": _pins(PEERS / "bentoml.txt", ["bentoml", "onnxruntime"]),
+            "rayserve": _pins(PEERS / "rayserve.txt", ["ray", "onnxruntime"]),
+            "seed": _pins(PEERS / "seed.txt", ["flask", "waitress", "tensorflow-cpu", "keras"]),
+        },
+    }
+
+
+def check_quiet(threshold: float, allow_busy: bool) -> float:
+    """Refuse to measure on a machine that is already busy (other jobs skew every figure)."""
+    procs = list(psutil.process_iter(["pid", "name"]))
+    for p in procs:  # the first cpu_percent() of a process only starts its clock
+        with suppress(psutil.Error):
+            p.cpu_percent(None)
+    busy = float(psutil.cpu_percent(interval=3.0))
+    if busy > threshold:
+        usage: list[tuple[float, int, str]] = []
+        for p in procs:
+            with suppress(psutil.Error):
+                usage.append((float(p.cpu_percent(None)), int(p.info["pid"]), str(p.info["name"])))
+        top = ", ".join(f"{name} (pid {pid}) {pct:.0f}%" for pct, pid, name in sorted(usage, reverse=True)[:5])
+        msg = f"the machine is {busy:.0f}% busy before the run (threshold {threshold:.0f}%); top: {top}"
+        if not allow_busy:
+            raise SystemExit(f"bench: {msg}. Wait for it to be idle, or pass --allow-busy for a smoke run.")
+        print(f"bench: WARNING {msg}", file=sys.stderr)
+    return busy
+
+
+def ensure_venv(name: str, cache: Path) -> Path:
+    """A virtual environment from loadtest/peers/NAME.txt (pinned + hashed), rebuilt when it changes."""
+    requirements = PEERS / f"{name}.txt"
+    venv = cache / "venvs" / name
+    python = venv / "bin" / "python"
+    digest = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()
+    stamp = venv / ".bench-stamp"
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    print(f"bench: creating {venv} from {requirements.relative_to(ROOT)} (once; cached)", flush=True)
+    if venv.exists():
+        shutil.rmtree(venv)
+    uv = shutil.which("uv")
+    if uv:
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=600)
+        subprocess.run(
+            [uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps",
+             "-r", str(requirements)],
+            check=True, timeout=1800,
+        )
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--require-hashes", "--no-deps", "-r", str(requirements)],
+            check=True, timeout=1800,
+        )
+    stamp.write_text(digest)
+    return python
+
+
+def pick_images(folder: Path, limit: int) -> list[Path]:
+    """Up to `limit` JPEGs spread over the whole (class-sorted) folder."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg") and p.is_file())
+    if not files:
+        raise SystemExit(f"bench: no JPEG images under {folder} (see --images-768/--images-224)")
+    step = max(1, len(files) // limit)
+    return files[::step][:limit]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _base_env() -> dict[str, str]:
+    """The caller's environment without settings that would change what is measured."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LUNGSERVE_", "BENCH_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    env.update({
+        "BENTOML_DO_NOT_TRACK": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    return env
+
+
+# --- servers --------------------------------------------------------------------------------
+
+@dataclass
+class ServerSpec:
+    system: str
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: Path
+    port: int
+    path: str = "/predict"
+
+
+def server_spec(
+    system: str, cache: Path, lungserve_settings: dict[str, Any], lungserve_env: dict[str, str] | None = None
+) -> ServerSpec:
+    port = free_port()
+    env = _base_env()
+    max_batch = int(lungserve_settings["max_batch_size"])
+    if system in ("lungserve", "nobatch"):
+        env.update(lungserve_env or {})  # --lungserve-env: exploring settings, recorded in the report
+        if system == "nobatch":
+            env["LUNGSERVE_MAX_BATCH_SIZE"] = "1"
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        return ServerSpec(system, cmd, env, ROOT, port)
+    python = ensure_venv(PEER_VENV[system], cache)
+    env["PYTHONPATH"] = str(ROOT)  # `service.preprocess` / `export.model` from this repository
+    if system == "bentoml":
+        home = cache / "bentoml_home"
+        home.mkdir(parents=True, exist_ok=True)
+        env.update({
+            "BENTOML_HOME": str(home),
+            "BENCH_MODEL_DIR": str(BUNDLED_MODEL),
+            "BENCH_MAX_BATCH_SIZE": str(max_batch),
+            # BentoML's max_latency_ms is a budget beyond which it sheds requests (503):
+            # lungserve's counterpart is its request deadline.
+            "BENCH_MAX_LATENCY_MS": str(int(float(lungserve_settings["request_deadline_s"]) * 1000)),
+        })
+        cmd = [str(python.parent / "bentoml"), "serve", "bentoml_service:LungBento", "--working-dir", str(PEERS),
+               "--host", "127.0.0.1", "--port", str(port)]
+        return ServerSpec(system, cmd, env, PEERS, port)
+    if system == "rayserve":
+        env.update({
+            # Ray turns a loopback node address into the machine's routable one unless it is in
+            # single-machine mode (this switch): keeps all of Ray's own traffic on 127.0.0.1.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "disabled",  # loopback only; no token written to ~/.ray
+        })
+        cmd = [str(python), str(PEERS / "rayserve_app.py"), "--model", str(BUNDLED_MODEL), "--port", str(port),
+               "--max-batch-size", str(max_batch),
+               "--batch-wait-timeout-s", str(lungserve_settings["max_batch_delay_s"]),
+               "--max-ongoing-requests", str(lungserve_settings["queue_limit"]), "--num-cpus", str(CORES)]
+        return ServerSpec(system, cmd, env, PEERS, port)
+    if system == "seed":
+        size = json.loads((BUNDLED_MODEL / "model.json").read_text())["input_size"]
+        cmd = [str(python), str(PEERS / "seed_app.py"), "--port", str(port), "--input-size", str(size)]
+        return ServerSpec(system, cmd, env, PEERS, port)
+    raise ValueError(system)
+
+
+class Server:
+    """A server process in its own session; stopped by SIGTERM, then its whole tree by pid."""
+
+    def __init__(self, spec: ServerSpec, log: TextIO) -> None:
+        self.spec = spec
+        self.proc = subprocess.Popen(
+            spec.cmd, cwd=spec.cwd, env=spec.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.root = psutil.Process(self.proc.pid)
+        self.known: dict[int, float] = {}  # pid -> create_time of every process seen in the tree
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    def tree(self) -> list[Any]:
+        procs = [self.root]
+        with suppress(psutil.Error):
+            procs += self.root.children(recursive=True)
+        for p in procs:
+            with suppress(psutil.Error):
+                self.known.setdefault(p.pid, p.create_time())
+        return procs
+
+    def wait_ready(self, sample: Path, deadline_s: float = READY_TIMEOUT_S) -> float:
+        """Poll with a real prediction until one answers 200; returns the seconds it took."""
+        t0 = time.monotonic()
+        body = sample.read_bytes()
+        with httpx.Client(timeout=30.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.spec.system} exited with {self.proc.returncode} during start-up")
+                try:
+                    r = client.post(self.url + self.spec.path, files={"file": (sample.name, body, "image/jpeg")})
+                    if r.status_code == 200 and '"label"' in r.text:
+                        self.tree()
+                        return time.monotonic() - t0
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() - t0 > deadline_s:
+                    raise RuntimeError(f"{self.spec.system} not ready within {deadline_s:.0f} s")
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        # Ray and BentoML leave helpers behind when their parent goes: end exactly the
+        # processes this server started (same pid *and* start time), nothing else.
+        deadline = time.monotonic() + 15
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid, created in self.known.items():
+                try:
+                    p = psutil.Process(pid)
+                    if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                        p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            while time.monotonic() < deadline and self._alive():
+                time.sleep(0.2)
+            if not self._alive():
+                return
+            deadline = time.monotonic() + 5
+
+    def _alive(self) -> bool:
+        for pid, created in self.known.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+
+class TreeSampler:
+    """Samples the server tree's total RSS (peak) and CPU time while a level is measured."""
+
+    def __init__(self, server: Server, interval: float = 0.2) -> None:
+        self.server = server
+        self.interval = interval
+        self.peak_rss = 0
+        self.cpu_start: dict[int, float] = {}
+        self.cpu_last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss = 0
+        for p in self.server.tree():
+            try:
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu = t.user + t.system
+            except psutil.Error:
+                continue
+            self.cpu_start.setdefault(p.pid, cpu)
+            self.cpu_last[p.pid] = cpu
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> TreeSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_last[pid] - self.cpu_start[pid] for pid in self.cpu_last)
+
+
+# --- load generator -------------------------------------------------------------------------
+
+@dataclass
+class WrkResult:
+    data: dict[str, Any]
+    cpu_seconds: float
+    wall_seconds: float
+
+
+def run_wrk(url: str, path: str, concurrency: int, seconds: int, files: Sequence[Path]) -> WrkResult:
+    """One bounded wrk run; its CPU time comes from the kernel's rusage of the child."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("bench: wrk not found; install it (Debian/Ubuntu: apt-get install -y wrk)")
+    cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT), url,
+           "--", path, "file", *map(str, files)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timer = threading.Timer(seconds + 90, proc.kill)  # wrk stops itself; this is the backstop
+    timer.start()
+    try:
+        stdout = proc.stdout.read() if proc.stdout else b""
+        stderr = proc.stderr.read() if proc.stderr else b""
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        timer.cancel()
+    wall = time.monotonic() - t0
+    line = next((ln for ln in stdout.decode().splitlines() if ln.startswith("WRK_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stdout.decode()[-2000:]} {stderr.decode()[-2000:]}")
+    return WrkResult(json.loads(line.removeprefix("WRK_JSON ")), rusage.ru_utime + rusage.ru_stime, wall)
+
+
+def measure_level(
+    server: Server, system: str, image_set: str, concurrency: int, files: Sequence[Path],
+    warmup: int, duration: int,
+) -> Level:
+    if warmup > 0:
+        run_wrk(server.url, server.spec.path, concurrency, warmup, files)
+    with TreeSampler(server) as sampler:
+        res = run_wrk(server.url, server.spec.path, concurrency, duration, files)
+    d = res.data
+    seconds = d["duration_us"] / 1e6
+    errors = dict(d["errors"])
+    errors["bad_body"] = int(d["bad_bodies"])
+    ok = int(d["ok_bodies"])
+    lat = d["latency_us"]
+    return Level(
+        system=system, image_set=image_set, concurrency=concurrency, seconds=seconds,
+        requests=int(d["requests"]), ok=ok, errors=errors, images_per_s=ok / seconds,
+        p50_ms=lat["p50"] / 1e3, p95_ms=lat["p95"] / 1e3, p99_ms=lat["p99"] / 1e3, max_ms=lat["max"] / 1e3,
+        peak_rss_mib=sampler.peak_rss / 2**20,
+        server_cpu_share=sampler.cpu_seconds / seconds / CORES,
+        generator_cpu_share=res.cpu_seconds / res.wall_seconds / CORES,
+    )
+
+
+# --- systems --------------------------------------------------------------------------------
+
+@contextmanager
+def started(spec: ServerSpec, log_path: Path) -> Iterator[Server]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        server = Server(spec, log)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def bench_served(
+    system: str, run: Run, sets: dict[str, list[Path]], levels: Sequence[int], warmup: int, duration: int,
+    cache: Path, lungserve_settings: dict[str, Any], lungserve_env: dict[str, str],
+) -> None:
+    spec = server_spec(system, cache, lungserve_settings, lungserve_env)
+    log_path = cache / "logs" / f"{system}.log"
+    print(f"bench: {system}: starting on {spec.port} (log: {log_path})", flush=True)
+    with started(spec, log_path) as server:
+        ready_s = server.wait_ready(sets["768"][0])
+        idle_rss = sum(p.memory_info().rss for p in server.tree() if p.is_running()) / 2**20
+        run.servers[system] = {"ready_seconds": ready_s, "idle_rss_mib": idle_rss, "port": spec.port,
+                               "command": " ".join(spec.cmd)}
+        print(f"bench: {system}: ready in {ready_s:.1f} s, {idle_rss:.0f} MiB", flush=True)
+        for image_set, files in sets.items():
+            for c in levels:
+                level = measure_level(server, system, image_set, c, files, warmup, duration)
+                run.levels.append(level)
+                print(
+                    f"bench: {system:9s} {image_set} c={c:<3d} {level.images_per_s:8.1f} img/s  "
+                    f"p50 {level.p50_ms:8.1f}  p99 {level.p99_ms:8.1f} ms  err {level.error_count}  "
+                    f"rss {level.peak_rss_mib:6.0f} MiB  server cpu {level.server_cpu_share:4.0%}  "
+                    f"wrk cpu {level.generator_cpu_share:4.1%}",
+                    flush=True,
+                )
+
+
+def bench_inprocess(run: Run, sets: dict[str, list[Path]], warmup: int, duration: int) -> None:
+    for image_set, files in sets.items():
+        cmd = [sys.executable, str(LOADTEST / "inprocess.py"), "--model", str(BUNDLED_MODEL),
+               "--duration", str(duration), "--warmup", str(warmup), *map(str, files)]
+        out = subprocess.run(cmd, cwd=ROOT, env=_base_env(), capture_output=True, text=True,
+                             timeout=8 * (duration + warmup) + 120)
+        if out.returncode != 0:
+            raise RuntimeError(f"inprocess failed: {out.stderr[-3000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        run.inprocess[image_set] = res
+        print(
+            f"bench: inprocess {image_set}: ceiling {res['ceiling_images_per_s']:.1f} img/s "
+            f"({res['ceiling_variant']}); single image p50 {res['single']['p50_ms']:.2f} ms "
+            f"(decode {res['single']['decode_p50_ms']:.2f}, infer {res['single']['infer_p50_ms']:.2f})",
+            flush=True,
+        )
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def _find(run: Run, system: str, image_set: str, c: int) -> Level | None:
+    return next((lv for lv in run.levels if (lv.system, lv.image_set, lv.concurrency) == (system, image_set, c)),
+                None)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+def _ms(v: float) -> str:
+    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def goals(run: Run, levels: Sequence[int]) -> list[tuple[str, str, str, str]]:
+    """(goal, target, measured, verdict) rows; 'n/a' where the run did not include what it needs."""
+    rows: list[tuple[str, str, str, str]] = []
+    c = 32 if 32 in levels else max(levels)
+    ls = _find(run, "lungserve", "768", c)
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+    for peer, target in (("seed", 20.0), ("bentoml", 1.5), ("rayserve", 1.5)):
+        other = _find(run, peer, "768", c)
+        r = ls.images_per_s / other.images_per_s if ls and other and other.images_per_s > 0 else None
+        rows.append((f"throughput vs {LABELS[peer]} (768, c={c})", f">= {target:g}x",
+                     f"{r:.2f}x" if r is not None else "n/a", verdict(None if r is None else r >= target)))
+    inproc = run.inprocess.get("768")
+    for target, issue in ((0.9, 6), (0.85, 3)):
+        r = ls.images_per_s / inproc["ceiling_images_per_s"] if ls and inproc else None
+        rows.append((f"throughput vs in-process ceiling (768, c={c}; issue {issue})", f">= {target:g}x",
+                     f"{r:.2f}x" if r is not None else "n/a", verdict(None if r is None else r >= target)))
+    for image_set in IMAGE_SETS:
+        c1 = _find(run, "lungserve", image_set, 1)
+        ip = run.inprocess.get(image_set)
+        if c1 and ip:
+            single = float(ip["single"]["p50_ms"])
+            rows.append((f"p99 at c=1 vs in-process single-image p50 + 3 ms ({image_set})",
+                         f"<= {single + 3:.2f} ms", f"{c1.p99_ms:.2f} ms", verdict(c1.p99_ms <= single + 3)))
+        else:
+            rows.append((f"p99 at c=1 vs in-process single-image p50 + 3 ms ({image_set})", "", "n/a", "n/a"))
+    seed_peak = max((lv.peak_rss_mib for lv in run.levels if lv.system == "seed" and lv.image_set == "768"),
+                    default=None)
+    ls_peak = max((lv.peak_rss_mib for lv in run.levels if lv.system == "lungserve" and lv.image_set == "768"),
+                  default=None)
+    if seed_peak and ls_peak:
+        rows.append(("peak RSS vs seed design (768, all levels)", "<= 0.25x",
+                     f"{ls_peak:.0f} / {seed_peak:.0f} MiB = {ls_peak / seed_peak:.2f}x",
+                     verdict(ls_peak / seed_peak <= 0.25)))
+    else:
+        rows.append(("peak RSS vs seed design (768, all levels)", "<= 0.25x", "n/a", "n/a"))
+    m32, m128 = _find(run, "lungserve", "768", 32), _find(run, "lungserve", "768", 128)
+    if m32 and m128:
+        change = m128.peak_rss_mib / m32.peak_rss_mib - 1
+        rows.append(("peak RSS flat from c=32 to c=128 (768)", "within +-5%",
+                     f"{m32.peak_rss_mib:.0f} -> {m128.peak_rss_mib:.0f} MiB ({change:+.1%})",
+                     verdict(abs(change) <= 0.05)))
+    else:
+        rows.append(("peak RSS flat from c=32 to c=128 (768)", "within +-5%", "n/a", "n/a"))
+    return rows
+
+
+def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
+    m = run.machine
+    cfg = run.config
+    lines: list[str] = [
+        "# lungserve benchmark",
+        "",
+        "Generated by `loadtest/bench.py`; do not edit by hand (rerun it). "
+        "Every figure below comes from one run on one machine.",
+        "",
+        f"- **Command:** `{run.command}`",
+        f"- **Date (UTC):** {run.started} to {run.finished}",
+        f"- **Machine:** {m['nproc']} CPU cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
+        f"CPU busy before the run: {cfg['busy_before_percent']:.0f}%",
+        f"- **Software:** Python {m['python']}, ONNX Runtime {m['onnxruntime']}, Pillow {m['pillow']}, "
+        f"NumPy {m['numpy']}; peers: BentoML {m['peers']['bentoml'].get('bentoml', '?')}, "
+        f"Ray {m['peers']['rayserve'].get('ray', '?')}, TensorFlow {m['peers']['seed'].get('tensorflow-cpu', '?')} "
+        f"+ Keras {m['peers']['seed'].get('keras', '?')}, Flask {m['peers']['seed'].get('flask', '?')}, "
+        f"waitress {m['peers']['seed'].get('waitress', '?')}; load generator {m['wrk']}",
+        f"- **Load:** closed loop, concurrency {', '.join(map(str, levels))}; per level {cfg['warmup_s']} s "
+        f"warm-up then {cfg['duration_s']} s measured; `POST /predict` with one image (multipart field "
+        f"`file`), rotating over the image set; wrk with one thread (`loadtest/wrk_multipart.lua`). "
+        "An answer counts only if it is 2xx with a label in its body.",
+        f"- **Images:** {IMAGE_SET_LABELS['768']}: {cfg['images']['768']['count']} files from "
+        f"`{cfg['images']['768']['folder']}`; {IMAGE_SET_LABELS['224']}: {cfg['images']['224']['count']} files "
+        f"from `{cfg['images']['224']['folder']}`. The model's input is {cfg['input_size']} px.",
+        f"- **lungserve settings:** {cfg['lungserve_settings']}"
+        + (f"; overridden for this run: {cfg['lungserve_env']}" if cfg.get("lungserve_env") else " (defaults)"),
+        "",
+        "Memory is the peak of the summed RSS of the server's whole process tree (sampled every 0.2 s; "
+        "shared pages count once per process). CPU columns are shares of the whole machine "
+        f"({m['nproc']} cores = 100%) over the measured window.",
+        "",
+    ]
+    if run.inprocess:
+        lines += ["## In-process ceiling (no HTTP)", "",
+                  "| images | ceiling images/s | variant | pool of 2, single images | 2 decoders + batches of 16 "
+                  "| single image p50 / p99 (ms) | of which decode / inference p50 (ms) |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for image_set, ip in run.inprocess.items():
+            v = ip["variants"]
+            s = ip["single"]
+            lines.append(
+                f"| {IMAGE_SET_LABELS[image_set]} | {ip['ceiling_images_per_s']:.1f} | {ip['ceiling_variant']} | "
+                f"{v['pool2-single']['images_per_s']:.1f} | {v['pool2-decode-batch16']['images_per_s']:.1f} | "
+                f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} | {s['decode_p50_ms']:.2f} / {s['infer_p50_ms']:.2f} |"
+            )
+        lines.append("")
+    for image_set in IMAGE_SETS:
+        rows = [lv for lv in run.levels if lv.image_set == image_set]
+        if not rows:
+            continue
+        ceiling = run.inprocess.get(image_set, {}).get("ceiling_images_per_s")
+        lines += [
+            f"## Served `/predict`, {IMAGE_SET_LABELS[image_set]}",
+            "",
+            "| system | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | peak RSS MiB "
+            "| server CPU | wrk CPU | lungserve images/s ÷ this | this ÷ ceiling |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for system in SERVED:
+            for c in levels:
+                lv = _find(run, system, image_set, c)
+                if lv is None:
+                    continue
+                ls = _find(run, "lungserve", image_set, c)
+                lines.append(
+                    f"| {LABELS[system]} | {c} | {lv.images_per_s:,.1f} | {_ms(lv.p50_ms)} | {_ms(lv.p95_ms)} | "
+                    f"{_ms(lv.p99_ms)} | {lv.error_count} | {lv.peak_rss_mib:,.0f} | {lv.server_cpu_share:.0%} | "
+                    f"{lv.generator_cpu_share:.1%} | {_ratio(ls.images_per_s if ls else None, lv.images_per_s)} | "
+                    f"{_ratio(lv.images_per_s, ceiling)} |"
+                )
+        lines.append("")
+    lines += ["## Goals", "", "Issue 6 asks for these at concurrency 32 on the 768x768 originals, "
+              "issue 3 for >= 0.85x of the ceiling and the p99 at concurrency 1.", "",
+              "| goal | target | measured | verdict |", "|---|---|---|---|"]
+    lines += [f"| {g} | {t} | {v} | {ok} |" for g, t, v, ok in goals(run, levels)]
+    gen = [lv.generator_cpu_share for lv in run.levels]
+    if gen:
+        lines += ["", f"Load generator (wrk) CPU share of the machine: mean {sum(gen) / len(gen):.1%}, "
+                      f"max {max(gen):.1%} over {len(gen)} measured levels."]
+    if run.servers:
+        lines += ["", "## Start-up", "", "| system | ready after (s) | idle RSS MiB |", "|---|---:|---:|"]
+        lines += [f"| {LABELS[s]} | {v['ready_seconds']:.1f} | {v['idle_rss_mib']:.0f} |"
+                  for s, v in run.servers.items()]
+    lines += [
+        "",
+        "## How each system was set up",
+        "",
+        "- **lungserve**: `python -m service.cli serve --host 127.0.0.1 --port PORT` with default settings "
+        "(batching off: `LUNGSERVE_MAX_BATCH_SIZE=1`).",
+        "- **in-process ceiling** (`loadtest/inprocess.py`): `service.preprocess.load_image` + ORT "
+        "`session.run`, no HTTP; the best of a pool of 2 threads on single images (1 intra-op thread each) and "
+        "2 decode threads feeding batches of up to 16. Single-image latency: one thread, one image at a time, "
+        "ORT default threads.",
+        "- **seed design** (`loadtest/peers/seed_app.py`): Flask + waitress (defaults, 4 threads), full Pillow "
+        "decode (no JPEG draft), convert, resize to the model's input size (the original resized to 256 px), "
+        "Keras 3 `model.predict` once per request on `export.model.build_model` (random weights).",
+        "- **BentoML** (`loadtest/peers/bentoml_service.py`): `bentoml serve`, 1 worker, "
+        "`@bentoml.api(batchable=True, max_batch_size=<lungserve max_batch_size>, "
+        "max_latency_ms=<lungserve request deadline>)`; the batch decodes its files with lungserve's "
+        "`load_image` and runs one ORT batch.",
+        "- **Ray Serve** (`loadtest/peers/rayserve_app.py`): local Ray on loopback, no dashboard, 1 replica, "
+        "`@serve.batch(max_batch_size=<max_batch_size>, batch_wait_timeout_s=<max_batch_delay_s>)`, "
+        "`max_ongoing_requests=<queue_limit>`; Starlette multipart parsing, decode + ORT of the batch in a "
+        "worker thread.",
+        "",
+        "Plots: [throughput.png](throughput.png), [p99.png](p99.png). Raw figures: [results.json](results.json).",
+        "",
+    ]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+
+
+def write_plots(run: Run, out: Path, levels: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"lungserve": "o-", "nobatch": "o--", "bentoml": "s-", "rayserve": "^-", "seed": "x-"}
+    for metric, ylabel, fname in (("images_per_s", "images/s", "throughput.png"),
+                                  ("p99_ms", "p99 latency (ms)", "p99.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, image_set in zip(axes, IMAGE_SETS, strict=True):
+            for system in SERVED:
+                pts = [(c, getattr(lv, metric)) for c in levels if (lv := _find(run, system, image_set, c))]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(xs, ys, styles[system], label=LABELS[system])
+            ip = run.inprocess.get(image_set)
+            if ip and metric == "images_per_s":
+                ax.axhline(ip["ceiling_images_per_s"], color="grey", linestyle=":", label="in-process ceiling")
+            if ip and metric == "p99_ms":
+                ax.axhline(ip["single"]["p50_ms"], color="grey", linestyle=":",
+                           label="in-process single-image p50")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(levels), [str(c) for c in levels])
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrency (closed loop)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"/predict, {IMAGE_SET_LABELS[image_set]}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{ylabel} vs concurrency ({run.machine['nproc']} cores, {run.started[:10]})")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="where the report goes")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {ALL_SYSTEMS}")
+    p.add_argument("--concurrency", default="1,8,32,128", help="closed-loop levels")
+    p.add_argument("--duration", type=int, default=20, help="measured seconds per level")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up seconds per level")
+    p.add_argument("--images-768", type=Path, default=SHARED_DATA / "lc25000-lung-768")
+    p.add_argument("--images-224", type=Path, default=SHARED_DATA / "lc25000-lung")
+    p.add_argument("--tiles", type=int, default=64, help="how many 224 px tiles to rotate over")
+    p.add_argument("--cache", type=Path, default=ROOT / ".bench", help="peer venvs, logs")
+    p.add_argument("--quick", action="store_true", help="smoke: 3 s levels, 1 s warm-up, concurrency 1,8")
+    p.add_argument("--allow-busy", action="store_true", help="measure even if the machine is busy (not for reports)")
+    p.add_argument("--lungserve-env", action="append", default=[], metavar="LUNGSERVE_X=VALUE",
+                   help="extra setting for the lungserve systems (repeatable; for exploring, not the shipped "
+                        "figures)")
+    p.add_argument("--busy-threshold", type=float, default=15.0, help="CPU %% above which the machine is busy")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 3, 1
+        if args.concurrency == "1,8,32,128":
+            args.concurrency = "1,8"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(ALL_SYSTEMS)
+    if unknown:
+        raise SystemExit(f"bench: unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    lungserve_env: dict[str, str] = {}
+    for item in args.lungserve_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("LUNGSERVE_"):
+            raise SystemExit(f"bench: --lungserve-env wants LUNGSERVE_NAME=VALUE, got {item!r}")
+        lungserve_env[key] = value
+    if shutil.which("wrk") is None and set(systems) & set(SERVED):
+        raise SystemExit("bench: wrk not found; install it (Debian/Ubuntu: apt-get install -y wrk)")
+
+    from service.settings import Settings
+
+    defaults = Settings()  # the environment was not consulted for LUNGSERVE_*: _base_env drops them
+    lungserve_settings = {k: getattr(defaults, k) for k in
+                          ("max_batch_size", "max_batch_delay_s", "queue_limit", "request_deadline_s",
+                           "max_in_flight_batches", "preprocess_workers", "ort_intra_op_threads")}
+    sets = {"768": pick_images(args.images_768, 64), "224": pick_images(args.images_224, args.tiles)}
+    cache: Path = args.cache.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / ".gitignore").write_text("*\n")  # the cache never lands in git
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Peer venvs first, so that their installation is not inside any measurement.
+    for system in systems:
+        if system in PEER_VENV:
+            ensure_venv(PEER_VENV[system], cache)
+    busy = check_quiet(args.busy_threshold, args.allow_busy)
+
+    shown = [a if not Path(a).is_absolute() else os.path.relpath(a, ROOT) for a in sys.argv[1:]]
+    run = Run(
+        started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        command=" ".join([".venv/bin/python", "loadtest/bench.py", *shown]),
+        machine=machine_description(),
+        config={
+            "systems": systems, "concurrency": levels, "duration_s": args.duration, "warmup_s": args.warmup,
+            "busy_before_percent": busy, "lungserve_settings": lungserve_settings, "lungserve_env": lungserve_env,
+            "input_size": json.loads((BUNDLED_MODEL / "model.json").read_text())["input_size"],
+            "images": {k: {"folder": os.path.relpath(getattr(args, f"images_{k}"), ROOT), "count": len(v),
+                           "files": [p.name for p in v]} for k, v in sets.items()},
+        },
+    )
+    for system in systems:
+        if system == "inprocess":
+            bench_inprocess(run, sets, args.warmup, args.duration)
+        else:
+            bench_served(system, run, sets, levels, args.warmup, args.duration, cache, lungserve_settings,
+                         lungserve_env)
+    run.finished = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    payload = asdict(run)
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    write_markdown(run, out, levels)
+    write_plots(run, out, levels)
+    print(f"bench: wrote {out / 'RESULTS.md'}, results.json, throughput.png, p99.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # `service.settings` when run as a script
+    sys.exit(main())
