@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,28 @@ def lc25000_768() -> Path:
 def real_images(lc25000: Path) -> list[Path]:
     """A few real 224 px tiles, one class after another."""
     return [next(iter(sorted((lc25000 / c).glob("*.jpeg")))) for c in ("lung_aca", "lung_n", "lung_scc")]
+
+
+def _server_side(record: logging.LogRecord) -> bool:
+    # The test's own HTTP client logs the URLs it requests; a server never runs it.
+    return not record.name.startswith(("httpx", "httpcore", "asyncio"))
+
+
+@pytest.fixture
+def server_log() -> Iterator[io.StringIO]:
+    """Every server-side log record, as `lungserve serve` writes it (JSON lines)."""
+    from service.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(_server_side)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from collections.abc import AsyncIterator
@@ -85,3 +86,16 @@ def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
 def noise_jpeg(size: int = 224, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"))
+
+
+async def post_stalled_upload(client: httpx.AsyncClient, never: asyncio.Event) -> httpx.Response:
+    """POST /predict whose upload starts but never finishes (until `never` is set)."""
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\r\n\r\n"
+        await never.wait()
+        yield b""
+
+    return await client.post(
+        "/predict", content=stalled_body(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from service.engine import ProviderUnavailable
 from service.errors import ModelSourceError
 from service.manifest import Manifest
 from service.preprocess import load_image
-from tests.app.conftest import LIFESPAN_TIMEOUT_S, Served, encode, make_settings, noise_jpeg, serve
+from tests.app.conftest import LIFESPAN_TIMEOUT_S, Served, encode, make_settings, noise_jpeg, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 
 pytestmark = pytest.mark.anyio
@@ -185,14 +184,7 @@ async def test_deadline_answers_504_and_frees_the_slot() -> None:
     async with serve(make_settings(request_deadline_s=0.05)) as s:
         never = asyncio.Event()
 
-        async def stalled_body() -> AsyncIterator[bytes]:
-            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\r\n\r\n"
-            await never.wait()  # the client never finishes its upload
-            yield b""
-
-        r = await s.client.post(
-            "/predict", content=stalled_body(), headers={"content-type": "multipart/form-data; boundary=b"}
-        )
+        r = await post_stalled_upload(s.client, never)  # the client never finishes its upload
         assert_error(r, 504, "deadline_exceeded")
         assert s.state.current().batcher.available == s.state.settings.queue_limit
         never.set()

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.app import create_app
-from service.logs import JsonFormatter
 from service.manifest import Manifest
 from service.metrics import Metrics
-from tests.app.conftest import Served, make_settings, noise_jpeg, serve
+from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.onnx_models import write_model_dir
 
@@ -78,27 +76,6 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-def _server_side(record: logging.LogRecord) -> bool:
-    # The test's HTTP client logs the URLs it requests; a server never runs it.
-    return not record.name.startswith(("httpx", "httpcore", "asyncio"))
-
-
-@pytest.fixture
-def server_log() -> Iterator[io.StringIO]:
-    """Every server-side record, as `lungserve serve` would write it (JSON lines)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(_server_side)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 @pytest.fixture
@@ -181,14 +158,7 @@ async def test_deadline_is_a_rejection_by_reason() -> None:
     async with serve(make_settings(request_deadline_s=0.05)) as s:
         never = asyncio.Event()
 
-        async def stalled_body() -> AsyncIterator[bytes]:
-            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\r\n\r\n"
-            await never.wait()  # the client never finishes its upload
-            yield b""
-
-        r = await s.client.post(
-            "/predict", content=stalled_body(), headers={"content-type": "multipart/form-data; boundary=b"}
-        )
+        r = await post_stalled_upload(s.client, never)  # the client never finishes its upload
         never.set()
         assert r.status_code == 504
         assert sample(s, "lungserve_rejected_total", reason="deadline") == 1

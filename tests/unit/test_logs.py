@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -161,27 +160,6 @@ async def fail(request: Request) -> Response:
     raise RuntimeError("bug")
 
 
-def _server_side(record: logging.LogRecord) -> bool:
-    # The test's own HTTP client logs the URLs it requests; a server never runs it.
-    return not record.name.startswith(("httpx", "httpcore", "asyncio"))
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Every server-side record, formatted as the server would write it."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(_server_side)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 @pytest.fixture
@@ -212,7 +190,7 @@ def _access(stream: io.StringIO) -> list[dict[str, Any]]:
 
 @pytest.mark.anyio
 async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
-    client: httpx.AsyncClient, registry: CollectorRegistry, log_lines: io.StringIO
+    client: httpx.AsyncClient, registry: CollectorRegistry, server_log: io.StringIO
 ) -> None:
     async with client:
         r = await client.post(
@@ -226,14 +204,14 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
     name = "lungserve_request_duration_seconds_count"
     assert registry.get_sample_value(name, {"route": "/v1/predict"}) == 1
 
-    text = log_lines.getvalue()
+    text = server_log.getvalue()
     assert SECRET_NAME not in text
     assert "patient" not in text
     lines = [json.loads(line) for line in text.splitlines()]
     # The handler's own line carries the request id without being told.
     own = {"logger": "lungserve.api", "msg": "classified", "request_id": "client-42"}
     assert own.items() <= lines[0].items()
-    [access] = _access(log_lines)
+    [access] = _access(server_log)
     assert access == access | {
         "level": "INFO", "msg": "request", "request_id": "client-42", "method": "POST",
         "route": "/v1/predict", "status": 200, "images": 1, "batch_ids": [11], "batch_sizes": [4],
@@ -244,7 +222,7 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
 
 @pytest.mark.anyio
 async def test_route_is_the_template_and_ids_are_generated_or_replaced(
-    client: httpx.AsyncClient, registry: CollectorRegistry, log_lines: io.StringIO
+    client: httpx.AsyncClient, registry: CollectorRegistry, server_log: io.StringIO
 ) -> None:
     async with client:
         generated = await client.get(f"/items/{SECRET_NAME}")
@@ -262,31 +240,31 @@ async def test_route_is_the_template_and_ids_are_generated_or_replaced(
 
     assert requests(registry, "/items/{name}", "2xx") == 2
     assert requests(registry, "unmatched", "4xx") == 1
-    assert SECRET_NAME not in log_lines.getvalue()
-    assert [(a["route"], a["status"]) for a in _access(log_lines)] == [
+    assert SECRET_NAME not in server_log.getvalue()
+    assert [(a["route"], a["status"]) for a in _access(server_log)] == [
         ("/items/{name}", 200), ("/items/{name}", 200), ("unmatched", 404)]
 
 
 @pytest.mark.anyio
 async def test_unhandled_error_is_counted_as_5xx_and_logged(
-    client: httpx.AsyncClient, registry: CollectorRegistry, log_lines: io.StringIO
+    client: httpx.AsyncClient, registry: CollectorRegistry, server_log: io.StringIO
 ) -> None:
     async with client:
         r = await client.get("/fail")
     assert r.status_code == 500
     assert requests(registry, "/fail", "5xx") == 1
-    [access] = _access(log_lines)
+    [access] = _access(server_log)
     assert access["status"] == 500
 
 
 @pytest.mark.anyio
 async def test_metrics_scrapes_are_counted_but_logged_at_debug(
-    client: httpx.AsyncClient, registry: CollectorRegistry, log_lines: io.StringIO
+    client: httpx.AsyncClient, registry: CollectorRegistry, server_log: io.StringIO
 ) -> None:
     async with client:
         await client.get("/metrics")
     assert requests(registry, "/metrics", "2xx") == 1
-    [access] = _access(log_lines)
+    [access] = _access(server_log)
     assert access["level"] == "DEBUG"
 
 
