@@ -20,9 +20,7 @@ _APT_TIMEOUT_S = 900
 
 @functools.cache
 def _apt_updated() -> bool:
-    result = subprocess.run(
-        ["apt-get", "update"], capture_output=True, text=True, timeout=_APT_TIMEOUT_S, check=False
-    )
+    result = subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=_APT_TIMEOUT_S, check=False)
     return result.returncode == 0
 
 
