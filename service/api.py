@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import LungserveError
+from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
-from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState, deadline, unless_disconnected
+from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.uploads import MULTIPART_OVERHEAD_BYTES, Upload, UploadLimits, check_declared_size, read_uploads
 
 router = APIRouter()
@@ -25,6 +26,7 @@ _MODEL_EXAMPLE: Final[dict[str, Any]] = {"name": "lungserve-lung-cnn", "version"
 
 
 # --- response models ------------------------------------------------------------------------
+
 
 class ErrorInfo(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. invalid_image")
@@ -39,9 +41,7 @@ class FileErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"error": {"code": "invalid_image", "message": "the file is empty"}}]
-        }
+        json_schema_extra={"examples": [{"error": {"code": "invalid_image", "message": "the file is empty"}}]}
     )
     error: ErrorInfo
 
@@ -179,6 +179,7 @@ class ModelInfoResponse(BaseModel):
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def _service(request: Request) -> ServiceState:
     service: ServiceState = request.app.state.service
     return service
@@ -234,6 +235,7 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 
 # --- routes ---------------------------------------------------------------------------------
+
 
 @router.post(
     "/predict",

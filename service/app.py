@@ -53,8 +53,7 @@ async def build_runtime(
 ) -> ModelRuntime:
     """Engine -> warm-up of every batch size the batcher can form -> started batcher.
 
-    Also the building block of a future hot reload: build the new runtime with this, then
-    `ServiceState.replace_runtime(new)` and `await old.stop(...)`.
+    Start-up and hot reload (`service.reload`) both build their runtime with this.
     """
     # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
     # /health/live) responsive meanwhile.
@@ -89,9 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decode_pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_workers, thread_name_prefix="decode"
-        )
+        state.decode_pool = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="decode")
         try:
             try:
                 artifact = await fetch_configured_model(settings)

@@ -82,6 +82,13 @@ class DeadlineExceeded(LungserveError):
     status = 504
 
 
+class ClientGone(LungserveError):
+    """The client disconnected while its images were waiting; nobody reads this answer."""
+
+    code = "client_closed_request"
+    status = 499  # nginx's convention; only ever seen in logs and metrics
+
+
 class ModelNotReady(LungserveError):
     code = "model_not_ready"
     status = 503

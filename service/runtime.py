@@ -4,13 +4,13 @@
   feeds it. The batcher's handler closes over *this* engine, so a result always carries the
   manifest of the model that computed it.
 * `ServiceState`: what an app instance holds on `app.state.service`: settings, the decode
-  pool, the current `ModelRuntime` and the lifecycle phase. A future hot reload builds and
-  warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops (drains) the
-  old one; requests already holding the old runtime finish on it.
+  pool, the current `ModelRuntime` and the lifecycle phase. A hot reload (`service.reload`)
+  builds and warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops
+  (drains) the old one; requests already holding the old runtime finish on it.
 * `PredictionObserver`: where per-image statistics leave the request path (metrics and
   request logs plug in here; the default does nothing).
 
-Framework-free apart from reading the ASGI `receive` callable for client disconnects.
+Framework-free: the HTTP side (deadline, client disconnects) is in `service.http_guards`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,7 +30,6 @@ from numpy.typing import NDArray
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
 from service.engine import Engine
 from service.errors import (
-    DeadlineExceeded,
     InferenceFailed,
     LungserveError,
     ModelNotReady,
@@ -45,15 +43,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-X = TypeVar("X")
 Image = NDArray[np.uint8]
-
-
-class ClientGone(LungserveError):
-    """The client disconnected while its images were waiting; nobody reads this answer."""
-
-    code = "client_closed_request"
-    status = 499  # nginx's convention; only ever seen in logs and metrics
 
 
 @dataclass(frozen=True)
@@ -218,53 +208,3 @@ def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
     started = time.perf_counter()
     image = load_image(data, size, max_pixels=max_pixels)
     return image, time.perf_counter() - started
-
-
-@asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """`asyncio.timeout` that reports as 504: cancelling the wait cancels the batcher futures."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as exc:
-        if timeout.expired():
-            raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
-        raise
-
-
-Receive = Callable[[], Awaitable[Mapping[str, Any]]]
-
-
-async def _disconnected(receive: Receive) -> None:
-    # After the body has been read, the server's receive() only returns once the client
-    # has gone (or the response is complete, which cannot happen while we wait here).
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def unless_disconnected(work: Awaitable[X], receive: Receive) -> X:
-    """Await `work`, but cancel it (and with it the queued batcher futures) if the client leaves.
-
-    Call only once the request body has been consumed.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done and watcher.exception() is not None:
-            # receive() itself failed: we cannot watch, so just wait for the work.
-            await asyncio.wait({task})
-        if task.done():
-            return task.result()
-        raise ClientGone("the client disconnected before its answer was ready")
-    finally:
-        watcher.cancel()
-        task.cancel()
-        # Let both finish their cancellation, so nothing is left running or unretrieved.
-        await asyncio.wait({task, watcher})
-        for finished in (task, watcher):
-            if not finished.cancelled():
-                finished.exception()
