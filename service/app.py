@@ -36,6 +36,7 @@ from service.model_source import ModelArtifact, fetch_configured_model
 from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
+from service.uploads import RouteLimits
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.state.reloader = reloader
     app.state.metrics = metrics
+    app.state.upload_limits = RouteLimits.from_settings(settings)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
         RequestContextMiddleware,
