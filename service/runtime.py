@@ -116,9 +116,9 @@ class ModelRuntime:
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_s,
-            max_queue=settings.queue_limit,
-            max_in_flight=settings.max_in_flight_batches,
+            max_batch_delay_s=settings.max_batch_delay_s,
+            queue_limit=settings.queue_limit,
+            max_in_flight_batches=settings.max_in_flight_batches,
             observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
         )
 
@@ -140,7 +140,7 @@ class ModelRuntime:
             return self.batcher.reserve(n)
         except QueueFull as exc:
             raise Overloaded(
-                f"the server is at capacity ({exc.capacity} images admitted); retry shortly",
+                f"the server is at capacity ({exc.queue_limit} images admitted); retry shortly",
                 retry_after_s=self.retry_after_s,
             ) from exc
         except BatcherStopped as exc:

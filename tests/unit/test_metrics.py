@@ -274,8 +274,8 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
     batcher: Batcher[int, int] = Batcher(
         lambda items: [i * 2 for i in items],
         max_batch_size=4,
-        max_delay_s=0.0,
-        max_queue=16,
+        max_batch_delay_s=0.0,
+        queue_limit=16,
         observer=metrics,
     )
     await batcher.start()
