@@ -187,8 +187,8 @@ async def live() -> LiveResponse:
 )
 async def ready(request: Request) -> ReadyResponse:
     runtime = _service(request).current()
-    engine = runtime.engine
-    return ReadyResponse(model=ModelRef(name=engine.name, version=engine.version), provider=engine.provider)
+    identity = runtime.identity
+    return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
 
 @router.get(
@@ -203,7 +203,7 @@ async def model_info(request: Request) -> ModelInfoResponse:
     return ModelInfoResponse(
         manifest=runtime.engine.manifest.dump(),
         provider=runtime.engine.provider,
-        source=runtime.artifact.describe() if runtime.artifact is not None else None,
+        source=runtime.identity.as_dict(),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_batch_delay_s=s.max_batch_delay_s,

@@ -127,6 +127,12 @@ class ModelRejected(LungserveError):
     status = 409
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """Collapse whitespace (multi-line library errors) and cap the length: one log line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int

@@ -70,6 +70,7 @@ from service.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
     from service.batcher import BatchInfo
+    from service.model_source import ModelIdentity
     from service.runtime import Classified
 
 PREFIX: Final = "lungserve"
@@ -251,10 +252,10 @@ class Metrics:
         """`label` is one of the served model's classes: bounded by the manifest."""
         self.predictions.labels(label=label).inc()
 
-    def set_model(self, name: str, version: str, sha256: str, provider: str) -> None:
+    def set_model(self, identity: ModelIdentity, provider: str) -> None:
         """Publish the served model; a previous model's label set is removed, so exactly
         one `lungserve_model_info` series is 1 at any time."""
-        labels = (name, version, sha256[:SHA256_PREFIX_LEN], provider)
+        labels = (identity.name, identity.version, identity.sha256[:SHA256_PREFIX_LEN], provider)
         if self._model_labels is not None and self._model_labels != labels:
             self.model_info.remove(*self._model_labels)
         self._model_labels = labels

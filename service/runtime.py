@@ -37,7 +37,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.manifest import Manifest
-from service.model_source import ModelArtifact
+from service.model_source import ModelIdentity
 from service.preprocess import load_image
 from service.settings import Settings
 
@@ -107,11 +107,12 @@ class ModelRuntime:
         engine: Engine,
         settings: Settings,
         *,
-        artifact: ModelArtifact | None = None,
+        identity: ModelIdentity | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self.engine = engine
-        self.artifact = artifact  # where the model came from (source, etag), for /model
+        # Which model and where it came from (source, etag): /model, reload, logs, metrics.
+        self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
         self.batcher: ImageBatcher = Batcher(
             self._infer,
