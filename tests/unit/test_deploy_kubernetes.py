@@ -293,22 +293,29 @@ def test_selectors_and_references_line_up(rendered: dict[str, list[dict[str, Any
         target = next(iter(by_kind(objects, "HorizontalPodAutoscaler") + by_kind(objects, "ScaledObject")))
         assert target["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"], overlay
         if target["kind"] == "ScaledObject":
-            [trigger] = target["spec"]["triggers"]
             namespace = deployment["metadata"]["namespace"]
-            assert f'namespace="{namespace}"' in trigger["metadata"]["query"], overlay
+            for trigger in target["spec"]["triggers"]:
+                assert f'namespace="{namespace}"' in trigger["metadata"]["query"], overlay
 
 
-def test_the_hpa_reads_the_metric_the_adapter_serves(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_the_hpa_reads_the_metrics_the_adapter_serves(rendered: dict[str, list[dict[str, Any]]]) -> None:
     adapter = yaml.safe_load((KUBE / "prometheus-adapter" / "values.yaml").read_text())
-    [rule] = adapter["rules"]["custom"]
+    served = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
+    for rule in adapter["rules"]["custom"]:
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # per pod
+    targets = {}
     for overlay in ("cpu", "gpu"):
         hpa = one(rendered[overlay], "HorizontalPodAutoscaler")
-        [metric] = hpa["spec"]["metrics"]
-        assert metric["type"] == "Pods"  # per pod, averaged by the HPA
-        assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+        metrics = hpa["spec"]["metrics"]
+        assert {m["type"] for m in metrics} == {"Pods"}  # per pod, averaged by the HPA
+        names = [m["pods"]["metric"]["name"] for m in metrics]
+        assert set(names) == served, overlay
         assert hpa["spec"]["minReplicas"] >= 2  # with the PDB, one pod may always be disrupted
-    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
-    # A deeper queue is fine on a GPU: it clears faster.
-    cpu_target = one(rendered["cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["target"]
-    gpu_target = one(rendered["gpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["target"]
-    assert float(gpu_target["averageValue"]) > float(cpu_target["averageValue"])
+        targets[overlay] = {m["pods"]["metric"]["name"]: float(m["pods"]["target"]["averageValue"]) for m in metrics}
+    # A GPU pod clears a deeper queue and serves more images/s.
+    for name in served:
+        assert targets["gpu"][name] > targets["cpu"][name], name
+    # KEDA's triggers use the same targets as the CPU HPA it replaces.
+    [scaled] = by_kind(rendered["keda"], "ScaledObject")
+    thresholds = sorted(float(t["metadata"]["threshold"]) for t in scaled["spec"]["triggers"])
+    assert thresholds == sorted(targets["cpu"].values())
