@@ -253,6 +253,8 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
             stats_socket=stats,
         )
     )  # fmt: skip
+    for directive in ("option httpchk GET /health/ready", "retries 3", "option redispatch 1", "retry-on "):
+        assert directive in cfg.read_text(), directive  # the shipped behaviour survives the rendering
     check = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     processes.append(LoggedProcess([haproxy, "-db", "-f", str(cfg)]))
@@ -304,6 +306,7 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         locust.kill()
     assert failures == 0, f"{failures} of {requests} requests failed at the client"
     assert requests > 0
+    print(f"SIGTERM phase: {requests} requests through HAProxy, {failures} failed")  # shown with -rP
 
     # s0 comes back on the address HAProxy knows; HAProxy and Prometheus see it again.
     instances["s0"] = start_instance("s0", victim.port, env, tmp_path, processes)
@@ -343,6 +346,7 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
     assert failures == 0, f"{failures} of {requests} requests failed at the client during the roll-out"
 
     answers = tracker.snapshot()
+    print(f"roll-out phase: {requests} Locust requests ({failures} failed), {len(answers)} tracked answers")
     assert [a for a in answers if a.status != 200] == []
     for a in answers:
         assert a.server in NAMES, a
