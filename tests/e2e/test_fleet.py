@@ -3,7 +3,7 @@ their model from a real S3 endpoint (moto server), HAProxy (Debian package) in f
 shipped deploy/haproxy/haproxy.cfg, a real Prometheus scraping all three with the shipped rule
 files, and Locust driving load through HAProxy.
 
-It proves, in one run (about two minutes):
+It proves, in one run (about a minute and a half):
 1. One instance gets SIGTERM in the middle of the load: 0 failed requests at the client (HAProxy
    health-checks /health/ready, retries and redispatches; the instance drains what it admitted
    and exits 0).
@@ -14,7 +14,12 @@ It proves, in one run (about two minutes):
    an instance answers with the new version from the moment its reload returned.
 
 No timing is asserted. Every wait ends on an event (a log line, a HAProxy stats row, a Prometheus
-answer) and is bounded.
+answer) and is bounded. Each Locust phase runs until the test has seen its events, then is stopped
+(its final statistics count every request that completed; a request still in flight at that
+moment is dropped by Locust, long after the events under test).
+
+Without HAProxy's retries and redispatch (the lines removed from the rendered config), the
+SIGTERM phase fails: 2-3 requests lost per run when this was tried.
 """
 
 from __future__ import annotations
@@ -66,9 +71,8 @@ _LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 STARTUP_TIMEOUT_S = 120.0
 EVENT_TIMEOUT_S = 60.0
-# Each Locust phase runs this long; the test checks that its events happened while load was on.
-PHASE1_LOAD_S = 30
-PHASE2_LOAD_S = 45
+# Each Locust phase runs until the test has seen its events; this only bounds it.
+LOCUST_MAX_RUN_S = 150
 LOCUST_USERS = 4
 
 
@@ -138,26 +142,30 @@ class VersionTracker:
 
 
 class LocustRun:
-    """A headless Locust run (loadtest/locustfile.py) against HAProxy, in the background."""
+    """A headless Locust run (loadtest/locustfile.py) against HAProxy, in the background, until the
+    test has seen its events and stops it (SIGTERM: Locust writes its final statistics and exits
+    0 unless a request failed). `-t` is only an upper bound."""
 
-    def __init__(self, host: str, out: Path, run_time_s: int) -> None:
+    def __init__(self, host: str, out: Path) -> None:
         self.json_path = out.with_suffix(".json")  # Locust adds the suffix
         self.log_path = out.with_suffix(".log")
         cmd = [
             sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-            "-u", str(LOCUST_USERS), "-r", str(LOCUST_USERS), "-t", f"{run_time_s}s", "--stop-timeout", "30",
+            "-u", str(LOCUST_USERS), "-r", str(LOCUST_USERS), "-t", f"{LOCUST_MAX_RUN_S}s",
             "--host", host, "--only-summary", "--json-file", str(out), "--loglevel", "WARNING",
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.timeout_s = run_time_s + 90.0
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
+    def assert_running(self, what: str) -> None:
+        assert self.proc.poll() is None, f"the load ended (upper bound {LOCUST_MAX_RUN_S} s) before {what}"
 
-    def finish(self) -> tuple[int, int]:
-        """Wait for the run's end; (requests, failures) over every request it made."""
-        code = self.proc.wait(timeout=self.timeout_s)
+    def stop(self) -> tuple[int, int]:
+        """Stop the load; (requests, failures) over every request that completed. A request still
+        in flight at this moment is neither: Locust drops it."""
+        self.assert_running("the test stopped it")
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
         log = self.log_path.read_text(errors="replace")[-4000:]
         assert code == 0, f"locust exited with {code}:\n{log}"
         entries: list[dict[str, Any]] = json.loads(self.json_path.read_text())
@@ -283,14 +291,14 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
     # === 1. SIGTERM one instance in the middle of the load ===
     victim = instances["s0"]
     others = [instances["s1"], instances["s2"]]
-    locust = LocustRun(lb, tmp_path / "locust-sigterm", PHASE1_LOAD_S)
+    locust = LocustRun(lb, tmp_path / "locust-sigterm")
     try:
-        poll(lambda: predictions_served(victim.url) >= 10, timeout_s=EVENT_TIMEOUT_S,
+        poll(lambda: predictions_served(victim.url) >= 30, timeout_s=EVENT_TIMEOUT_S,
              what="load to reach s0 through HAProxy")  # fmt: skip
-        assert locust.running()
+        locust.assert_running("the SIGTERM")
         victim.proc.proc.send_signal(signal.SIGTERM)
         assert victim.proc.wait_exit(timeout_s=EVENT_TIMEOUT_S) == 0, victim.proc.output()[-3000:]
-        assert locust.running(), "the load ended before the instance had stopped: nothing was proven"
+        locust.assert_running("the instance had stopped")
 
         # Prometheus sees it: the shipped LungserveInstanceDown fires, for that instance only.
         poll(lambda: firing(prom, "LungserveInstanceDown", victim.target), timeout_s=EVENT_TIMEOUT_S,
@@ -298,10 +306,9 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         assert not any(firing(prom, "LungserveInstanceDown", o.target) for o in others)
         # The load goes on, on the other two.
         served = {o.name: predictions_served(o.url) for o in others}
-        poll(lambda: all(predictions_served(o.url) >= served[o.name] + 5 for o in others),
+        poll(lambda: all(predictions_served(o.url) >= served[o.name] + 20 for o in others),
              timeout_s=EVENT_TIMEOUT_S, what="the other instances to keep serving")  # fmt: skip
-        assert locust.running(), "the load ended before the fleet had served on without s0"
-        requests, failures = locust.finish()
+        requests, failures = locust.stop()
     finally:
         locust.kill()
     assert failures == 0, f"{failures} of {requests} requests failed at the client"
@@ -316,7 +323,7 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
 
     # === 2. Roll a new model out, instance by instance, under load ===
     tracker = VersionTracker(lb, png(7))
-    locust = LocustRun(lb, tmp_path / "locust-rollout", PHASE2_LOAD_S)
+    locust = LocustRun(lb, tmp_path / "locust-rollout")
     reloads: dict[str, tuple[float, float]] = {}
     try:
         tracker.start()
@@ -337,9 +344,8 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         rolled_out = reloads[NAMES[-1]][1]
         poll(lambda: {a.server for a in tracker.snapshot() if a.started > rolled_out} >= set(NAMES),
              timeout_s=EVENT_TIMEOUT_S, what="answers from every instance after the roll-out")  # fmt: skip
-        assert locust.running(), "the load ended before the roll-out was over: nothing was proven"
         tracker.stop()
-        requests, failures = locust.finish()
+        requests, failures = locust.stop()
     finally:
         tracker.stop()
         locust.kill()
