@@ -18,9 +18,7 @@ import numpy as np
 # skimage.color's stain matrix (Ruifrok & Johnston 2001): rows are the optical-density
 # vectors of haematoxylin, eosin and DAB. rgb2hed is OD @ inv(RGB_FROM_HED); hed2rgb is
 # the inverse. Kept here as constants so the augmentation needs no scikit-image.
-RGB_FROM_HED = np.array(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
-)
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 RGB_FROM_HED[2, :] = np.cross(RGB_FROM_HED[0, :], RGB_FROM_HED[1, :])
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 

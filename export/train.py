@@ -85,7 +85,8 @@ class WeightEMA:
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, updates=np.int64(self.updates), *self.shadow)
+        arrays: dict[str, Any] = {f"arr_{i}": w for i, w in enumerate(self.shadow)}
+        np.savez(tmp, updates=np.int64(self.updates), **arrays)
         tmp.replace(path)
 
     @classmethod
@@ -182,8 +183,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = json.loads(state_path.read_text())
         model = keras.models.load_model(cfg.out / LAST)
         ema = WeightEMA.load(cfg.out / EMA, cfg.ema_decay)
-        log.info("resuming after epoch %d of %d (best so far: epoch %s)", state["epoch"], cfg.epochs,
-                 state.get("best_epoch"))
+        log.info(
+            "resuming after epoch %d of %d (best so far: epoch %s)", state["epoch"], cfg.epochs, state.get("best_epoch")
+        )
     else:
         if state_path.exists():
             raise FileExistsError(f"{cfg.out} holds a run (state.json): pass --resume or choose another --out")
@@ -210,7 +212,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         keras.utils.set_random_seed(cfg.seed * 1000 + epoch)  # the epoch's augmentation/dropout RNG
         hist = model.fit(
             _epoch_dataset(x_train, y_train, cfg, epoch, n_classes, steps),
-            epochs=epoch + 1, initial_epoch=epoch, verbose=0, callbacks=[callback], shuffle=False,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            verbose=0,
+            callbacks=[callback],
+            shuffle=False,
         )
         train_s = time.monotonic() - te
         online = model.get_weights()
@@ -222,9 +228,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "epoch": epoch + 1,
             "loss": float(hist.history["loss"][-1]),
             "accuracy": float(hist.history["accuracy"][-1]),
-            "select_accuracy": raw_acc, "select_nll": raw_nll,
-            "select_accuracy_ema": ema_acc, "select_nll_ema": ema_nll,
-            "train_seconds": round(train_s, 1), "epoch_seconds": round(time.monotonic() - te, 1),
+            "select_accuracy": raw_acc,
+            "select_nll": raw_nll,
+            "select_accuracy_ema": ema_acc,
+            "select_nll_ema": ema_nll,
+            "train_seconds": round(train_s, 1),
+            "epoch_seconds": round(time.monotonic() - te, 1),
         }
         state["history"].append(row)
         # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
@@ -239,8 +248,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _write_json(state_path, state)  # last: a whole checkpoint exists once this is written
         log.info(
             "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %.4f (EMA %.4f) nll %.4f (EMA %.4f) | best %s",
-            epoch + 1, cfg.epochs, row["epoch_seconds"], row["loss"], row["accuracy"], raw_acc, ema_acc,
-            raw_nll, ema_nll, state["best_epoch"],
+            epoch + 1,
+            cfg.epochs,
+            row["epoch_seconds"],
+            row["loss"],
+            row["accuracy"],
+            raw_acc,
+            ema_acc,
+            raw_nll,
+            ema_nll,
+            state["best_epoch"],
         )
         (cfg.out / "progress.txt").write_text(f"{epoch + 1}/{cfg.epochs}\n")
     return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
@@ -301,7 +318,11 @@ def finish(
     _plot_history(history, cfg.out / "training_curves.png")
     log.info(
         "done: best epoch %s, select accuracy %.4f, ECE %.4f -> %.4f (T=%.3f), %.0f s of epochs",
-        state["best_epoch"], report["accuracy"], report["ece_before_calibration"], report["ece"], temperature,
+        state["best_epoch"],
+        report["accuracy"],
+        report["ece_before_calibration"],
+        report["ece"],
+        temperature,
         result["train_seconds"],
     )
     return result
@@ -339,4 +360,3 @@ def _plot_history(history: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
