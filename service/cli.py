@@ -97,6 +97,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         allow_image_split=args.allow_image_split,
         max_steps=args.max_steps,
+        split_from=args.split_from,
+        resume=args.resume,
+        ema_decay=args.ema_decay,
     )
     train(cfg)
     return 0
@@ -170,7 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=22)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class's groups held out, then halved into select and test",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="hold out the `validation_groups` of this model.json instead (keeps that model comparable)",
+    )
+    p.add_argument("--ema-decay", type=float, default=0.998)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
     p.add_argument(
