@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.manifest import Manifest
+from service.tissue import LIMITS, TissueLimits, check_batch
 
 DecisionName = Literal["accept", "refer"]
 Reason = Literal["low_confidence", "out_of_distribution"]
@@ -87,3 +88,19 @@ def decide(
         if not math.isfinite(confidence) or confidence < thresholds.refer_below:
             return LOW_CONFIDENCE
     return ACCEPT
+
+
+def decide_batch(
+    images: NDArray[np.uint8],
+    probabilities: NDArray[np.float32],
+    ood_scores: NDArray[np.float32] | None,
+    thresholds: Thresholds,
+    limits: TissueLimits = LIMITS,
+) -> list[Decision]:
+    """`decide` for each image of a batch: the tissue check on the (N, S, S, 3) input the model
+    saw, beside the model's outputs for it. The serving runtime and the OOD study both call this."""
+    checks = check_batch(images, limits)
+    return [
+        decide(probabilities[i], None if ood_scores is None else float(ood_scores[i]), checks[i].plausible, thresholds)
+        for i in range(len(checks))
+    ]
