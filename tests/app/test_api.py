@@ -107,6 +107,7 @@ async def test_predict_many_mixed_good_and_bad_in_upload_order(served: Served, r
         np.testing.assert_allclose([x["probabilities"][c] for c in MANIFEST.classes], direct(data), atol=1e-5)
         assert x["model"]["version"] == MANIFEST.version
         assert x["decision"] in ("accept", "refer")
+        assert x["decision"] in ("accept", "refer")
     # Every reserved slot came back: the failed files' slots too.
     assert served.state.current().batcher.available == served.state.settings.queue_limit
 
