@@ -18,6 +18,7 @@ from service.metrics import Metrics
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import (
     BatchingInfo,
+    DecisionInfo,
     ErrorResponse,
     FileError,
     FilePrediction,
@@ -216,5 +217,11 @@ async def model_info(request: Request) -> ModelInfoResponse:
             max_files_per_request=s.max_files_per_request,
             max_request_bytes=s.max_request_bytes,
             max_image_pixels=s.max_image_pixels,
+        ),
+        decision=DecisionInfo(
+            refer_below=runtime.thresholds.refer_below,
+            ood_above=runtime.thresholds.ood_above,
+            ood_score=runtime.engine.has_ood_score,
+            tissue_check=True,
         ),
     )

@@ -55,6 +55,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -90,6 +91,12 @@ IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
 RejectReason = Literal["queue_full", "deadline", "bad_input", "shutting_down", "not_ready"]
 """Why a request was refused (label `reason` of `lungserve_rejected_total`)."""
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(RejectReason)
+
+# `reason` label of lungserve_decisions_total for an accepted image (a label cannot be null).
+NO_REASON: Final = "none"
+DECISION_LABELS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (d.decision, d.reason or NO_REASON) for d in (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
+)
 
 # Latency buckets for ms-scale work: decode and queue waits are usually 0.5-50 ms, a CPU
 # batch of 32 tiles can take a second, a whole request under overload several seconds.
@@ -200,6 +207,12 @@ class Metrics:
             ["label"],
             registry=r,
         )
+        self.decisions = Counter(
+            f"{PREFIX}_decisions",
+            "Refer decision of each classified image: accept, or refer with its reason (none when accepted).",
+            ["decision", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model being served: always 1, the information is in the labels.",
@@ -228,6 +241,8 @@ class Metrics:
             self.images.labels(outcome=outcome)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason=reason)
+        for d in DECISION_LABELS:
+            self.decisions.labels(*d)
 
     # --- called by the request middleware and the API ---------------------------------
 
@@ -251,6 +266,10 @@ class Metrics:
     def prediction(self, label: str) -> None:
         """`label` is one of the served model's classes: bounded by the manifest."""
         self.predictions.labels(label=label).inc()
+
+    def decision(self, decision: Decision) -> None:
+        """One image's refer decision; the label sets are the three of DECISION_LABELS."""
+        self.decisions.labels(decision=decision.decision, reason=decision.reason or NO_REASON).inc()
 
     def set_model(self, identity: ModelIdentity, provider: str) -> None:
         """Publish the served model; a previous model's label set is removed, so exactly
@@ -385,6 +404,7 @@ class PredictionMetrics:
     def on_classified(self, result: Classified, info: BatchInfo) -> None:
         self.metrics.image_outcome("ok")
         self.metrics.prediction(result.label)
+        self.metrics.decision(result.decision)
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1

@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.decision import Decision, Thresholds, decide_batch
 from service.engine import Engine
 from service.errors import (
     InferenceFailed,
@@ -48,10 +49,13 @@ Image = NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class Classified:
-    """One image's model output, with the manifest of the model that produced it."""
+    """One image's answer: the model's output, the refer decision made beside it, and the
+    manifest of the model that produced it. Every door reports `decision` from here."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
+    decision: Decision
+    ood_score: float | None = None  # the model's out-of-distribution score, when it has one
 
     @property
     def label(self) -> str:
@@ -114,6 +118,17 @@ class ModelRuntime:
         # Which model and where it came from (source, etag): /model, reload, logs, metrics.
         self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
+        # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
+        self.thresholds = Thresholds.resolve(
+            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+        )
+        log.info(
+            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            engine.manifest.name,
+            engine.manifest.version,
+            self.thresholds.refer_below,
+            self.thresholds.ood_above,
+        )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
@@ -124,10 +139,17 @@ class ModelRuntime:
         )
 
     def _infer(self, images: Sequence[Image]) -> list[Classified]:
-        """The batch handler: runs in the batcher's worker thread."""
-        probs = self.engine.run(np.stack(images))
+        """The batch handler: runs in the batcher's worker thread. The refer decision is made
+        here, once, beside the model's output (service.decision)."""
+        batch = np.stack(images)
+        out = self.engine.infer(batch)
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self.engine.manifest
-        return [Classified(row, manifest) for row in probs]
+        scores: list[float | None] = [None] * len(decisions) if out.ood_score is None else out.ood_score.tolist()
+        return [
+            Classified(row, manifest, decision, score)
+            for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
+        ]
 
     async def start(self) -> None:
         await self.batcher.start()

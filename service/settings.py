@@ -100,6 +100,19 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="width x height per decoded image")
 
+    # --- the refer decision (service.decision; docs/decision.md) ---
+    refer_below: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="refer when the calibrated max probability is below this; None: the manifest's",
+    )
+    ood_above: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
+    )
+
     # --- admin ---
     admin_token: SecretStr | None = Field(default=None, description="bearer token for admin endpoints")
 
