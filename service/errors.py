@@ -56,6 +56,13 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class UploadTooSlow(BadRequest):
+    """The body arrived slower than the minimum upload rate: its slot goes to someone else."""
+
+    code = "upload_too_slow"
+    status = 408
+
+
 class TooManyFiles(LungserveError):
     code = "too_many_files"
     status = 413
