@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import numpy as np
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs; only memory_info()
 import pytest
 from PIL import Image
 
