@@ -47,6 +47,8 @@ from service.errors import (
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
+    from service.settings import Settings
+
 # Room for multipart boundaries and part headers around one file in /predict.
 MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
 # How many unexpected field names to quote back in a missing_field message.
@@ -68,6 +70,33 @@ class UploadLimits:
     # One rule covers both a stalled client and one trickling bytes to hold a slot.
     min_rate_bytes_s: float | None = None
     rate_grace_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """The upload limits of each route, built once per app from its settings."""
+
+    predict: UploadLimits
+    predict_many: UploadLimits
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RouteLimits:
+        return cls(
+            predict=UploadLimits(
+                field="file",
+                max_files=1,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
+                fail_fast=True,
+            ),
+            predict_many=UploadLimits(
+                field="files",
+                max_files=settings.max_files_per_request,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_request_bytes,
+                fail_fast=False,
+            ),
+        )
 
 
 @dataclass
