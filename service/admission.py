@@ -18,10 +18,17 @@ slot; the reverse proxy in front (docs/reliability.md) is the first line against
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from service import memory
-from service.errors import Overloaded
+from service.errors import ModelNotReady, Overloaded
+from service.uploads import Upload, UploadLimits, check_declared_size, declared_length, read_uploads
+
+if TYPE_CHECKING:
+    from service.runtime import ServiceState
 
 # Bodies at least this large trigger a heap trim when released (see service.memory).
 _TRIM_AFTER_BYTES = 8 * 1024 * 1024
@@ -86,3 +93,32 @@ class UploadGate:
         self.uploads += 1
         self.body_bytes += charge
         return BodyTicket(self, charge)
+
+
+@asynccontextmanager
+async def admitted_uploads(
+    service: ServiceState,
+    content_type: str | None,
+    content_length: str | None,
+    stream: AsyncIterator[bytes],
+    limits: UploadLimits,
+) -> AsyncIterator[list[Upload]]:
+    """Every upload route's way in: the checks that cost nothing, the gate, then the body.
+
+    Before a byte is read: not ready / shutting down (503), declared size (413), a full queue
+    (503: the body would only be refused after it arrived), the upload gate (503). Then the
+    body, at the minimum rate (408). The caller reserves queue slots for what it got; the
+    body's bytes are released when the `async with` block ends.
+    """
+    runtime = service.current()
+    check_declared_size(content_length, limits)
+    if runtime.batcher.available == 0:
+        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+    gate = service.upload_gate
+    if gate is None:
+        raise ModelNotReady("the server is not started")
+    declared = declared_length(content_length)
+    with gate.admit(declared if declared is not None else limits.max_body_bytes) as ticket:
+        uploads = await read_uploads(content_type, stream, limits)
+        ticket.body_read()
+        yield uploads

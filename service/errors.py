@@ -84,6 +84,17 @@ class Overloaded(LungserveError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRequests(LungserveError):
+    """Too many failed attempts from one client (admin authentication): wait before retrying."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(LungserveError):
     code = "deadline_exceeded"
     status = 504
@@ -153,7 +164,7 @@ def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
     if request_id is not None:
         error["request_id"] = request_id
     headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, TooManyRequests)):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

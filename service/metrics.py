@@ -81,9 +81,10 @@ API reports it: ok: classified; invalid: not a decodable image; too_large: over 
 pixel limit; rejected: refused before compute (queue full, deadline, shutting down);
 error: its batch's model run failed.
 
-The sixth outcome, "cancelled" (the client went away before compute), is counted by the
-batcher observer (`on_dropped_cancelled`), the only place that knows; the API never
-reports it, so nothing is counted twice.
+The sixth outcome, "cancelled": the image's request was cancelled before its answer (the
+client went away, or the request deadline passed while it was decoding, queued or computing);
+counted by `PredictionMetrics.on_image_abandoned`. Every admitted image ends in exactly one
+outcome.
 """
 IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
 
@@ -326,8 +327,9 @@ class BatcherMetrics:
         self._in_flight = batches
 
     def on_dropped_cancelled(self, count: int) -> None:
+        # images_total{outcome="cancelled"} is counted per request (`on_image_abandoned`), which
+        # also sees images abandoned while decoding or computing; here only the queue's view.
         self.metrics.cancelled.inc(count)
-        self.metrics.images.labels(outcome="cancelled").inc(count)
 
 
 def image_outcome_for(error: LungserveError) -> ImageOutcome | None:
@@ -395,6 +397,12 @@ class PredictionMetrics:
         outcome = image_outcome_for(error)
         if outcome is not None:
             self.metrics.image_outcome(outcome)
+        ctx = current_request()
+        if ctx is not None:
+            ctx.images += 1
+
+    def on_image_abandoned(self) -> None:
+        self.metrics.images.labels(outcome="cancelled").inc()
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1

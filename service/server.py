@@ -34,12 +34,18 @@ import asyncio
 import json
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,10 @@ if HttpToolsProtocol is not None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._header_timer: asyncio.TimerHandle | None = None
-            self._header_bytes = 0
+            self._raw_header_bytes = 0  # bytes received while the headers were incomplete
+            self._header_bytes = 0  # request line and headers, as parsed
+            self._headers_done = False
+            self._too_large = False
             self._refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -94,29 +103,55 @@ if HttpToolsProtocol is not None:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            idle = self.cycle is None or self.cycle.response_complete
+            if self._header_timer is None and idle and self._headers_done:
                 self._arm_header_timer()  # the first bytes of a keep-alive request
-            waiting = self._header_timer is not None
+            waiting = not self._headers_done
             super().data_received(data)
-            if waiting and self._header_timer is not None:  # still no end of headers
-                self._header_bytes += len(data)
-                if self._header_bytes > self.limits.max_header_bytes:
-                    self._refuse(
-                        431,
-                        "headers_too_large",
-                        f"request line and headers exceed LUNGSERVE_MAX_HEADER_BYTES = {self.limits.max_header_bytes}",
-                        "Request Header Fields Too Large",
-                    )
+            if waiting and not self._headers_done:
+                self._raw_header_bytes += len(data)  # a header still streaming in
+            if self._too_large or self._raw_header_bytes > self.limits.max_header_bytes:
+                self._refuse(
+                    431,
+                    "headers_too_large",
+                    f"request line and headers exceed LUNGSERVE_MAX_HEADER_BYTES = {self.limits.max_header_bytes}",
+                    "Request Header Fields Too Large",
+                )
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._header_bytes = 0
+            self._raw_header_bytes = 0
+            self._headers_done = False
+
+        def on_url(self, url: bytes) -> None:
+            self._header_bytes += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_bytes += len(name) + len(value) + 4
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._disarm_header_timer()
+            self._headers_done = True
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._too_large = True  # no request task: data_received answers 431
+                return
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._too_large:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._too_large:
+                super().on_message_complete()
 
         def send_400_response(self, msg: str) -> None:
             self._refuse(400, "bad_request", f"malformed HTTP request: {msg}", "Bad Request")
 
         def _arm_header_timer(self) -> None:
-            self._header_bytes = 0
             self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_header_timeout)
 
         def _disarm_header_timer(self) -> None:
@@ -194,3 +229,37 @@ class LungserveServer(uvicorn.Server):
 def graceful_timeout_s(drain_timeout_s: float, request_deadline_s: float) -> int:
     """uvicorn's `timeout_graceful_shutdown`: above our drain and any request's deadline."""
     return math.ceil(max(drain_timeout_s, request_deadline_s)) + 5
+
+
+def build_server(app: FastAPI, settings: Settings) -> tuple[LungserveServer, list[socket.socket] | None]:
+    """The uvicorn server `lungserve serve` runs, and its listening sockets when there are two
+    (public and `LUNGSERVE_ADMIN_PORT`; None: uvicorn binds host:port itself)."""
+    limits = ConnectionLimits(settings.max_connections, settings.max_header_bytes, settings.header_timeout_s)
+    protocol = guarded_protocol(limits)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        lifespan="on",
+        log_config=None,  # uvicorn leaves the logging set up by `lungserve serve` alone
+        access_log=False,  # RequestContextMiddleware writes one access line per request
+        http=protocol if protocol is not None else "h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # the same bound without httptools
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        timeout_graceful_shutdown=graceful_timeout_s(settings.drain_timeout_s, settings.request_deadline_s),
+    )
+    server = LungserveServer(config, app.state.shutdown, settings.shutdown_delay_s)
+    if settings.admin_port is None:
+        return server, None
+    sockets = [_listen(settings.host, port) for port in (settings.port, settings.admin_port)]
+    return server, sockets
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

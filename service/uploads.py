@@ -81,6 +81,7 @@ class RouteLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RouteLimits:
+        rate = settings.min_upload_rate_bytes_s or None  # 0: no minimum rate
         return cls(
             predict=UploadLimits(
                 field="file",
@@ -88,6 +89,8 @@ class RouteLimits:
                 max_file_bytes=settings.max_file_bytes,
                 max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
                 fail_fast=True,
+                min_rate_bytes_s=rate,
+                rate_grace_s=settings.upload_rate_grace_s,
             ),
             predict_many=UploadLimits(
                 field="files",
@@ -95,6 +98,8 @@ class RouteLimits:
                 max_file_bytes=settings.max_file_bytes,
                 max_body_bytes=settings.max_request_bytes,
                 fail_fast=False,
+                min_rate_bytes_s=rate,
+                rate_grace_s=settings.upload_rate_grace_s,
             ),
         )
 
