@@ -99,9 +99,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_image_pixels=settings.max_image_pixels,
             large_image_pixels=settings.large_image_pixels,
         )
-        state.upload_gate = UploadGate(
+        gate = state.upload_gate = UploadGate(
             settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s
         )
+        metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
         try:
             try:
                 artifact = await fetch_configured_model(settings)

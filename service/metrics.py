@@ -42,7 +42,7 @@ across instances in queries. This is Triton's model too: one server per GPU, its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
@@ -189,6 +189,12 @@ class Metrics:
             "Batches currently running in the model.",
             registry=r,
         )
+        self.uploads_in_flight = Gauge(
+            f"{PREFIX}_uploads_in_flight", "Request bodies being received (upload slots taken).", registry=r
+        )
+        self.body_bytes_in_flight = Gauge(
+            f"{PREFIX}_body_bytes_in_flight", "Request body bytes admitted and held in memory.", registry=r
+        )
         self.rejected_requests = Counter(
             f"{PREFIX}_rejected",
             "Requests refused before compute, by reason.",
@@ -261,6 +267,11 @@ class Metrics:
             self.model_info.remove(*self._model_labels)
         self._model_labels = labels
         self.model_info.labels(*labels).set(1)
+
+    def watch_uploads(self, uploads: Callable[[], float], body_bytes: Callable[[], float]) -> None:
+        """Read the upload gate's counts at scrape time."""
+        self.uploads_in_flight.set_function(uploads)
+        self.body_bytes_in_flight.set_function(body_bytes)
 
     def set_ready(self, ready: bool) -> None:
         self.model_ready.set(1 if ready else 0)
