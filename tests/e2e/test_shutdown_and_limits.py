@@ -247,3 +247,20 @@ def test_admin_and_metrics_only_on_the_admin_port(tmp_path: Path) -> None:
     assert admin_predict.status_code == 404
     assert admin_ready.status_code == 200
     assert predicted.status_code == 200
+
+
+# --- row 6: a bounded number of connections ------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_get_json_503_and_are_closed(tmp_path: Path) -> None:
+    env = {"LUNGSERVE_MAX_CONNECTIONS": "4", "LUNGSERVE_HEADER_TIMEOUT_S": "600"}
+    with started(tmp_path, **env) as server:
+        idle = [rawhttp.connect(port_of(server)) for _ in range(4)]  # connected, nothing sent
+        try:
+            with rawhttp.connect(port_of(server)) as extra:
+                refused = rawhttp.read_response(extra)
+        finally:
+            for sock in idle:
+                sock.close()
+        until(lambda: exchange(port_of(server), request("GET", "/health/live")).status == 200, "a free connection")
+    assert (refused.status, refused.code, refused.closed) == (503, "overloaded", True)
