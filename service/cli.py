@@ -27,11 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
     import signal
 
-    import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
     from service.logs import configure_logging
+    from service.server import build_server
     from service.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -49,18 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    # log_config=None: uvicorn leaves the logging set up above alone.
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )
-    server = uvicorn.Server(config)
+    # Connection guards, timeouts and the shutdown order: service/server.py.
+    server, sockets = build_server(create_app(settings), settings)
 
     def graceful(signum: int, frame: object) -> None:
         # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
@@ -70,7 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
