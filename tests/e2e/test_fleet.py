@@ -300,6 +300,9 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         assert victim.proc.wait_exit(timeout_s=EVENT_TIMEOUT_S) == 0, victim.proc.output()[-3000:]
         locust.assert_running("the instance had stopped")
 
+        # HAProxy took it out of rotation (its health check on /health/ready failed).
+        poll(lambda: haproxy_servers(stats)["s0"].startswith("DOWN"), timeout_s=EVENT_TIMEOUT_S,
+             what="HAProxy to mark s0 DOWN")  # fmt: skip
         # Prometheus sees it: the shipped LungserveInstanceDown fires, for that instance only.
         poll(lambda: firing(prom, "LungserveInstanceDown", victim.target), timeout_s=EVENT_TIMEOUT_S,
              what="LungserveInstanceDown to fire for s0")  # fmt: skip

@@ -18,6 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
@@ -71,8 +73,15 @@ def test_the_stack_has_every_part(compose: dict[str, Any]) -> None:
     assert server["read_only"] is True
     cache = server["environment"]["LUNGSERVE_MODEL_CACHE_DIR"]
     assert any(cache.startswith(t.split()[0]) for t in server["tmpfs"])
-    drain = float(server["environment"]["LUNGSERVE_DRAIN_TIMEOUT_S"])
-    assert int(server["stop_grace_period"].removesuffix("s")) > 2 * drain
+    settings = Settings.model_validate(
+        {
+            k.removeprefix("LUNGSERVE_").lower(): v
+            for k, v in server["environment"].items()
+            if k.startswith("LUNGSERVE_")
+        }
+    )
+    shutdown = settings.shutdown_delay_s + max(settings.drain_timeout_s, settings.request_deadline_s) + 5
+    assert int(server["stop_grace_period"].removesuffix("s")) > shutdown
 
 
 def test_every_mounted_file_exists_and_fits(compose: dict[str, Any]) -> None:
