@@ -210,6 +210,9 @@ def processes() -> Iterator[list[LoggedProcess]]:
     """Every process the test starts; all stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[LoggedProcess] = []
     yield started
+    for proc in started:  # all at once: each server spends its shutdown delay in parallel
+        if proc.proc.poll() is None:
+            proc.proc.terminate()
     for proc in reversed(started):
         proc.stop()
 
