@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import logging
 import os
 import tempfile
 import time
@@ -206,8 +205,6 @@ async def _http(options: RunOptions) -> AsyncIterator[httpx.AsyncClient]:
         settings = Settings()
     except ValidationError as exc:
         raise UsageError(f"invalid settings:\n{describe_error(exc)}") from None
-    # The server's access lines would drown the progress bar; warnings and errors still show.
-    logging.getLogger("service").setLevel(logging.WARNING)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

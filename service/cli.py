@@ -80,6 +80,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from service.bulk import RunOptions, UsageError, run
     from service.client import RetryPolicy
 
+    # The summary and the progress bar are the output; per-request INFO lines would drown them.
+    logging.getLogger().setLevel(logging.WARNING)
+
     options = RunOptions(
         url=args.url,
         local=args.local,
