@@ -40,6 +40,7 @@ OPEN_ROUTES: Final = frozenset(
         "/docs/oauth2-redirect",
         "/redoc",
         "/openapi.json",
+        "/docs-assets/{asset:path}",
     }
 )
 # Admin routes check LUNGSERVE_ADMIN_TOKEN themselves (an API key must not open them, nor be needed).

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import NotFound, Unauthorized
@@ -41,6 +42,15 @@ class ReloadResponse(BaseModel):
     current: dict[str, str | None] = Field(description="the model served now")
 
 
+# Declares the scheme in OpenAPI (Swagger's Authorize button); `_authorize` does the checking,
+# so a missing token still answers in lungserve's JSON shape.
+_ADMIN_BEARER = HTTPBearer(
+    scheme_name="adminToken",
+    description="LUNGSERVE_ADMIN_TOKEN (the admin API answers 404 when it is not set)",
+    auto_error=False,
+)
+
+
 def _authorize(request: Request) -> None:
     settings: Settings = request.app.state.service.settings
     token = settings.admin_token
@@ -68,7 +78,9 @@ def _authorize(request: Request) -> None:
         503: {"description": "not ready yet, or shutting down"},
     },
 )
-async def reload_model(request: Request) -> ReloadResponse:
+async def reload_model(
+    request: Request, _token: Annotated[HTTPAuthorizationCredentials | None, Security(_ADMIN_BEARER)]
+) -> ReloadResponse:
     _authorize(request)
     reloader: ModelReloader = request.app.state.reloader
     result = await reloader.reload()

@@ -205,7 +205,12 @@ async def _http(options: RunOptions) -> AsyncIterator[httpx.AsyncClient]:
         settings = Settings()
     except ValidationError as exc:
         raise UsageError(f"invalid settings:\n{describe_error(exc)}") from None
-    app = create_app(settings)
+    from service.access import ApiKeysFileError
+
+    try:
+        app = create_app(settings)
+    except ApiKeysFileError as exc:
+        raise UsageError(str(exc)) from None
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://lungserve.local", timeout=300.0) as http:

@@ -31,6 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from service.access import ApiKeysFileError
     from service.app import create_app
     from service.logs import configure_logging
     from service.settings import Settings, describe_error
@@ -50,9 +51,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
+    try:
+        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE
+    except ApiKeysFileError as exc:
+        print(f"lungserve serve: {exc}", file=sys.stderr)
+        return 2
     # log_config=None: uvicorn leaves the logging set up above alone.
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         workers=1,
