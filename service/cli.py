@@ -42,6 +42,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
         return 2
+    try:
+        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE
+    except ApiKeysFileError as exc:
+        print(f"lungserve serve: {exc}", file=sys.stderr)
+        return 2
     # JSON lines on stderr (LUNGSERVE_LOG_JSON, LUNGSERVE_LOG_LEVEL) for ours and uvicorn's
     # loggers; uvicorn's own access log is off: RequestContextMiddleware writes one per request.
     configure_logging(settings.log_level, json=settings.log_json)
@@ -51,11 +56,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    try:
-        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE
-    except ApiKeysFileError as exc:
-        print(f"lungserve serve: {exc}", file=sys.stderr)
-        return 2
     # log_config=None: uvicorn leaves the logging set up above alone.
     config = uvicorn.Config(
         app,

@@ -84,3 +84,15 @@ def test_cors_origins_from_the_environment(monkeypatch: pytest.MonkeyPatch, valu
 def test_api_keys_file_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LUNGSERVE_API_KEYS_FILE", str(tmp_path / "keys"))
     assert Settings().api_keys_file == tmp_path / "keys"
+
+
+def test_serve_refuses_a_bad_keys_file_naming_the_line_not_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("viewer:viewer-key-0123456789abcdef\nviewer:another-key-0123456789abcdef\n")
+    monkeypatch.setenv("LUNGSERVE_API_KEYS_FILE", str(keys))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: the name 'viewer' is used twice" in err
+    assert "0123456789abcdef" not in err
