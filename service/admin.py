@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import NotFound, Unauthorized
 from service.reload import ModelReloader
+from service.schemas import ErrorResponse, error_examples
 from service.settings import Settings
 
 router = APIRouter(prefix="/admin")
@@ -72,10 +73,33 @@ def _authorize(request: Request) -> None:
         "on the old model. A model that fails verification is refused (409) and the old one keeps serving."
     ),
     responses={
-        401: {"description": "missing or wrong admin token"},
-        404: {"description": "admin API disabled (no admin token configured)"},
-        409: {"description": "the new model was refused; the old one keeps serving"},
-        503: {"description": "not ready yet, or shutting down"},
+        401: {
+            "model": ErrorResponse,
+            "description": "missing or wrong admin token",
+            "content": error_examples(
+                ("unauthorized", "admin endpoints need 'Authorization: Bearer <LUNGSERVE_ADMIN_TOKEN>'")
+            ),
+        },
+        404: {
+            "model": ErrorResponse,
+            "description": "admin API disabled (no admin token configured)",
+            "content": error_examples(("not_found", "no route POST /admin/reload")),
+        },
+        409: {
+            "model": ErrorResponse,
+            "description": "the new model was refused; the old one keeps serving",
+            "content": error_examples(
+                ("model_rejected", "checksum mismatch: model.onnx has sha256 3bac5c..., the manifest says 9b2cf5...")
+            ),
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "not ready yet, or shutting down",
+            "content": error_examples(
+                ("model_not_ready", "the model is still loading or warming up"),
+                ("shutting_down", "the server is shutting down"),
+            ),
+        },
     },
 )
 async def reload_model(

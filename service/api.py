@@ -28,6 +28,7 @@ from service.schemas import (
     PredictManyResponse,
     ReadyResponse,
     UploadLimitsInfo,
+    error_examples,
     file_error,
     file_prediction,
     prediction,
@@ -80,36 +81,21 @@ def _multipart_body(field: str, many: bool) -> dict[str, Any]:
     }
 
 
-def _examples(*errors: tuple[str, str]) -> dict[str, Any]:
-    """One OpenAPI example per error code this status can carry (Swagger shows a picker)."""
-    return {
-        "application/json": {
-            "examples": {
-                code: {
-                    "summary": code,
-                    "value": {"error": {"code": code, "message": message, "request_id": "3f2a9c1e"}},
-                }
-                for code, message in errors
-            }
-        }
-    }
-
-
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {
         "model": ErrorResponse,
         "description": "malformed multipart body",
-        "content": _examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
+        "content": error_examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
     },
     401: {
         "model": ErrorResponse,
         "description": "no valid API key (only when LUNGSERVE_API_KEYS_FILE is set)",
-        "content": _examples(("unauthorized", "the API key is not valid")),
+        "content": error_examples(("unauthorized", "the API key is not valid")),
     },
     413: {
         "model": ErrorResponse,
         "description": "file, image or request too large; too many files",
-        "content": _examples(
+        "content": error_examples(
             ("image_too_large", "image is 12000x9000 = 108000000 pixels; the limit is 50000000"),
             ("too_many_files", "more than 64 file(s) in field 'files'"),
             ("request_too_large", "the request body is over 134217728 bytes"),
@@ -118,14 +104,14 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     415: {
         "model": ErrorResponse,
         "description": "not a multipart/form-data body",
-        "content": _examples(
+        "content": error_examples(
             ("unsupported_media_type", "expected a multipart/form-data body with field 'file', got application/json")
         ),
     },
     422: {
         "model": ErrorResponse,
         "description": "missing field, or not a decodable image",
-        "content": _examples(
+        "content": error_examples(
             ("missing_field", "no file in multipart field 'file' (sent: 'image')"),
             ("invalid_image", "not a decodable image (expected JPEG, PNG, TIFF or BMP)"),
         ),
@@ -133,7 +119,7 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     503: {
         "model": ErrorResponse,
         "description": "overloaded (with Retry-After), loading or shutting down",
-        "content": _examples(
+        "content": error_examples(
             ("overloaded", "the server is at capacity (256 images admitted); retry shortly"),
             ("model_not_ready", "the model is still loading or warming up"),
             ("shutting_down", "the server is shutting down"),
@@ -142,7 +128,7 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     504: {
         "model": ErrorResponse,
         "description": "no answer within the request deadline",
-        "content": _examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
+        "content": error_examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
     },
 }
 

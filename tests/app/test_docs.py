@@ -78,6 +78,17 @@ async def test_openapi_declares_admin_bearer_and_per_status_error_examples(serve
     assert codes_by_status["422"] == {"missing_field", "invalid_image"}
     assert codes_by_status["503"] == {"overloaded", "model_not_ready", "shutting_down"}
     assert codes_by_status["504"] == {"deadline_exceeded"}
+    admin_codes = {
+        status: {e["value"]["error"]["code"] for e in r["content"]["application/json"]["examples"].values()}
+        for status, r in admin["responses"].items()
+        if status != "200"
+    }
+    assert admin_codes == {
+        "401": {"unauthorized"},
+        "404": {"not_found"},
+        "409": {"model_rejected"},
+        "503": {"model_not_ready", "shutting_down"},
+    }
 
 
 async def test_docs_hits_count_under_their_own_routes(served: Served) -> None:

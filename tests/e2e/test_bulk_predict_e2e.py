@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
+import os
 import shutil
 import socket
 import sys
@@ -159,3 +161,24 @@ async def test_folder_with_overload_retries_then_resumes(tmp_path: Path, lc25000
             rows = read_rows(out)
             assert len(rows) == 13
             assert sum(1 for r in rows.values() if r["error"]) == 1
+
+
+async def test_local_run_needs_no_server_and_writes_jsonl(tmp_path: Path, lc25000: Path) -> None:
+    paths = [sorted((lc25000 / c).glob("*.jpeg"))[0] for c in CLASSES]
+    out = tmp_path / "results.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNGSERVE_")}
+    env["LUNGSERVE_PROVIDER"] = "cpu"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "predict", *map(str, paths), "--local", "--out", str(out),
+        "--no-progress", stdout=PIPE, stderr=PIPE, env=env,
+    )  # fmt: skip
+    returncode, err = await finish(proc)
+    assert returncode == 0, err
+    assert "3 classified, 0 failed, 0 skipped" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows] == [str(p) for p in paths]  # one chunk: upload order
+    for row in rows:
+        assert set(row["probabilities"]) == set(CLASSES)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+        assert row["confidence"] == row["probabilities"][row["label"]]
+        assert row["error"] is None
