@@ -241,7 +241,8 @@ async def run(paths: Sequence[Path], out: Path, options: RunOptions) -> Summary:
 
         sized, early = _sizes(todo, int(limits["max_file_bytes"]))
         groups = chunked(sized, int(limits["max_files_per_request"]), int(limits["max_request_bytes"]))
-        bar = tqdm(total=len(todo), unit="img", disable=not options.progress, dynamic_ncols=True)
+        # disable=None: tqdm shows the bar only on a terminal (a CI log gets the summary alone).
+        bar = tqdm(total=len(todo), unit="img", disable=None if options.progress else True, dynamic_ncols=True)
         lock = asyncio.Lock()
 
         async def record(predictions: Sequence[Prediction]) -> None:

@@ -7,7 +7,7 @@
             print(p.file, p.label, p.decision, p.error)
 
 `AsyncLungserveClient` has the same methods as coroutines. Both retry a request the server
-refused for load (`503` with `Retry-After`) or that never reached it (connection errors),
+refused with `503` (overloaded, loading, shutting down) or that never reached it (connection errors),
 waiting at least `Retry-After` and backing off exponentially; classification is idempotent,
 so a retry is always safe. Per-file problems (not an image, too large) are not retried: they
 come back as a `Prediction` with `error` set. Whole-request failures raise `ClientError`.
@@ -117,7 +117,10 @@ def _seconds(retry_after: str | None) -> float | None:
 
 
 def _retryable(response: httpx.Response) -> bool:
-    return response.status_code == 503 and "retry-after" in response.headers
+    # 503: overloaded (with Retry-After), still loading, or shutting down behind a load
+    # balancer that will route the retry elsewhere. Nothing else is retried: a 4xx will not
+    # change, and a 504 already spent the server's whole deadline on the request.
+    return response.status_code == 503
 
 
 def _raise_for_error(response: httpx.Response) -> None:
