@@ -1,8 +1,10 @@
 """OIP v2 against a real `lungserve serve`, spoken by the real `tritonclient.http`: health,
-metadata, and inference with binary_data true and false, equal to /predict's answers."""
+metadata, and inference with binary_data true and false, equal to /predict's answers. And the
+blocking Python client (`service.client`; the async one is driven by `lungserve predict`)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from service.client import ClientError, LungserveClient
 from service.manifest import Manifest
 from service.preprocess import load_image
 from tests.conftest import BUNDLED_MODEL
@@ -83,3 +86,29 @@ async def test_tritonclient_answers_equal_predict(tmp_path: Path, lc25000: Path)
                 client.infer("resnet50", [bytes_input(datas[:1], binary=True)])
         finally:
             client.close()
+
+
+async def test_python_client_sync_against_a_real_server(tmp_path: Path, lc25000: Path) -> None:
+    paths = images(lc25000, per_class=1)
+    with start_server(tmp_path, LUNGSERVE_PROVIDER="cpu") as server:
+        await wait_ready(server)
+
+        # The blocking client, in a worker thread: blocking calls do not belong on the test's event loop.
+        def use_client() -> None:
+            with LungserveClient(server.url) as client:
+                info = client.model_info()
+                assert info["manifest"]["classes"] == MANIFEST.classes
+                single = client.predict(paths[0])
+                assert single.ok
+                assert single.file == str(paths[0])
+                assert single.model_version == MANIFEST.version
+                many = client.predict_many([*paths, ("notes.jpeg", b"not an image")])
+                assert [p.file for p in many] == [*map(str, paths), "notes.jpeg"]
+                assert many[0].probabilities == pytest.approx(single.probabilities, abs=1e-5)
+                assert many[-1].error_code == "invalid_image"
+                assert all(p.ok for p in many[:-1])
+                with pytest.raises(ClientError) as info_error:
+                    client.predict(("notes.jpeg", b"not an image"))
+                assert (info_error.value.status, info_error.value.code) == (422, "invalid_image")
+
+        await asyncio.to_thread(use_client)
