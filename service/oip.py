@@ -11,6 +11,7 @@ mapping (`service.errors.http_error`) renders them so for paths under `/v2`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
@@ -35,7 +36,10 @@ from service.uploads import declared_length
 
 PREFIX: Final = "/v2"
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
-OUTPUTS: Final = ("probabilities", "label")
+# The refer decision (service.decision), where the core makes one: every prediction carries it,
+# so OIP answers do too, as two more BYTES outputs ("reason" is "" when there is none).
+DECISIONS: Final = "decision" in {f.name for f in dataclasses.fields(Classified)}
+OUTPUTS: Final = ("probabilities", "label", "decision", "reason") if DECISIONS else ("probabilities", "label")
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
 
@@ -144,7 +148,7 @@ def _metadata(runtime: ModelRuntime) -> ModelMetadata:
         ],
         outputs=[
             TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(engine.manifest.classes)]),
-            TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+            *(TensorMetadata(name=name, datatype="BYTES", shape=[-1]) for name in OUTPUTS[1:]),
         ],
     )
 
@@ -180,12 +184,17 @@ def _rows(pixels: Image | None) -> list[Image]:
 
 
 def _outputs(results: Sequence[Classified]) -> list[OutputTensor]:
+    n = len(results)
     probabilities = np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
-    labels = [r.label.encode() for r in results]
-    return [
+    tensors = [
         OutputTensor("probabilities", "FP32", list(probabilities.shape), probabilities),
-        OutputTensor("label", "BYTES", [len(labels)], labels),
+        OutputTensor("label", "BYTES", [n], [r.label.encode() for r in results]),
     ]
+    if DECISIONS:
+        decided = [getattr(r, "decision") for r in results]  # noqa: B009 (absent before service.decision)
+        tensors.append(OutputTensor("decision", "BYTES", [n], [str(d.decision).encode() for d in decided]))
+        tensors.append(OutputTensor("reason", "BYTES", [n], [str(d.reason or "").encode() for d in decided]))
+    return tensors
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -255,8 +264,10 @@ _INFER_DESCRIPTION: Final = (
     f"One input per request: `{BYTES_INPUT}` BYTES `[N]`, encoded images (JPEG, PNG, TIFF, BMP; base64 "
     "strings in JSON, raw bytes with the binary-data extension), or the model's input UINT8 `[N, S, S, 3]` "
     "(RGB, already resized). Outputs: `probabilities` FP32 `[N, C]` (class order of the model's metadata "
-    "and `/model`) and `label` BYTES `[N]`. The images are admitted, batched and limited exactly like "
-    "`/predict-many` (LUNGSERVE_MAX_FILES_PER_REQUEST, LUNGSERVE_QUEUE_LIMIT, LUNGSERVE_REQUEST_DEADLINE_S)."
+    "and `/model`) and `label` BYTES `[N]`; with the refer decision, `decision` BYTES `[N]` (accept | refer) "
+    "and `reason` BYTES `[N]` (low_confidence | out_of_distribution, empty when accepted). The images are "
+    "admitted, batched and limited exactly like `/predict-many` (LUNGSERVE_MAX_FILES_PER_REQUEST, "
+    "LUNGSERVE_QUEUE_LIMIT, LUNGSERVE_REQUEST_DEADLINE_S)."
 )
 
 
