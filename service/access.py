@@ -28,9 +28,11 @@ from fastapi import Request
 from service.errors import Unauthorized
 from service.logs import request_context_from_scope
 
-# Route templates anyone may call: probes, scrapes and the docs must work without a key.
+# Route templates anyone may call: probes, scrapes and the docs must work without a key, and a
+# browser cannot send a header when it opens a page (the page at / then sends the key itself).
 OPEN_ROUTES: Final = frozenset(
     {
+        "/",
         "/health/live",
         "/health/ready",
         "/metrics",

@@ -53,6 +53,7 @@ def test_open_routes() -> None:
     assert is_open("/v2/health/live")
     assert is_open("/docs")
     assert is_open("/admin/reload")  # the admin token guards it instead
+    assert is_open("/")  # a page's HTML: a browser opening it cannot send a key
     assert not is_open("/predict")
     assert not is_open("/v2/models/{name}/infer")
     assert not is_open("/model")
