@@ -115,7 +115,8 @@ class Output:
         """Files that already have a successful row; rewrites the file keeping only those rows."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return set()
-        kept = [row for row in self._read() if not row.get("error")]
+        # Done = a complete successful row; a row cut short by a crash mid-write is tried again.
+        kept = [row for row in self._read() if not row.get("error") and row.get("label") and row.get("model_version")]
         # Atomic rewrite: an interruption leaves the old file or the new one, never half of one.
         with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, newline="") as tmp:
             self._write(tmp, kept, header=True)
@@ -125,7 +126,7 @@ class Output:
     def _read(self) -> list[dict[str, Any]]:
         with self.path.open(newline="") as f:
             if self.jsonl:
-                return [json.loads(line) for line in f if line.strip()]
+                return [row for line in f if (row := _json_row(line)) is not None]
             reader = csv.DictReader(f)
             if reader.fieldnames != self.columns:
                 raise UsageError(
@@ -153,6 +154,14 @@ class Output:
             if isinstance(probabilities, dict):  # a row from to_row; rows read back are flat already
                 flat.update({f"prob_{c}": probabilities.get(c) for c in self.classes})
             writer.writerow(flat)
+
+
+def _json_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # blank, or cut short by an interrupted run
+    return row if isinstance(row, dict) else None
 
 
 @dataclass

@@ -94,3 +94,12 @@ def test_output_refuses_other_suffixes_and_other_models(tmp_path: Path) -> None:
     Output(path, CLASSES).append([to_row(ok("a.jpeg"), CLASSES)])
     with pytest.raises(UsageError, match="columns"):
         Output(path, ["benign", "malignant"]).resume()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_row_cut_short_by_a_crash_is_tried_again(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out{suffix}"
+    Output(path, CLASSES).append([to_row(ok("a.jpeg"), CLASSES), to_row(ok("b.jpeg"), CLASSES)])
+    text = path.read_text()
+    path.write_text(text[: text.rindex("b.jpeg") + 20])  # the last row stops mid-way
+    assert Output(path, CLASSES).resume() == {"a.jpeg"}
