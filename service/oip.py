@@ -313,7 +313,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             raise RequestTooLarge(f"the request body is over {settings.max_request_bytes} bytes")
         async with deadline(settings.request_deadline_s):
             body = await _read_body(request.stream(), settings.max_request_bytes)
-            parsed: InferRequest = parse_infer_request(
+            # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
+            parsed: InferRequest = await asyncio.to_thread(
+                parse_infer_request,
                 body,
                 request.headers.get(HEADER_LENGTH),
                 pixels_input=runtime.engine.manifest.input_name,

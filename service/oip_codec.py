@@ -218,12 +218,16 @@ def _uint8(raw: bytes | None, data: object, shape: list[int], name: str) -> NDAr
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
     if not isinstance(data, list):
         raise InvalidInferRequest(f"input {name!r} has no data")
-    values = list(_flatten(data))
-    if len(values) != expected:
-        raise InvalidInferRequest(f"input {name!r}: {len(values)} values for shape {shape} ({expected})")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+    # numpy, not a Python loop: a JSON UINT8 tensor can hold millions of values.
+    try:
+        values = np.asarray(data)
+    except ValueError:
+        raise InvalidInferRequest(f"input {name!r}: ragged nested lists") from None
+    if values.size != expected:
+        raise InvalidInferRequest(f"input {name!r}: {values.size} values for shape {shape} ({expected})")
+    if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 255)):
         raise InvalidInferRequest(f"input {name!r}: UINT8 values must be integers in 0..255")
-    return np.asarray(values, dtype=np.uint8).reshape(shape)
+    return values.astype(np.uint8).reshape(shape)
 
 
 def _check_count(name: str, found: int, declared: int, max_images: int) -> None:

@@ -67,6 +67,14 @@ def test_bytes_input_from_tritonclient(binary: bool) -> None:
     assert request.binary_default is True
 
 
+def test_uint8_json_may_be_nested() -> None:
+    pixels = np.arange(2 * SIZE * SIZE * 3, dtype=np.int64).reshape(2, SIZE, SIZE, 3) % 256
+    body = json_request({"name": "image", "shape": [2, SIZE, SIZE, 3], "datatype": "UINT8", "data": pixels.tolist()})
+    request = parse(body, None)
+    assert request.pixels is not None
+    np.testing.assert_array_equal(request.pixels, pixels)
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_uint8_input_from_tritonclient(binary: bool) -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
@@ -136,6 +144,16 @@ def b64(data: bytes) -> str:
             json_request({"name": "image", "shape": [1, 4, 4, 3], "datatype": "UINT8", "data": [1] * 47}),
             None,
             "47 values",
+        ),
+        (
+            json_request({"name": "image", "shape": [1, 4, 4, 3], "datatype": "UINT8", "data": [1.5] * 48}),
+            None,
+            "0..255",
+        ),
+        (
+            json_request({"name": "image", "shape": [1, 4, 4, 3], "datatype": "UINT8", "data": [[1, 2], [3]]}),
+            None,
+            "ragged",
         ),
         (
             json_request({"name": BYTES_INPUT, "shape": [1], "datatype": "BYTES", "data": [""]}) + b"extra",
