@@ -17,6 +17,8 @@
 
 SUPPORTED := 3.11 3.12 3.13
 _is_supported = import sys; sys.exit("%d.%d" % sys.version_info[:2] not in "$(SUPPORTED)".split())
+_unsupported = lungserve supports CPython $(SUPPORTED); $(PYTHON) is $(PY_VERSION). Set PYTHON=python3.13 (or \
+	another supported one), or install one (e.g. pyenv install 3.13)
 # PYTHON= (make's command line or the environment) wins. Otherwise python3 if it is a supported
 # version, else the newest supported python3.X on PATH (pyenv shims of inactive versions fail
 # to run, so they are passed over).
@@ -45,8 +47,8 @@ help:
 	@echo "make dev     only install the full dev lock into .venv"
 	@echo "make wheel   build the wheel (and sdist) into dist/ from the hashed build lock"
 	@echo "make lock    regenerate requirements/*.txt with uv and check wheels for Python $(SUPPORTED)"
-	@echo "(Python: $(PYTHON), $(PY_VERSION); supported: $(SUPPORTED); PYTHON=... picks another)"
 	@echo "make s3-demo local S3 (moto) on 127.0.0.1:$(S3_DEMO_PORT), upload the bundled model, serve it from there"
+	@echo "(Python: $(PYTHON), $(PY_VERSION); supported: $(SUPPORTED); PYTHON=... picks another)"
 
 serve: $(VENV)/serve.stamp
 	$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
@@ -81,8 +83,7 @@ matrix: $(VENV)/dev.stamp
 
 $(VENV_PYTHON):
 	@test -n "$(PY_VERSION)" || { echo "no Python found: tried $(PYTHON); set PYTHON=/path/to/python3.X" >&2; exit 1; }
-	@$(PYTHON) -c '$(_is_supported)' || { echo "lungserve supports CPython $(SUPPORTED); $(PYTHON) is $(PY_VERSION). \
-		Set PYTHON=python3.13 (or another supported one), or install one (e.g. pyenv install 3.13)" >&2; exit 1; }
+	@$(PYTHON) -c '$(_is_supported)' || { echo "$(_unsupported)" >&2; exit 1; }
 	@# An existing venv of the same version (e.g. made before this stamp existed) is kept.
 	@if [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" != "$(PY_VERSION)" ]; then \
 		echo "$(PYTHON) -m venv --clear $(VENV)"; $(PYTHON) -m venv --clear $(VENV); fi
