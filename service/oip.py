@@ -18,9 +18,10 @@ from typing import Any, Final
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 
 import service
-from service.errors import LungserveError, NotFound, RequestTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, LungserveError, NotFound, RequestTooLarge, UnsupportedMediaType
 from service.http_guards import deadline, unless_disconnected
 from service.oip_codec import (
     BYTES_INPUT,
@@ -156,11 +157,14 @@ def _metadata(runtime: ModelRuntime) -> ModelMetadata:
 async def _read_body(stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestTooLarge(f"the request body is over {max_bytes} bytes (LUNGSERVE_MAX_REQUEST_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestTooLarge(f"the request body is over {max_bytes} bytes (LUNGSERVE_MAX_REQUEST_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:  # as service.uploads answers it (nobody reads the answer)
+        raise BadRequest("the client disconnected before the request body was complete") from exc
     return b"".join(chunks)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,14 @@ async def test_errors_take_the_protocol_shape(served: Served) -> None:
     wrong_output = b'{"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [""]}],'
     wrong_output += b' "outputs": [{"name": "logits"}]}'
     oip_error(await client.post(INFER, content=wrong_output), 400, "unknown output")
+    big = b"x" * (served.state.settings.max_request_bytes + 1)
+    oip_error(await client.post(INFER, content=big), 413, "over")  # declared Content-Length
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(4):
+            yield big[: len(big) // 3]
+
+    oip_error(await client.post(INFER, content=streamed()), 413, "LUNGSERVE_MAX_REQUEST_BYTES")
     # Elsewhere, errors keep lungserve's shape.
     assert (await client.get("/nowhere")).json()["error"]["code"] == "not_found"
 
