@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -126,7 +126,7 @@ def _service(request: Request) -> ServiceState:
     return state
 
 
-def _model(service: ServiceState, name: str, version: str | None = None) -> ModelRuntime:
+def model_runtime(service: ServiceState, name: str, version: str | None = None) -> ModelRuntime:
     runtime = service.current()
     model = runtime.identity
     if name != model.name:
@@ -136,7 +136,7 @@ def _model(service: ServiceState, name: str, version: str | None = None) -> Mode
     return runtime
 
 
-def _metadata(runtime: ModelRuntime) -> ModelMetadata:
+def metadata_of(runtime: ModelRuntime) -> ModelMetadata:
     engine = runtime.engine
     size = engine.input_size
     return ModelMetadata(
@@ -187,7 +187,7 @@ def _rows(pixels: Image | None) -> list[Image]:
     return list(pixels)
 
 
-def _outputs(results: Sequence[Classified]) -> list[OutputTensor]:
+def outputs_of(results: Sequence[Classified]) -> list[OutputTensor]:
     n = len(results)
     probabilities = np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
     tensors = [
@@ -222,17 +222,17 @@ async def server_ready(request: Request) -> Readiness:
 
 @router.get("/models/{name}", summary="Model metadata", responses=_errors(404, 503))
 async def model_metadata(request: Request, name: str) -> ModelMetadata:
-    return _metadata(_model(_service(request), name))
+    return metadata_of(model_runtime(_service(request), name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)", responses=_errors(404, 503))
 async def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
-    return _metadata(_model(_service(request), name, version))
+    return metadata_of(model_runtime(_service(request), name, version))
 
 
 @router.get("/models/{name}/ready", summary="The model is ready", responses=_errors(404, 503))
 async def model_ready(request: Request, name: str) -> ModelReadiness:
-    _model(_service(request), name)
+    model_runtime(_service(request), name)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -240,7 +240,7 @@ async def model_ready(request: Request, name: str) -> ModelReadiness:
     "/models/{name}/versions/{version}/ready", summary="The model version is ready", responses=_errors(404, 503)
 )
 async def model_version_ready(request: Request, name: str, version: str) -> ModelReadiness:
-    _model(_service(request), name, version)
+    model_runtime(_service(request), name, version)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -308,32 +308,58 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
     settings = service.settings
-    try:
-        runtime = _model(service, name, version)
+
+    async def read(runtime: ModelRuntime) -> InferRequest:
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise UnsupportedMediaType("compressed request bodies are not supported; send them uncompressed")
         declared = declared_length(request.headers.get("content-length"))
         if declared is not None and declared > settings.max_request_bytes:
             raise RequestTooLarge(f"the request body is over {settings.max_request_bytes} bytes")
-        async with deadline(settings.request_deadline_s):
-            body = await _read_body(request.stream(), settings.max_request_bytes)
-            # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
-            parsed: InferRequest = await asyncio.to_thread(
-                parse_infer_request,
-                body,
-                request.headers.get(HEADER_LENGTH),
-                pixels_input=runtime.engine.manifest.input_name,
-                size=runtime.engine.input_size,
-                max_images=settings.max_files_per_request,
-            )
+        body = await _read_body(request.stream(), settings.max_request_bytes)
+        # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
+        return await asyncio.to_thread(
+            parse_infer_request,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            pixels_input=runtime.engine.manifest.input_name,
+            size=runtime.engine.input_size,
+            max_images=settings.max_files_per_request,
+        )
+
+    def watch(work: Awaitable[Outcomes]) -> Awaitable[Outcomes]:
+        return unless_disconnected(work, request.receive)
+
+    parsed, results = await run_inference(service, name, version, read, watch)
+    manifest = results[0].manifest
+    body, header_length = encode_infer_response(parsed, manifest.name, manifest.version, outputs_of(results))
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+
+
+Outcomes = list[Classified | LungserveError]
+
+
+async def run_inference(
+    service: ServiceState,
+    name: str,
+    version: str | None,
+    read: Callable[[ModelRuntime], Awaitable[InferRequest]],
+    watch: Callable[[Awaitable[Outcomes]], Awaitable[Outcomes]],
+) -> tuple[InferRequest, list[Classified]]:
+    """One OIP inference, for the REST and the gRPC door alike: `read` gets the request's tensors
+    (within the deadline, before admission: a slow body never holds a slot), `watch` cancels the
+    wait if the client leaves. Admission, decode, batching and metrics are /predict-many's."""
+    try:
+        runtime = model_runtime(service, name, version)
+        async with deadline(service.settings.request_deadline_s):
+            parsed = await read(runtime)
             check_outputs(parsed, OUTPUTS)
             # As /predict-many: admit into the runtime serving now (a reload may have swapped it).
-            runtime = _model(service, name, version)
+            runtime = model_runtime(service, name, version)
             rows: Sequence[bytes | Image] = parsed.encoded if parsed.encoded is not None else _rows(parsed.pixels)
             with runtime.reserve(len(rows)) as reservation:
-                outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify(service, runtime, reservation, r) for r in rows)), request.receive
-                )
+                outcomes = await watch(asyncio.gather(*(_classify(service, runtime, reservation, r) for r in rows)))
     except LungserveError as exc:
         service.observer.on_rejected(exc)
         raise
@@ -344,8 +370,4 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             outcome.message = f"input {parsed.input_name!r} row {row}: {outcome.message}"
             raise outcome
         results.append(outcome)
-    engine = results[0].manifest
-    body, header_length = encode_infer_response(parsed, engine.name, engine.version, _outputs(results))
-    if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+    return parsed, results
