@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,9 @@ from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
 from service.uploads import RouteLimits
+
+if TYPE_CHECKING:
+    from service.oip_grpc import GrpcDoor
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
     )
 
+    # Optional API keys, for the HTTP doors and the gRPC one alike.
+    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decode_pool = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="decode")
@@ -127,11 +135,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 },
             )
             reloader.start_polling()
+            if grpc_door is not None and settings.grpc_port is not None:
+                port = await grpc_door.start(settings.host, settings.grpc_port)
+                log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
             yield
         finally:
             state.phase = Phase.STOPPING
             metrics.set_ready(False)
             log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+            if grpc_door is not None:
+                await grpc_door.stop(settings.drain_timeout_s)  # its calls in flight finish first
             await reloader.stop()  # no swap from now on; displaced models finish draining
             runtime = state.runtime
             if runtime is not None:
@@ -139,9 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.decode_pool.shutdown(wait=True, cancel_futures=True)
             log.info("stopped")
 
-    # Optional API keys: an app-wide dependency, so it runs after routing (the request keeps its
-    # route label) and before any handler reads a body or takes a queue slot.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
+    # label) and before any handler reads a body or takes a queue slot.
     guards = [Depends(api_key_guard(keys, metrics.api_key_request))] if keys is not None else []
     app = FastAPI(
         title="lungserve",
@@ -180,6 +192,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app, api_keys=keys is not None)
     _install_error_handlers(app)
     return app
+
+
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+    try:
+        from service.oip_grpc import GrpcDoor
+    except ImportError as exc:
+        raise GrpcUnavailable(
+            f"LUNGSERVE_GRPC_PORT needs the 'grpc' extra ({exc.name} is missing): pip install 'lungserve[grpc]'"
+        ) from None
+    return GrpcDoor(state, metrics, keys)
+
+
+class GrpcUnavailable(Exception):
+    """LUNGSERVE_GRPC_PORT is set but grpcio / tritonclient[grpc] are not installed."""
 
 
 def _request_id(request: Request) -> str | None:
