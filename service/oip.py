@@ -21,7 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 import service
-from service.errors import BadRequest, LungserveError, NotFound, RequestTooLarge, UnsupportedMediaType
+from service.admission import BodyTicket
+from service.decoder import PixelAllowance
+from service.errors import (
+    BadRequest,
+    LungserveError,
+    ModelNotReady,
+    NotFound,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from service.http_guards import deadline, unless_disconnected
 from service.oip_codec import (
     BYTES_INPUT,
@@ -33,7 +42,7 @@ from service.oip_codec import (
     parse_infer_request,
 )
 from service.runtime import Classified, Image, ImageReservation, ModelRuntime, ServiceState
-from service.uploads import declared_length
+from service.uploads import RouteLimits, declared_length, paced
 
 PREFIX: Final = "/v2"
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
@@ -169,11 +178,18 @@ async def _read_body(stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
 
 
 async def _classify(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, image: bytes | Image
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    image: bytes | Image,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
     """One row: decoded (unless already pixels), then batched like any /predict image."""
     try:
-        pixels = await service.decode(image, runtime.engine.input_size) if isinstance(image, bytes) else image
+        if isinstance(image, bytes):
+            pixels = await service.decode(image, runtime.engine.input_size, allowance)
+        else:
+            pixels = image
         result, info = await runtime.classify(reservation, pixels)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)
@@ -308,14 +324,25 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
     settings = service.settings
+    limits: RouteLimits = request.app.state.upload_limits
+    ticket: BodyTicket | None = None
 
     async def read(runtime: ModelRuntime) -> InferRequest:
+        # The upload routes' admission (service.admission), in the same order: what costs nothing,
+        # a full queue (503 before the body), the upload gate, then the body at the minimum rate.
+        nonlocal ticket
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise UnsupportedMediaType("compressed request bodies are not supported; send them uncompressed")
         declared = declared_length(request.headers.get("content-length"))
         if declared is not None and declared > settings.max_request_bytes:
             raise RequestTooLarge(f"the request body is over {settings.max_request_bytes} bytes")
-        body = await _read_body(request.stream(), settings.max_request_bytes)
+        if runtime.batcher.available == 0:
+            runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+        if service.upload_gate is None:
+            raise ModelNotReady("the server is not started")
+        ticket = service.upload_gate.admit(declared if declared is not None else settings.max_request_bytes)
+        body = await _read_body(paced(request.stream(), limits.predict_many), settings.max_request_bytes)
+        ticket.body_read()
         # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
         return await asyncio.to_thread(
             parse_infer_request,
@@ -329,7 +356,11 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     def watch(work: Awaitable[Outcomes]) -> Awaitable[Outcomes]:
         return unless_disconnected(work, request.receive)
 
-    parsed, results = await run_inference(service, name, version, read, watch)
+    try:
+        parsed, results = await run_inference(service, name, version, read, watch)
+    finally:
+        if ticket is not None:
+            ticket.close()  # the body's bytes are free once its images are decoded and answered
     manifest = results[0].manifest
     body, header_length = encode_infer_response(parsed, manifest.name, manifest.version, outputs_of(results))
     if header_length is None:
@@ -358,8 +389,12 @@ async def run_inference(
             # As /predict-many: admit into the runtime serving now (a reload may have swapped it).
             runtime = model_runtime(service, name, version)
             rows: Sequence[bytes | Image] = parsed.encoded if parsed.encoded is not None else _rows(parsed.pixels)
+            # One decode budget per request, as /predict-many (LUNGSERVE_MAX_REQUEST_PIXELS).
+            allowance = PixelAllowance(service.settings.max_request_pixels)
             with runtime.reserve(len(rows)) as reservation:
-                outcomes = await watch(asyncio.gather(*(_classify(service, runtime, reservation, r) for r in rows)))
+                outcomes = await watch(
+                    asyncio.gather(*(_classify(service, runtime, reservation, r, allowance) for r in rows))
+                )
     except LungserveError as exc:
         service.observer.on_rejected(exc)
         raise
