@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -27,11 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import service
 from service import admin, api
+from service.admin import AuthFailures
+from service.admission import UploadGate
 from service.batcher import BatchObserver
+from service.decoder import Decoder
 from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.logs import RequestContextMiddleware, request_context_from_scope
 from service.metrics import Metrics, PredictionMetrics
+from service.middleware import AdminPortSplit, CloseUnreadBody
 from service.model_source import ModelArtifact, fetch_configured_model
 from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
@@ -87,9 +90,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
     )
 
+    shutdown = Shutdown(state, metrics, reloader)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decode_pool = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="decode")
+        state.decoder = Decoder(
+            settings.preprocess_workers,
+            max_image_pixels=settings.max_image_pixels,
+            large_image_pixels=settings.large_image_pixels,
+        )
+        gate = state.upload_gate = UploadGate(
+            settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s
+        )
+        metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
         try:
             try:
                 artifact = await fetch_configured_model(settings)
@@ -125,14 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reloader.start_polling()
             yield
         finally:
-            state.phase = Phase.STOPPING
-            metrics.set_ready(False)
-            log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
-            await reloader.stop()  # no swap from now on; displaced models finish draining
-            runtime = state.runtime
-            if runtime is not None:
-                await runtime.stop(settings.drain_timeout_s)
-            state.decode_pool.shutdown(wait=True, cancel_futures=True)
+            await shutdown.drain()  # usually already done by `lungserve serve` (service.server)
+            state.decoder.shutdown()
             log.info("stopped")
 
     app = FastAPI(
@@ -145,16 +152,52 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reloader = reloader
     app.state.metrics = metrics
     app.state.upload_limits = RouteLimits.from_settings(settings)
+    app.state.shutdown = shutdown
+    app.state.admin_auth_failures = AuthFailures(settings.admin_auth_failures_per_minute)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
         quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready"}),
     )
+    # Outermost: an early answer to an unread body closes the connection; the admin port split.
+    app.add_middleware(CloseUnreadBody)
+    if settings.admin_port is not None:
+        app.add_middleware(AdminPortSplit, admin_port=settings.admin_port)
     app.include_router(api.router)
     app.include_router(admin.router)
     _install_error_handlers(app)
     return app
+
+
+class Shutdown:
+    """`service.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
+
+    def __init__(self, state: ServiceState, metrics: Metrics, reloader: ModelReloader) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._reloader = reloader
+        self._drained: asyncio.Task[None] | None = None
+
+    def draining(self) -> None:
+        if self._state.phase is Phase.READY:
+            self._state.phase = Phase.DRAINING
+        self._metrics.set_ready(False)
+
+    def drain(self) -> Awaitable[None]:
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        return asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
+        self.draining()
+        self._state.phase = Phase.STOPPING
+        settings = self._state.settings
+        log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+        await self._reloader.stop()  # no swap from now on; displaced models finish draining
+        runtime = self._state.runtime
+        if runtime is not None:
+            await runtime.stop(settings.drain_timeout_s)
 
 
 def _request_id(request: Request) -> str | None:

@@ -27,11 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
     import signal
 
-    import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
     from service.logs import configure_logging
+    from service.server import build_server
     from service.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -49,18 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    # log_config=None: uvicorn leaves the logging set up above alone.
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )
-    server = uvicorn.Server(config)
+    # Connection guards, timeouts and the shutdown order: service/server.py.
+    server, sockets = build_server(create_app(settings), settings)
 
     def graceful(signum: int, frame: object) -> None:
         # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
@@ -70,7 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -97,6 +87,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         allow_image_split=args.allow_image_split,
         max_steps=args.max_steps,
+        split_from=args.split_from,
+        resume=args.resume,
+        ema_decay=args.ema_decay,
     )
     train(cfg)
     return 0
@@ -170,7 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=22)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class's groups held out, then halved into select and test",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="hold out the `validation_groups` of this model.json instead (keeps that model comparable)",
+    )
+    p.add_argument("--ema-decay", type=float, default=0.998)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
     p.add_argument(

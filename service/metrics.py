@@ -42,7 +42,7 @@ across instances in queries. This is Triton's model too: one server per GPU, its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
@@ -82,9 +82,10 @@ API reports it: ok: classified; invalid: not a decodable image; too_large: over 
 pixel limit; rejected: refused before compute (queue full, deadline, shutting down);
 error: its batch's model run failed.
 
-The sixth outcome, "cancelled" (the client went away before compute), is counted by the
-batcher observer (`on_dropped_cancelled`), the only place that knows; the API never
-reports it, so nothing is counted twice.
+The sixth outcome, "cancelled": the image's request was cancelled before its answer (the
+client went away, or the request deadline passed while it was decoding, queued or computing);
+counted by `PredictionMetrics.on_image_abandoned`. Every admitted image ends in exactly one
+outcome.
 """
 IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
 
@@ -195,6 +196,12 @@ class Metrics:
             "Batches currently running in the model.",
             registry=r,
         )
+        self.uploads_in_flight = Gauge(
+            f"{PREFIX}_uploads_in_flight", "Request bodies being received (upload slots taken).", registry=r
+        )
+        self.body_bytes_in_flight = Gauge(
+            f"{PREFIX}_body_bytes_in_flight", "Request body bytes admitted and held in memory.", registry=r
+        )
         self.rejected_requests = Counter(
             f"{PREFIX}_rejected",
             "Requests refused before compute, by reason.",
@@ -280,6 +287,11 @@ class Metrics:
         self._model_labels = labels
         self.model_info.labels(*labels).set(1)
 
+    def watch_uploads(self, uploads: Callable[[], float], body_bytes: Callable[[], float]) -> None:
+        """Read the upload gate's counts at scrape time."""
+        self.uploads_in_flight.set_function(uploads)
+        self.body_bytes_in_flight.set_function(body_bytes)
+
     def set_ready(self, ready: bool) -> None:
         self.model_ready.set(1 if ready else 0)
 
@@ -345,8 +357,9 @@ class BatcherMetrics:
         self._in_flight = batches
 
     def on_dropped_cancelled(self, count: int) -> None:
+        # images_total{outcome="cancelled"} is counted per request (`on_image_abandoned`), which
+        # also sees images abandoned while decoding or computing; here only the queue's view.
         self.metrics.cancelled.inc(count)
-        self.metrics.images.labels(outcome="cancelled").inc(count)
 
 
 def image_outcome_for(error: LungserveError) -> ImageOutcome | None:
@@ -415,6 +428,12 @@ class PredictionMetrics:
         outcome = image_outcome_for(error)
         if outcome is not None:
             self.metrics.image_outcome(outcome)
+        ctx = current_request()
+        if ctx is not None:
+            ctx.images += 1
+
+    def on_image_abandoned(self) -> None:
+        self.metrics.images.labels(outcome="cancelled").inc()
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1

@@ -95,10 +95,41 @@ class Settings(BaseSettings):
     # --- upload limits (all refused with 413 / 422 JSON, never 500) ---
     max_file_bytes: int = Field(default=20 * MiB, ge=1, description="bytes per uploaded file")
     max_files_per_request: int = Field(default=64, ge=1, le=10_000, description="files per /predict-many")
-    max_request_bytes: int = Field(
-        default=128 * MiB, ge=1, description="whole multipart body of /predict-many"
+    max_request_bytes: int = Field(default=128 * MiB, ge=1, description="whole multipart body of /predict-many")
+    # Pillow itself refuses above 2 x its own MAX_IMAGE_PIXELS (178,956,970) before our check runs.
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
     )
-    max_image_pixels: int = Field(default=50_000_000, ge=1, description="width x height per decoded image")
+
+    # --- hostile clients (docs/reliability.md) ---
+    max_request_pixels: int = Field(
+        default=256_000_000, ge=1, description="decoded pixels per request (JPEG counted at its draft size), else 413"
+    )
+    large_image_pixels: int = Field(
+        default=4_000_000,
+        ge=1,
+        description="decoded pixels from which an image goes to the one-thread large-image lane",
+    )
+    max_uploads_in_flight: int = Field(
+        default=1024, ge=1, description="request bodies being received at once, else 503"
+    )
+    max_body_bytes_in_flight: int = Field(
+        default=256 * MiB, ge=1, description="request body bytes held at once (declared or the route's limit), else 503"
+    )
+    min_upload_rate_bytes_s: float = Field(
+        default=16 * 1024, ge=0.0, description="average body rate after the grace period, else 408; 0: off"
+    )
+    upload_rate_grace_s: float = Field(default=5.0, ge=0.0, le=3600.0, description="before the upload rate applies")
+    max_connections: int = Field(default=2048, ge=1, description="open connections; beyond, JSON 503 and close")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="request line + headers, else 431")
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0, description="to receive the headers, else 408")
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0, description="idle keep-alive connections")
+    shutdown_delay_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=3600.0,
+        description="after SIGTERM: /health/ready answers 503 this long before the listener closes",
+    )
 
     # --- the refer decision (service.decision; docs/decision.md) ---
     refer_below: float | None = Field(
@@ -115,6 +146,12 @@ class Settings(BaseSettings):
 
     # --- admin ---
     admin_token: SecretStr | None = Field(default=None, description="bearer token for admin endpoints")
+    admin_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve /admin and /metrics only on this port (same host)"
+    )
+    admin_auth_failures_per_minute: int = Field(
+        default=10, ge=1, description="401s per client address and minute before admin answers 429"
+    )
 
     # --- logs (read by `lungserve serve`; see service.logs) ---
     log_json: bool = Field(default=True, description="one JSON object per log line on stderr; false: plain text")
@@ -128,15 +165,23 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.max_batch_size > self.queue_limit:
-            raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) must not exceed queue_limit ({self.queue_limit})"
-            )
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) must not exceed queue_limit ({self.queue_limit})")
         if self.max_files_per_request > self.queue_limit:
             # A /predict-many that can never be admitted would be refused forever.
             raise ValueError(
-                f"max_files_per_request ({self.max_files_per_request}) must not exceed "
-                f"queue_limit ({self.queue_limit})"
+                f"max_files_per_request ({self.max_files_per_request}) must not exceed queue_limit ({self.queue_limit})"
             )
+        if self.max_body_bytes_in_flight < self.max_request_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be >= "
+                f"max_request_bytes ({self.max_request_bytes}), or a full /predict-many could never be read"
+            )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must be >= max_image_pixels ({self.max_image_pixels})"
+            )
+        if self.admin_port is not None and self.admin_port == self.port and self.port != 0:
+            raise ValueError(f"admin_port ({self.admin_port}) must differ from port ({self.port})")
         if self.max_request_bytes < self.max_file_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be >= max_file_bytes ({self.max_file_bytes})"

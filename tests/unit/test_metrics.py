@@ -131,7 +131,7 @@ def test_unknown_outcome_or_reason_is_refused_not_minted(metrics: Metrics, regis
         metrics.image_outcome("patient_1234.jpeg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reason"):
         metrics.rejected("because")  # type: ignore[arg-type]
-    # The API never reports "cancelled": the batcher observer owns that outcome.
+    # "cancelled" has its own hook (on_image_abandoned), never a plain outcome call.
     with pytest.raises(ValueError, match="outcome"):
         metrics.image_outcome("cancelled")  # type: ignore[arg-type]
     assert value(registry, "lungserve_images_total", outcome="patient_1234.jpeg") is None
@@ -161,7 +161,8 @@ def test_batch_observer_calls(metrics: Metrics, registry: CollectorRegistry) -> 
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
     assert value(registry, "lungserve_cancelled_total") == 2
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 2
+    # The image outcome is counted per request (on_image_abandoned), never twice.
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 0
 
 
 def test_gauges_follow_the_last_value(metrics: Metrics, registry: CollectorRegistry) -> None:
@@ -307,7 +308,6 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
     assert value(registry, "lungserve_inference_seconds_count") == value(registry, "lungserve_batch_size_count")
     assert value(registry, "lungserve_batch_failures_total") == 0
     assert value(registry, "lungserve_cancelled_total") == 1
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
 
@@ -351,13 +351,15 @@ def test_prediction_observer_fills_the_request_context(registry: CollectorRegist
         observer.on_classified(_classified(0), BatchInfo(batch_id=3, size=2, queue_wait_s=0.001, compute_s=0.01))
         observer.on_classified(_classified(2), BatchInfo(batch_id=3, size=2, queue_wait_s=0.002, compute_s=0.01))
         observer.on_image_failed(InvalidImage("not an image"))
-    assert ctx.images == 3
+        observer.on_image_abandoned()
+    assert ctx.images == 4
     assert ctx.model_version == "7"
     assert ctx.timing.batches == {3: 2}
     assert server_timing(ctx.timing) == "queue;dur=2.000, decode;dur=6.000, infer;dur=10.000"
     assert value(registry, "lungserve_predictions_total", label="lung_aca") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_scc") == 1
     assert value(registry, "lungserve_images_total", outcome="invalid") == 1
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
 
 
 @pytest.mark.parametrize(
