@@ -20,8 +20,10 @@ colours. It looks at the uint8 (S, S, 3) array the model sees, with numpy only:
 Every limit (`LIMITS`) was fitted on the train-group tiles of LC25000 (the groups not in the
 bundled manifest's `validation_groups`; 9,930 tiles): each one-sided limit is its feature's
 0.05% (or 99.95%) quantile over those tiles, rounded outward, so each flags at most ~0.05% of
-real tiles and all nine together at most ~0.5% (measured: 0.09% of train tiles, 0.25% of the
-held-out ones). Figures and the command: docs/model/ood.md (`python -m tests.ood_study`).
+real tiles. One exception: the background limit is 0.85 (a tile needs 15% tissue to be judged),
+well above every train tile (at most 0.75 glass), because glass-rich lung_n tiles are real
+tissue the model was trained on. Measured: 0.05% of train tiles and none of the 2,447 held-out
+tiles fail. Figures and the command: docs/model/ood.md (`python -m tests.ood_study`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class TissueLimits:
 
 # Fitted on LC25000 train-group tiles (see the module docstring and docs/model/ood.md).
 LIMITS: Final = TissueLimits(
-    max_background=0.72,
+    max_background=0.85,
     min_chroma=31.0,
     max_blue_over_green=0.90,
     max_red_over_green=1.00,
