@@ -236,6 +236,13 @@ class Metrics:
             "Images dropped before compute because their client went away.",
             registry=r,
         )
+        # Only with LUNGSERVE_API_KEYS_FILE: the key's *name* (bounded by the file), never the key.
+        self.api_key_requests = Counter(
+            f"{PREFIX}_api_key_requests",
+            "Requests to key-protected routes by API key name (none: no or an unknown key) and outcome.",
+            ["key", "outcome"],
+            registry=r,
+        )
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds... under their
         # standard names (no prefix) so stock dashboards work. Linux /proc; empty elsewhere.
         ProcessCollector(registry=r)
@@ -252,6 +259,10 @@ class Metrics:
             self.decisions.labels(*d)
 
     # --- called by the request middleware and the API ---------------------------------
+
+    def api_key_request(self, name: str | None, outcome: str) -> None:
+        """outcome: ok | missing | invalid (service.access)."""
+        self.api_key_requests.labels(key=name or "none", outcome=outcome).inc()
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route=route, status=status_class(status)).inc()

@@ -61,6 +61,19 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def error_examples(*errors: tuple[str, str]) -> dict[str, Any]:
+    """`content` for one status of an OpenAPI `responses` table: one example per error code it can
+    carry (Swagger UI shows a picker), so each status shows its own errors."""
+    return {
+        "application/json": {
+            "examples": {
+                code: {"summary": code, "value": {"error": {"code": code, "message": message, "request_id": "3f2a9c"}}}
+                for code, message in errors
+            }
+        }
+    }
+
+
 class ModelRef(BaseModel):
     name: str
     version: str
