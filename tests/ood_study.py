@@ -135,6 +135,49 @@ class Outcome:
     score_ok: bool  # the model's ood_score alone (True when it has none or no threshold)
 
 
+# Ruifrok & Johnston's stain vectors (as export/augment.py, where training jitters stains the same way).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED[2] = np.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+JITTERS = ((0.1, 0.05), (0.2, 0.1))  # (gain, shift): training's strength, and twice it
+
+
+def hed_jitter(x: NDArray[np.uint8], rng: np.random.Generator, gain: float, shift: float) -> NDArray[np.uint8]:
+    """Tellez et al.'s HED stain jitter, per image: another lab's staining, roughly."""
+    od = -np.log(np.maximum(x.astype(np.float64), 1.0) / 255.0)
+    conc = od @ _HED_FROM_RGB
+    alpha = rng.uniform(1 - gain, 1 + gain, (x.shape[0], 1, 1, 3))
+    beta = rng.uniform(-shift, shift, (x.shape[0], 1, 1, 3))
+    rgb = 255.0 * np.exp(-((conc * alpha + beta) @ _RGB_FROM_HED))
+    return np.asarray(np.clip(rgb, 0, 255), dtype=np.uint8)
+
+
+def stain_section(tiles: Sequence[Tile], size: int) -> list[str]:
+    lines = [
+        "## Stain variation (held-out tiles, HED jitter)",
+        "",
+        "How often the tissue check refers real held-out tiles whose stain concentrations were jittered",
+        "(per image, per stain: gain U(1-a, 1+a), shift U(-b, b) in optical density; seed 0). Training",
+        "augments with a=0.1, b=0.05. Another lab's H&E may differ more: the check was fitted on",
+        "LC25000 alone and would refer more of it.",
+        "",
+        "| jitter (a, b) | failing the tissue check | by limit |",
+        "|---|---|---|",
+    ]
+    for gain, shift in JITTERS:
+        rng = np.random.default_rng(0)
+        failed = 0
+        by: Counter[str] = Counter()
+        for start in range(0, len(tiles), 256):
+            batch = hed_jitter(decode((t.path for t in tiles[start : start + 256]), size), rng, gain, shift)
+            for c in check_batch(batch):
+                failed += not c.plausible
+                by.update(f.value for f in c.failures)
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "none"
+        lines.append(f"| ({gain:g}, {shift:g}) | {pct(failed, len(tiles))} | {detail} |")
+    return [*lines, ""]
+
+
 def run_images(engine: Engine, thresholds: Thresholds, images: NDArray[np.uint8]) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for start in range(0, len(images), BATCH):
@@ -238,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
     held_lines, ood_rate = held_out_section(engine, thresholds, held, named)
+    stain_lines = stain_section(held, engine.input_size)
 
     doc = [
         "# Out-of-distribution inputs: the tissue check and the refer decision",
@@ -256,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *fit,
         *ood_lines,
         *held_lines,
+        *stain_lines,
     ]
     text = "\n".join(doc)
     if args.out:
