@@ -147,6 +147,10 @@ class Settings(BaseSettings):
         ge=0.0,
         description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
     )
+    tissue_check: bool = Field(
+        default=True,
+        description="refer images that are not plausible H&E tiles (service.tissue); false: only the model decides",
+    )
 
     # --- admin ---
     admin_token: SecretStr | None = Field(default=None, description="bearer token for admin endpoints")
