@@ -95,15 +95,17 @@ def test_every_label_used_exists(dashboard: dict[str, Any], exposed: dict[str, s
 def test_the_panels_an_operator_needs_are_there(dashboard: dict[str, Any]) -> None:
     exprs = "\n".join(expressions(dashboard))
     for needle in (
-        "rate(lungserve_requests_total",                        # request rate by route/status
+        "rate(lungserve_requests_total",  # request rate by route/status
         "histogram_quantile(0.99, sum by (le, route) (rate(lungserve_request_duration_seconds_bucket",
         "histogram_quantile(0.5, sum by (le) (rate(lungserve_queue_wait_seconds_bucket",
-        "lungserve_batch_size_bucket",                          # batch size distribution
-        "lungserve_batch_size_sum",                             # mean batch size
-        "lungserve_queue_depth", "lungserve_batches_in_flight",
+        "lungserve_batch_size_bucket",  # batch size distribution
+        "lungserve_batch_size_sum",  # mean batch size
+        "lungserve_queue_depth",
+        "lungserve_batches_in_flight",
         "sum by (reason) (rate(lungserve_rejected_total",
-        "sum by (label) (rate(lungserve_predictions_total",     # class mix
-        "lungserve_model_info", "lungserve_model_ready",
+        "sum by (label) (rate(lungserve_predictions_total",  # class mix
+        "lungserve_model_info",
+        "lungserve_model_ready",
     ):
         assert needle in exprs, needle
     heatmaps = [p for p in panels(dashboard) if p["type"] == "heatmap"]

@@ -23,6 +23,7 @@ ALL_PROVIDERS = ["TensorrtExecutionProvider", CUDA, CPU]
 
 # --- provider policy: pure ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("policy", "available", "expected"),
     [
@@ -66,6 +67,7 @@ def test_check_active_refuses_an_empty_provider_list() -> None:
 
 
 # --- graph vs manifest: pure, with fake node args ------------------------------------------
+
 
 @dataclass(frozen=True)
 class FakeArg:
@@ -117,6 +119,7 @@ def test_validate_signature_refuses_another_resize(tmp_path: Path) -> None:
 
 
 # --- real CPU sessions ----------------------------------------------------------------------
+
 
 def _expected(batch: np.ndarray) -> np.ndarray:
     """What tests/onnx_models.py's graph computes: softmax(mean colour @ 0.001)."""

@@ -53,9 +53,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
-def test_requests_are_counted_by_route_and_status_class(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
+def test_requests_are_counted_by_route_and_status_class(metrics: Metrics, registry: CollectorRegistry) -> None:
     # Binary fractions, so the histogram sum is exact.
     metrics.observe_request("/v1/predict", 200, 0.25)
     metrics.observe_request("/v1/predict", 201, 0.5)
@@ -72,10 +70,20 @@ def test_requests_are_counted_by_route_and_status_class(
     assert value(registry, "lungserve_request_duration_seconds_bucket", route="/v1/predict", le="0.25") == 3
 
 
-@pytest.mark.parametrize(("status", "cls"), [
-    (100, "1xx"), (200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (500, "5xx"), (599, "5xx"),
-    (0, "5xx"), (700, "5xx"),
-])
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (100, "1xx"),
+        (200, "2xx"),
+        (304, "3xx"),
+        (404, "4xx"),
+        (499, "4xx"),
+        (500, "5xx"),
+        (599, "5xx"),
+        (0, "5xx"),
+        (700, "5xx"),
+    ],
+)
 def test_status_class(status: int, cls: str) -> None:
     assert status_class(status) == cls
 
@@ -115,9 +123,7 @@ def test_images_rejections_predictions_and_decode(metrics: Metrics, registry: Co
     assert value(registry, "lungserve_decode_seconds_bucket", le="0.005") == 1
 
 
-def test_unknown_outcome_or_reason_is_refused_not_minted(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
+def test_unknown_outcome_or_reason_is_refused_not_minted(metrics: Metrics, registry: CollectorRegistry) -> None:
     with pytest.raises(ValueError, match="outcome"):
         metrics.image_outcome("patient_1234.jpeg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reason"):
@@ -162,12 +168,15 @@ def test_gauges_follow_the_last_value(metrics: Metrics, registry: CollectorRegis
     assert value(registry, "lungserve_batches_in_flight") == 2
 
 
-@pytest.mark.parametrize(("max_batch", "expected"), [
-    (1, ["1.0"]),
-    (2, ["1.0", "2.0"]),
-    (32, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]),
-    (48, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "48.0"]),
-])
+@pytest.mark.parametrize(
+    ("max_batch", "expected"),
+    [
+        (1, ["1.0"]),
+        (2, ["1.0", "2.0"]),
+        (32, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]),
+        (48, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "48.0"]),
+    ],
+)
 def test_batch_size_buckets_end_at_max_batch_size(max_batch: int, expected: list[str]) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=max_batch)
@@ -184,9 +193,7 @@ def test_batch_size_buckets_refuse_nonsense() -> None:
         batch_size_buckets(0)
 
 
-def test_model_info_is_relabelled_when_the_model_changes(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
+def test_model_info_is_relabelled_when_the_model_changes(metrics: Metrics, registry: CollectorRegistry) -> None:
     metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")
     metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")  # idempotent
     old = {"name": "lungcnn", "version": "1", "sha256": "a" * 12, "provider": "CPUExecutionProvider"}
@@ -218,14 +225,23 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
     assert content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     # The classic text format has no `_created` concept: the client emits those as gauges.
-    ours = {name: f for name, f in families.items()
-            if name.startswith("lungserve_") and not name.endswith("_created")}
+    ours = {name: f for name, f in families.items() if name.startswith("lungserve_") and not name.endswith("_created")}
     assert set(ours) == {
-        "lungserve_requests", "lungserve_request_duration_seconds", "lungserve_images",
-        "lungserve_queue_wait_seconds", "lungserve_decode_seconds", "lungserve_inference_seconds",
-        "lungserve_batch_size", "lungserve_batch_failures", "lungserve_queue_depth",
-        "lungserve_batches_in_flight", "lungserve_rejected", "lungserve_predictions",
-        "lungserve_model_info", "lungserve_model_ready", "lungserve_cancelled",
+        "lungserve_requests",
+        "lungserve_request_duration_seconds",
+        "lungserve_images",
+        "lungserve_queue_wait_seconds",
+        "lungserve_decode_seconds",
+        "lungserve_inference_seconds",
+        "lungserve_batch_size",
+        "lungserve_batch_failures",
+        "lungserve_queue_depth",
+        "lungserve_batches_in_flight",
+        "lungserve_rejected",
+        "lungserve_predictions",
+        "lungserve_model_info",
+        "lungserve_model_ready",
+        "lungserve_cancelled",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
@@ -234,8 +250,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
             assert name.endswith("_seconds")
     # Labels are the bounded ones, never ids or file names.
     labels = {key for f in ours.values() for s in f.samples for key in s.labels}
-    assert labels <= {"route", "status", "outcome", "reason", "label", "name", "version", "sha256",
-                      "provider", "le"}
+    assert labels <= {"route", "status", "outcome", "reason", "label", "name", "version", "sha256", "provider", "le"}
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -256,7 +271,11 @@ def test_metrics_is_the_batchers_observer(metrics: Metrics) -> None:
 async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) -> None:
     metrics = Metrics(registry, max_batch_size=4)
     batcher: Batcher[int, int] = Batcher(
-        lambda items: [i * 2 for i in items], max_batch_size=4, max_delay_s=0.0, max_queue=16, observer=metrics,
+        lambda items: [i * 2 for i in items],
+        max_batch_size=4,
+        max_delay_s=0.0,
+        max_queue=16,
+        observer=metrics,
     )
     await batcher.start()
     try:
@@ -279,10 +298,17 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
 
 # --- the runtime's PredictionObserver ------------------------------------------------------
 
+
 def _classified(label_index: int) -> Classified:
     manifest = Manifest(
-        name="lungcnn", version="7", classes=["lung_aca", "lung_n", "lung_scc"], input_name="image",
-        output_name="probs", input_size=32, resize=RESIZE, sha256="0" * 64,
+        name="lungcnn",
+        version="7",
+        classes=["lung_aca", "lung_n", "lung_scc"],
+        input_name="image",
+        output_name="probs",
+        input_size=32,
+        resize=RESIZE,
+        sha256="0" * 64,
     )
     probs = np.full(3, 0.1, dtype=np.float32)
     probs[label_index] = 0.8
@@ -316,18 +342,21 @@ def test_prediction_observer_fills_the_request_context(registry: CollectorRegist
     assert value(registry, "lungserve_images_total", outcome="invalid") == 1
 
 
-@pytest.mark.parametrize(("error", "outcome", "reason"), [
-    (InvalidImage("x"), "invalid", None),
-    (ImageTooLarge("x"), "too_large", None),
-    (MissingField("x"), "invalid", "bad_input"),
-    (TooManyFiles("x"), "invalid", "bad_input"),
-    (Overloaded("x"), "rejected", "queue_full"),
-    (DeadlineExceeded("x"), "rejected", "deadline"),
-    (ShuttingDown("x"), "rejected", "shutting_down"),
-    (ModelNotReady("x"), "rejected", "not_ready"),
-    (InferenceFailed("x"), "error", None),
-    (ClientGone("x"), None, None),
-])
+@pytest.mark.parametrize(
+    ("error", "outcome", "reason"),
+    [
+        (InvalidImage("x"), "invalid", None),
+        (ImageTooLarge("x"), "too_large", None),
+        (MissingField("x"), "invalid", "bad_input"),
+        (TooManyFiles("x"), "invalid", "bad_input"),
+        (Overloaded("x"), "rejected", "queue_full"),
+        (DeadlineExceeded("x"), "rejected", "deadline"),
+        (ShuttingDown("x"), "rejected", "shutting_down"),
+        (ModelNotReady("x"), "rejected", "not_ready"),
+        (InferenceFailed("x"), "error", None),
+        (ClientGone("x"), None, None),
+    ],
+)
 def test_errors_map_to_bounded_outcomes_and_reasons(
     error: LungserveError, outcome: str | None, reason: str | None
 ) -> None:

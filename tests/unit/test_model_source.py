@@ -101,8 +101,9 @@ def test_parse_manifest_refuses_paths_as_file_name(name: str) -> None:
 
 
 def _client_error(code: str, status: int, op: str = "GetObject") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "msg\nsecond line"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)  # type: ignore[typeddict-item]
+    return ClientError(
+        {"Error": {"Code": code, "Message": "msg\nsecond line"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op
+    )  # type: ignore[typeddict-item]
 
 
 @pytest.mark.parametrize(
