@@ -73,5 +73,7 @@ async def reload_model(request: Request) -> ReloadResponse:
     reloader: ModelReloader = request.app.state.reloader
     result = await reloader.reload()
     return ReloadResponse(
-        status="reloaded" if result.changed else "unchanged", previous=result.previous, current=result.current
+        status="reloaded" if result.changed else "unchanged",
+        previous=result.previous.as_dict(),
+        current=result.current.as_dict(),
     )

@@ -1,4 +1,4 @@
-"""HTTP routes and their response models (with OpenAPI examples). No business logic here.
+"""HTTP routes (response models in `service.schemas`). No business logic here.
 
 The upload routes take the raw `Request` and parse the multipart body themselves
 (`service.uploads`), so that the queue is checked before the body is read and every upload
@@ -8,188 +8,45 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import LungserveError
+from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
-from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState, deadline, unless_disconnected
-from service.uploads import MULTIPART_OVERHEAD_BYTES, Upload, UploadLimits, check_declared_size, read_uploads
+from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
+from service.schemas import (
+    BatchingInfo,
+    ErrorResponse,
+    FileError,
+    FilePrediction,
+    LiveResponse,
+    ModelInfoResponse,
+    ModelRef,
+    PredictionResponse,
+    PredictManyResponse,
+    ReadyResponse,
+    UploadLimitsInfo,
+    file_error,
+    file_prediction,
+    prediction,
+)
+from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
 
 router = APIRouter()
 
-_CLASSES_EXAMPLE: Final[dict[str, Any]] = {"lung_aca": 0.912, "lung_n": 0.011, "lung_scc": 0.077}
-_MODEL_EXAMPLE: Final[dict[str, Any]] = {"name": "lungserve-lung-cnn", "version": "2026.11.22-6d5d6424"}
-
-
-# --- response models ------------------------------------------------------------------------
-
-class ErrorInfo(BaseModel):
-    code: str = Field(description="stable machine-readable code, e.g. invalid_image")
-    message: str = Field(description="what was wrong, for a human")
-    request_id: str | None = Field(default=None, description="the X-Request-ID of the request, when known")
-
-
-class FileErrorInfo(BaseModel):
-    code: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"error": {"code": "invalid_image", "message": "the file is empty"}}]
-        }
-    )
-    error: ErrorInfo
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class PredictionResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"label": "lung_aca", "confidence": 0.912, "probabilities": _CLASSES_EXAMPLE, "model": _MODEL_EXAMPLE}
-            ]
-        }
-    )
-    label: str = Field(description="the most probable class")
-    confidence: float = Field(description="the calibrated probability of `label`")
-    probabilities: dict[str, float] = Field(description="calibrated probability of every class, in model order")
-    model: ModelRef = Field(description="the model that computed this answer")
-
-
-class FilePrediction(BaseModel):
-    filename: str | None
-    label: str
-    confidence: float
-    probabilities: dict[str, float]
-    model: ModelRef
-
-
-class FileError(BaseModel):
-    filename: str | None
-    error: FileErrorInfo
-
-
-class PredictManyResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "results": [
-                        {
-                            "filename": "tile-001.jpeg",
-                            "label": "lung_aca",
-                            "confidence": 0.912,
-                            "probabilities": _CLASSES_EXAMPLE,
-                            "model": _MODEL_EXAMPLE,
-                        },
-                        {
-                            "filename": "notes.txt",
-                            "error": {
-                                "code": "invalid_image",
-                                "message": "not a decodable image (expected JPEG, PNG, TIFF or BMP)",
-                            },
-                        },
-                    ]
-                }
-            ]
-        }
-    )
-    results: list[FilePrediction | FileError] = Field(description="one entry per uploaded file, in upload order")
-
-
-class LiveResponse(BaseModel):
-    status: Literal["alive"] = "alive"
-
-
-class ReadyResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"status": "ready", "model": _MODEL_EXAMPLE, "provider": "CPUExecutionProvider"}]
-        }
-    )
-    status: Literal["ready"] = "ready"
-    model: ModelRef
-    provider: str
-
-
-class BatchingInfo(BaseModel):
-    max_batch_size: int
-    max_batch_delay_s: float
-    queue_limit: int
-    max_in_flight_batches: int
-    request_deadline_s: float
-
-
-class UploadLimitsInfo(BaseModel):
-    max_file_bytes: int
-    max_files_per_request: int
-    max_request_bytes: int
-    max_image_pixels: int
-
-
-class ModelInfoResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "manifest": {
-                        **_MODEL_EXAMPLE,
-                        "classes": ["lung_aca", "lung_n", "lung_scc"],
-                        "input_name": "image",
-                        "output_name": "probabilities",
-                        "input_size": 128,
-                        "input_dtype": "uint8",
-                        "...": "every other key of model.json",
-                    },
-                    "provider": "CPUExecutionProvider",
-                    "batching": {
-                        "max_batch_size": 16,
-                        "max_batch_delay_s": 0.005,
-                        "queue_limit": 256,
-                        "max_in_flight_batches": 1,
-                        "request_deadline_s": 30.0,
-                    },
-                    "limits": {
-                        "max_file_bytes": 20971520,
-                        "max_files_per_request": 64,
-                        "max_request_bytes": 134217728,
-                        "max_image_pixels": 50000000,
-                    },
-                }
-            ]
-        }
-    )
-    manifest: dict[str, Any] = Field(description="model.json of the model being served")
-    provider: str = Field(description="the ONNX Runtime execution provider really in use")
-    source: dict[str, str | None] | None = Field(
-        default=None, description="where the model was fetched from (URI, S3 ETag / version id)"
-    )
-    batching: BatchingInfo
-    limits: UploadLimitsInfo
-
-
 # --- helpers --------------------------------------------------------------------------------
+
 
 def _service(request: Request) -> ServiceState:
     service: ServiceState = request.app.state.service
     return service
 
 
-def _model_ref(result: Classified) -> ModelRef:
-    return ModelRef(name=result.manifest.name, version=result.manifest.version)
-
-
-def _error_info(exc: LungserveError) -> FileErrorInfo:
-    return FileErrorInfo(code=exc.code, message=exc.message)
+def _limits(request: Request) -> RouteLimits:
+    limits: RouteLimits = request.app.state.upload_limits
+    return limits
 
 
 async def _classify_upload(
@@ -235,6 +92,7 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 # --- routes ---------------------------------------------------------------------------------
 
+
 @router.post(
     "/predict",
     summary="Classify one image",
@@ -245,13 +103,7 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 async def predict(request: Request) -> PredictionResponse:
     service = _service(request)
     settings = service.settings
-    limits = UploadLimits(
-        field="file",
-        max_files=1,
-        max_file_bytes=settings.max_file_bytes,
-        max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
-        fail_fast=True,
-    )
+    limits = _limits(request).predict
     try:
         runtime = service.current()
         # Order matters: declared size, then the queue (503 at once), then read, then decode.
@@ -267,12 +119,7 @@ async def predict(request: Request) -> PredictionResponse:
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    return PredictionResponse(
-        label=outcome.label,
-        confidence=outcome.confidence,
-        probabilities=outcome.by_class(),
-        model=_model_ref(outcome),
-    )
+    return prediction(outcome)
 
 
 @router.post(
@@ -288,13 +135,7 @@ async def predict(request: Request) -> PredictionResponse:
 async def predict_many(request: Request) -> PredictManyResponse:
     service = _service(request)
     settings = service.settings
-    limits = UploadLimits(
-        field="files",
-        max_files=settings.max_files_per_request,
-        max_file_bytes=settings.max_file_bytes,
-        max_body_bytes=settings.max_request_bytes,
-        fail_fast=False,
-    )
+    limits = _limits(request).predict_many
     try:
         runtime = service.current()
         check_declared_size(request.headers.get("content-length"), limits)
@@ -312,20 +153,12 @@ async def predict_many(request: Request) -> PredictManyResponse:
     except LungserveError as exc:
         service.observer.on_rejected(exc)
         raise
-    results: list[FilePrediction | FileError] = []
-    for upload, outcome in zip(uploads, outcomes, strict=True):
-        if isinstance(outcome, LungserveError):
-            results.append(FileError(filename=upload.filename, error=_error_info(outcome)))
-        else:
-            results.append(
-                FilePrediction(
-                    filename=upload.filename,
-                    label=outcome.label,
-                    confidence=outcome.confidence,
-                    probabilities=outcome.by_class(),
-                    model=_model_ref(outcome),
-                )
-            )
+    results: list[FilePrediction | FileError] = [
+        file_error(upload.filename, outcome)
+        if isinstance(outcome, LungserveError)
+        else file_prediction(upload.filename, outcome)
+        for upload, outcome in zip(uploads, outcomes, strict=True)
+    ]
     return PredictManyResponse(results=results)
 
 
@@ -354,8 +187,8 @@ async def live() -> LiveResponse:
 )
 async def ready(request: Request) -> ReadyResponse:
     runtime = _service(request).current()
-    engine = runtime.engine
-    return ReadyResponse(model=ModelRef(name=engine.name, version=engine.version), provider=engine.provider)
+    identity = runtime.identity
+    return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
 
 @router.get(
@@ -370,7 +203,7 @@ async def model_info(request: Request) -> ModelInfoResponse:
     return ModelInfoResponse(
         manifest=runtime.engine.manifest.dump(),
         provider=runtime.engine.provider,
-        source=runtime.artifact.describe() if runtime.artifact is not None else None,
+        source=runtime.identity.as_dict(),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_batch_delay_s=s.max_batch_delay_s,

@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-Start-up (lifespan): decode pool -> fetch + verify the model -> ORT engine -> warm-up of
-every batch shape -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
+Start-up (lifespan): decode pool -> fetch the model (sha256 checked) -> ORT engine + warm-up
+of every batch shape (the model's verification) -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
 (drains what was admitted) -> decode pool shut down. All state lives on `app.state.service`
 (a `ServiceState`); nothing is global, so several apps can live in one process (tests).
 
@@ -36,6 +36,7 @@ from service.model_source import ModelArtifact, fetch_configured_model
 from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
+from service.uploads import RouteLimits
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ async def build_runtime(
 ) -> ModelRuntime:
     """Engine -> warm-up of every batch size the batcher can form -> started batcher.
 
-    Also the building block of a future hot reload: build the new runtime with this, then
-    `ServiceState.replace_runtime(new)` and `await old.stop(...)`.
+    Start-up and hot reload (`service.reload`) both build their runtime with this.
     """
     # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
     # /health/live) responsive meanwhile.
@@ -67,7 +67,7 @@ async def build_runtime(
         inter_op_threads=settings.ort_inter_op_threads,
     )
     await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
-    runtime = ModelRuntime(engine, settings, artifact=artifact, observer=observer)
+    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
     await runtime.start()
     return runtime
 
@@ -84,37 +84,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state,
         settings,
         lambda artifact: build_runtime(artifact, settings, metrics.batcher_observer()),
-        on_swap=lambda runtime: _publish_model(metrics, runtime),
+        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decode_pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_workers, thread_name_prefix="decode"
-        )
+        state.decode_pool = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="decode")
         try:
             try:
                 artifact = await fetch_configured_model(settings)
+                identity = artifact.identity
+                log.info(
+                    "model fetched and verified (sha256)",
+                    extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
+                )
+                warm_up_started = time.perf_counter()
+                state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)
                 # That line is the diagnosis: spare the operator botocore's chained tracebacks.
                 raise ModelSourceError(str(exc)) from None
-            log.info("model fetched and verified (sha256, signature, test inference)", extra=_model_fields(artifact))
-            warm_up_started = time.perf_counter()
-            state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
             state.phase = Phase.READY
             serving = state.current()
-            _publish_model(metrics, serving)
+            metrics.set_model(identity, serving.engine.provider)
             metrics.set_ready(True)
             log.info(
                 "ready: model %s %s on %s, batches of up to %d",
-                artifact.manifest.name,
-                artifact.version,
+                identity.name,
+                identity.version,
                 serving.engine.provider,
                 settings.max_batch_size,
                 extra={
-                    **_model_fields(artifact),
+                    **identity.log_fields(),
                     "provider": serving.engine.provider,
                     "max_batch_size": settings.max_batch_size,
                     "load_and_warm_up_s": round(time.perf_counter() - warm_up_started, 3),
@@ -142,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.state.reloader = reloader
     app.state.metrics = metrics
+    app.state.upload_limits = RouteLimits.from_settings(settings)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
         RequestContextMiddleware,
@@ -152,23 +155,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     _install_error_handlers(app)
     return app
-
-
-def _model_fields(artifact: ModelArtifact) -> dict[str, str | int | None]:
-    """Log fields naming a model (`name` would clash with LogRecord.name)."""
-    return {
-        "model_name": artifact.manifest.name,
-        "model_version": artifact.version,
-        "sha256": artifact.sha256,
-        "source": artifact.source,
-        "etag": artifact.etag,
-        "downloaded_bytes": artifact.downloaded_bytes,
-    }
-
-
-def _publish_model(metrics: Metrics, runtime: ModelRuntime) -> None:
-    engine = runtime.engine
-    metrics.set_model(engine.name, engine.version, engine.manifest.sha256, engine.provider)
 
 
 def _request_id(request: Request) -> str | None:

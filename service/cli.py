@@ -45,12 +45,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, json=settings.log_json)
     logging.getLogger("service.cli").info(
         "serving %s on http://%s:%d with 1 uvicorn worker (one process = one model, one batch queue)",
-        settings.model_uri, settings.host, settings.port,
+        settings.model_uri,
+        settings.host,
+        settings.port,
     )
     # log_config=None: uvicorn leaves the logging set up above alone.
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, workers=1, lifespan="on",
-        log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
     )
     server = uvicorn.Server(config)
 
@@ -78,10 +86,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _export_extra_missing(exc)
     cfg = TrainConfig(
-        data=args.data, out=args.out, input_size=args.input_size, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-        val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-        allow_image_split=args.allow_image_split, max_steps=args.max_steps,
+        data=args.data,
+        out=args.out,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        cache_dir=args.cache_dir,
+        allow_image_split=args.allow_image_split,
+        max_steps=args.max_steps,
     )
     train(cfg)
     return 0
@@ -92,13 +107,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from export.evaluate import evaluate
     except ImportError as exc:
         return _export_extra_missing(exc)
-    report = evaluate(args.model, args.data, args.out, validation_groups_only=args.validation_groups,
-                      cache_dir=args.cache_dir)
+    report = evaluate(
+        args.model, args.data, args.out, validation_groups_only=args.validation_groups, cache_dir=args.cache_dir
+    )
     print(json.dumps({k: report[k] for k in ("subset", "n", "accuracy", "balanced_accuracy", "ece")}))
     for name, m in report["per_class"].items():
         print(
-            f"{name:>10}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
-            f"f1 {m['f1']:.4f}  n={m['support']}"
+            f"{name:>10}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  f1 {m['f1']:.4f}  n={m['support']}"
         )
     return 0
 
@@ -126,10 +141,11 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
     from export.upload import upload
     from service.errors import ModelSourceError
+    from service.model_source import S3Options
 
+    s3 = S3Options(endpoint_url=args.endpoint_url, region=args.region)
     try:
-        uris = asyncio.run(upload(args.dir, args.uri, endpoint_url=args.endpoint_url, region=args.region,
-                                  create_bucket=args.create_bucket))
+        uris = asyncio.run(upload(args.dir, args.uri, s3=s3, create_bucket=args.create_bucket))
     except ModelSourceError as exc:
         print(f"lungserve upload: {exc}", file=sys.stderr)
         return 1
@@ -157,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
-    p.add_argument("--allow-image-split", action="store_true",
-                   help="permit an image-level split when there is no groups.csv (leaks near-copies)")
+    p.add_argument(
+        "--allow-image-split",
+        action="store_true",
+        help="permit an image-level split when there is no groups.csv (leaks near-copies)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
@@ -166,16 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model.onnx (with model.json beside it) or a .keras file")
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     p.add_argument("--out", type=Path, default=None, help="write evaluation.json and PNG plots here")
-    p.add_argument("--validation-groups", action="store_true",
-                   help="only the tissue groups the model was validated on (from its manifest)")
+    p.add_argument(
+        "--validation-groups",
+        action="store_true",
+        help="only the tissue groups the model was validated on (from its manifest)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="convert a Keras checkpoint to ONNX + model.json, with a parity check")
     p.add_argument("--keras", type=Path, required=True, help="e.g. RUN/calibrated.keras from `lungserve train`")
     p.add_argument("--out", type=Path, required=True, help="folder for model.onnx and model.json")
-    p.add_argument("--parity-images", type=Path, default=None,
-                   help="folder of real images (default: RUN/parity_images.npy written by train)")
+    p.add_argument(
+        "--parity-images",
+        type=Path,
+        default=None,
+        help="folder of real images (default: RUN/parity_images.npy written by train)",
+    )
     p.add_argument("--version", default=None, help="default: DATE-<checkpoint sha256 prefix>")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("upload", help="put model.onnx + model.json under an S3 prefix (model first, manifest last)")

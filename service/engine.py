@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.errors import ModelSourceError
+from service.errors import ModelSourceError, one_line
 from service.manifest import Manifest
 from service.preprocess import RESIZE
 from service.settings import ProviderPolicy
@@ -166,27 +166,22 @@ class Engine:
         try:
             self._session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=requested)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise ModelSourceError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+            raise ModelSourceError(
+                f"not a loadable ONNX model: {onnx_path.name}: onnxruntime cannot load it: {one_line(exc, 200)}"
+            ) from exc
 
         self._provider = check_active(provider, self._session.get_providers())
-        validate_signature(manifest, self._session.get_inputs(), self._session.get_outputs())
+        try:
+            validate_signature(manifest, self._session.get_inputs(), self._session.get_outputs())
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"manifest does not fit the model: {one_line(exc)}") from exc
         if provider == "auto" and CUDA in requested and self._provider != CUDA:
             log.warning("CUDA provider is installed but not active; running on %s", self._provider)
-        log.info(
-            "model %s %s loaded on %s (requested %s)", manifest.name, manifest.version, self._provider, requested
-        )
+        log.info("model %s %s loaded on %s (requested %s)", manifest.name, manifest.version, self._provider, requested)
 
     @property
     def manifest(self) -> Manifest:
         return self._manifest
-
-    @property
-    def version(self) -> str:
-        return self._manifest.version
-
-    @property
-    def name(self) -> str:
-        return self._manifest.name
 
     @property
     def provider(self) -> str:
@@ -196,10 +191,6 @@ class Engine:
     @property
     def input_size(self) -> int:
         return self._manifest.input_size
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self._manifest.classes)
 
     def run(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
         """uint8 (N, S, S, 3) -> float32 probabilities (N, C), in manifest class order."""
@@ -215,8 +206,8 @@ class Engine:
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every batch shape once, so no request pays for lazy allocation or kernel tuning.
 
-        Also the last line of defence for the manifest contract: the output must be a
-        probability row per image.
+        Together with `__init__` this is the model's one verification (ONNX Runtime loads it, its
+        signature fits the manifest, every batch shape yields a probability row per image).
         """
         size = self._manifest.input_size
         sizes = list(batch_sizes)
@@ -230,7 +221,7 @@ class Engine:
             if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
                 raise ModelSourceError(f"warm-up with batch {n}: output is not probabilities in [0, 1]")
             if np.max(np.abs(probs.sum(axis=1) - 1.0)) > _PROB_SUM_TOLERANCE:
-                raise ModelSourceError(f"warm-up with batch {n}: output rows do not sum to 1")
+                raise ModelSourceError(f"warm-up with batch {n}: output rows do not sum to 1 (not probabilities)")
         log.info("warm-up done for batch sizes %s", _describe(sizes))
 
 

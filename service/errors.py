@@ -82,6 +82,13 @@ class DeadlineExceeded(LungserveError):
     status = 504
 
 
+class ClientGone(LungserveError):
+    """The client disconnected while its images were waiting; nobody reads this answer."""
+
+    code = "client_closed_request"
+    status = 499  # nginx's convention; only ever seen in logs and metrics
+
+
 class ModelNotReady(LungserveError):
     code = "model_not_ready"
     status = 503
@@ -139,6 +146,12 @@ class ModelRejected(LungserveError):
 
     code = "model_rejected"
     status = 409
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Collapse whitespace (multi-line library errors) and cap the length: one log line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

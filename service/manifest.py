@@ -1,4 +1,8 @@
-"""The model manifest (`model.json`): the contract between export, storage and serving."""
+"""The model manifest (`model.json`): the contract between export, storage and serving.
+
+It also holds the rules every copy of a model obeys, wherever it is stored: the manifest names
+a plain file beside it, and that file's content has the manifest's sha256.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import ModelSourceError, one_line
 
 MANIFEST_NAME = "model.json"
 MODEL_NAME = "model.onnx"
@@ -28,12 +34,41 @@ class Manifest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     file: str = MODEL_NAME
 
+    @field_validator("file")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        # The manifest names a file beside it; anything else could escape the folder (or the cache).
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"file {name!r} must be a plain file name")
+        return name
+
     @classmethod
     def read(cls, path: Path) -> Manifest:
         return cls.model_validate_json(path.read_bytes())
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def check_sha256(self, digest: str, where: str, hint: str = "") -> None:
+        check_sha256(digest, self.sha256, where, hint)
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """`model.json` bytes -> Manifest, or a one-line ModelSourceError naming the first problem."""
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(document)"
+        raise ModelSourceError(
+            f"invalid manifest {where}: {loc}: {one_line(first['msg'], 160)} ({exc.error_count()} error(s))"
+        ) from exc
+
+
+def check_sha256(digest: str, expected: str, where: str, hint: str = "") -> None:
+    """The one checksum rule: raise ModelSourceError unless `digest` (of `where`) is `expected`."""
+    if digest != expected:
+        raise ModelSourceError(f"checksum mismatch: {where} has sha256 {digest}, its manifest says {expected}{hint}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

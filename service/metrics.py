@@ -56,6 +56,7 @@ from prometheus_client import (
 )
 
 from service.errors import (
+    ClientGone,
     DeadlineExceeded,
     ImageTooLarge,
     InferenceFailed,
@@ -69,6 +70,7 @@ from service.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
     from service.batcher import BatchInfo
+    from service.model_source import ModelIdentity
     from service.runtime import Classified
 
 PREFIX: Final = "lungserve"
@@ -129,62 +131,90 @@ class Metrics:
         r = registry
 
         self.requests = Counter(
-            f"{PREFIX}_requests", "HTTP requests by route template and status class.",
-            ["route", "status"], registry=r,
+            f"{PREFIX}_requests",
+            "HTTP requests by route template and status class.",
+            ["route", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Time from receiving a request to the end of its response, by route template.",
-            ["route"], buckets=REQUEST_BUCKETS, registry=r,
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self.images = Counter(
-            f"{PREFIX}_images", "Uploaded images by outcome.", ["outcome"], registry=r,
+            f"{PREFIX}_images",
+            "Uploaded images by outcome.",
+            ["outcome"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Time each image waited in the batcher's queue before its batch started.",
-            buckets=QUEUE_BUCKETS, registry=r,
+            buckets=QUEUE_BUCKETS,
+            registry=r,
         )
         self.decode = Histogram(
-            f"{PREFIX}_decode_seconds", "Time to decode and resize one image.",
-            buckets=DECODE_BUCKETS, registry=r,
+            f"{PREFIX}_decode_seconds",
+            "Time to decode and resize one image.",
+            buckets=DECODE_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
             f"{PREFIX}_inference_seconds",
             "Model run time per batch (successful or failed).",
-            buckets=INFERENCE_BUCKETS, registry=r,
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Images per batch sent to the model.",
-            buckets=batch_size_buckets(max_batch_size), registry=r,
+            f"{PREFIX}_batch_size",
+            "Images per batch sent to the model.",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
         )
         self.batch_failures = Counter(
-            f"{PREFIX}_batch_failures", "Batches whose model run raised an error.", registry=r,
+            f"{PREFIX}_batch_failures",
+            "Batches whose model run raised an error.",
+            registry=r,
         )
         self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Images waiting in the batcher's queue.", registry=r,
+            f"{PREFIX}_queue_depth",
+            "Images waiting in the batcher's queue.",
+            registry=r,
         )
         self.batches_in_flight = Gauge(
-            f"{PREFIX}_batches_in_flight", "Batches currently running in the model.", registry=r,
+            f"{PREFIX}_batches_in_flight",
+            "Batches currently running in the model.",
+            registry=r,
         )
         self.rejected_requests = Counter(
-            f"{PREFIX}_rejected", "Requests refused before compute, by reason.", ["reason"], registry=r,
+            f"{PREFIX}_rejected",
+            "Requests refused before compute, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.predictions = Counter(
-            f"{PREFIX}_predictions", "Predicted class of each classified image (watch for drift).",
-            ["label"], registry=r,
+            f"{PREFIX}_predictions",
+            "Predicted class of each classified image (watch for drift).",
+            ["label"],
+            registry=r,
         )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model being served: always 1, the information is in the labels.",
-            ["name", "version", "sha256", "provider"], registry=r,
+            ["name", "version", "sha256", "provider"],
+            registry=r,
         )
         self.model_ready = Gauge(
-            f"{PREFIX}_model_ready", "1 when a verified, warmed-up model is accepting requests.", registry=r,
+            f"{PREFIX}_model_ready",
+            "1 when a verified, warmed-up model is accepting requests.",
+            registry=r,
         )
         self.cancelled = Counter(
             f"{PREFIX}_cancelled",
-            "Images dropped before compute because their client went away.", registry=r,
+            "Images dropped before compute because their client went away.",
+            registry=r,
         )
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds... under their
         # standard names (no prefix) so stock dashboards work. Linux /proc; empty elsewhere.
@@ -222,10 +252,10 @@ class Metrics:
         """`label` is one of the served model's classes: bounded by the manifest."""
         self.predictions.labels(label=label).inc()
 
-    def set_model(self, name: str, version: str, sha256: str, provider: str) -> None:
+    def set_model(self, identity: ModelIdentity, provider: str) -> None:
         """Publish the served model; a previous model's label set is removed, so exactly
         one `lungserve_model_info` series is 1 at any time."""
-        labels = (name, version, sha256[:SHA256_PREFIX_LEN], provider)
+        labels = (identity.name, identity.version, identity.sha256[:SHA256_PREFIX_LEN], provider)
         if self._model_labels is not None and self._model_labels != labels:
             self.model_info.remove(*self._model_labels)
         self._model_labels = labels
@@ -300,14 +330,9 @@ class BatcherMetrics:
         self.metrics.images.labels(outcome="cancelled").inc(count)
 
 
-# The runtime's `ClientGone` (status 499) is matched by code: importing service.runtime here
-# would pull ONNX Runtime into every importer of this module.
-_CLIENT_GONE_CODE: Final = "client_closed_request"
-
-
 def image_outcome_for(error: LungserveError) -> ImageOutcome | None:
     """The `images_total` outcome of an image that got `error` (None: counted elsewhere)."""
-    if error.code == _CLIENT_GONE_CODE:
+    if isinstance(error, ClientGone):
         return None  # dropped in the queue: the batcher observer counts it as "cancelled"
     if isinstance(error, ImageTooLarge):
         return "too_large"
@@ -333,7 +358,7 @@ def reject_reason_for(error: LungserveError) -> RejectReason | None:
         return "shutting_down"
     if isinstance(error, ModelNotReady):
         return "not_ready"
-    if error.code == _CLIENT_GONE_CODE or isinstance(error, (InvalidImage, ImageTooLarge)):
+    if isinstance(error, (ClientGone, InvalidImage, ImageTooLarge)):
         return None
     if 400 <= error.status < 500:
         return "bad_input"  # the request itself: not multipart, missing field, too many files...

@@ -4,13 +4,13 @@
   feeds it. The batcher's handler closes over *this* engine, so a result always carries the
   manifest of the model that computed it.
 * `ServiceState`: what an app instance holds on `app.state.service`: settings, the decode
-  pool, the current `ModelRuntime` and the lifecycle phase. A future hot reload builds and
-  warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops (drains) the
-  old one; requests already holding the old runtime finish on it.
+  pool, the current `ModelRuntime` and the lifecycle phase. A hot reload (`service.reload`)
+  builds and warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops
+  (drains) the old one; requests already holding the old runtime finish on it.
 * `PredictionObserver`: where per-image statistics leave the request path (metrics and
   request logs plug in here; the default does nothing).
 
-Framework-free apart from reading the ASGI `receive` callable for client disconnects.
+Framework-free: the HTTP side (deadline, client disconnects) is in `service.http_guards`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,7 +30,6 @@ from numpy.typing import NDArray
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
 from service.engine import Engine
 from service.errors import (
-    DeadlineExceeded,
     InferenceFailed,
     LungserveError,
     ModelNotReady,
@@ -39,21 +37,13 @@ from service.errors import (
     ShuttingDown,
 )
 from service.manifest import Manifest
-from service.model_source import ModelArtifact
+from service.model_source import ModelIdentity
 from service.preprocess import load_image
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-X = TypeVar("X")
 Image = NDArray[np.uint8]
-
-
-class ClientGone(LungserveError):
-    """The client disconnected while its images were waiting; nobody reads this answer."""
-
-    code = "client_closed_request"
-    status = 499  # nginx's convention; only ever seen in logs and metrics
 
 
 @dataclass(frozen=True)
@@ -117,18 +107,19 @@ class ModelRuntime:
         engine: Engine,
         settings: Settings,
         *,
-        artifact: ModelArtifact | None = None,
+        identity: ModelIdentity | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self.engine = engine
-        self.artifact = artifact  # where the model came from (source, etag), for /model
+        # Which model and where it came from (source, etag): /model, reload, logs, metrics.
+        self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_s,
-            max_queue=settings.queue_limit,
-            max_in_flight=settings.max_in_flight_batches,
+            max_batch_delay_s=settings.max_batch_delay_s,
+            queue_limit=settings.queue_limit,
+            max_in_flight_batches=settings.max_in_flight_batches,
             observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
         )
 
@@ -150,7 +141,7 @@ class ModelRuntime:
             return self.batcher.reserve(n)
         except QueueFull as exc:
             raise Overloaded(
-                f"the server is at capacity ({exc.capacity} images admitted); retry shortly",
+                f"the server is at capacity ({exc.queue_limit} images admitted); retry shortly",
                 retry_after_s=self.retry_after_s,
             ) from exc
         except BatcherStopped as exc:
@@ -218,53 +209,3 @@ def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
     started = time.perf_counter()
     image = load_image(data, size, max_pixels=max_pixels)
     return image, time.perf_counter() - started
-
-
-@asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """`asyncio.timeout` that reports as 504: cancelling the wait cancels the batcher futures."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as exc:
-        if timeout.expired():
-            raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
-        raise
-
-
-Receive = Callable[[], Awaitable[Mapping[str, Any]]]
-
-
-async def _disconnected(receive: Receive) -> None:
-    # After the body has been read, the server's receive() only returns once the client
-    # has gone (or the response is complete, which cannot happen while we wait here).
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def unless_disconnected(work: Awaitable[X], receive: Receive) -> X:
-    """Await `work`, but cancel it (and with it the queued batcher futures) if the client leaves.
-
-    Call only once the request body has been consumed.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done and watcher.exception() is not None:
-            # receive() itself failed: we cannot watch, so just wait for the work.
-            await asyncio.wait({task})
-        if task.done():
-            return task.result()
-        raise ClientGone("the client disconnected before its answer was ready")
-    finally:
-        watcher.cancel()
-        task.cancel()
-        # Let both finish their cancellation, so nothing is left running or unretrieved.
-        await asyncio.wait({task, watcher})
-        for finished in (task, watcher):
-            if not finished.cancelled():
-                finished.exception()

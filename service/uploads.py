@@ -41,6 +41,8 @@ from service.errors import (
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
+    from service.settings import Settings
+
 # Room for multipart boundaries and part headers around one file in /predict.
 MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
 # How many unexpected field names to quote back in a missing_field message.
@@ -56,6 +58,33 @@ class UploadLimits:
     # True for /predict: a too-large file fails the request at once (no point reading on).
     # False for /predict-many: it becomes that file's error and the others go on.
     fail_fast: bool
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """The upload limits of each route, built once per app from its settings."""
+
+    predict: UploadLimits
+    predict_many: UploadLimits
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RouteLimits:
+        return cls(
+            predict=UploadLimits(
+                field="file",
+                max_files=1,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
+                fail_fast=True,
+            ),
+            predict_many=UploadLimits(
+                field="files",
+                max_files=settings.max_files_per_request,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_request_bytes,
+                fail_fast=False,
+            ),
+        )
 
 
 @dataclass
@@ -106,9 +135,7 @@ def _body_too_large(limits: UploadLimits, length: int | None) -> LungserveError:
     return RequestTooLarge(f"request body is {size}; the limit is {limits.max_body_bytes} bytes")
 
 
-async def read_uploads(
-    content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits
-) -> list[Upload]:
+async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits) -> list[Upload]:
     """Parse a multipart body, keeping only the parts named `limits.field`."""
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import Metrics
+from service.model_source import ModelIdentity
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "lungserve.json"
 METRIC_RE = re.compile(r"\b((?:lungserve|process)_[a-z0-9_]+)\b")
@@ -50,7 +51,7 @@ def exposed() -> dict[str, set[str]]:
     m.image_outcome("ok")
     m.rejected("queue_full")
     m.prediction("lung_n")
-    m.set_model("lungcnn", "1", "0" * 64, "CPUExecutionProvider")
+    m.set_model(ModelIdentity("lungcnn", "1", "0" * 64), "CPUExecutionProvider")
     m.set_ready(True)
     m.on_queue_depth(1)
     m.on_batch_start(1, 1, [0.001])

@@ -14,14 +14,8 @@ from export.data import DataError, scan, split_by_group
 from export.metrics import classification_report, expected_calibration_error
 
 
-def make_dataset(
-    root: Path,
-    classes: tuple[str, ...] = ("a", "b", "c"),
-    groups: int = 10,
-    per_group: int = 3,
-    grouped: bool = True,
-    size: int = 40,
-) -> Path:
+def make_dataset(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), groups: int = 10, per_group: int = 3,
+                 grouped: bool = True, size: int = 40) -> Path:
     rng = np.random.default_rng(0)
     rows = []
     for ci, cls in enumerate(classes):

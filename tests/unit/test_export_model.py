@@ -86,14 +86,8 @@ def test_two_training_steps_then_export(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", groups=5, per_group=4)
     out = tmp_path / "run"
     result = train(TrainConfig(data=data, out=out, input_size=32, epochs=1, batch_size=8, max_steps=2))
-    for name in (
-        "best.keras",
-        "calibrated.keras",
-        "training.json",
-        "history.json",
-        "training_curves.png",
-        "parity_images.npy",
-    ):
+    for name in ("best.keras", "calibrated.keras", "training.json", "history.json", "training_curves.png",
+                 "parity_images.npy"):
         assert (out / name).exists(), name
     assert result["classes"] == ["a", "b", "c"]
     assert result["validation"]["temperature"] > 0

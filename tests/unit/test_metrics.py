@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.batcher import Batcher, BatchInfo, BatchObserver
 from service.errors import (
+    ClientGone,
     DeadlineExceeded,
     ImageTooLarge,
     InferenceFailed,
@@ -32,8 +33,9 @@ from service.metrics import (
     reject_reason_for,
     status_class,
 )
+from service.model_source import ModelIdentity
 from service.preprocess import RESIZE
-from service.runtime import Classified, ClientGone, PredictionObserver
+from service.runtime import Classified, PredictionObserver
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -194,12 +196,12 @@ def test_batch_size_buckets_refuse_nonsense() -> None:
 
 
 def test_model_info_is_relabelled_when_the_model_changes(metrics: Metrics, registry: CollectorRegistry) -> None:
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")  # idempotent
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")  # idempotent
     old = {"name": "lungcnn", "version": "1", "sha256": "a" * 12, "provider": "CPUExecutionProvider"}
     assert registry.get_sample_value("lungserve_model_info", old) == 1
 
-    metrics.set_model("lungcnn", "2", SHA_B, "CUDAExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "2", SHA_B), "CUDAExecutionProvider")
     new = {"name": "lungcnn", "version": "2", "sha256": "b" * 12, "provider": "CUDAExecutionProvider"}
     assert registry.get_sample_value("lungserve_model_info", old) is None
     assert registry.get_sample_value("lungserve_model_info", new) == 1
@@ -220,7 +222,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
     metrics.image_outcome("ok")
     metrics.on_batch_start(1, 1, [0.001])
     metrics.on_batch_end(1, 1, 0.002, None)
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
@@ -273,8 +275,8 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
     batcher: Batcher[int, int] = Batcher(
         lambda items: [i * 2 for i in items],
         max_batch_size=4,
-        max_delay_s=0.0,
-        max_queue=16,
+        max_batch_delay_s=0.0,
+        queue_limit=16,
         observer=metrics,
     )
     await batcher.start()

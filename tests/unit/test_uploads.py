@@ -30,12 +30,8 @@ CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
 def part(name: str, data: bytes, filename: str | None = "x.jpeg") -> bytes:
     disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
     return (
-        (
-            f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + data
-        + b"\r\n"
-    )
+        f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + b"\r\n"
 
 
 def body(*parts: bytes) -> bytes:
