@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import service
-from service import admin, api
+from service import admin, analyze, api, explain, webpage
 from service.batcher import BatchObserver
 from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
@@ -152,7 +152,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready"}),
     )
     app.include_router(api.router)
+    app.include_router(explain.router)
+    app.include_router(analyze.router)
     app.include_router(admin.router)
+    webpage.install(app)  # GET / and /page/*
     _install_error_handlers(app)
     return app
 

@@ -48,6 +48,17 @@ def cam_output_names(manifest: Manifest, graph_outputs: list[str]) -> tuple[str,
     return names if all(n in graph_outputs for n in names) else None
 
 
+def require_cam_outputs(manifest: Manifest, graph_outputs: list[str]) -> tuple[str, str]:
+    """`cam_output_names`, or the 501 that says the model cannot be explained."""
+    names = cam_output_names(manifest, graph_outputs)
+    if names is None:
+        raise ExplainUnavailable(
+            f"model {manifest.name} {manifest.version} has no Grad-CAM outputs ({FEATURE_MAPS}, {CAM_WEIGHTS}); "
+            "serve a model exported with them (model contract v2) to use /explain"
+        )
+    return names
+
+
 def class_index(manifest: Manifest, requested: str | None, probabilities: NDArray[np.float32]) -> int:
     """The class to explain: the one asked for, else the predicted one."""
     if requested is None:
@@ -69,12 +80,7 @@ class Explanation:
 def explain(engine: _OutputRunner, image: NDArray[np.uint8], requested_class: str | None) -> Explanation:
     """One ORT run of the model input `image` (S, S, 3) with the Grad-CAM outputs. Blocking."""
     manifest = engine.manifest
-    names = cam_output_names(manifest, engine.output_names)
-    if names is None:
-        raise ExplainUnavailable(
-            f"model {manifest.name} {manifest.version} has no Grad-CAM outputs ({FEATURE_MAPS}, {CAM_WEIGHTS}); "
-            "export it with them (model contract v2) to use /explain"
-        )
+    names = require_cam_outputs(manifest, engine.output_names)
     probs, fmaps, weights = engine.run_outputs(image[None], [manifest.output_name, *names])
     index = class_index(manifest, requested_class, probs[0])
     return Explanation(probabilities=probs[0], class_index=index, cam=class_activation(fmaps[0], weights[0], index))

@@ -178,3 +178,70 @@ def _prediction_fields(result: Classified) -> dict[str, Any]:
         "probabilities": result.by_class(),
         "model": ModelRef(name=manifest.name, version=manifest.version),
     }
+
+
+# --- /explain and /analyze ------------------------------------------------------------------
+
+
+class ExplanationInfo(BaseModel):
+    method: Literal["grad-cam"] = "grad-cam"
+    layer: str = Field(description="the model output holding the last conv block's activations")
+    class_name: str = Field(
+        serialization_alias="class", description="the class explained (asked for, else the predicted one)"
+    )
+    grid: list[list[float]] = Field(
+        description="the Grad-CAM map at feature-map resolution (rows of columns), divided by its peak: 0..1"
+    )
+    grid_peak: float = Field(description="the map's maximum before normalisation (0: no positive evidence)")
+    overlay_png: str = Field(description="base64 PNG: the map upsampled over the uploaded image (viridis)")
+    media_type: Literal["image/png"] = "image/png"
+    overlay_width: int
+    overlay_height: int
+
+
+class ExplainResponse(PredictionResponse):
+    explanation: ExplanationInfo
+
+
+class TileAnswer(BaseModel):
+    x: int = Field(description="left edge in source pixels")
+    y: int = Field(description="top edge in source pixels")
+    width: int
+    height: int
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    decision: str = Field(default="accept", description="accept | refer")
+    reason: str | None = Field(default=None, description="why a tile is referred, else null")
+
+
+class AnalysisSummary(BaseModel):
+    tiles: int = Field(description="tiles in the grid")
+    tissue_tiles: int = Field(description="tiles classified")
+    background_tiles: int = Field(description="mostly white tiles, skipped")
+    referred_tiles: int = Field(description="tissue tiles whose decision is refer")
+    tissue_tiles_by_class: dict[str, int]
+    tissue_share: dict[str, float] = Field(description="share of tissue tiles per predicted class (sums to 1)")
+
+
+class SourceInfo(BaseModel):
+    reader: str = Field(description="pillow (plain images) or openslide (pyramidal TIFF, slide formats)")
+    format: str
+    mpp: float | None = Field(default=None, description="microns per pixel at full resolution, when the file says")
+    levels: int = Field(default=1, description="pyramid levels in the file")
+
+
+class AnalyzeResponse(BaseModel):
+    width: int = Field(description="image width in source pixels")
+    height: int
+    tile_source_px: int = Field(description="tile side in source pixels (the model's training scale)")
+    input_size: int = Field(description="model input side each tile is resized to")
+    source: SourceInfo
+    tiles: list[TileAnswer] = Field(description="every classified (tissue) tile, row by row")
+    summary: AnalysisSummary
+    colours: dict[str, str] = Field(description="the class colours of the overlay")
+    overlay_png: str = Field(description="base64 PNG: the class map over a thumbnail of the image")
+    thumbnail_png: str = Field(description="base64 PNG: the same thumbnail without the map")
+    overlay_width: int
+    overlay_height: int
+    model: ModelRef

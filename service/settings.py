@@ -99,6 +99,9 @@ class Settings(BaseSettings):
         default=128 * MiB, ge=1, description="whole multipart body of /predict-many"
     )
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="width x height per decoded image")
+    max_slide_bytes: int = Field(
+        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
+    )
 
     # --- admin ---
     admin_token: SecretStr | None = Field(default=None, description="bearer token for admin endpoints")

@@ -18,6 +18,7 @@ Synchronous and blocking: call from the decode pool.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -81,6 +82,8 @@ def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int) -> Slide
 
 
 class PillowSlide:
+    """A plain image: the header is read at once (size, pixel limit), the pixels on first use."""
+
     reader = "pillow"
 
     def __init__(self, path: Path, *, max_pixels: int, tile_px: int, size: int) -> None:
@@ -93,36 +96,32 @@ class PillowSlide:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             hint = "" if openslide_available() else " (whole-slide formats need the `slides` extra: OpenSlide)"
             raise InvalidImage(f"not a decodable image (expected JPEG, PNG or TIFF){hint}") from exc
-        with img:
-            width, height = img.size
-            self._format = img.format or "unknown"
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            img.close()
+            raise InvalidImage("image has no pixels")
+        if width * height > max_pixels:
+            img.close()
+            hint = (
+                "; a pyramidal (tiled) TIFF or a slide format is read tile by tile instead"
+                if openslide_available()
+                else "; install the `slides` extra (OpenSlide) to read pyramidal TIFF and slide formats"
+            )
+            raise ImageTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; the limit for plain images is {max_pixels}{hint}"
+            )
+        self._source = img
+        self._format = img.format or "unknown"
+        self._tile_side = min(tile_px, width, height)
+        self._size = size
+        try:
             quarter_turn = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-            if width <= 0 or height <= 0:
-                raise InvalidImage("image has no pixels")
-            if width * height > max_pixels:
-                hint = (
-                    "; a pyramidal (tiled) TIFF or a slide format is read tile by tile instead"
-                    if openslide_available()
-                    else "; install the `slides` extra (OpenSlide) to read pyramidal TIFF and slide formats"
-                )
-                raise ImageTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels; the limit for plain images is "
-                    f"{max_pixels}{hint}"
-                )
-            try:
-                tile_side = min(tile_px, width, height)
-                if img.format == "JPEG" and tile_side >= 2 * size:
-                    # The DCT scale that keeps a tile >= the model input (see load_image).
-                    img.draft("RGB", (math.ceil(width * size / tile_side), math.ceil(height * size / tile_side)))
-                img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
-        self._image = rgb
+        except (OSError, ValueError, SyntaxError):
+            quarter_turn = False
         # Tiles are given in source pixels after EXIF orientation (what a viewer shows).
         self._width, self._height = (height, width) if quarter_turn else (width, height)
-        self._scale_x = rgb.width / self._width
-        self._scale_y = rgb.height / self._height
+        self._image: Image.Image | None = None
+        self._lock = threading.Lock()
 
     @property
     def width(self) -> int:
@@ -133,27 +132,50 @@ class PillowSlide:
         return self._height
 
     def describe(self) -> dict[str, Any]:
-        return {"reader": self.reader, "format": self._format, "mpp": None}
+        return {"reader": self.reader, "format": self._format, "mpp": None, "levels": 1}
+
+    def _decoded(self) -> Image.Image:
+        """Decode once (the first reader thread does it, the others wait for it)."""
+        with self._lock:
+            if self._image is None:
+                img = self._source
+                try:
+                    width, height = img.size
+                    if img.format == "JPEG" and self._tile_side >= 2 * self._size:
+                        # The DCT scale that keeps a tile >= the model input (see load_image).
+                        scale = self._size / self._tile_side
+                        img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+                    img.load()
+                    self._image = _to_rgb(ImageOps.exif_transpose(img))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
+                finally:
+                    img.close()
+            return self._image
 
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
+        image = self._decoded()
+        sx, sy = image.width / self._width, image.height / self._height
         # Crop, then resize: the tile's own pixels only, as if it had been uploaded alone.
         box = (
-            round(tile.x * self._scale_x),
-            round(tile.y * self._scale_y),
-            round((tile.x + tile.width) * self._scale_x),
-            round((tile.y + tile.height) * self._scale_y),
+            round(tile.x * sx),
+            round(tile.y * sy),
+            round((tile.x + tile.width) * sx),
+            round((tile.y + tile.height) * sy),
         )
-        with self._image.crop(box) as crop:
+        with image.crop(box) as crop:
             resized = crop.resize((size, size), _FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:
-        thumb = self._image.copy()
+        thumb = self._decoded().copy()
         thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return thumb
 
     def close(self) -> None:
-        self._image.close()
+        self._source.close()
+        if self._image is not None:
+            self._image.close()
 
 
 class OpenSlideSlide:

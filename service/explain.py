@@ -1,0 +1,105 @@
+"""POST /explain: one image's prediction plus its Grad-CAM map (the door; the core is `service.explanation`).
+
+Same limits, admission, deadline, decode pool and metrics as /predict: the request takes one
+queue slot before its body is read (503 when full) and holds it while its explanation is
+computed. The model run itself fetches the extra Grad-CAM outputs, so it runs on its own
+(batch of one) in the decode pool rather than in a hot-path batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Query, Request
+
+from service.api import _ERRORS, _multipart_body
+from service.errors import LungserveError
+from service.explanation import (
+    FEATURE_MAPS,
+    Explanation,
+    b64,
+    display_image,
+    explain,
+    overlay_png,
+    require_cam_outputs,
+)
+from service.gradcam import normalised
+from service.http_guards import deadline, unless_disconnected
+from service.runtime import Classified, ModelRuntime, ServiceState
+from service.schemas import ExplainResponse, ExplanationInfo, prediction
+from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
+
+router = APIRouter()
+
+_EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    **_ERRORS,
+    422: {"model": _ERRORS[422]["model"], "description": "missing field, not a decodable image, or unknown class"},
+    501: {"model": _ERRORS[422]["model"], "description": "the model being served has no Grad-CAM outputs"},
+}
+
+
+async def _explain_upload(
+    service: ServiceState, runtime: ModelRuntime, upload: Upload, requested_class: str | None
+) -> tuple[Explanation, bytes, tuple[int, int]]:
+    if upload.error is not None:
+        raise upload.error
+    image = await service.decode(upload.data, runtime.engine.input_size)
+    loop = asyncio.get_running_loop()
+    pool = service.decode_pool
+    explanation = await loop.run_in_executor(pool, explain, runtime.engine, image, requested_class)
+    display = await loop.run_in_executor(pool, display_image, upload.data)
+    png = await loop.run_in_executor(pool, overlay_png, display, explanation.cam)
+    return explanation, png, (display.shape[1], display.shape[0])
+
+
+@router.post(
+    "/explain",
+    summary="Classify one image and show where the model looked (Grad-CAM)",
+    description=(
+        "Multipart field `file` (as /predict). Optional query parameter `class` (e.g. `?class=lung_scc`): "
+        "the class to explain, by default the predicted one. Answers /predict's fields plus `explanation`: "
+        "the Grad-CAM map of the last convolutional block as numbers (`grid`, normalised to its peak) and "
+        "as a PNG overlay on the image (`overlay_png`, base64). 501 when the served model has no Grad-CAM outputs."
+    ),
+    responses=_EXPLAIN_ERRORS,
+    openapi_extra=_multipart_body("file", many=False),
+)
+async def explain_image(
+    request: Request,
+    class_name: Annotated[
+        str | None, Query(alias="class", description="class to explain; default: the predicted one")
+    ] = None,
+) -> ExplainResponse:
+    service: ServiceState = request.app.state.service
+    limits: RouteLimits = request.app.state.upload_limits
+    settings = service.settings
+    try:
+        runtime = service.current()
+        # Before reading anything: a 501 costs nothing.
+        require_cam_outputs(runtime.engine.manifest, runtime.engine.output_names)
+        check_declared_size(request.headers.get("content-length"), limits.predict)
+        with runtime.reserve(1):  # admission: one slot of the queue bound, returned at the end
+            async with deadline(settings.request_deadline_s):
+                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits.predict)
+                explanation, png, (width, height) = await unless_disconnected(
+                    _explain_upload(service, runtime, upload, class_name), request.receive
+                )
+    except LungserveError as exc:
+        service.observer.on_rejected(exc)
+        raise
+    manifest = runtime.engine.manifest
+    answer = prediction(Classified(explanation.probabilities, manifest))
+    grid = normalised(explanation.cam)
+    return ExplainResponse(
+        **answer.model_dump(),
+        explanation=ExplanationInfo(
+            layer=FEATURE_MAPS,
+            class_name=manifest.classes[explanation.class_index],
+            grid=[[round(float(v), 4) for v in row] for row in grid],
+            grid_peak=float(explanation.cam.max()) if explanation.cam.size else 0.0,
+            overlay_png=b64(png),
+            overlay_width=width,
+            overlay_height=height,
+        ),
+    )
