@@ -19,11 +19,18 @@ from typing import Generic, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from service.manifest import Manifest
 from service.slide import Slide
-from service.tiling import Tile, is_background
+from service.tiling import DEFAULT_TILE_SOURCE_PX, Tile, is_background
 
 R = TypeVar("R")
 TileImage = NDArray[np.uint8]
+
+
+def tile_source_px(manifest: Manifest) -> int:
+    """The manifest's tile side in source pixels, else LC25000's 768."""
+    value = getattr(manifest, "tile_source_px", None)
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_TILE_SOURCE_PX
 
 
 @dataclass(frozen=True, slots=True)

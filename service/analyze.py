@@ -19,29 +19,29 @@ from typing import BinaryIO, Final
 from fastapi import APIRouter, Request
 from PIL import Image
 
-from service.analysis import TileImage, TileOutcome, analyse
-from service.api import _ERRORS, _multipart_body
+from service.analysis import TileImage, TileOutcome, analyse, tile_source_px
 from service.errors import InvalidImage, LungserveError, ModelNotReady, TooManyTiles
 from service.explanation import b64
 from service.http_guards import deadline, unless_disconnected
-from service.manifest import Manifest
 from service.overlay import TileMark, class_colours, class_map_overlay, png_bytes
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
-from service.schemas import AnalysisSummary, AnalyzeResponse, ModelRef, SourceInfo, TileAnswer
+from service.schemas import (
+    ERROR_RESPONSES,
+    AnalysisSummary,
+    AnalyzeResponse,
+    ModelRef,
+    SourceInfo,
+    TileAnswer,
+    multipart_body,
+)
 from service.slide import Slide, open_slide
-from service.tiling import DEFAULT_TILE_SOURCE_PX, tile_grid
+from service.tiling import tile_grid
 from service.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits, check_declared_size, read_uploads
 
 router = APIRouter()
 
 # Longer side of the overlay and thumbnail PNGs.
 OVERLAY_MAX_SIDE: Final = 1024
-
-
-def tile_source_px(manifest: Manifest) -> int:
-    """The manifest's tile side in source pixels, else LC25000's 768."""
-    value = getattr(manifest, "tile_source_px", None)
-    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_TILE_SOURCE_PX
 
 
 def decision_of(result: Classified) -> tuple[str, str | None]:
@@ -101,8 +101,8 @@ def _pictures(
         "through the shared batcher; mostly white tiles are skipped and counted. Answers the per-tile map, "
         "a summary and the class map as a PNG overlay (base64)."
     ),
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("file", many=False),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("file", many=False),
 )
 async def analyze(request: Request) -> AnalyzeResponse:
     service: ServiceState = request.app.state.service

@@ -8,7 +8,6 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
 
@@ -17,6 +16,7 @@ from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import (
+    ERROR_RESPONSES,
     BatchingInfo,
     ErrorResponse,
     FileError,
@@ -30,6 +30,7 @@ from service.schemas import (
     UploadLimitsInfo,
     file_error,
     file_prediction,
+    multipart_body,
     prediction,
 )
 from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
@@ -65,31 +66,6 @@ async def _classify_upload(
     return result
 
 
-def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    binary: dict[str, Any] = {"type": "string", "format": "binary"}
-    schema = {"type": "array", "items": binary} if many else binary
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
-                }
-            },
-        }
-    }
-
-
-_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    400: {"model": ErrorResponse, "description": "malformed multipart body"},
-    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
-    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
-    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
-    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
-    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
-}
-
-
 # --- routes ---------------------------------------------------------------------------------
 
 
@@ -97,8 +73,8 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "/predict",
     summary="Classify one image",
     description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("file", many=False),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("file", many=False),
 )
 async def predict(request: Request) -> PredictionResponse:
     service = _service(request)
@@ -129,8 +105,8 @@ async def predict(request: Request) -> PredictionResponse:
         "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
         "classified gets its own `error` and does not fail the others."
     ),
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("files", many=True),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("files", many=True),
 )
 async def predict_many(request: Request) -> PredictManyResponse:
     service = _service(request)

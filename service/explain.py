@@ -13,7 +13,6 @@ from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Request
 
-from service.api import _ERRORS, _multipart_body
 from service.errors import LungserveError
 from service.explanation import (
     FEATURE_MAPS,
@@ -27,15 +26,15 @@ from service.explanation import (
 from service.gradcam import normalised
 from service.http_guards import deadline, unless_disconnected
 from service.runtime import Classified, ModelRuntime, ServiceState
-from service.schemas import ExplainResponse, ExplanationInfo, prediction
+from service.schemas import ERROR_RESPONSES, ErrorResponse, ExplainResponse, ExplanationInfo, multipart_body, prediction
 from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
 
 router = APIRouter()
 
 _EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    **_ERRORS,
-    422: {"model": _ERRORS[422]["model"], "description": "missing field, not a decodable image, or unknown class"},
-    501: {"model": _ERRORS[422]["model"], "description": "the model being served has no Grad-CAM outputs"},
+    **ERROR_RESPONSES,
+    422: {"model": ErrorResponse, "description": "missing field, not a decodable image, or unknown class"},
+    501: {"model": ErrorResponse, "description": "the model being served has no Grad-CAM outputs"},
 }
 
 
@@ -63,7 +62,7 @@ async def _explain_upload(
         "as a PNG overlay on the image (`overlay_png`, base64). 501 when the served model has no Grad-CAM outputs."
     ),
     responses=_EXPLAIN_ERRORS,
-    openapi_extra=_multipart_body("file", many=False),
+    openapi_extra=multipart_body("file", many=False),
 )
 async def explain_image(
     request: Request,

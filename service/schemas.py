@@ -38,6 +38,33 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def multipart_body(field: str, many: bool) -> dict[str, Any]:
+    """`openapi_extra` describing an upload route's form (the routes parse the body themselves)."""
+    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    schema = {"type": "array", "items": binary} if many else binary
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
+                }
+            },
+        }
+    }
+
+
+# The error answers every upload route documents.
+ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"model": ErrorResponse, "description": "malformed multipart body"},
+    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
+    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
+    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
+    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
+    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
+}
+
+
 class ModelRef(BaseModel):
     name: str
     version: str

@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.analyze import tile_source_px
+from service.analysis import tile_source_px
 from service.explanation import cam_output_names
 from service.overlay import class_colours
 from service.runtime import ServiceState
