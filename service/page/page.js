@@ -12,6 +12,7 @@ const state = {
   colours: {},
   tileSourcePx: 768,
   modelVersion: "",
+  explain: null, // whether the model has Grad-CAM outputs (from /page/config.json)
   results: [], // one entry per file, in the order added
   queue: [],
   running: 0,
@@ -48,17 +49,18 @@ const REASONS = {
 
 async function loadModel() {
   try {
-    const response = await fetch("/model");
+    const response = await fetch("/page/config.json");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const info = await response.json();
-    const manifest = info.manifest || {};
-    state.classes = manifest.classes || [];
-    state.tileSourcePx = manifest.tile_source_px || 768;
-    state.modelVersion = manifest.version || "";
-    state.colours = info.colours || {};
+    const config = await response.json();
+    state.classes = config.classes;
+    state.colours = config.colours;
+    state.tileSourcePx = config.tile_source_px;
+    state.explain = config.explain;
+    state.modelVersion = config.model.version;
     $("model-line").textContent =
-      `Model ${manifest.name} ${manifest.version} on ${info.provider}; classes ${state.classes.join(", ")}; ` +
-      `large images are tiled in ${state.tileSourcePx} px squares.`;
+      `Model ${config.model.name} ${config.model.version} on ${config.provider}; classes ${state.classes.join(", ")}; ` +
+      `large images are tiled in ${state.tileSourcePx} px squares` +
+      (config.explain ? "; Grad-CAM available." : "; this model has no Grad-CAM outputs.");
     renderLegend();
   } catch (err) {
     $("model-line").textContent = `The model description could not be loaded (${err.message}); results still work.`;
@@ -271,6 +273,10 @@ function renderPrediction(entry) {
   if (badge) label.append(badge);
   const cam = el("button", { type: "button", class: "secondary gradcam", "aria-pressed": "false", text: "Grad-CAM overlay" });
   cam.addEventListener("click", () => toggleGradCam(entry, cam));
+  if (state.explain === false) {
+    cam.disabled = true;
+    cam.title = "The model being served has no Grad-CAM outputs";
+  }
   const note = el("p", { class: "cam-note muted" });
   body.replaceChildren(body.querySelector("h3"), label, bars(r.probabilities, entry.name), el("div", { class: "actions" }, cam), note);
   card.classList.add("done");
