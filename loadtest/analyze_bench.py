@@ -20,13 +20,9 @@ import base64
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +32,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
 
+from serverproc import server, status_kib  # noqa: E402
 from slides import load_originals, write_plain_jpeg, write_pyramid_tiff  # noqa: E402
 
-READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 1800.0
 
 
@@ -60,76 +56,20 @@ class Run:
     reader: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
-
-
-@contextmanager
-def server(model: str | None, queue_limit: int, log: Path) -> Iterator[tuple[str, int]]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNGSERVE_")}
-    env.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "LUNGSERVE_PROVIDER": "cpu",
-            "LUNGSERVE_QUEUE_LIMIT": str(queue_limit),
-            "LUNGSERVE_REQUEST_DEADLINE_S": str(REQUEST_TIMEOUT_S),
-            "LUNGSERVE_LOG_LEVEL": "WARNING",
-        }
-    )
-    if model:
-        env["LUNGSERVE_MODEL_URI"] = model
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(url + "/health/ready", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready within {READY_TIMEOUT_S} s; see {log}")
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def measure(kind: str, path: Path, width: int, height: int, model: str | None, log: Path) -> tuple[Run, bytes]:
     tiles_needed = (-(-width // 768)) * (-(-height // 768))
-    with server(model, max(256, tiles_needed), log) as (url, pid):
-        rss_ready = _status_kib(pid, "VmRSS")
+    settings = {
+        "LUNGSERVE_QUEUE_LIMIT": str(max(256, tiles_needed)),
+        "LUNGSERVE_REQUEST_DEADLINE_S": str(REQUEST_TIMEOUT_S),
+    }
+    with server(model, settings, log) as (url, pid):
+        rss_ready = status_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM: measure the request only
         started = time.perf_counter()
         with path.open("rb") as fh:
             response = httpx.post(url + "/analyze", files={"file": (path.name, fh)}, timeout=REQUEST_TIMEOUT_S)
         seconds = time.perf_counter() - started
-        peak = _status_kib(pid, "VmHWM")
+        peak = status_kib(pid, "VmHWM")
     if response.status_code != 200:
         raise RuntimeError(f"/analyze answered {response.status_code}: {response.text[:500]}")
     body: dict[str, Any] = response.json()

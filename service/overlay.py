@@ -14,7 +14,7 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from service.tiling import Tile
 
@@ -29,7 +29,8 @@ REFER_COLOUR: Final = "#222222"
 
 # Strongest heatmap opacity; weak activations fade to the image so the tissue stays visible.
 HEAT_ALPHA: Final = 0.6
-CLASS_ALPHA: Final = 0.45
+CLASS_ALPHA: Final = 0.35
+LEGEND_HEIGHT: Final = 30
 
 
 def class_colours(classes: Sequence[str]) -> dict[str, str]:
@@ -83,10 +84,10 @@ def class_map_overlay(
     marks: Sequence[TileMark],
     colours: Mapping[str, str],
 ) -> Image.Image:
-    """Tiles coloured by class over a thumbnail of the image; referred tiles are hatched.
+    """Tiles coloured by class over a thumbnail of the image, referred tiles hatched, a legend below.
 
     Tiles are given in source pixels and scaled to the thumbnail. Background tiles have no
-    mark, so the image shows through.
+    mark, so the image shows through. The result is `LEGEND_HEIGHT` px taller than the thumbnail.
     """
     base = thumbnail.convert("RGB")
     sx = base.width / source_size[0]
@@ -94,6 +95,8 @@ def class_map_overlay(
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     fill_alpha = round(255 * CLASS_ALPHA)
+    # A border in the class colour reads even where the tint is close to the stain.
+    border = max(2, round(min(sx, sy) * (marks[0].tile.width if marks else 0) / 28))
     for mark in marks:
         t = mark.tile
         box = (
@@ -103,10 +106,31 @@ def class_map_overlay(
             max(round((t.y + t.height) * sy) - 1, round(t.y * sy)),
         )
         r, g, b = _rgb(colours.get(mark.label, REFER_COLOUR))
-        draw.rectangle(box, fill=(r, g, b, fill_alpha), outline=(r, g, b, 255), width=1)
+        draw.rectangle(box, fill=(r, g, b, fill_alpha), outline=(r, g, b, 255), width=border)
         if mark.refer:
             _hatch(draw, box)
-    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    mapped = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    return _with_legend(mapped, colours)
+
+
+def _with_legend(image: Image.Image, colours: Mapping[str, str]) -> Image.Image:
+    """The class colours (and the referral hatch) in a strip under the map, so the PNG stands alone."""
+    out = Image.new("RGB", (image.width, image.height + LEGEND_HEIGHT), (255, 255, 255))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=14)
+    x, y = 8, image.height + 7
+    entries = [*colours.items(), ("refer", REFER_COLOUR)]
+    for name, colour in entries:
+        box = (x, y, x + 16, y + 16)
+        if name == "refer":
+            draw.rectangle(box, fill=(255, 255, 255))
+            _hatch(draw, box)
+        else:
+            draw.rectangle(box, fill=_rgb(colour), outline=(40, 40, 40))
+        draw.text((x + 22, y - 1), name, fill=(20, 20, 20), font=font)
+        x += 22 + round(draw.textlength(name, font=font)) + 18
+    return out
 
 
 def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> None:

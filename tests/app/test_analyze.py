@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.overlay import LEGEND_HEIGHT
 from service.settings import Settings
 from tests.app.conftest import encode, make_settings, serve
 from tests.onnx_models import write_model_dir
@@ -63,7 +64,8 @@ async def test_each_quadrant_of_a_mosaic_gets_its_class(mosaic: tuple[np.ndarray
     assert (summary["tiles"], summary["tissue_tiles"], summary["background_tiles"]) == (4, 4, 0)
     assert summary["tissue_share"] == {c: classes.count(c) / 4 for c in ("lung_aca", "lung_n", "lung_scc")}
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
-    assert overlay.size == (1024, 1024) == (body["overlay_width"], body["overlay_height"])
+    # The thumbnail's longer side is 1024 px; the legend strip sits under the map.
+    assert overlay.size == (1024, 1024 + LEGEND_HEIGHT) == (body["overlay_width"], body["overlay_height"])
 
 
 async def test_a_pyramidal_tiff_is_read_through_openslide(mosaic: tuple[np.ndarray, list[str]], tmp_path: Path) -> None:

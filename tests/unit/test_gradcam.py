@@ -10,6 +10,7 @@ from PIL import Image
 from service.gradcam import class_activation, normalised, upsampled
 from service.overlay import (
     CLASS_COLOURS,
+    LEGEND_HEIGHT,
     TileMark,
     class_colours,
     class_map_overlay,
@@ -86,7 +87,7 @@ def test_class_map_colours_tiles_by_class_and_hatches_referrals() -> None:
         TileMark(Tile(768, 0, 768, 768), "lung_aca", refer=True),
     ]
     out = np.asarray(class_map_overlay(thumb, (1536, 768), marks, colours))
-    assert out.shape == (100, 200, 3)
+    assert out.shape == (100 + LEGEND_HEIGHT, 200, 3)
     inside_n = out[50, 30].astype(int)
     assert inside_n[2] > inside_n[0]  # sky blue tint on white
     hatched = out[5:95, 105:195].reshape(-1, 3)
