@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     originals = load_originals(args.data)
-    log = args.out / "servers.log"
+    log = Path(tempfile.gettempdir()) / "analyze-bench-servers.log"
     log.write_text("")
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="analyze-bench-") as tmp:

@@ -82,7 +82,7 @@ async def test_a_tall_image_gets_an_overlay_of_its_own_shape(cam_served: Served)
     img = Image.new("RGB", (300, 900), (200, 120, 160))
     response = await cam_served.client.post("/explain", files={"file": ("tall.png", encode(img, "PNG"), "image/png")})
     assert response.status_code == 200, response.text
-    assert _png(response.json()["explanation"]["overlay_png"]).size == (171, 512)
+    assert _png(response.json()["explanation"]["overlay_png"]).size == (128, 384)
 
 
 async def test_a_model_without_gradcam_outputs_answers_501_before_reading(served: Served) -> None:
