@@ -1,9 +1,10 @@
 """POST /explain: one image's prediction plus its Grad-CAM map (the door; the core is `service.explanation`).
 
-Same limits, admission, deadline, decode pool and metrics as /predict: the request takes one
-queue slot before its body is read (503 when full) and holds it while its explanation is
-computed. The model run itself fetches the extra Grad-CAM outputs, so it runs on its own
-(batch of one) in the decode pool rather than in a hot-path batch.
+The prediction takes /predict's path through the core: one queue slot before the body is read
+(503 when full), the deadline, the decode pool, the batcher, the refer decision and the
+metrics. The Grad-CAM map is one more ORT run of the same decoded input that fetches only the
+`feature_maps` and `cam_weights` outputs, in the decode pool (the hot-path batches never fetch
+them), followed by the overlay PNG.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Final
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
+from numpy.typing import NDArray
 
 from service.errors import LungserveError
 from service.explanation import (
     FEATURE_MAPS,
-    Explanation,
     b64,
+    check_class,
+    class_index,
     display_image,
-    explain,
+    grad_cam,
     overlay_png,
     require_cam_outputs,
 )
 from service.gradcam import normalised
 from service.http_guards import deadline, unless_disconnected
-from service.runtime import Classified, ModelRuntime, ServiceState
+from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import ERROR_RESPONSES, ErrorResponse, ExplainResponse, ExplanationInfo, multipart_body, prediction
 from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
 
@@ -39,17 +43,27 @@ _EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 
 async def _explain_upload(
-    service: ServiceState, runtime: ModelRuntime, upload: Upload, requested_class: str | None
-) -> tuple[Explanation, bytes, tuple[int, int]]:
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    upload: Upload,
+    requested_class: str | None,
+) -> tuple[Classified, NDArray[np.float32], int, bytes, tuple[int, int]]:
     if upload.error is not None:
         raise upload.error
+    manifest = runtime.engine.manifest
+    check_class(manifest, requested_class)
     image = await service.decode(upload.data, runtime.engine.input_size)
+    # The prediction and its decision come from the shared core, exactly as for /predict.
+    result, info = await runtime.classify(reservation, image)
+    service.observer.on_classified(result, info)
+    index = class_index(manifest, requested_class, result.probabilities)
     loop = asyncio.get_running_loop()
     pool = service.decode_pool
-    explanation = await loop.run_in_executor(pool, explain, runtime.engine, image, requested_class)
+    cam = await loop.run_in_executor(pool, grad_cam, runtime.engine, image, index)
     display = await loop.run_in_executor(pool, display_image, upload.data)
-    png = await loop.run_in_executor(pool, overlay_png, display, explanation.cam)
-    return explanation, png, (display.shape[1], display.shape[0])
+    png = await loop.run_in_executor(pool, overlay_png, display, cam)
+    return result, cam, index, png, (display.shape[1], display.shape[0])
 
 
 @router.post(
@@ -78,25 +92,24 @@ async def explain_image(
         # Before reading anything: a 501 costs nothing.
         require_cam_outputs(runtime.engine.manifest, runtime.engine.output_names)
         check_declared_size(request.headers.get("content-length"), limits.predict)
-        with runtime.reserve(1):  # admission: one slot of the queue bound, returned at the end
+        with runtime.reserve(1) as reservation:  # admission, as /predict: 503 before the body is read
             async with deadline(settings.request_deadline_s):
                 (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits.predict)
-                explanation, png, (width, height) = await unless_disconnected(
-                    _explain_upload(service, runtime, upload, class_name), request.receive
+                result, cam, index, png, (width, height) = await unless_disconnected(
+                    _explain_upload(service, runtime, reservation, upload, class_name), request.receive
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)
         raise
-    manifest = runtime.engine.manifest
-    answer = prediction(Classified(explanation.probabilities, manifest))
-    grid = normalised(explanation.cam)
+    answer = prediction(result)
+    grid = normalised(cam)
     return ExplainResponse(
         **answer.model_dump(),
         explanation=ExplanationInfo(
             layer=FEATURE_MAPS,
-            class_name=manifest.classes[explanation.class_index],
+            class_name=result.manifest.classes[index],
             grid=[[round(float(v), 4) for v in row] for row in grid],
-            grid_peak=float(explanation.cam.max()) if explanation.cam.size else 0.0,
+            grid_peak=float(cam.max()) if cam.size else 0.0,
             overlay_png=b64(png),
             overlay_width=width,
             overlay_height=height,

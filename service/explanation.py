@@ -1,8 +1,9 @@
 """Grad-CAM explanations of one image, from the model's `feature_maps` and `cam_weights` outputs.
 
-The core of `/explain`, without HTTP: which outputs the model must have, one ORT run that
-fetches them with the probabilities, the map for the asked (or predicted) class, and the PNG
-overlay on the uploaded image. ONNX Runtime only: serving never imports TensorFlow.
+The core of `/explain`, without HTTP: which outputs the model must have, the ORT run that
+fetches them, the map for the asked (or predicted) class, and the PNG overlay on the uploaded
+image. The prediction itself (probabilities, decision) comes from the shared runtime like any
+other: this module only adds the map. ONNX Runtime only: serving never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from dataclasses import dataclass
 from typing import Final, Protocol
 
 import numpy as np
@@ -60,31 +60,26 @@ def require_cam_outputs(manifest: Manifest, graph_outputs: list[str]) -> tuple[s
     return names
 
 
+def check_class(manifest: Manifest, requested: str | None) -> None:
+    """422 for a class the model does not have (checked before any decode)."""
+    if requested is not None and requested not in manifest.classes:
+        raise UnknownClass(f"class {requested!r} is not one of the model's classes {manifest.classes}")
+
+
 def class_index(manifest: Manifest, requested: str | None, probabilities: NDArray[np.float32]) -> int:
     """The class to explain: the one asked for, else the predicted one."""
     if requested is None:
         return int(np.argmax(probabilities))
-    if requested not in manifest.classes:
-        raise UnknownClass(f"class {requested!r} is not one of the model's classes {manifest.classes}")
+    check_class(manifest, requested)
     return manifest.classes.index(requested)
 
 
-@dataclass(frozen=True)
-class Explanation:
-    """One image's probabilities and the Grad-CAM map of one class."""
-
-    probabilities: NDArray[np.float32]  # (C,)
-    class_index: int
-    cam: NDArray[np.float32]  # (h, w), raw ReLU(sum_k w_k A_k), up to a positive constant
-
-
-def explain(engine: _OutputRunner, image: NDArray[np.uint8], requested_class: str | None) -> Explanation:
-    """One ORT run of the model input `image` (S, S, 3) with the Grad-CAM outputs. Blocking."""
-    manifest = engine.manifest
-    names = require_cam_outputs(manifest, engine.output_names)
-    probs, fmaps, weights = engine.run_outputs(image[None], [manifest.output_name, *names])
-    index = class_index(manifest, requested_class, probs[0])
-    return Explanation(probabilities=probs[0], class_index=index, cam=class_activation(fmaps[0], weights[0], index))
+def grad_cam(engine: _OutputRunner, image: NDArray[np.uint8], class_index: int) -> NDArray[np.float32]:
+    """The (h, w) Grad-CAM map of `class_index` for the model input `image` (S, S, 3): one ORT
+    run fetching only the two Grad-CAM outputs. Blocking (call it in a pool thread)."""
+    names = require_cam_outputs(engine.manifest, engine.output_names)
+    fmaps, weights = engine.run_outputs(image[None], list(names))
+    return class_activation(fmaps[0], weights[0], class_index)
 
 
 def display_image(data: bytes, max_side: int = OVERLAY_MAX_SIDE) -> NDArray[np.uint8]:
