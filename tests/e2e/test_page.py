@@ -5,7 +5,8 @@ render (labels, probability bars, the class map of a large image), turns the Gra
 overlay on, reads the CSV export, and saves a screenshot. Chromium and its driver come from
 Debian (`tests/system_tools.require_tool`), so this runs in CI and never skips there.
 
-`LUNGSERVE_PAGE_SCREENSHOT=docs/page.png` also writes the screenshot there (the README's).
+`LUNGSERVE_PAGE_SCREENSHOT=docs/page.png` also writes the screenshot there (the README's), and
+`LUNGSERVE_PAGE_TEST_MODEL=DIR` serves that model instead.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ CHROMIUM_FLAGS = (
 
 
 def _model_dir(tmp_path: Path) -> Path:
-    """The bundled model when it has the Grad-CAM outputs (model contract v2), else a tiny one that has."""
+    """LUNGSERVE_PAGE_TEST_MODEL if set; else the bundled model when it has the Grad-CAM outputs
+    (model contract v2); else a tiny model that has them."""
+    chosen = os.environ.get("LUNGSERVE_PAGE_TEST_MODEL")
+    if chosen:
+        return Path(chosen)
     manifest = Manifest.read(BUNDLED_MODEL / "model.json")
     import onnx
 

@@ -57,6 +57,8 @@ def test_a_large_jpeg_is_decoded_at_the_dct_scale_of_its_tiles(lc25000_768: Path
         tile = slide.read_tile(Tile(768 * i, 0, 768, 768), 128).astype(np.int16)
         direct = load_image(original.read_bytes(), 128).astype(np.int16)
         assert np.abs(tile - direct).mean() < 3.0
+    # The picture is decoded again at its own scale: sharper than the tiles' 1/4 scale allows.
+    assert slide.thumbnail(1024).size == (1024, 512)
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
