@@ -19,6 +19,8 @@ from typing import BinaryIO, Final
 from fastapi import APIRouter, Request
 from PIL import Image
 
+from service import memory
+from service.admission import admitted_uploads
 from service.analysis import TileImage, TileOutcome, analyse, tile_source_px
 from service.errors import InvalidImage, LungserveError, ModelNotReady, TooManyTiles
 from service.explanation import b64
@@ -36,7 +38,7 @@ from service.schemas import (
 )
 from service.slide import Slide, open_slide
 from service.tiling import tile_grid
-from service.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits, check_declared_size, read_uploads
+from service.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits
 
 router = APIRouter()
 
@@ -131,13 +133,19 @@ async def analyze(request: Request) -> AnalyzeResponse:
 
         slide: Slide | None = None
         try:
-            runtime = service.current()
-            pool = service.decode_pool
-            if pool is None:
+            decoder = service.decoder
+            if decoder is None:
                 raise ModelNotReady("the server is not started")
-            check_declared_size(request.headers.get("content-length"), limits)
-            async with deadline(settings.request_deadline_s):
-                await read_uploads(request.headers.get("content-type"), request.stream(), limits, spool)
+            pool = decoder.pool
+            headers = request.headers
+            # The way in of every upload route (readiness, declared size, queue and upload gate,
+            # minimum upload rate), with the body going to disk instead of memory.
+            async with (
+                deadline(settings.request_deadline_s),
+                admitted_uploads(
+                    service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool
+                ),
+            ):
                 for handle in spooled:
                     handle.close()
                 runtime = service.current()  # a reload may have swapped it while the body came in
@@ -146,9 +154,11 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 path = Path(spool_dir) / "upload-0"
                 if path.stat().st_size == 0:
                     raise InvalidImage("the file is empty")
+                # Opening reads the header; a plain image is then decoded whole, in the large-image lane.
                 slide = await loop.run_in_executor(
                     pool, partial(open_slide, path, max_pixels=settings.max_image_pixels, tile_px=side, size=size)
                 )
+                await loop.run_in_executor(decoder.large_lane, slide.prepare)
                 tiles = tile_grid(slide.width, slide.height, side)
                 limit = runtime.batcher.queue_limit
                 if len(tiles) > limit:
@@ -183,6 +193,7 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 handle.close()
             if slide is not None:
                 slide.close()
+                memory.trim()  # a large image's pixels go back to the system, not just to the heap
     return AnalyzeResponse(
         width=image_size[0],
         height=image_size[1],

@@ -8,9 +8,12 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import APIRouter, Request, Response
 
+from service.admission import admitted_uploads
+from service.decoder import PixelAllowance
 from service.errors import LungserveError
 from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
@@ -18,6 +21,7 @@ from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceS
 from service.schemas import (
     ERROR_RESPONSES,
     BatchingInfo,
+    DecisionInfo,
     ErrorResponse,
     FileError,
     FilePrediction,
@@ -33,7 +37,7 @@ from service.schemas import (
     multipart_body,
     prediction,
 )
-from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
+from service.uploads import RouteLimits, Upload, UploadLimits
 
 router = APIRouter()
 
@@ -51,19 +55,43 @@ def _limits(request: Request) -> RouteLimits:
 
 
 async def _classify_upload(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, upload: Upload
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    upload: Upload,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others)."""
+    """One file -> its result, or its own error *returned* (so one bad file never fails others).
+
+    Every admitted image leaves here counted in exactly one outcome: classified, its own
+    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
+    """
     try:
         if upload.error is not None:
             raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size)
+        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
         result, info = await runtime.classify(reservation, image)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
         return exc
+    except asyncio.CancelledError:
+        service.observer.on_image_abandoned()
+        raise
     service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
     return result
+
+
+def _uploads(
+    request: Request, service: ServiceState, limits: UploadLimits
+) -> AbstractAsyncContextManager[list[Upload]]:
+    headers = request.headers
+    return admitted_uploads(
+        service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits
+    )
+
+
+def _allowance(service: ServiceState) -> PixelAllowance:
+    return PixelAllowance(service.settings.max_request_pixels)
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -81,14 +109,16 @@ async def predict(request: Request) -> PredictionResponse:
     settings = service.settings
     limits = _limits(request).predict
     try:
-        runtime = service.current()
-        # Order matters: declared size, then the queue (503 at once), then read, then decode.
-        check_declared_size(request.headers.get("content-length"), limits)
-        with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
-            async with deadline(settings.request_deadline_s):
-                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        # Order matters: readiness, declared size, queue and gate (503 at once), read, then the
+        # queue slot (only now: a slow body never holds one), then decode.
+        async with (
+            deadline(settings.request_deadline_s),
+            _uploads(request, service, limits) as (upload,),
+        ):
+            runtime = service.current()
+            with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
                 outcome = await unless_disconnected(
-                    _classify_upload(service, runtime, reservation, upload), request.receive
+                    _classify_upload(service, runtime, reservation, upload, _allowance(service)), request.receive
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)  # HOOK(metrics/logs): the request failed as a whole
@@ -113,17 +143,15 @@ async def predict_many(request: Request) -> PredictManyResponse:
     settings = service.settings
     limits = _limits(request).predict_many
     try:
-        runtime = service.current()
-        check_declared_size(request.headers.get("content-length"), limits)
-        async with deadline(settings.request_deadline_s):
-            uploads = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        async with deadline(settings.request_deadline_s), _uploads(request, service, limits) as uploads:
             # A hot reload may have swapped (and stopped) the runtime while the body was read:
             # admit into the one serving now, so no request fails because of a swap.
             runtime = service.current()
+            allowance = _allowance(service)
             # The number of images is known only now -- still before any decode. All or nothing.
             with runtime.reserve(sum(1 for u in uploads if u.error is None)) as reservation:
                 outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u) for u in uploads)),
+                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u, allowance) for u in uploads)),
                     request.receive,
                 )
     except LungserveError as exc:
@@ -162,7 +190,7 @@ async def live() -> LiveResponse:
     responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
 )
 async def ready(request: Request) -> ReadyResponse:
-    runtime = _service(request).current()
+    runtime = _service(request).ready()
     identity = runtime.identity
     return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
@@ -192,5 +220,11 @@ async def model_info(request: Request) -> ModelInfoResponse:
             max_files_per_request=s.max_files_per_request,
             max_request_bytes=s.max_request_bytes,
             max_image_pixels=s.max_image_pixels,
+        ),
+        decision=DecisionInfo(
+            refer_below=runtime.thresholds.refer_below,
+            ood_above=runtime.thresholds.ood_above,
+            ood_score=runtime.engine.has_ood_score,
+            tissue_check=True,
         ),
     )

@@ -16,9 +16,12 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from numpy.typing import NDArray
 
-from service.errors import LungserveError
+from service.admission import admitted_uploads
+from service.decoder import PixelAllowance
+from service.errors import LungserveError, ModelNotReady
 from service.explanation import (
     FEATURE_MAPS,
+    OVERLAY_MAX_SIDE,
     b64,
     check_class,
     class_index,
@@ -29,9 +32,10 @@ from service.explanation import (
 )
 from service.gradcam import normalised
 from service.http_guards import deadline, unless_disconnected
+from service.preprocess import Probe, probe_image
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import ERROR_RESPONSES, ErrorResponse, ExplainResponse, ExplanationInfo, multipart_body, prediction
-from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
+from service.uploads import RouteLimits, Upload
 
 router = APIRouter()
 
@@ -42,6 +46,10 @@ _EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+def _probe(data: bytes, max_pixels: int) -> Probe:
+    return probe_image(data, OVERLAY_MAX_SIDE, max_pixels=max_pixels)
+
+
 async def _explain_upload(
     service: ServiceState,
     runtime: ModelRuntime,
@@ -49,20 +57,32 @@ async def _explain_upload(
     upload: Upload,
     requested_class: str | None,
 ) -> tuple[Classified, NDArray[np.float32], int, bytes, tuple[int, int]]:
-    if upload.error is not None:
-        raise upload.error
-    manifest = runtime.engine.manifest
-    check_class(manifest, requested_class)
-    image = await service.decode(upload.data, runtime.engine.input_size)
-    # The prediction and its decision come from the shared core, exactly as for /predict.
-    result, info = await runtime.classify(reservation, image)
+    try:
+        if upload.error is not None:
+            raise upload.error
+        manifest = runtime.engine.manifest
+        allowance = PixelAllowance(service.settings.max_request_pixels)
+        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
+        # The prediction and its decision come from the shared core, exactly as for /predict.
+        result, info = await runtime.classify(reservation, image)
+    except LungserveError as exc:
+        service.observer.on_image_failed(exc)
+        raise
+    except asyncio.CancelledError:
+        service.observer.on_image_abandoned()
+        raise
     service.observer.on_classified(result, info)
     index = class_index(manifest, requested_class, result.probabilities)
+    decoder = service.decoder
+    if decoder is None:
+        raise ModelNotReady("the server is not started")
     loop = asyncio.get_running_loop()
-    pool = service.decode_pool
-    cam = await loop.run_in_executor(pool, grad_cam, runtime.engine, image, index)
-    display = await loop.run_in_executor(pool, display_image, upload.data)
-    png = await loop.run_in_executor(pool, overlay_png, display, cam)
+    cam = await loop.run_in_executor(decoder.pool, grad_cam, runtime.engine, image, index)
+    # The overlay's picture is a second decode of the upload: a large one goes to the large lane.
+    probe = await loop.run_in_executor(decoder.pool, _probe, upload.data, service.settings.max_image_pixels)
+    lane = decoder.large_lane if probe.decode_pixels >= service.settings.large_image_pixels else decoder.pool
+    display = await loop.run_in_executor(lane, display_image, upload.data)
+    png = await loop.run_in_executor(decoder.pool, overlay_png, display, cam)
     return result, cam, index, png, (display.shape[1], display.shape[0])
 
 
@@ -89,12 +109,20 @@ async def explain_image(
     settings = service.settings
     try:
         runtime = service.current()
-        # Before reading anything: a 501 costs nothing.
+        # Before reading anything: a 501 or 422 costs nothing.
         require_cam_outputs(runtime.engine.manifest, runtime.engine.output_names)
-        check_declared_size(request.headers.get("content-length"), limits.predict)
-        with runtime.reserve(1) as reservation:  # admission, as /predict: 503 before the body is read
-            async with deadline(settings.request_deadline_s):
-                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits.predict)
+        check_class(runtime.engine.manifest, class_name)
+        headers = request.headers
+        # /predict's way in: readiness, declared size, queue and upload gate (503 before reading),
+        # the body at the minimum rate, then one queue slot (a slow body never holds one).
+        async with (
+            deadline(settings.request_deadline_s),
+            admitted_uploads(
+                service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits.predict
+            ) as (upload,),
+        ):
+            runtime = service.current()
+            with runtime.reserve(1) as reservation:
                 result, cam, index, png, (width, height) = await unless_disconnected(
                     _explain_upload(service, runtime, reservation, upload, class_name), request.receive
                 )

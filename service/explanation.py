@@ -21,7 +21,7 @@ from service.errors import ExplainUnavailable, InvalidImage, UnknownClass
 from service.gradcam import class_activation, normalised, upsampled
 from service.manifest import Manifest
 from service.overlay import heatmap_overlay, png_bytes
-from service.preprocess import _to_rgb
+from service.preprocess import ALLOWED_FORMATS, _to_rgb
 
 # Output names fixed by the model contract (MODEL_CONTRACT.md); a manifest may map them.
 FEATURE_MAPS: Final = "feature_maps"
@@ -90,7 +90,7 @@ def display_image(data: bytes, max_side: int = OVERLAY_MAX_SIDE) -> NDArray[np.u
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
                 if img.format == "JPEG":
                     img.draft("RGB", (max_side, max_side))
                 img.load()

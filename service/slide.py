@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.preprocess import _FILTER, _to_rgb
+from service.preprocess import _FILTER, ALLOWED_FORMATS, _to_rgb
 from service.tiling import Tile
 
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
@@ -49,6 +49,9 @@ class Slide(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Format facts for the response (reader, format, microns per pixel when known)."""
+
+    def prepare(self) -> None:
+        """Decode what must be decoded before tiles are read (a plain image: all of it)."""
 
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
         """The tile as the model input: (size, size, 3) uint8 RGB."""
@@ -90,7 +93,7 @@ class PillowSlide:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path)
+                img = Image.open(path, formats=ALLOWED_FORMATS)
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"image has too many pixels: {exc}") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -134,6 +137,9 @@ class PillowSlide:
 
     def describe(self) -> dict[str, Any]:
         return {"reader": self.reader, "format": self._format, "mpp": None, "levels": 1}
+
+    def prepare(self) -> None:
+        self._decoded()
 
     def _decoded(self) -> Image.Image:
         """Decode once (the first reader thread does it, the others wait for it)."""
@@ -182,7 +188,7 @@ class PillowSlide:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(self._path) as img:
+                with Image.open(self._path, formats=ALLOWED_FORMATS) as img:
                     scale = max_side / max(img.size)
                     img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
                     img.load()
@@ -229,6 +235,9 @@ class OpenSlideSlide:
             "mpp": float(mpp) if mpp else None,
             "levels": self._slide.level_count,
         }
+
+    def prepare(self) -> None:
+        pass  # every tile is read on its own
 
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
         import openslide

@@ -27,6 +27,9 @@ class FakeSlide:
     def describe(self) -> dict[str, Any]:
         return {"reader": self.reader}
 
+    def prepare(self) -> None:
+        pass
+
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
         if tile == self.broken:
             raise InvalidImage("slide data is corrupt")
