@@ -3,7 +3,6 @@ the protocol's shape. Requests are built by tritonclient's own encoder."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 from service.manifest import Manifest
 from service.oip import DECISIONS, OUTPUTS
 from service.preprocess import load_image
-from tests.app.conftest import Served, noise_jpeg, post_stalled_upload
+from tests.app.conftest import Served, noise_jpeg
 from tests.conftest import BUNDLED_MODEL
 
 pytestmark = pytest.mark.anyio
@@ -134,22 +133,17 @@ async def test_errors_take_the_protocol_shape(served: Served) -> None:
 
 
 async def test_overload_is_the_same_queue_as_predict(served: Served) -> None:
-    never = asyncio.Event()
-    stalled = asyncio.ensure_future(post_stalled_upload(served.client, never))
     batcher = served.state.current().batcher
+    # One slot held the way an admitted /predict holds it (slots are taken once a body is read).
+    held = batcher.reserve(1)
     try:
-        for _ in range(500):  # until the stalled /predict holds its slot (an observed state, not a delay)
-            if batcher.available < served.state.settings.queue_limit:
-                break
-            await asyncio.sleep(0.01)
         assert batcher.available == served.state.settings.queue_limit - 1
         body, headers = body_of([noise_jpeg()] * 8, binary=True)  # queue_limit is 8; one slot is held
         response = await served.client.post(INFER, content=body, headers=headers)
         oip_error(response, 503, "at capacity")
         assert response.headers["retry-after"] == "1"
     finally:
-        never.set()
-        await stalled
+        held.release()
     metrics = (await served.client.get("/metrics")).text
     assert 'lungserve_rejected_total{reason="queue_full"} 1.0' in metrics
     assert 'route="/v2/models/{name}/infer",status="5xx"' in metrics

@@ -248,6 +248,8 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_model_ready",
         "lungserve_cancelled",
         "lungserve_api_key_requests",
+        "lungserve_uploads_in_flight",
+        "lungserve_body_bytes_in_flight",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
