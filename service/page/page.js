@@ -21,6 +21,21 @@ const state = {
 };
 
 const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "lungserve-api-key";
+
+// With LUNGSERVE_API_KEYS_FILE the API needs a key; the page itself is open. The key the user
+// types is kept in sessionStorage (this tab only) and sent as X-API-Key.
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { "X-API-Key": key } : {};
+}
+
+function askForKey(message) {
+  const form = $("key-form");
+  form.hidden = false;
+  $("model-line").textContent = message;
+  $("api-key").focus();
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -49,8 +64,13 @@ const REASONS = {
 
 async function loadModel() {
   try {
-    const response = await fetch("/page/config.json");
+    const response = await fetch("/page/config.json", { headers: authHeaders() });
+    if (response.status === 401) {
+      askForKey("This server needs an API key before it shows its model.");
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    $("key-form").hidden = true;
     const config = await response.json();
     state.classes = config.classes;
     state.colours = config.colours;
@@ -131,7 +151,7 @@ async function post(path, file, extra = {}) {
     const body = new FormData();
     body.append("file", file, file.name);
     const query = new URLSearchParams(extra).toString();
-    const response = await fetch(query ? `${path}?${query}` : path, { method: "POST", body });
+    const response = await fetch(query ? `${path}?${query}` : path, { method: "POST", body, headers: authHeaders() });
     let payload = null;
     try {
       payload = await response.json();
@@ -143,6 +163,7 @@ async function post(path, file, extra = {}) {
       await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
       continue;
     }
+    if (response.status === 401) askForKey("The API key was refused; enter a valid one and add the images again.");
     if (!response.ok) {
       const message = payload?.error?.message || `HTTP ${response.status}`;
       const error = new Error(message);
@@ -428,6 +449,12 @@ function init() {
     input.addEventListener("focus", () => label.classList.add("file-focus"));
     input.addEventListener("blur", () => label.classList.remove("file-focus"));
   }
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    $("api-key").value = "";
+    loadModel();
+  });
   $("export-csv").addEventListener("click", exportCsv);
   $("clear").addEventListener("click", clearResults);
   loadModel();

@@ -47,6 +47,8 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Every host but loopback is unresolvable: the page must work offline.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--window-size=1280,1800",
 )
 
@@ -169,3 +171,23 @@ async def test_the_page_classifies_explains_and_maps_real_images(
         target = os.environ.get("LUNGSERVE_PAGE_SCREENSHOT")
         if target:
             shutil.copyfile(shot, target)
+
+
+async def test_the_page_asks_for_an_api_key_and_sends_it(tmp_path: Path, lc25000_768: Path, browser: WebDriver) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("lab:page-test-key-0123456789\n")
+    tile = _originals(lc25000_768)[0]
+    with start_server(tmp_path, LUNGSERVE_API_KEYS_FILE=str(keys), LUNGSERVE_PROVIDER="cpu") as server:
+        await wait_ready(server)
+        browser.get(server.url + "/")  # the page is open; the API behind it is not
+        form = browser.find_element(By.ID, "key-form")
+        WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: form.is_displayed())
+        assert browser.switch_to.active_element.get_attribute("id") == "api-key"
+        browser.switch_to.active_element.send_keys("page-test-key-0123456789", Keys.ENTER)
+        WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: "classes" in d.find_element(By.ID, "model-line").text)
+        assert not form.is_displayed()
+        browser.find_element(By.ID, "file-input").send_keys(str(tile))
+        WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: _cards_done(d, 1))
+        card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+        assert not card.find_elements(By.CSS_SELECTOR, ".error"), card.text
+        assert card.find_element(By.CSS_SELECTOR, ".label-line strong").text in {"lung_aca", "lung_n", "lung_scc"}
