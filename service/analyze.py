@@ -47,16 +47,8 @@ OVERLAY_MAX_SIDE: Final = 1024
 
 
 def decision_of(result: Classified) -> tuple[str, str | None]:
-    """The refer decision the runtime made beside the model's output ("accept" while it makes none).
-
-    Read by attribute so this door needs no change when the runtime's result carries it.
-    """
-    made = getattr(result, "decision", None)
-    if made is None:
-        return "accept", None
-    if isinstance(made, str):
-        return made, getattr(result, "reason", None)
-    return str(made.decision), made.reason
+    """The refer decision the runtime made beside the model's output (service.decision)."""
+    return result.decision.decision, result.decision.reason
 
 
 async def _classify_tile(

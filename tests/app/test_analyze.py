@@ -32,6 +32,11 @@ def mosaic(lc25000_768: Path) -> tuple[np.ndarray, list[str]]:
     return canvas, [p.parent.name for p in originals]
 
 
+@pytest.fixture(scope="module")
+def mosaic_png(mosaic: tuple[np.ndarray, list[str]]) -> bytes:
+    return encode(Image.fromarray(mosaic[0]), "PNG")
+
+
 def _settings(**overrides: object) -> Settings:
     values: dict[str, object] = {"max_file_bytes": 20_000_000, "max_request_bytes": 40_000_000}
     values["max_image_pixels"] = 20_000_000
@@ -45,12 +50,12 @@ def _by_origin(body: dict[str, object]) -> dict[tuple[int, int], str]:
     return {(t["x"], t["y"]): t["label"] for t in tiles}
 
 
-async def test_each_quadrant_of_a_mosaic_gets_its_class(mosaic: tuple[np.ndarray, list[str]]) -> None:
-    canvas, classes = mosaic
+async def test_each_quadrant_of_a_mosaic_gets_its_class(
+    mosaic: tuple[np.ndarray, list[str]], mosaic_png: bytes
+) -> None:
+    _, classes = mosaic
     async with serve(_settings()) as s:
-        response = await s.client.post(
-            "/analyze", files={"file": ("mosaic.png", encode(Image.fromarray(canvas), "PNG"), "image/png")}
-        )
+        response = await s.client.post("/analyze", files={"file": ("mosaic.png", mosaic_png, "image/png")})
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["width"], body["height"], body["tile_source_px"]) == (1536, 1536, 768)
@@ -139,3 +144,13 @@ async def test_a_plain_image_over_the_pixel_limit_is_a_413() -> None:
         response = await s.client.post("/analyze", files={"file": ("big.png", encode(image, "PNG"), "image/png")})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "image_too_large"
+
+
+async def test_referred_tiles_carry_the_cores_decision(mosaic_png: bytes) -> None:
+    # A confidence bar no answer reaches: every tissue tile is referred, as /predict would refer it.
+    async with serve(_settings(refer_below=0.999999)) as s:
+        response = await s.client.post("/analyze", files={"file": ("mosaic.png", mosaic_png, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert {(t["decision"], t["reason"]) for t in body["tiles"]} == {("refer", "low_confidence")}
+    assert body["summary"]["referred_tiles"] == 4

@@ -15,7 +15,7 @@ from PIL import Image
 from service.gradcam import class_activation, normalised
 from service.preprocess import load_image
 from tests.app.conftest import Served, encode, make_settings, noise_jpeg, serve
-from tests.onnx_models import cam_model_bytes, write_cam_model_dir
+from tests.onnx_models import cam_model_bytes, write_cam_model_dir, write_model_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -41,6 +41,7 @@ async def test_explain_returns_the_prediction_and_the_contract_map(cam_served: S
     predicted = int(np.argmax(probs[0]))
     assert body["label"] == ["lung_aca", "lung_n", "lung_scc"][predicted]
     assert body["probabilities"][body["label"]] == pytest.approx(float(probs[0, predicted]), abs=1e-6)
+    assert body["decision"] in ("accept", "refer")  # made by the core, as for /predict
     explanation = body["explanation"]
     assert explanation["method"] == "grad-cam"
     assert explanation["class"] == body["label"]
@@ -85,8 +86,10 @@ async def test_a_tall_image_gets_an_overlay_of_its_own_shape(cam_served: Served)
     assert _png(response.json()["explanation"]["overlay_png"]).size == (128, 384)
 
 
-async def test_a_model_without_gradcam_outputs_answers_501_before_reading(served: Served) -> None:
-    response = await served.client.post("/explain", files={"file": ("t.jpeg", noise_jpeg(64), "image/jpeg")})
+async def test_a_model_without_gradcam_outputs_answers_501_before_reading(tmp_path: Path) -> None:
+    write_model_dir(tmp_path / "v1")  # probabilities only, like model v1
+    async with serve(make_settings(model_uri=str(tmp_path / "v1"))) as s:
+        response = await s.client.post("/explain", files={"file": ("t.jpeg", noise_jpeg(64), "image/jpeg")})
     assert response.status_code == 501
     error = response.json()["error"]
     assert error["code"] == "explain_unavailable"
