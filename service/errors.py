@@ -142,10 +142,14 @@ class UnknownClass(BadRequest):
 
 
 class ExplainUnavailable(LungserveError):
-    """The model being served has no Grad-CAM outputs (feature_maps, cam_weights)."""
+    """The model being served has no Grad-CAM outputs (feature_maps, cam_weights).
+
+    A 4xx, not 501: the server implements /explain, the current model (a state that a reload
+    changes) cannot be explained, and no answer of lungserve is a 5xx unless it is a fault.
+    """
 
     code = "explain_unavailable"
-    status = 501
+    status = 409
 
 
 class TooManyTiles(LungserveError):

@@ -42,7 +42,7 @@ router = APIRouter()
 _EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     **ERROR_RESPONSES,
     422: {"model": ErrorResponse, "description": "missing field, not a decodable image, or unknown class"},
-    501: {"model": ErrorResponse, "description": "the model being served has no Grad-CAM outputs"},
+    409: {"model": ErrorResponse, "description": "the model being served has no Grad-CAM outputs"},
 }
 
 
@@ -93,7 +93,7 @@ async def _explain_upload(
         "Multipart field `file` (as /predict). Optional query parameter `class` (e.g. `?class=lung_scc`): "
         "the class to explain, by default the predicted one. Answers /predict's fields plus `explanation`: "
         "the Grad-CAM map of the last convolutional block as numbers (`grid`, normalised to its peak) and "
-        "as a PNG overlay on the image (`overlay_png`, base64). 501 when the served model has no Grad-CAM outputs."
+        "as a PNG overlay on the image (`overlay_png`, base64). 409 when the served model has no Grad-CAM outputs."
     ),
     responses=_EXPLAIN_ERRORS,
     openapi_extra=multipart_body("file", many=False),
@@ -109,7 +109,7 @@ async def explain_image(
     settings = service.settings
     try:
         runtime = service.current()
-        # Before reading anything: a 501 or 422 costs nothing.
+        # Before reading anything: a 409 or 422 costs nothing.
         require_cam_outputs(runtime.engine.manifest, runtime.engine.output_names)
         check_class(runtime.engine.manifest, class_name)
         headers = request.headers

@@ -50,7 +50,7 @@ def cam_output_names(manifest: Manifest, graph_outputs: list[str]) -> tuple[str,
 
 
 def require_cam_outputs(manifest: Manifest, graph_outputs: list[str]) -> tuple[str, str]:
-    """`cam_output_names`, or the 501 that says the model cannot be explained."""
+    """`cam_output_names`, or the 409 that says the model cannot be explained."""
     names = cam_output_names(manifest, graph_outputs)
     if names is None:
         raise ExplainUnavailable(

@@ -86,11 +86,11 @@ async def test_a_tall_image_gets_an_overlay_of_its_own_shape(cam_served: Served)
     assert _png(response.json()["explanation"]["overlay_png"]).size == (128, 384)
 
 
-async def test_a_model_without_gradcam_outputs_answers_501_before_reading(tmp_path: Path) -> None:
+async def test_a_model_without_gradcam_outputs_answers_409_before_reading(tmp_path: Path) -> None:
     write_model_dir(tmp_path / "v1")  # probabilities only, like model v1
     async with serve(make_settings(model_uri=str(tmp_path / "v1"))) as s:
         response = await s.client.post("/explain", files={"file": ("t.jpeg", noise_jpeg(64), "image/jpeg")})
-    assert response.status_code == 501
+    assert response.status_code == 409
     error = response.json()["error"]
     assert error["code"] == "explain_unavailable"
     assert "feature_maps" in error["message"]
