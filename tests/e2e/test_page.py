@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from selenium import webdriver
@@ -60,8 +61,6 @@ def _model_dir(tmp_path: Path) -> Path:
     if chosen:
         return Path(chosen)
     manifest = Manifest.read(BUNDLED_MODEL / "model.json")
-    import onnx
-
     outputs = [o.name for o in onnx.load(str(BUNDLED_MODEL / manifest.file), load_external_data=False).graph.output]
     if cam_output_names(manifest, outputs) is not None:
         return BUNDLED_MODEL
