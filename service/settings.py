@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # --- HTTP server (used by `lungserve serve`; the app itself does not bind) ---
     host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC here (grpc extra)"
+    )
 
     # --- batching ---
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="images per ORT run")

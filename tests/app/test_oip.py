@@ -3,8 +3,10 @@ the protocol's shape. Requests are built by tritonclient's own encoder."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from PIL import Image
 from service.manifest import Manifest
 from service.oip import DECISIONS, OUTPUTS
 from service.preprocess import load_image
-from tests.app.conftest import Served, noise_jpeg
+from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 
 pytestmark = pytest.mark.anyio
@@ -128,6 +130,14 @@ async def test_errors_take_the_protocol_shape(served: Served) -> None:
     wrong_output = b'{"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [""]}],'
     wrong_output += b' "outputs": [{"name": "logits"}]}'
     oip_error(await client.post(INFER, content=wrong_output), 400, "unknown output")
+    big = b"x" * (served.state.settings.max_request_bytes + 1)
+    oip_error(await client.post(INFER, content=big), 413, "over")  # declared Content-Length
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(4):
+            yield big[: len(big) // 3]
+
+    oip_error(await client.post(INFER, content=streamed()), 413, "LUNGSERVE_MAX_REQUEST_BYTES")
     # Elsewhere, errors keep lungserve's shape.
     assert (await client.get("/nowhere")).json()["error"]["code"] == "not_found"
 
@@ -155,3 +165,33 @@ async def test_infer_counts_images_like_predict(served: Served) -> None:
     await infer(served.client, [noise_jpeg(), png.getvalue()], binary=False)
     metrics = (await served.client.get("/metrics")).text
     assert 'lungserve_images_total{outcome="ok"} 2.0' in metrics
+
+
+async def test_infer_bodies_pass_the_upload_gate_and_pixel_budget() -> None:
+    settings = make_settings(
+        max_uploads_in_flight=1, min_upload_rate_bytes_s=0, max_image_pixels=224 * 224, max_request_pixels=2 * 224 * 224
+    )
+    async with serve(settings) as s:
+        gate = s.state.upload_gate
+        assert gate is not None
+        never = asyncio.Event()
+        stalled = asyncio.ensure_future(post_stalled_upload(s.client, never))
+        try:
+            for _ in range(500):  # until the stalled upload holds the one upload slot (observed, not a delay)
+                if gate.uploads == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert gate.uploads == 1
+            body, headers = body_of([noise_jpeg()], binary=True)
+            oip_error(await s.client.post(INFER, content=body, headers=headers), 503, "LUNGSERVE_MAX_UPLOADS_IN_FLIGHT")
+        finally:
+            never.set()
+            await stalled
+        assert (gate.uploads, gate.body_bytes) == (0, 0)
+
+        # Three 224 px images decode to more pixels than the request's budget of two.
+        body, headers = body_of([noise_jpeg()] * 3, binary=True)
+        oip_error(await s.client.post(INFER, content=body, headers=headers), 413, "LUNGSERVE_MAX_REQUEST_PIXELS")
+        result = await infer(s.client, [noise_jpeg()] * 2, binary=True)
+        assert result.as_numpy("probabilities").shape == (2, len(MANIFEST.classes))
+        assert (gate.uploads, gate.body_bytes) == (0, 0)
