@@ -18,10 +18,10 @@ slot; the reverse proxy in front (docs/reliability.md) is the first line against
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from service import memory
 from service.errors import ModelNotReady, Overloaded
@@ -102,6 +102,7 @@ async def admitted_uploads(
     content_length: str | None,
     stream: AsyncIterator[bytes],
     limits: UploadLimits,
+    spool: Callable[[], BinaryIO] | None = None,
 ) -> AsyncIterator[list[Upload]]:
     """Every upload route's way in: the checks that cost nothing, the gate, then the body.
 
@@ -118,7 +119,9 @@ async def admitted_uploads(
     if gate is None:
         raise ModelNotReady("the server is not started")
     declared = declared_length(content_length)
-    with gate.admit(declared if declared is not None else limits.max_body_bytes) as ticket:
-        uploads = await read_uploads(content_type, stream, limits)
+    # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
+    charge = 0 if spool is not None else (declared if declared is not None else limits.max_body_bytes)
+    with gate.admit(charge) as ticket:
+        uploads = await read_uploads(content_type, stream, limits, spool)
         ticket.body_read()
         yield uploads

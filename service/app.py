@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 import service
-from service import admin, api
+from service import admin, analyze, api, explain, webpage
 from service import oip as oip_door
 from service.access import ApiKeys, api_key_guard
 from service.admin import AuthFailures
@@ -198,8 +198,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(api.router)
     app.include_router(oip_door.router)
+    app.include_router(explain.router)
+    app.include_router(analyze.router)
     app.include_router(admin.router)
     install_docs(app, api_keys=keys is not None)
+    webpage.install(app)  # GET / and /page/*
     _install_error_handlers(app)
     return app
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]  # no stubs; offline schemas only
 import pytest
 import yaml
 
