@@ -114,6 +114,7 @@ def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list
         "texture": f"< {LIMITS.min_texture:g}",
         "roughness": f"> {LIMITS.max_roughness:g}",
         "mean_density": f"> {LIMITS.max_mean_density:g}",
+        "likelihood": f"< {LIMITS.min_likelihood:g}",
     }
     for j, name in enumerate(names):
         qs = np.nanpercentile(table[:, j], QUANTILES)
