@@ -20,6 +20,7 @@ import argparse
 import csv
 import math
 import platform
+import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -68,6 +69,28 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     return every - held, held, "validation_groups"
 
 
+SPLIT_SEED = 1337  # export/train.py's seed: how model v2 halved the v1 validation groups
+
+
+def select_groups_of(manifest: Manifest, tiles: Sequence[Tile]) -> set[str]:
+    """The select half of the held-out groups (limits may be checked on it; the test half is for
+    reporting only): `split.select_groups`, else the v1 `validation_groups` halved per class exactly
+    as the `model` branch's export/data.py split_three_way does (sorted, shuffled with seed 1337,
+    the first half of each class, rounded down)."""
+    extra: dict[str, Any] = manifest.model_extra or {}
+    split = extra.get("split")
+    if isinstance(split, dict) and split.get("select_groups"):
+        return set(split["select_groups"])
+    rng = random.Random(SPLIT_SEED)
+    held = set(extra.get("validation_groups") or [])
+    chosen: set[str] = set()
+    for cls in manifest.classes:
+        groups = sorted(g for g in {t.group for t in tiles} if g in held and g.split("/")[0] == cls)
+        rng.shuffle(groups)
+        chosen.update(groups[: len(groups) // 2])
+    return chosen
+
+
 def decode(paths: Iterable[Path], size: int) -> NDArray[np.uint8]:
     return np.stack([load_image(p.read_bytes(), size) for p in paths])
 
@@ -94,7 +117,7 @@ def measures_of(tiles: Sequence[Tile], size: int) -> list[TissueMeasures]:
     return out
 
 
-def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list[str]:
+def fit_section(train: list[TissueMeasures], select: list[TissueMeasures], test: list[TissueMeasures]) -> list[str]:
     names = [f.name for f in fields(TissueMeasures)]
     table = np.array([astuple(m) for m in train], dtype=np.float64)
     lines = [
@@ -120,7 +143,12 @@ def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list
         qs = np.nanpercentile(table[:, j], QUANTILES)
         lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in qs) + f" | {limit_of[name]} |")
     lines.append("")
-    for label, ms in (("train-group", train), ("held-out", held)):
+    lines.append(
+        "Limits are fitted on the train groups and checked on the select groups; the test groups are"
+        " reported, never used for a choice."
+    )
+    lines.append("")
+    for label, ms in (("train-group", train), ("select-group", select), ("test-group", test)):
         failures = [judge(m) for m in ms]
         flagged = sum(1 for f in failures if f)
         by = Counter(x.value for f in failures for x in f)
@@ -270,7 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = [t for t in tiles if t.group in train_groups]
     held = [t for t in tiles if t.group in held_groups]
 
-    fit = fit_section(measures_of(train, engine.input_size), measures_of(held, engine.input_size))
+    select_groups = select_groups_of(manifest, tiles) & held_groups
+    fit = fit_section(
+        measures_of(train, engine.input_size),
+        measures_of([t for t in held if t.group in select_groups], engine.input_size),
+        measures_of([t for t in held if t.group not in select_groups], engine.input_size),
+    )
     by_class: dict[str, list[Tile]] = defaultdict(list)
     for t in held:
         by_class[t.group.split("/")[0]].append(t)
