@@ -37,7 +37,7 @@ from service.engine import Engine
 from service.manifest import MANIFEST_NAME, Manifest
 from service.preprocess import load_image
 from service.tissue import LIMITS, TissueMeasures, check_batch, judge, measure_batch
-from tests.ood_images import CATEGORIES, OTHER_STAIN, OodImage, ood_images
+from tests.ood_images import CATEGORIES, MISCOLOURED, OTHER_STAIN, OodImage, ood_images
 
 BATCH = 32
 RESTAINED_PER_CLASS = 20
@@ -328,7 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ood_above={thresholds.ood_above}",
         f"- data: LC25000 lung tiles, {len(train_groups & {t.group for t in tiles})} train groups "
         f"({len(train)} tiles), {len(held_groups)} held-out groups ({len(held)} tiles)",
-        f"- {OTHER_STAIN}: includes re-stained copies of {len(real)} held-out tiles",
+        f"- {OTHER_STAIN} and {MISCOLOURED}: re-stained and re-coloured copies of {len(real)} held-out tiles",
+        f"- splits: the tissue check's limits were fitted on the train groups only and checked on the select "
+        f"groups ({len(select_groups)} of the held-out groups); the OOD set's real-tile copies and the held-out "
+        f"share below use every held-out group ({named}: select and test together); no figure from the test "
+        f"groups was used to choose anything",
         f"- run: Python {platform.python_version()}, {time.perf_counter() - started:.0f} s",
         "",
         *fit,
