@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# How long a refused connection is kept half-closed, reading and discarding, before it is closed.
+_LINGER_S = 2.0
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int
@@ -171,9 +175,19 @@ if HttpToolsProtocol is not None:
         def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
             self._refused = True
             self._disarm_header_timer()
-            if not self.transport.is_closing():
-                self.transport.write(raw_json_response(status, code, message, reason))
-                self.transport.close()
+            transport = self.transport
+            if transport.is_closing():
+                return
+            transport.write(raw_json_response(status, code, message, reason))
+            # Lingering close (as nginx does): closing now, with the client's request bytes still
+            # arriving, would send a reset that can destroy this answer before the client reads
+            # it. Half-close instead, discard what still comes (data_received ignores it), and
+            # close for good after a short linger.
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.loop.call_later(_LINGER_S, transport.close)
+            else:  # pragma: no cover - TCP transports can always half-close
+                transport.close()
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol] | None:
