@@ -5,14 +5,15 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict, deque
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import NotFound, TooManyRequests, Unauthorized
 from service.reload import ModelReloader
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, error_examples
 from service.settings import Settings
 
 router = APIRouter(prefix="/admin")
@@ -81,6 +82,15 @@ class AuthFailures:
             self._by_client.popitem(last=False)
 
 
+# Declares the scheme in OpenAPI (Swagger's Authorize button); `_authorize` does the checking,
+# so a missing token still answers in lungserve's JSON shape.
+_ADMIN_BEARER = HTTPBearer(
+    scheme_name="adminToken",
+    description="LUNGSERVE_ADMIN_TOKEN (the admin API answers 404 when it is not set)",
+    auto_error=False,
+)
+
+
 def _authorize(request: Request) -> None:
     settings: Settings = request.app.state.service.settings
     token = settings.admin_token
@@ -106,14 +116,45 @@ def _authorize(request: Request) -> None:
         "on the old model. A model that fails verification is refused (409) and the old one keeps serving."
     ),
     responses={
-        401: {"model": ErrorResponse, "description": "missing or wrong admin token"},
-        429: {"model": ErrorResponse, "description": "too many failed authentications from this address (Retry-After)"},
-        404: {"model": ErrorResponse, "description": "admin API disabled (no admin token configured)"},
-        409: {"model": ErrorResponse, "description": "the new model was refused; the old one keeps serving"},
-        503: {"model": ErrorResponse, "description": "not ready yet, or shutting down"},
+        401: {
+            "model": ErrorResponse,
+            "description": "missing or wrong admin token",
+            "content": error_examples(
+                ("unauthorized", "admin endpoints need 'Authorization: Bearer <LUNGSERVE_ADMIN_TOKEN>'")
+            ),
+        },
+        404: {
+            "model": ErrorResponse,
+            "description": "admin API disabled (no admin token configured)",
+            "content": error_examples(("not_found", "no route POST /admin/reload")),
+        },
+        409: {
+            "model": ErrorResponse,
+            "description": "the new model was refused; the old one keeps serving",
+            "content": error_examples(
+                ("model_rejected", "checksum mismatch: model.onnx has sha256 3bac5c..., the manifest says 9b2cf5...")
+            ),
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "not ready yet, or shutting down",
+            "content": error_examples(
+                ("model_not_ready", "the model is still loading or warming up"),
+                ("shutting_down", "the server is shutting down"),
+            ),
+        },
+        429: {
+            "model": ErrorResponse,
+            "description": "too many failed authentications from this address (Retry-After)",
+            "content": error_examples(
+                ("too_many_requests", "too many failed admin authentications from this address; retry in 42 s")
+            ),
+        },
     },
 )
-async def reload_model(request: Request) -> ReloadResponse:
+async def reload_model(
+    request: Request, _token: Annotated[HTTPAuthorizationCredentials | None, Security(_ADMIN_BEARER)]
+) -> ReloadResponse:
     _authorize(request)
     reloader: ModelReloader = request.app.state.reloader
     result = await reloader.reload()

@@ -96,6 +96,26 @@ class UploadGate:
 
 
 @asynccontextmanager
+async def admitted_body(
+    service: ServiceState, content_length: str | None, max_body_bytes: int
+) -> AsyncIterator[BodyTicket]:
+    """Every door's way in, before a byte of the body is read: not ready or shutting down (503),
+    a full queue (503: the body would only be refused after it arrived), the upload gate (503).
+    The caller checks its declared size first, reads the body at the minimum rate
+    (`service.uploads.paced`), calls `ticket.body_read()`, and only then reserves queue slots;
+    the body's bytes are released when the `async with` block ends."""
+    runtime = service.current()
+    if runtime.batcher.available == 0:
+        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+    gate = service.upload_gate
+    if gate is None:
+        raise ModelNotReady("the server is not started")
+    declared = declared_length(content_length)
+    with gate.admit(declared if declared is not None else max_body_bytes) as ticket:
+        yield ticket
+
+
+@asynccontextmanager
 async def admitted_uploads(
     service: ServiceState,
     content_type: str | None,
@@ -103,22 +123,10 @@ async def admitted_uploads(
     stream: AsyncIterator[bytes],
     limits: UploadLimits,
 ) -> AsyncIterator[list[Upload]]:
-    """Every upload route's way in: the checks that cost nothing, the gate, then the body.
-
-    Before a byte is read: not ready / shutting down (503), declared size (413), a full queue
-    (503: the body would only be refused after it arrived), the upload gate (503). Then the
-    body, at the minimum rate (408). The caller reserves queue slots for what it got; the
-    body's bytes are released when the `async with` block ends.
-    """
-    runtime = service.current()
+    """`admitted_body` for a multipart upload route: declared size, gate, then the parsed body."""
+    service.current()
     check_declared_size(content_length, limits)
-    if runtime.batcher.available == 0:
-        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
-    gate = service.upload_gate
-    if gate is None:
-        raise ModelNotReady("the server is not started")
-    declared = declared_length(content_length)
-    with gate.admit(declared if declared is not None else limits.max_body_bytes) as ticket:
+    async with admitted_body(service, content_length, limits.max_body_bytes) as ticket:
         uploads = await read_uploads(content_type, stream, limits)
         ticket.body_read()
         yield uploads

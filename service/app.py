@@ -18,18 +18,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 import service
 from service import admin, api
+from service import oip as oip_door
+from service.access import ApiKeys, api_key_guard
 from service.admin import AuthFailures
 from service.admission import UploadGate
 from service.batcher import BatchObserver
 from service.decoder import Decoder
+from service.docs import install_docs
 from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.logs import RequestContextMiddleware, request_context_from_scope
@@ -142,11 +146,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.decoder.shutdown()
             log.info("stopped")
 
+    # Optional API keys: an app-wide dependency, so it runs after routing (the request keeps its
+    # route label) and before any handler reads a body or takes a queue slot.
+    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    guards = [Depends(api_key_guard(keys, metrics.api_key_request))] if keys is not None else []
     app = FastAPI(
         title="lungserve",
         version=service.__version__,
         summary="Lung histopathology classification (LC25000 classes), micro-batched on ONNX Runtime.",
         lifespan=lifespan,
+        dependencies=guards,
+        # /openapi.json, /docs and /redoc come from service.docs: FastAPI's default pages need a CDN.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
     app.state.reloader = reloader
@@ -158,14 +171,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
-        quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready"}),
+        quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}),
     )
-    # Outermost: an early answer to an unread body closes the connection; the admin port split.
+    # An early answer to an unread body closes the connection; the admin port split.
     app.add_middleware(CloseUnreadBody)
     if settings.admin_port is not None:
         app.add_middleware(AdminPortSplit, admin_port=settings.admin_port)
+    if settings.cors_origins:
+        # Outermost: preflights are answered here, and every answer (401s too) gets its headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", oip_door.BINARY_HEADER],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
+            max_age=600,
+        )
     app.include_router(api.router)
+    app.include_router(oip_door.router)
     app.include_router(admin.router)
+    install_docs(app, api_keys=keys is not None)
     _install_error_handlers(app)
     return app
 
@@ -206,7 +231,10 @@ def _request_id(request: Request) -> str | None:
 
 
 def _json_error(request: Request, exc: LungserveError) -> JSONResponse:
-    err = http_error(exc, _request_id(request))
+    # OIP clients (tritonclient, KServe) read `{"error": "message"}`: every answer under /v2 has it.
+    path = request.url.path.removeprefix(str(request.scope.get("root_path", "")).rstrip("/"))
+    oip = path == oip_door.PREFIX or path.startswith(oip_door.PREFIX + "/")
+    err = http_error(exc, _request_id(request), oip=oip)
     return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
 

@@ -158,8 +158,12 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
-    """The one place where a domain error becomes an HTTP answer."""
+def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool = False) -> HttpError:
+    """The one place where a domain error becomes an HTTP answer.
+
+    `oip`: the Open Inference Protocol's shape, `{"error": "message"}` (routes under /v2);
+    same status and headers.
+    """
     error: dict[str, Any] = {"code": exc.code, "message": exc.message}
     if request_id is not None:
         error["request_id"] = request_id
@@ -168,4 +172,5 @@ def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return HttpError(status=exc.status, body={"error": error}, headers=headers)
+    body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
+    return HttpError(status=exc.status, body=body, headers=headers)

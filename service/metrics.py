@@ -55,6 +55,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -91,6 +92,12 @@ IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
 RejectReason = Literal["queue_full", "deadline", "bad_input", "shutting_down", "not_ready"]
 """Why a request was refused (label `reason` of `lungserve_rejected_total`)."""
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(RejectReason)
+
+# `reason` label of lungserve_decisions_total for an accepted image (a label cannot be null).
+NO_REASON: Final = "none"
+DECISION_LABELS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (d.decision, d.reason or NO_REASON) for d in (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
+)
 
 # Latency buckets for ms-scale work: decode and queue waits are usually 0.5-50 ms, a CPU
 # batch of 32 tiles can take a second, a whole request under overload several seconds.
@@ -207,6 +214,12 @@ class Metrics:
             ["label"],
             registry=r,
         )
+        self.decisions = Counter(
+            f"{PREFIX}_decisions",
+            "Refer decision of each classified image: accept, or refer with its reason (none when accepted).",
+            ["decision", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model being served: always 1, the information is in the labels.",
@@ -223,6 +236,13 @@ class Metrics:
             "Images dropped before compute because their client went away.",
             registry=r,
         )
+        # Only with LUNGSERVE_API_KEYS_FILE: the key's *name* (bounded by the file), never the key.
+        self.api_key_requests = Counter(
+            f"{PREFIX}_api_key_requests",
+            "Requests to key-protected routes by API key name (none: no or an unknown key) and outcome.",
+            ["key", "outcome"],
+            registry=r,
+        )
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds... under their
         # standard names (no prefix) so stock dashboards work. Linux /proc; empty elsewhere.
         ProcessCollector(registry=r)
@@ -235,8 +255,14 @@ class Metrics:
             self.images.labels(outcome=outcome)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason=reason)
+        for d in DECISION_LABELS:
+            self.decisions.labels(*d)
 
     # --- called by the request middleware and the API ---------------------------------
+
+    def api_key_request(self, name: str | None, outcome: str) -> None:
+        """outcome: ok | missing | invalid (service.access)."""
+        self.api_key_requests.labels(key=name or "none", outcome=outcome).inc()
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route=route, status=status_class(status)).inc()
@@ -258,6 +284,10 @@ class Metrics:
     def prediction(self, label: str) -> None:
         """`label` is one of the served model's classes: bounded by the manifest."""
         self.predictions.labels(label=label).inc()
+
+    def decision(self, decision: Decision) -> None:
+        """One image's refer decision; the label sets are the three of DECISION_LABELS."""
+        self.decisions.labels(decision=decision.decision, reason=decision.reason or NO_REASON).inc()
 
     def set_model(self, identity: ModelIdentity, provider: str) -> None:
         """Publish the served model; a previous model's label set is removed, so exactly
@@ -398,6 +428,7 @@ class PredictionMetrics:
     def on_classified(self, result: Classified, info: BatchInfo) -> None:
         self.metrics.image_outcome("ok")
         self.metrics.prediction(result.label)
+        self.metrics.decision(result.decision)
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1

@@ -15,6 +15,7 @@ Framework-free: the HTTP side (deadline, client disconnects) is in `service.http
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 
 from service.admission import UploadGate
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.decision import Decision, Thresholds, decide_batch
 from service.decoder import Decoder, PixelAllowance
 from service.engine import Engine
 from service.errors import (
@@ -46,10 +48,13 @@ Image = NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class Classified:
-    """One image's model output, with the manifest of the model that produced it."""
+    """One image's answer: the model's output, the refer decision made beside it, and the
+    manifest of the model that produced it. Every door reports `decision` from here."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
+    decision: Decision
+    ood_score: float | None = None  # the model's out-of-distribution score, when it has one
 
     @property
     def label(self) -> str:
@@ -118,6 +123,17 @@ class ModelRuntime:
         # Which model and where it came from (source, etag): /model, reload, logs, metrics.
         self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
+        # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
+        self.thresholds = Thresholds.resolve(
+            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+        )
+        log.info(
+            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            engine.manifest.name,
+            engine.manifest.version,
+            self.thresholds.refer_below,
+            self.thresholds.ood_above,
+        )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
@@ -128,10 +144,17 @@ class ModelRuntime:
         )
 
     def _infer(self, images: Sequence[Image]) -> list[Classified]:
-        """The batch handler: runs in the batcher's worker thread."""
-        probs = self.engine.run(np.stack(images))
+        """The batch handler: runs in the batcher's worker thread. The refer decision is made
+        here, once, beside the model's output (service.decision)."""
+        batch = np.stack(images)
+        out = self.engine.infer(batch)
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self.engine.manifest
-        return [Classified(row, manifest) for row in probs]
+        scores: list[float | None] = [None] * len(decisions) if out.ood_score is None else out.ood_score.tolist()
+        return [
+            Classified(row, manifest, decision, score)
+            for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
+        ]
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -205,6 +228,34 @@ class ServiceState:
         """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
         old, self.runtime = self.runtime, new
         return old
+
+    async def classify_image(
+        self,
+        runtime: ModelRuntime,
+        reservation: ImageReservation,
+        image: bytes | Image | LungserveError,
+        allowance: PixelAllowance | None = None,
+    ) -> Classified | LungserveError:
+        """One admitted image -> its result, or its own error *returned* (so one bad image never
+        fails the others). Every door (/predict, /predict-many, OIP) goes through here, so every
+        admitted image is counted in exactly one outcome: classified, its own error, or abandoned
+        (its request was cancelled: client gone, deadline)."""
+        try:
+            if isinstance(image, LungserveError):
+                raise image  # refused while it was read (e.g. over the byte limit)
+            if isinstance(image, bytes):
+                pixels = await self.decode(image, runtime.engine.input_size, allowance)
+            else:
+                pixels = image
+            result, info = await runtime.classify(reservation, pixels)
+        except LungserveError as exc:
+            self.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
+            return exc
+        except asyncio.CancelledError:
+            self.observer.on_image_abandoned()
+            raise
+        self.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
+        return result
 
     async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Image:
         """Decode off the event loop, within the request's pixel allowance (`service.decoder`)."""

@@ -151,8 +151,9 @@ def _first_boundary(buffer: bytearray, boundary: bytes) -> int | None:
     return None
 
 
-async def _paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
-    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408)."""
+async def paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408). Every door
+    reads its body through this."""
     rate = limits.min_rate_bytes_s
     if rate is None:
         async for chunk in stream:
@@ -282,7 +283,7 @@ async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], l
         parser = MultipartParser(boundary, callbacks)
         received = 0
         preamble: bytearray | None = bytearray()  # None once the first boundary was found
-        async for chunk in _paced(stream, limits):
+        async for chunk in paced(stream, limits):
             received += len(chunk)
             if received > limits.max_body_bytes:
                 raise _body_too_large(limits, None)

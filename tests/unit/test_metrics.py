@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.batcher import Batcher, BatchInfo, BatchObserver
+from service.decision import ACCEPT
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -238,6 +239,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_inference_seconds",
         "lungserve_batch_size",
         "lungserve_batch_failures",
+        "lungserve_decisions",
         "lungserve_queue_depth",
         "lungserve_batches_in_flight",
         "lungserve_rejected",
@@ -245,6 +247,9 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_model_info",
         "lungserve_model_ready",
         "lungserve_cancelled",
+        "lungserve_api_key_requests",
+        "lungserve_uploads_in_flight",
+        "lungserve_body_bytes_in_flight",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
@@ -253,7 +258,21 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
             assert name.endswith("_seconds")
     # Labels are the bounded ones, never ids or file names.
     labels = {key for f in ours.values() for s in f.samples for key in s.labels}
-    assert labels <= {"route", "status", "outcome", "reason", "label", "name", "version", "sha256", "provider", "le"}
+    allowed = {
+        "route",
+        "status",
+        "outcome",
+        "reason",
+        "decision",
+        "label",
+        "name",
+        "version",
+        "sha256",
+        "provider",
+        "le",
+        "key",
+    }
+    assert labels <= allowed  # `key` is an API key's name from the keys file, never the key
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -314,7 +333,7 @@ def _classified(label_index: int) -> Classified:
     )
     probs = np.full(3, 0.1, dtype=np.float32)
     probs[label_index] = 0.8
-    return Classified(probs, manifest)
+    return Classified(probs, manifest, ACCEPT)
 
 
 def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRegistry) -> None:
@@ -324,6 +343,8 @@ def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRe
     assert value(registry, "lungserve_decode_seconds_count") == 1
     assert value(registry, "lungserve_images_total", outcome="ok") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_n") == 1
+    assert value(registry, "lungserve_decisions_total", decision="accept", reason="none") == 1
+    assert value(registry, "lungserve_decisions_total", decision="refer", reason="low_confidence") == 0
 
 
 def test_prediction_observer_fills_the_request_context(registry: CollectorRegistry) -> None:
