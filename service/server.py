@@ -36,6 +36,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -59,14 +60,19 @@ class ConnectionLimits:
     max_connections: int
     max_header_bytes: int
     header_timeout_s: float
+    retry_after_s: int = 1
+    # (method, path) -> True: refuse with 503 now, from the headers, without running the app.
+    # Under overload this is the cheap path: no ASGI task, no routing, no middleware.
+    shed: Callable[[bytes, bytes], bool] | None = None
 
 
-def raw_json_response(status: int, code: str, message: str, reason: str) -> bytes:
+def raw_json_response(status: int, code: str, message: str, reason: str, retry_after_s: int | None = None) -> bytes:
     """A complete HTTP/1.1 response with our error body; the connection closes after it."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
@@ -91,6 +97,7 @@ if HttpToolsProtocol is not None:
             self._header_bytes = 0  # request line and headers, as parsed
             self._headers_done = False
             self._too_large = False
+            self._skip_message = False  # refused from its headers: the rest of it is discarded
             self._refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -140,16 +147,21 @@ if HttpToolsProtocol is not None:
             self._disarm_header_timer()
             self._headers_done = True
             if self._header_bytes > self.limits.max_header_bytes:
-                self._too_large = True  # no request task: data_received answers 431
+                self._too_large = self._skip_message = True  # no request task: data_received answers 431
+                return
+            shed = self.limits.shed
+            if shed is not None and shed(self.parser.get_method(), self.url.partition(b"?")[0]):
+                self._skip_message = True
+                self._refuse(503, "overloaded", "the server is at capacity; retry shortly", "Service Unavailable")
                 return
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
-            if not self._too_large:
+            if not self._skip_message:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            if not self._too_large:
+            if not self._skip_message:
                 super().on_message_complete()
 
         def send_400_response(self, msg: str) -> None:
@@ -178,7 +190,8 @@ if HttpToolsProtocol is not None:
             transport = self.transport
             if transport.is_closing():
                 return
-            transport.write(raw_json_response(status, code, message, reason))
+            retry = self.limits.retry_after_s if status == 503 else None
+            transport.write(raw_json_response(status, code, message, reason, retry))
             # Lingering close (as nginx does): closing now, with the client's request bytes still
             # arriving, would send a reset that can destroy this answer before the client reads
             # it. Half-close instead, discard what still comes (data_received ignores it), and
@@ -248,7 +261,13 @@ def graceful_timeout_s(drain_timeout_s: float, request_deadline_s: float) -> int
 def build_server(app: FastAPI, settings: Settings) -> tuple[LungserveServer, list[socket.socket] | None]:
     """The uvicorn server `lungserve serve` runs, and its listening sockets when there are two
     (public and `LUNGSERVE_ADMIN_PORT`; None: uvicorn binds host:port itself)."""
-    limits = ConnectionLimits(settings.max_connections, settings.max_header_bytes, settings.header_timeout_s)
+    limits = ConnectionLimits(
+        settings.max_connections,
+        settings.max_header_bytes,
+        settings.header_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        shed=app.state.shed_at_headers,
+    )
     protocol = guarded_protocol(limits)
     config = uvicorn.Config(
         app,
