@@ -164,6 +164,15 @@ if HttpToolsProtocol is not None:
             if not self._skip_message:
                 super().on_message_complete()
 
+        def shutdown(self) -> None:
+            # uvicorn closes a connection whose request it has not parsed yet: the client, whose
+            # request may already be on its way, sees the connection drop. Answer it instead.
+            if self.cycle is None or (self.cycle.response_complete and not self._headers_done):
+                if not self._refused:
+                    self._refuse(503, "shutting_down", "the server is shutting down", "Service Unavailable")
+                return
+            super().shutdown()
+
         def send_400_response(self, msg: str) -> None:
             self._refuse(400, "bad_request", f"malformed HTTP request: {msg}", "Bad Request")
 
