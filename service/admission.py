@@ -18,10 +18,10 @@ slot; the reverse proxy in front (docs/reliability.md) is the first line against
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from service import memory
 from service.errors import ModelNotReady, Overloaded
@@ -73,7 +73,7 @@ class UploadGate:
     def __init__(
         self, max_uploads: int, max_body_bytes: int, retry_after_s: int, trimmer: memory.Trimmer | None = None
     ) -> None:
-        self.trimmer = trimmer
+        self.trimmer = trimmer  # heap trim once a large body's request is gone (service.memory)
         self.max_uploads = max_uploads
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
@@ -99,37 +99,32 @@ class UploadGate:
 
 
 @asynccontextmanager
-async def admitted_body(
-    service: ServiceState, content_length: str | None, max_body_bytes: int
-) -> AsyncIterator[BodyTicket]:
-    """Every door's way in, before a byte of the body is read: not ready or shutting down (503),
-    a full queue (503: the body would only be refused after it arrived), the upload gate (503).
-    The caller checks its declared size first, reads the body at the minimum rate
-    (`service.uploads.paced`), calls `ticket.body_read()`, and only then reserves queue slots;
-    the body's bytes are released when the `async with` block ends."""
-    runtime = service.current()
-    if runtime.batcher.available == 0:
-        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
-    gate = service.upload_gate
-    if gate is None:
-        raise ModelNotReady("the server is not started")
-    declared = declared_length(content_length)
-    with gate.admit(declared if declared is not None else max_body_bytes) as ticket:
-        yield ticket
-
-
-@asynccontextmanager
 async def admitted_uploads(
     service: ServiceState,
     content_type: str | None,
     content_length: str | None,
     stream: AsyncIterator[bytes],
     limits: UploadLimits,
+    spool: Callable[[], BinaryIO] | None = None,
 ) -> AsyncIterator[list[Upload]]:
-    """`admitted_body` for a multipart upload route: declared size, gate, then the parsed body."""
-    service.current()
+    """Every upload route's way in: the checks that cost nothing, the gate, then the body.
+
+    Before a byte is read: not ready / shutting down (503), declared size (413), a full queue
+    (503: the body would only be refused after it arrived), the upload gate (503). Then the
+    body, at the minimum rate (408). The caller reserves queue slots for what it got; the
+    body's bytes are released when the `async with` block ends.
+    """
+    runtime = service.current()
     check_declared_size(content_length, limits)
-    async with admitted_body(service, content_length, limits.max_body_bytes) as ticket:
-        uploads = await read_uploads(content_type, stream, limits)
+    if runtime.batcher.available == 0:
+        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+    gate = service.upload_gate
+    if gate is None:
+        raise ModelNotReady("the server is not started")
+    declared = declared_length(content_length)
+    # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
+    charge = 0 if spool is not None else (declared if declared is not None else limits.max_body_bytes)
+    with gate.admit(charge) as ticket:
+        uploads = await read_uploads(content_type, stream, limits, spool)
         ticket.body_read()
         yield uploads

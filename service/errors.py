@@ -134,6 +134,31 @@ class NotFound(LungserveError):
     status = 404
 
 
+class UnknownClass(BadRequest):
+    """`/explain?class=` names a class the model does not have."""
+
+    code = "unknown_class"
+    status = 422
+
+
+class ExplainUnavailable(LungserveError):
+    """The model being served has no Grad-CAM outputs (feature_maps, cam_weights).
+
+    A 4xx, not 501: the server implements /explain, the current model (a state that a reload
+    changes) cannot be explained, and no answer of lungserve is a 5xx unless it is a fault.
+    """
+
+    code = "explain_unavailable"
+    status = 409
+
+
+class TooManyTiles(LungserveError):
+    """A large image has more tiles than the server can admit at once."""
+
+    code = "too_many_tiles"
+    status = 413
+
+
 class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 
@@ -174,3 +199,24 @@ def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool 
         headers["WWW-Authenticate"] = "Bearer"
     body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
     return HttpError(status=exc.status, body=body, headers=headers)
+
+
+# gRPC status code names (grpc.StatusCode members) by HTTP status: the OIP gRPC door's side
+# of the same mapping. Names, not grpc objects: this module imports no framework.
+_GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_status(exc: LungserveError) -> str:
+    """The gRPC status of a domain error (its message goes in the status details)."""
+    return _GRPC_STATUS.get(exc.status, "INTERNAL")

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # --- HTTP server (used by `lungserve serve`; the app itself does not bind) ---
     host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC here (grpc extra)"
+    )
 
     # --- batching ---
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="images per ORT run")
@@ -100,6 +103,9 @@ class Settings(BaseSettings):
     # Pillow itself refuses above 2 x its own MAX_IMAGE_PIXELS (178,956,970) before our check runs.
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
+    )
+    max_slide_bytes: int = Field(
+        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
     )
 
     # --- hostile clients (docs/reliability.md) ---
@@ -143,6 +149,10 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
+    )
+    tissue_check: bool = Field(
+        default=True,
+        description="refer images that are not plausible H&E tiles (service.tissue); false: only the model decides",
     )
 
     # --- admin ---
