@@ -83,6 +83,23 @@ except ImportError:  # pragma: no cover - httptools is a serving dependency; h11
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
+class _LingeringClose:
+    """The transport a request's response is written to: when the app answered before the body
+    was received (an early 413 or 503 with `Connection: close`), closing at once would reset the
+    connection while the client is still sending, and the reset can destroy the answer before
+    the client reads it. Then: half-close, discard the rest, close after a short linger."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol._linger()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 if HttpToolsProtocol is not None:
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -98,6 +115,7 @@ if HttpToolsProtocol is not None:
             self._headers_done = False
             self._too_large = False
             self._skip_message = False  # refused from its headers: the rest of it is discarded
+            self._message_complete = False
             self._refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -131,6 +149,7 @@ if HttpToolsProtocol is not None:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._message_complete = False
             self._header_bytes = 0
             self._raw_header_bytes = 0
             self._headers_done = False
@@ -155,12 +174,15 @@ if HttpToolsProtocol is not None:
                 self._refuse(503, "overloaded", "the server is at capacity; retry shortly", "Service Unavailable")
                 return
             super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = _LingeringClose(self.transport, self)  # type: ignore[assignment]
 
         def on_body(self, body: bytes) -> None:
             if not self._skip_message:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._message_complete = True
             if not self._skip_message:
                 super().on_message_complete()
 
@@ -192,6 +214,15 @@ if HttpToolsProtocol is not None:
                 f"request headers not complete within LUNGSERVE_HEADER_TIMEOUT_S = {self.limits.header_timeout_s:g} s",
                 "Request Timeout",
             )
+
+        def _linger(self) -> None:
+            transport = self.transport
+            if self._message_complete or transport.is_closing() or not transport.can_write_eof():
+                transport.close()  # the whole request was read: an ordinary close
+                return
+            self._refused = True  # data_received discards the rest of the body from now on
+            transport.write_eof()
+            self.loop.call_later(_LINGER_S, transport.close)
 
         def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
             self._refused = True
