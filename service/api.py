@@ -8,16 +8,20 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import APIRouter, Request, Response
 
+from service.admission import admitted_uploads
+from service.decoder import PixelAllowance
 from service.errors import LungserveError
 from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import (
+    ERROR_RESPONSES,
     BatchingInfo,
+    DecisionInfo,
     ErrorResponse,
     FileError,
     FilePrediction,
@@ -30,9 +34,10 @@ from service.schemas import (
     UploadLimitsInfo,
     file_error,
     file_prediction,
+    multipart_body,
     prediction,
 )
-from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
+from service.uploads import RouteLimits, Upload, UploadLimits
 
 router = APIRouter()
 
@@ -50,44 +55,43 @@ def _limits(request: Request) -> RouteLimits:
 
 
 async def _classify_upload(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, upload: Upload
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    upload: Upload,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others)."""
+    """One file -> its result, or its own error *returned* (so one bad file never fails others).
+
+    Every admitted image leaves here counted in exactly one outcome: classified, its own
+    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
+    """
     try:
         if upload.error is not None:
             raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size)
+        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
         result, info = await runtime.classify(reservation, image)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
         return exc
+    except asyncio.CancelledError:
+        service.observer.on_image_abandoned()
+        raise
     service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
     return result
 
 
-def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    binary: dict[str, Any] = {"type": "string", "format": "binary"}
-    schema = {"type": "array", "items": binary} if many else binary
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
-                }
-            },
-        }
-    }
+def _uploads(
+    request: Request, service: ServiceState, limits: UploadLimits
+) -> AbstractAsyncContextManager[list[Upload]]:
+    headers = request.headers
+    return admitted_uploads(
+        service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits
+    )
 
 
-_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    400: {"model": ErrorResponse, "description": "malformed multipart body"},
-    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
-    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
-    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
-    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
-    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
-}
+def _allowance(service: ServiceState) -> PixelAllowance:
+    return PixelAllowance(service.settings.max_request_pixels)
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -97,22 +101,24 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "/predict",
     summary="Classify one image",
     description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("file", many=False),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("file", many=False),
 )
 async def predict(request: Request) -> PredictionResponse:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict
     try:
-        runtime = service.current()
-        # Order matters: declared size, then the queue (503 at once), then read, then decode.
-        check_declared_size(request.headers.get("content-length"), limits)
-        with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
-            async with deadline(settings.request_deadline_s):
-                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        # Order matters: readiness, declared size, queue and gate (503 at once), read, then the
+        # queue slot (only now: a slow body never holds one), then decode.
+        async with (
+            deadline(settings.request_deadline_s),
+            _uploads(request, service, limits) as (upload,),
+        ):
+            runtime = service.current()
+            with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
                 outcome = await unless_disconnected(
-                    _classify_upload(service, runtime, reservation, upload), request.receive
+                    _classify_upload(service, runtime, reservation, upload, _allowance(service)), request.receive
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)  # HOOK(metrics/logs): the request failed as a whole
@@ -129,25 +135,23 @@ async def predict(request: Request) -> PredictionResponse:
         "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
         "classified gets its own `error` and does not fail the others."
     ),
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("files", many=True),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("files", many=True),
 )
 async def predict_many(request: Request) -> PredictManyResponse:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict_many
     try:
-        runtime = service.current()
-        check_declared_size(request.headers.get("content-length"), limits)
-        async with deadline(settings.request_deadline_s):
-            uploads = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        async with deadline(settings.request_deadline_s), _uploads(request, service, limits) as uploads:
             # A hot reload may have swapped (and stopped) the runtime while the body was read:
             # admit into the one serving now, so no request fails because of a swap.
             runtime = service.current()
+            allowance = _allowance(service)
             # The number of images is known only now -- still before any decode. All or nothing.
             with runtime.reserve(sum(1 for u in uploads if u.error is None)) as reservation:
                 outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u) for u in uploads)),
+                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u, allowance) for u in uploads)),
                     request.receive,
                 )
     except LungserveError as exc:
@@ -186,7 +190,7 @@ async def live() -> LiveResponse:
     responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
 )
 async def ready(request: Request) -> ReadyResponse:
-    runtime = _service(request).current()
+    runtime = _service(request).ready()
     identity = runtime.identity
     return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
@@ -216,5 +220,11 @@ async def model_info(request: Request) -> ModelInfoResponse:
             max_files_per_request=s.max_files_per_request,
             max_request_bytes=s.max_request_bytes,
             max_image_pixels=s.max_image_pixels,
+        ),
+        decision=DecisionInfo(
+            refer_below=runtime.thresholds.refer_below,
+            ood_above=runtime.thresholds.ood_above,
+            ood_score=runtime.engine.has_ood_score,
+            tissue_check=runtime.thresholds.tissue_check,
         ),
     )

@@ -56,6 +56,13 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class UploadTooSlow(BadRequest):
+    """The body arrived slower than the minimum upload rate: its slot goes to someone else."""
+
+    code = "upload_too_slow"
+    status = 408
+
+
 class TooManyFiles(LungserveError):
     code = "too_many_files"
     status = 413
@@ -73,6 +80,17 @@ class Overloaded(LungserveError):
     status = 503
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyRequests(LungserveError):
+    """Too many failed attempts from one client (admin authentication): wait before retrying."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
@@ -116,6 +134,31 @@ class NotFound(LungserveError):
     status = 404
 
 
+class UnknownClass(BadRequest):
+    """`/explain?class=` names a class the model does not have."""
+
+    code = "unknown_class"
+    status = 422
+
+
+class ExplainUnavailable(LungserveError):
+    """The model being served has no Grad-CAM outputs (feature_maps, cam_weights).
+
+    A 4xx, not 501: the server implements /explain, the current model (a state that a reload
+    changes) cannot be explained, and no answer of lungserve is a 5xx unless it is a fault.
+    """
+
+    code = "explain_unavailable"
+    status = 409
+
+
+class TooManyTiles(LungserveError):
+    """A large image has more tiles than the server can admit at once."""
+
+    code = "too_many_tiles"
+    status = 413
+
+
 class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 
@@ -140,14 +183,40 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
-    """The one place where a domain error becomes an HTTP answer."""
+def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool = False) -> HttpError:
+    """The one place where a domain error becomes an HTTP answer.
+
+    `oip`: the Open Inference Protocol's shape, `{"error": "message"}` (routes under /v2);
+    same status and headers.
+    """
     error: dict[str, Any] = {"code": exc.code, "message": exc.message}
     if request_id is not None:
         error["request_id"] = request_id
     headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, TooManyRequests)):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return HttpError(status=exc.status, body={"error": error}, headers=headers)
+    body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
+    return HttpError(status=exc.status, body=body, headers=headers)
+
+
+# gRPC status code names (grpc.StatusCode members) by HTTP status: the OIP gRPC door's side
+# of the same mapping. Names, not grpc objects: this module imports no framework.
+_GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_status(exc: LungserveError) -> str:
+    """The gRPC status of a domain error (its message goes in the status details)."""
+    return _GRPC_STATUS.get(exc.status, "INTERNAL")

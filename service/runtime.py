@@ -15,19 +15,19 @@ Framework-free: the HTTP side (deadline, client disconnects) is in `service.http
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from service.admission import UploadGate
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.decision import Decision, Thresholds, decide_batch
+from service.decoder import Decoder, PixelAllowance
 from service.engine import Engine
 from service.errors import (
     InferenceFailed,
@@ -38,7 +38,6 @@ from service.errors import (
 )
 from service.manifest import Manifest
 from service.model_source import ModelIdentity
-from service.preprocess import load_image
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,13 @@ Image = NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class Classified:
-    """One image's model output, with the manifest of the model that produced it."""
+    """One image's answer: the model's output, the refer decision made beside it, and the
+    manifest of the model that produced it. Every door reports `decision` from here."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
+    decision: Decision
+    ood_score: float | None = None  # the model's out-of-distribution score, when it has one
 
     @property
     def label(self) -> str:
@@ -81,6 +83,9 @@ class PredictionObserver(Protocol):
     def on_image_failed(self, error: LungserveError) -> None:
         """One image got its own error (invalid, too large, its batch failed, ...)."""
 
+    def on_image_abandoned(self) -> None:
+        """One admitted image's work was cancelled (client gone, deadline) before its answer."""
+
     def on_rejected(self, error: LungserveError) -> None:
         """A whole request refused before compute (overload, deadline, not ready, shutting down)."""
 
@@ -93,6 +98,9 @@ class NullPredictionObserver:
         pass
 
     def on_image_failed(self, error: LungserveError) -> None:
+        pass
+
+    def on_image_abandoned(self) -> None:
         pass
 
     def on_rejected(self, error: LungserveError) -> None:
@@ -114,6 +122,21 @@ class ModelRuntime:
         # Which model and where it came from (source, etag): /model, reload, logs, metrics.
         self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
+        # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
+        self.thresholds = Thresholds.resolve(
+            engine.manifest,
+            refer_below=settings.refer_below,
+            ood_above=settings.ood_above,
+            tissue_check=settings.tissue_check,
+        )
+        log.info(
+            "refer decision for %s %s: refer_below=%s ood_above=%s tissue_check=%s",
+            engine.manifest.name,
+            engine.manifest.version,
+            self.thresholds.refer_below,
+            self.thresholds.ood_above,
+            self.thresholds.tissue_check,
+        )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
@@ -124,10 +147,17 @@ class ModelRuntime:
         )
 
     def _infer(self, images: Sequence[Image]) -> list[Classified]:
-        """The batch handler: runs in the batcher's worker thread."""
-        probs = self.engine.run(np.stack(images))
+        """The batch handler: runs in the batcher's worker thread. The refer decision is made
+        here, once, beside the model's output (service.decision)."""
+        batch = np.stack(images)
+        out = self.engine.infer(batch)
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self.engine.manifest
-        return [Classified(row, manifest) for row in probs]
+        scores: list[float | None] = [None] * len(decisions) if out.ood_score is None else out.ood_score.tolist()
+        return [
+            Classified(row, manifest, decision, score)
+            for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
+        ]
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -167,6 +197,7 @@ class ModelRuntime:
 class Phase(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    DRAINING = "draining"  # shutdown begun: /health/ready says 503, requests are still served
     STOPPING = "stopping"
 
 
@@ -176,7 +207,8 @@ class ServiceState:
 
     settings: Settings
     observer: PredictionObserver = field(default_factory=NullPredictionObserver)
-    decode_pool: ThreadPoolExecutor | None = None
+    decoder: Decoder | None = None
+    upload_gate: UploadGate | None = None
     runtime: ModelRuntime | None = None
     phase: Phase = Phase.STARTING
 
@@ -184,28 +216,26 @@ class ServiceState:
         """The runtime to serve this request with, or the 503 that explains why there is none."""
         if self.phase is Phase.STOPPING:
             raise ShuttingDown("the server is shutting down")
-        if self.phase is not Phase.READY or self.runtime is None:
+        if self.phase not in (Phase.READY, Phase.DRAINING) or self.runtime is None:
             raise ModelNotReady("the model is still loading or warming up")
         return self.runtime
+
+    def ready(self) -> ModelRuntime:
+        """`current()` for readiness probes: 503 as soon as shutdown has begun (load balancers
+        stop sending while the listener still accepts)."""
+        if self.phase is Phase.DRAINING:
+            raise ShuttingDown("the server is shutting down")
+        return self.current()
 
     def replace_runtime(self, new: ModelRuntime) -> ModelRuntime | None:
         """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
         old, self.runtime = self.runtime, new
         return old
 
-    async def decode(self, data: bytes, size: int) -> Image:
-        """`load_image` in the decode pool: the event loop never decodes."""
-        if self.decode_pool is None:
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Image:
+        """Decode off the event loop, within the request's pixel allowance (`service.decoder`)."""
+        if self.decoder is None:
             raise ModelNotReady("the server is not started")
-        loop = asyncio.get_running_loop()
-        image, seconds = await loop.run_in_executor(
-            self.decode_pool, _timed_load, data, size, self.settings.max_image_pixels
-        )
+        image, seconds = await self.decoder.decode(data, size, allowance)
         self.observer.on_decoded(seconds)
         return image
-
-
-def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
-    started = time.perf_counter()
-    image = load_image(data, size, max_pixels=max_pixels)
-    return image, time.perf_counter() - started
