@@ -252,9 +252,24 @@ def ood_section(engine: Engine, thresholds: Thresholds, items: Sequence[OodImage
             )
     total = len(items)
     lines += ["", f"Referred: {total - len(missed)} of {total}."]
+    lines += variant_lines([(i, o) for i, o in zip(items, outcomes, strict=True) if i.category == MISCOLOURED])
     if missed:
         lines += ["", "Accepted (not referred):", *[f"- {m}" for m in missed]]
     return [*lines, ""], len(missed)
+
+
+def variant_lines(pairs: Sequence[tuple[OodImage, Outcome]]) -> list[str]:
+    """Per variant of the real-tile copies ("tile 7: channels BGR" -> "channels BGR")."""
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    for item, o in pairs:
+        c = per[item.name.split(": ", 1)[-1]]
+        c["images"] += 1
+        c["accepted"] += not o.decision.referred
+    if not per:
+        return []
+    lines = ["", f"{MISCOLOURED}, per variant:", "", "| variant | images | accepted |", "|---|---|---|"]
+    lines += [f"| {v} | {c['images']} | {c['accepted']} |" for v, c in per.items()]
+    return lines
 
 
 def held_out_section(
