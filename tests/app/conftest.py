@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from PIL import Image
 
 from service.app import create_app
 from service.runtime import ServiceState
@@ -75,24 +72,11 @@ async def served() -> AsyncIterator[Served]:
         yield s
 
 
-
-
-def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def noise_jpeg(size: int = 224, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"))
-
-
 async def post_stalled_upload(client: httpx.AsyncClient, never: asyncio.Event) -> httpx.Response:
     """POST /predict whose upload starts but never finishes (until `never` is set)."""
 
     async def stalled_body() -> AsyncIterator[bytes]:
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n'
         await never.wait()
         yield b""
 

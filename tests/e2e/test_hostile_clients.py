@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 import psutil  # type: ignore[import-untyped]  # no stubs; only memory_info()
 import pytest
 from PIL import Image
 
 from tests.e2e import rawhttp
 from tests.e2e.rawhttp import Multipart, RawResponse, exchange, request
-from tests.e2e.test_serve import Server, start_server, wait_ready
+from tests.e2e.server import Server, start_server, wait_ready
+from tests.images import encode, noise
 
 pytestmark = [pytest.mark.e2e]
 
@@ -49,17 +49,6 @@ SETTINGS = {
 
 
 # --- payloads ---------------------------------------------------------------------------------
-
-
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
-def noise(size: int = 224, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
 
 
 JPEG = encode(noise(), "JPEG", quality=90)

@@ -13,14 +13,9 @@ from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
 from service.preprocess import load_image, probe_image
+from tests.images import encode, noise_jpeg
 
 SIZE = 32
-
-
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 def halves(width: int = 64, height: int = 32) -> Image.Image:
@@ -170,11 +165,6 @@ def test_decompression_bomb_is_too_large_not_a_crash() -> None:
 # --- hostile inputs (issue 10, rows 1-4 and the bomb message) ---------------------------------
 
 
-def _noise_jpeg(size: int = 224, seed: int = 2) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"), "JPEG", quality=90)
-
-
 def jpeg_with_declared_size(data: bytes, width: int, height: int) -> bytes:
     """The same JPEG with its SOF header edited to claim width x height."""
     sof = data.find(b"\xff\xc0")
@@ -187,13 +177,13 @@ def jpeg_with_declared_size(data: bytes, width: int, height: int) -> bytes:
 def test_jpeg_header_claiming_more_lines_is_invalid_not_grey() -> None:
     # Row 1: libjpeg would fill 99 % of a 7000x7000 canvas with grey and report no error.
     with pytest.raises(InvalidImage, match="truncated"):
-        load_image(jpeg_with_declared_size(_noise_jpeg(), 7000, 7000), SIZE)
+        load_image(jpeg_with_declared_size(noise_jpeg(seed=2, quality=90), 7000, 7000), SIZE)
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
 def test_truncated_jpeg_with_end_marker_is_invalid(keep: float) -> None:
     # Row 2: a cut file with EOI appended decodes "successfully" with a grey bottom.
-    data = _noise_jpeg()
+    data = noise_jpeg(seed=2, quality=90)
     with pytest.raises(InvalidImage, match="truncated"):
         load_image(data[: int(len(data) * keep)] + b"\xff\xd9", SIZE)
     with pytest.raises(InvalidImage, match="truncated"):
