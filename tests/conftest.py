@@ -23,6 +23,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture
+def no_lungserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's LUNGSERVE_* variables must not change what the tests see."""
+    for name in list(os.environ):
+        if name.startswith("LUNGSERVE_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def lc25000() -> Path:
     if not (LC25000 / "groups.csv").exists():

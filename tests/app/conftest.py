@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,11 +22,8 @@ LIFESPAN_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
-def _no_lungserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's LUNGSERVE_* variables must not change what the tests see."""
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+def _no_lungserve_env(no_lungserve_env: None) -> None:
+    """Every app test runs without the developer's LUNGSERVE_* variables."""
 
 
 def make_settings(**overrides: Any) -> Settings:
