@@ -30,3 +30,27 @@ def test_the_metrics_table_has_every_metric() -> None:
     families = [f for f in registry.collect() if f.name.startswith("lungserve_")]  # not process_*
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     assert table_names("Observability", r"`(lungserve_\w+)`") == exposed
+
+
+def test_the_settings_table_states_the_defaults_of_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    body = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for row in body.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names, defaults = (cell.strip() for cell in row.split("|")[1:3])
+        for name, default in zip(re.findall(r"`LUNGSERVE_(\w+)`", names), defaults.split(" / "), strict=False):
+            field = Settings.model_fields[name.lower()]
+            literal = re.match(r"`([^`$]+)`", default)
+            if field.default_factory is not None or literal is None:
+                continue  # computed (CPU count, cache home) or said in words ("unset: ...")
+            code = field.default
+            if isinstance(code, bool):
+                assert literal.group(1) == str(code).lower(), name
+            elif isinstance(code, int | float):
+                assert float(literal.group(1)) == code, name
+            else:
+                assert literal.group(1) == str(code), name
+            checked += 1
+    assert checked >= 30
