@@ -103,10 +103,6 @@ def _quotes_our_pixel_limit(r: RawResponse) -> None:
     assert "LUNGSERVE_MAX_IMAGE_PIXELS" in r.json()["error"]["message"]
 
 
-def _retry_after(r: RawResponse) -> None:
-    assert "retry-after" in r.headers
-
-
 def _many_results(*codes: str | None) -> Callable[[RawResponse], None]:
     def check(r: RawResponse) -> None:
         got = [x.get("error", {}).get("code") for x in r.json()["results"]]
