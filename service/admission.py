@@ -55,8 +55,8 @@ class BodyTicket:
         if self._open:
             self._open = False
             self._gate.body_bytes -= self.charge
-            if self.charge >= _TRIM_AFTER_BYTES:
-                memory.trim()
+            if self.charge >= _TRIM_AFTER_BYTES and self._gate.trimmer is not None:
+                self._gate.trimmer.mark()
 
     def __enter__(self) -> BodyTicket:
         return self
@@ -70,7 +70,10 @@ class BodyTicket:
 class UploadGate:
     """Counts bodies being uploaded and body bytes held; refuses (503) rather than queue."""
 
-    def __init__(self, max_uploads: int, max_body_bytes: int, retry_after_s: int) -> None:
+    def __init__(
+        self, max_uploads: int, max_body_bytes: int, retry_after_s: int, trimmer: memory.Trimmer | None = None
+    ) -> None:
+        self.trimmer = trimmer  # heap trim once a large body's request is gone (service.memory)
         self.max_uploads = max_uploads
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s

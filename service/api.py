@@ -61,24 +61,8 @@ async def _classify_upload(
     upload: Upload,
     allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others).
-
-    Every admitted image leaves here counted in exactly one outcome: classified, its own
-    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
-    """
-    try:
-        if upload.error is not None:
-            raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
-        result, info = await runtime.classify(reservation, image)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
-        return exc
-    except asyncio.CancelledError:
-        service.observer.on_image_abandoned()
-        raise
-    service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
-    return result
+    image = upload.error if upload.error is not None else upload.data
+    return await service.classify_image(runtime, reservation, image, allowance)
 
 
 def _uploads(

@@ -154,7 +154,8 @@ def _first_boundary(buffer: bytearray, boundary: bytes) -> int | None:
 
 
 async def paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
-    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408)."""
+    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408). Every door
+    reads its body through this."""
     rate = limits.min_rate_bytes_s
     if rate is None:
         async for chunk in stream:
