@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,7 @@ import service
 from service.cli import build_parser, main
 from service.settings import Settings, describe_error, env_name
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_lungserve_env")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,14 +10,7 @@ from pydantic import ValidationError
 
 from service.settings import BUNDLED_MODEL_DIR, Settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_lungserve_env")
 
 
 def test_defaults() -> None:
