@@ -56,8 +56,7 @@ async def _classify_upload(
     try:
         if upload.error is not None:
             raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size)
-        result, info = await runtime.classify(reservation, image)
+        result, info = await service.classify_upload(runtime, reservation, upload.data)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
         return exc
@@ -97,10 +96,11 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "/predict",
     summary="Classify one image",
     description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
+    response_model=PredictionResponse,
     responses=_ERRORS,
     openapi_extra=_multipart_body("file", many=False),
 )
-async def predict(request: Request) -> PredictionResponse:
+async def predict(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict
@@ -119,7 +119,8 @@ async def predict(request: Request) -> PredictionResponse:
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    return prediction(outcome)
+    # Serialised here, in pydantic's compiled encoder, rather than validated again by FastAPI.
+    return Response(prediction(outcome).model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -129,10 +130,11 @@ async def predict(request: Request) -> PredictionResponse:
         "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
         "classified gets its own `error` and does not fail the others."
     ),
+    response_model=PredictManyResponse,
     responses=_ERRORS,
     openapi_extra=_multipart_body("files", many=True),
 )
-async def predict_many(request: Request) -> PredictManyResponse:
+async def predict_many(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict_many
@@ -159,7 +161,7 @@ async def predict_many(request: Request) -> PredictManyResponse:
         else file_prediction(upload.filename, outcome)
         for upload, outcome in zip(uploads, outcomes, strict=True)
     ]
-    return PredictManyResponse(results=results)
+    return Response(PredictManyResponse(results=results).model_dump_json(), media_type="application/json")
 
 
 @router.get(

@@ -389,7 +389,9 @@ class PredictionMetrics:
         if ctx is not None:
             ctx.images += 1
             ctx.model_version = result.manifest.version
-            ctx.timing.add_batch(info.batch_id, info.size, info.queue_wait_s, info.compute_s)
+            # The batch's run time without the decoding its worker did (that is `decode`).
+            infer_s = result.infer_s if result.infer_s is not None else info.compute_s
+            ctx.timing.add_batch(info.batch_id, info.size, info.queue_wait_s, infer_s)
 
     def on_image_failed(self, error: LungserveError) -> None:
         outcome = image_outcome_for(error)

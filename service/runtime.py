@@ -1,4 +1,4 @@
-"""The serving pipeline behind the routes: decode pool, model runtime (engine + batcher), state.
+"""The serving pipeline behind the routes: model runtime (engine + batcher), decode, state.
 
 * `ModelRuntime`: one model version being served -- its `Engine` and the `Batcher` that
   feeds it. The batcher's handler closes over *this* engine, so a result always carries the
@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +31,7 @@ from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, Q
 from service.engine import Engine
 from service.errors import (
     InferenceFailed,
+    InvalidImage,
     LungserveError,
     ModelNotReady,
     Overloaded,
@@ -46,12 +47,14 @@ log = logging.getLogger(__name__)
 Image = NDArray[np.uint8]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Classified:
     """One image's model output, with the manifest of the model that produced it."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
+    decode_s: float | None = None  # when the batch's worker decoded it (an `Encoded` item)
+    infer_s: float | None = None  # the model run of its batch, without decoding
 
     @property
     def label(self) -> str:
@@ -62,11 +65,42 @@ class Classified:
         return float(np.max(self.probabilities))
 
     def by_class(self) -> dict[str, float]:
-        return {c: float(p) for c, p in zip(self.manifest.classes, self.probabilities, strict=True)}
+        return dict(zip(self.manifest.classes, self.probabilities.tolist(), strict=True))
 
 
-ImageBatcher = Batcher[Image, Classified]
-ImageReservation = Reservation[Image, Classified]
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """An upload's bytes, decoded by the batch's own worker thread: no thread hop per image."""
+
+    data: bytes
+    max_pixels: int
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """An `Encoded` item that is not an image: its own error, never its batch's."""
+
+    error: LungserveError
+    decode_s: float
+
+
+BatchItem = Image | Encoded
+
+# The first bytes of the formats `load_image` accepts (JPEG, PNG, TIFF little/big-endian and
+# BigTIFF, BMP): anything else is refused on the event loop, before it is queued.
+_SIGNATURES: Final = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"BM",
+)
+BatchResult = Classified | Undecodable
+
+ImageBatcher = Batcher[BatchItem, BatchResult]
+ImageReservation = Reservation[BatchItem, BatchResult]
 
 
 class PredictionObserver(Protocol):
@@ -123,11 +157,43 @@ class ModelRuntime:
             observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
         )
 
-    def _infer(self, images: Sequence[Image]) -> list[Classified]:
-        """The batch handler: runs in the batcher's worker thread."""
-        probs = self.engine.run(np.stack(images))
+    def _infer(self, items: Sequence[BatchItem]) -> list[BatchResult]:
+        """The batch handler: runs in the batcher's worker thread, decodes `Encoded` items first.
+
+        Decoding here rather than in a pool of its own saves two thread hops per image; a file
+        that is not an image becomes its own `Undecodable`, and the rest of the batch runs.
+        """
+        size = self.engine.input_size
         manifest = self.engine.manifest
-        return [Classified(row, manifest) for row in probs]
+        arrays: list[Image] = []
+        rows: list[int] = []
+        decoded_in: list[float | None] = [None] * len(items)
+        results: list[BatchResult | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            if isinstance(item, Encoded):
+                started = time.perf_counter()
+                try:
+                    array = load_image(item.data, size, max_pixels=item.max_pixels)
+                except LungserveError as exc:
+                    results[i] = Undecodable(exc, time.perf_counter() - started)
+                    continue
+                except Exception:  # a decoder bug must cost this image only, and be seen
+                    log.exception("decoding an upload failed unexpectedly")
+                    error = InvalidImage("not a decodable image (expected JPEG, PNG, TIFF or BMP)")
+                    results[i] = Undecodable(error, time.perf_counter() - started)
+                    continue
+                decoded_in[i] = time.perf_counter() - started
+                arrays.append(array)
+            else:
+                arrays.append(item)
+            rows.append(i)
+        if arrays:
+            started = time.perf_counter()
+            probs = self.engine.run(np.stack(arrays))
+            infer_s = time.perf_counter() - started
+            for i, row in zip(rows, probs, strict=True):
+                results[i] = Classified(row, manifest, decoded_in[i], infer_s)
+        return [r for r in results if r is not None]
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -148,8 +214,18 @@ class ModelRuntime:
             raise ShuttingDown("the server is shutting down") from exc
 
     async def classify(self, reservation: ImageReservation, image: Image) -> tuple[Classified, BatchInfo]:
+        """One decoded image -> its result and the batch that carried it."""
+        result, info = await self._submit(reservation, image)
+        assert isinstance(result, Classified)  # only `Encoded` items can be undecodable
+        return result, info
+
+    async def classify_encoded(self, reservation: ImageReservation, upload: Encoded) -> tuple[BatchResult, BatchInfo]:
+        """One upload's bytes, decoded by its batch's worker -> its result or `Undecodable`."""
+        return await self._submit(reservation, upload)
+
+    async def _submit(self, reservation: ImageReservation, item: BatchItem) -> tuple[BatchResult, BatchInfo]:
         try:
-            future = reservation.submit(image)
+            future = reservation.submit(item)
         except BatcherStopped as exc:
             raise ShuttingDown("the server is shutting down") from exc
         try:
@@ -193,8 +269,27 @@ class ServiceState:
         old, self.runtime = self.runtime, new
         return old
 
+    async def classify_upload(
+        self, runtime: ModelRuntime, reservation: ImageReservation, data: bytes
+    ) -> tuple[Classified, BatchInfo]:
+        """An upload's bytes -> its result; decoded in its batch's worker thread (the hot path).
+
+        Raises the file's own error (InvalidImage, ImageTooLarge) when it does not decode.
+        """
+        if not data:
+            raise InvalidImage("the file is empty")
+        if not data.startswith(_SIGNATURES):
+            # Refused before it takes a place in a batch (and in its size and queue figures).
+            raise InvalidImage("not a decodable image (expected JPEG, PNG, TIFF or BMP)")
+        result, info = await runtime.classify_encoded(reservation, Encoded(data, self.settings.max_image_pixels))
+        if isinstance(result, Undecodable):
+            raise result.error
+        if result.decode_s is not None:
+            self.observer.on_decoded(result.decode_s)
+        return result, info
+
     async def decode(self, data: bytes, size: int) -> Image:
-        """`load_image` in the decode pool: the event loop never decodes."""
+        """`load_image` in the decode pool, for doors that need the pixels themselves."""
         if self.decode_pool is None:
             raise ModelNotReady("the server is not started")
         loop = asyncio.get_running_loop()
