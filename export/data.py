@@ -13,6 +13,7 @@ import json
 import os
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,55 @@ def split_by_group(
     return train, val
 
 
+@dataclass(frozen=True)
+class Split:
+    """Train / select / test, by group.
+
+    *select* picks the checkpoint, the temperature and every threshold; *test* is never
+    used for any choice, so its figures are the honest estimate.
+    """
+
+    train: list[Sample]
+    select: list[Sample]
+    test: list[Sample]
+
+    def groups(self, part: str) -> list[str]:
+        return sorted({s.group for s in getattr(self, part)})
+
+
+def split_three_way(ds: Dataset, holdout_groups: Iterable[str], seed: int) -> Split:
+    """Train = every group not in `holdout_groups`; the holdout is halved into select and test.
+
+    The halving is stratified by class (each class's holdout groups, sorted then shuffled
+    with `seed`; select gets the first half, rounded down), so both halves keep the class mix.
+    Passing the shipped model's `validation_groups` keeps the shipped model comparable: it
+    never trained on either half.
+    """
+    holdout = set(holdout_groups)
+    known = {s.group for s in ds.samples}
+    if unknown := holdout - known:
+        raise DataError(f"{len(unknown)} holdout groups are not in {ds.root}, e.g. {sorted(unknown)[:3]}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for label, group in sorted({(s.label, s.group) for s in ds.samples if s.group in holdout}):
+        by_class[label].append(group)
+    select_groups: set[str] = set()
+    for label in sorted(by_class):
+        gs = by_class[label]
+        rng.shuffle(gs)
+        select_groups.update(gs[: len(gs) // 2])
+    train = [s for s in ds.samples if s.group not in holdout]
+    select = [s for s in ds.samples if s.group in select_groups]
+    test = [s for s in ds.samples if s.group in holdout and s.group not in select_groups]
+    return Split(train, select, test)
+
+
+def holdout_split(ds: Dataset, holdout_fraction: float, seed: int, *, allow_image_split: bool = False) -> Split:
+    """A fresh 3-way split: `holdout_fraction` of each class's groups, halved into select and test."""
+    _, held = split_by_group(ds, holdout_fraction, seed, allow_image_split=allow_image_split)
+    return split_three_way(ds, {s.group for s in held}, seed)
+
+
 def _decode(args: tuple[str, int]) -> NDArray[np.uint8]:
     path, size = args
     return load_image(Path(path).read_bytes(), size)
@@ -125,6 +175,21 @@ def load_arrays(
         np.save(tmp, images)
         tmp.replace(cache)
     return images, labels
+
+
+def split_summary(ds: Dataset, split: Split) -> dict[str, object]:
+    """Image and group counts of each part, for the manifest and the model card."""
+
+    def counts(ss: list[Sample]) -> dict[str, int]:
+        c = Counter(ds.classes[s.label] for s in ss)
+        return {k: c[k] for k in ds.classes}
+
+    return {
+        "root": ds.root.name,
+        "grouped": ds.grouped,
+        **{f"{part}_images": counts(getattr(split, part)) for part in ("train", "select", "test")},
+        **{f"{part}_groups": len(split.groups(part)) for part in ("train", "select", "test")},
+    }
 
 
 def summary(ds: Dataset, train: list[Sample], val: list[Sample]) -> dict[str, object]:

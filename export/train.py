@@ -1,12 +1,15 @@
-"""`lungserve train`: group split, cached decode, training, calibration, evaluation."""
+"""`lungserve train`: 3-way group split, cached decode, training with EMA weights, checkpoints
+every epoch (resumable), checkpoint choice and calibration on the select groups.
+
+The test groups are not loaded here at all: nothing in training can depend on them.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export import data as data_mod
-from export.calibrate import fit_temperature
+from export.augment import AugmentConfig
+from export.calibrate import fit_temperature, nll
 from export.metrics import classification_report
 from export.model import build_model, logits_model, with_temperature
 
 log = logging.getLogger("lungserve.train")
 
 PARITY_IMAGES = "parity_images.npy"
+STATE = "state.json"  # written last in each checkpoint: its presence means the checkpoint is whole
+LAST = "last.keras"  # model + optimizer (with its step counter, so the LR schedule resumes)
+EMA = "ema.npz"
+BEST_EMA = "best_ema.npz"
 
 
 @dataclass
@@ -33,123 +41,295 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # share of each class's groups held out (then halved: select, test)
+    split_from: Path | None = None  # a model.json whose `validation_groups` are the holdout
+    ema_decay: float = 0.998
     seed: int = 1337
     cache_dir: Path | None = None
     allow_image_split: bool = False
+    resume: bool = False
     max_steps: int | None = None  # smoke tests: stop after this many steps per epoch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def make_split(cfg: TrainConfig, ds: data_mod.Dataset) -> data_mod.Split:
+    if cfg.split_from is not None:
+        holdout = json.loads(Path(cfg.split_from).read_text()).get("validation_groups")
+        if not holdout:
+            raise data_mod.DataError(f"{cfg.split_from} records no validation_groups to hold out")
+        return data_mod.split_three_way(ds, holdout, cfg.seed)
+    return data_mod.holdout_split(ds, cfg.val_fraction, cfg.seed, allow_image_split=cfg.allow_image_split)
+
+
+class WeightEMA:
+    """Exponential moving average of every float weight, BatchNorm statistics included.
+
+    Averaging the running mean/variance too (as timm's ModelEmaV2 does) keeps them consistent
+    with the averaged kernels. The decay warms up as min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(self, weights: list[NDArray[Any]], decay: float, updates: int = 0) -> None:
+        self.shadow = [np.array(w, copy=True) for w in weights]
+        self.decay = decay
+        self.updates = updates
+
+    def update(self, weights: list[NDArray[Any]]) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, w in zip(self.shadow, weights, strict=True):
+            if np.issubdtype(s.dtype, np.floating):
+                s *= d
+                s += (1.0 - d) * w
+            else:
+                s[...] = w
+        self.updates += 1
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp.npz")
+        arrays: dict[str, Any] = {f"arr_{i}": w for i, w in enumerate(self.shadow)}
+        np.savez(tmp, updates=np.int64(self.updates), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, decay: float) -> WeightEMA:
+        with np.load(path) as f:
+            n = len([k for k in f.files if k.startswith("arr_")])
+            return cls([f[f"arr_{i}"] for i in range(n)], decay, int(f["updates"]))
+
+
+def _ema_callback(model: Any, ema: WeightEMA) -> Any:
     import keras
-    import tensorflow as tf
 
-    t0 = time.monotonic()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
+    class _Cb(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            ema.update(model.get_weights())
 
-    ds = data_mod.scan(cfg.data)
-    train_s, val_s = data_mod.split_by_group(
-        ds, cfg.val_fraction, cfg.seed, allow_image_split=cfg.allow_image_split
-    )
-    summary = data_mod.summary(ds, train_s, val_s)
-    log.info("data: %s", json.dumps(summary))
-    cache = cfg.cache_dir if cfg.cache_dir is not None else cfg.out / "cache"
-    x_train, y_train = data_mod.load_arrays(train_s, cfg.input_size, cache)
-    x_val, y_val = data_mod.load_arrays(val_s, cfg.input_size, cache)
-    log.info("decoded %d train / %d val images in %.0f s", len(x_train), len(x_val), time.monotonic() - t0)
-    n_classes = len(ds.classes)
-
-    steps = int(np.ceil(len(x_train) / cfg.batch_size))
-    if cfg.max_steps is not None:
-        steps = min(steps, cfg.max_steps)
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((np.asarray(x_train), y_train))
-        .shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True)
-        .batch(cfg.batch_size)
-        .map(_augment_and_onehot(n_classes, cfg.label_smoothing), num_parallel_calls=tf.data.AUTOTUNE)
-        .take(steps)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val_ds = (
-        tf.data.Dataset.from_tensor_slices((np.asarray(x_val), keras.ops.one_hot(y_val, n_classes)))
-        .batch(128)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-    model = build_model(n_classes, cfg.input_size)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=cfg.learning_rate * 0.1,
-        decay_steps=max(1, steps * cfg.epochs - steps),
-        warmup_target=cfg.learning_rate,
-        warmup_steps=steps,
-        alpha=0.01,
-    )
-    model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
-    best = cfg.out / "best.keras"
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.epochs,
-        shuffle=False,  # tf.data already reshuffles each epoch
-        verbose=1 if sys.stderr.isatty() else 2,  # a progress bar on a terminal, a line per epoch in a log
-        callbacks=[
-            keras.callbacks.ModelCheckpoint(best, monitor="val_accuracy", save_best_only=True, mode="max"),
-            keras.callbacks.CSVLogger(str(cfg.out / "history.csv")),
-        ],
-    )
-    hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    (cfg.out / "history.json").write_text(json.dumps(hist, indent=1))
-
-    model = keras.models.load_model(best)
-    val_logits = logits_model(model).predict(x_val, batch_size=128, verbose=0)
-    temperature = fit_temperature(val_logits, y_val)
-    calibrated = with_temperature(model, temperature)
-    calibrated.save(cfg.out / "calibrated.keras")
-    raw_probs = _softmax(val_logits)
-    cal_probs = _softmax(val_logits / temperature)
-    report = classification_report(y_val, cal_probs, ds.classes)
-    report["ece_before_calibration"] = classification_report(y_val, raw_probs, ds.classes)["ece"]
-    report["temperature"] = temperature
-
-    # A fixed sample of real validation images for the export parity check.
-    rng = np.random.default_rng(cfg.seed)
-    pick = rng.choice(len(x_val), size=min(64, len(x_val)), replace=False)
-    np.save(cfg.out / PARITY_IMAGES, np.asarray(x_val)[np.sort(pick)])
-
-    result = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "classes": ds.classes,
-        "data": summary,
-        "validation_groups": sorted({s.group for s in val_s}),
-        "validation": report,
-        "best_epoch": int(np.argmax(hist["val_accuracy"])) + 1,
-        "train_seconds": round(time.monotonic() - t0, 1),
-    }
-    (cfg.out / "training.json").write_text(json.dumps(result, indent=1))
-    _plot_history(hist, cfg.out / "training_curves.png")
-    log.info(
-        "done in %.0f s: val accuracy %.4f, balanced %.4f, ECE %.4f -> %.4f (T=%.3f)",
-        result["train_seconds"], report["accuracy"], report["balanced_accuracy"],
-        report["ece_before_calibration"], report["ece"], temperature,
-    )
-    return result
+    return _Cb()
 
 
-def _augment_and_onehot(n_classes: int, smoothing: float) -> Any:
+def _epoch_dataset(
+    x: NDArray[np.uint8], y: NDArray[np.int64], cfg: TrainConfig, epoch: int, n_classes: int, steps: int
+) -> Any:
+    """The epoch's batches: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
     import tensorflow as tf
 
     from export.augment import augment_batch
 
-    def fn(images: Any, labels: Any) -> Any:
-        y = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
-        return augment_batch(images), y
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(x))
+    bs = cfg.batch_size
 
-    return fn
+    def batches() -> Any:
+        for i in range(steps):
+            idx = np.sort(perm[i * bs : (i + 1) * bs])
+            yield x[idx], y[idx]
+
+    size = cfg.input_size
+    smoothing = cfg.label_smoothing
+
+    def aug(images: Any, labels: Any) -> Any:
+        t = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+        return augment_batch(images, cfg.augment), t
+
+    sig = (
+        tf.TensorSpec((None, size, size, 3), tf.uint8),
+        tf.TensorSpec((None,), tf.int64),
+    )
+    return (
+        tf.data.Dataset.from_generator(batches, output_signature=sig)
+        .apply(tf.data.experimental.assert_cardinality(steps))
+        .map(aug, num_parallel_calls=2)
+        .prefetch(2)
+    )
+
+
+def _score(model: Any, x: NDArray[np.uint8], y: NDArray[np.int64]) -> tuple[float, float, NDArray[Any]]:
+    logits = np.asarray(logits_model(model).predict(x, batch_size=128, verbose=0), dtype=np.float64)
+    return float((logits.argmax(1) == y).mean()), nll(logits, y, 1.0), logits
+
+
+def _atomic_save_model(model: Any, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    import keras
+
+    t0 = time.monotonic()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ds = data_mod.scan(cfg.data)
+    split = make_split(cfg, ds)
+    summary = data_mod.split_summary(ds, split)
+    log.info("data: %s", json.dumps(summary))
+    cache = cfg.cache_dir if cfg.cache_dir is not None else cfg.out / "cache"
+    x_train, y_train = data_mod.load_arrays(split.train, cfg.input_size, cache)
+    x_sel, y_sel = data_mod.load_arrays(split.select, cfg.input_size, cache)
+    x_train, x_sel = np.asarray(x_train), np.asarray(x_sel)
+    log.info("decoded %d train / %d select images in %.0f s", len(x_train), len(x_sel), time.monotonic() - t0)
+    n_classes = len(ds.classes)
+    steps = int(np.ceil(len(x_train) / cfg.batch_size))
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+
+    state_path = cfg.out / STATE
+    state: dict[str, Any]
+    if cfg.resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        model = keras.models.load_model(cfg.out / LAST)
+        ema = WeightEMA.load(cfg.out / EMA, cfg.ema_decay)
+        log.info(
+            "resuming after epoch %d of %d (best so far: epoch %s)", state["epoch"], cfg.epochs, state.get("best_epoch")
+        )
+    else:
+        if state_path.exists():
+            raise FileExistsError(f"{cfg.out} holds a run (state.json): pass --resume or choose another --out")
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(n_classes, cfg.input_size)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=cfg.learning_rate * 0.1,
+            decay_steps=max(1, steps * cfg.epochs - steps),
+            warmup_target=cfg.learning_rate,
+            warmup_steps=steps,
+            alpha=0.01,
+        )
+        model.compile(
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        ema = WeightEMA(model.get_weights(), cfg.ema_decay)
+        state = {"epoch": 0, "history": [], "best_epoch": None, "best": None}
+
+    callback = _ema_callback(model, ema)
+    for epoch in range(int(state["epoch"]), cfg.epochs):
+        te = time.monotonic()
+        keras.utils.set_random_seed(cfg.seed * 1000 + epoch)  # the epoch's augmentation/dropout RNG
+        hist = model.fit(
+            _epoch_dataset(x_train, y_train, cfg, epoch, n_classes, steps),
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            verbose=0,
+            callbacks=[callback],
+            shuffle=False,
+        )
+        train_s = time.monotonic() - te
+        online = model.get_weights()
+        raw_acc, raw_nll, _ = _score(model, x_sel, y_sel)
+        model.set_weights(ema.shadow)
+        ema_acc, ema_nll, _ = _score(model, x_sel, y_sel)
+        model.set_weights(online)
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(hist.history["loss"][-1]),
+            "accuracy": float(hist.history["accuracy"][-1]),
+            "select_accuracy": raw_acc,
+            "select_nll": raw_nll,
+            "select_accuracy_ema": ema_acc,
+            "select_nll_ema": ema_nll,
+            "train_seconds": round(train_s, 1),
+            "epoch_seconds": round(time.monotonic() - te, 1),
+        }
+        state["history"].append(row)
+        # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
+        key = (ema_acc, -ema_nll)
+        if state["best"] is None or key > tuple(state["best"]):
+            state["best"], state["best_epoch"] = list(key), epoch + 1
+            ema.save(cfg.out / BEST_EMA)
+        _atomic_save_model(model, cfg.out / LAST)
+        ema.save(cfg.out / EMA)
+        state["epoch"] = epoch + 1
+        state["config"] = _config_json(cfg)
+        _write_json(state_path, state)  # last: a whole checkpoint exists once this is written
+        log.info(
+            "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %.4f (EMA %.4f) nll %.4f (EMA %.4f) | best %s",
+            epoch + 1,
+            cfg.epochs,
+            row["epoch_seconds"],
+            row["loss"],
+            row["accuracy"],
+            raw_acc,
+            ema_acc,
+            raw_nll,
+            ema_nll,
+            state["best_epoch"],
+        )
+        (cfg.out / "progress.txt").write_text(f"{epoch + 1}/{cfg.epochs}\n")
+    return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
+
+
+def finish(
+    cfg: TrainConfig,
+    ds: data_mod.Dataset,
+    split: data_mod.Split,
+    summary: dict[str, Any],
+    x_sel: NDArray[np.uint8],
+    y_sel: NDArray[np.int64],
+    state: dict[str, Any],
+    t0: float,
+    *,
+    best_path: Path | None = None,
+) -> dict[str, Any]:
+    """Best EMA weights -> best.keras, temperature on select -> calibrated.keras, training.json."""
+    import keras
+
+    model = keras.models.load_model(cfg.out / LAST, compile=False)
+    model.set_weights(WeightEMA.load(best_path or cfg.out / BEST_EMA, cfg.ema_decay).shadow)
+    model.save(cfg.out / "best.keras")
+    _, _, sel_logits = _score(model, x_sel, y_sel)
+    temperature = fit_temperature(sel_logits, y_sel)
+    calibrated = with_temperature(model, temperature)
+    calibrated.save(cfg.out / "calibrated.keras")
+    report = classification_report(y_sel, _softmax(sel_logits / temperature), ds.classes)
+    report["ece_before_calibration"] = classification_report(y_sel, _softmax(sel_logits), ds.classes)["ece"]
+    report["temperature"] = temperature
+
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.choice(len(x_sel), size=min(64, len(x_sel)), replace=False)
+    np.save(cfg.out / PARITY_IMAGES, np.asarray(x_sel)[np.sort(pick)])
+
+    history = state["history"]
+    result = {
+        "config": _config_json(cfg),
+        "classes": ds.classes,
+        "data": summary,
+        "split": {
+            "holdout_from": str(cfg.split_from) if cfg.split_from else None,
+            "seed": cfg.seed,
+            "train_groups": len(split.groups("train")),
+            "select_groups": split.groups("select"),
+            "test_groups": split.groups("test"),
+        },
+        # kept for `lungserve evaluate --validation-groups` and older readers: the union of select and test
+        "validation_groups": sorted(split.groups("select") + split.groups("test")),
+        "select": report,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "history": history,
+        "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
+        "wall_seconds_this_process": round(time.monotonic() - t0, 1),
+    }
+    _write_json(cfg.out / "training.json", result)
+    _plot_history(history, cfg.out / "training_curves.png")
+    log.info(
+        "done: best epoch %s, select accuracy %.4f, ECE %.4f -> %.4f (T=%.3f), %.0f s of epochs",
+        state["best_epoch"],
+        report["accuracy"],
+        report["ece_before_calibration"],
+        report["ece"],
+        temperature,
+        result["train_seconds"],
+    )
+    return result
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
 def _softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -158,19 +338,21 @@ def _softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:
     return out
 
 
-def _plot_history(hist: dict[str, list[float]], path: Path) -> None:
+def _plot_history(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = range(1, len(hist["loss"]) + 1)
-    ax1.plot(epochs, hist["loss"], label="train")
-    ax1.plot(epochs, hist["val_loss"], label="validation")
+    epochs = [r["epoch"] for r in history]
+    ax1.plot(epochs, [r["loss"] for r in history], label="train (augmented, smoothed)")
+    ax1.plot(epochs, [r["select_nll"] for r in history], label="select")
+    ax1.plot(epochs, [r["select_nll_ema"] for r in history], label="select, EMA weights")
     ax1.set(title="loss", xlabel="epoch")
-    ax2.plot(epochs, hist["accuracy"], label="train")
-    ax2.plot(epochs, hist["val_accuracy"], label="validation (unseen groups)")
+    ax2.plot(epochs, [r["accuracy"] for r in history], label="train (augmented)")
+    ax2.plot(epochs, [r["select_accuracy"] for r in history], label="select")
+    ax2.plot(epochs, [r["select_accuracy_ema"] for r in history], label="select, EMA weights")
     ax2.set(title="accuracy", xlabel="epoch")
     for ax in (ax1, ax2):
         ax.legend()

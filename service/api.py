@@ -8,16 +8,20 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
 
+from service.admission import admitted_uploads
+from service.decoder import PixelAllowance
 from service.errors import LungserveError
 from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import (
     BatchingInfo,
+    DecisionInfo,
     ErrorResponse,
     FileError,
     FilePrediction,
@@ -28,11 +32,12 @@ from service.schemas import (
     PredictManyResponse,
     ReadyResponse,
     UploadLimitsInfo,
+    error_examples,
     file_error,
     file_prediction,
     prediction,
 )
-from service.uploads import RouteLimits, Upload, check_declared_size, read_uploads
+from service.uploads import RouteLimits, Upload, UploadLimits
 
 router = APIRouter()
 
@@ -50,22 +55,48 @@ def _limits(request: Request) -> RouteLimits:
 
 
 async def _classify_upload(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, upload: Upload
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    upload: Upload,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others)."""
+    """One file -> its result, or its own error *returned* (so one bad file never fails others).
+
+    Every admitted image leaves here counted in exactly one outcome: classified, its own
+    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
+    """
     try:
         if upload.error is not None:
             raise upload.error
-        result, info = await service.classify_upload(runtime, reservation, upload.data)
+        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
+        result, info = await runtime.classify(reservation, image)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
         return exc
+    except asyncio.CancelledError:
+        service.observer.on_image_abandoned()
+        raise
     service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
     return result
 
 
+def _uploads(
+    request: Request, service: ServiceState, limits: UploadLimits
+) -> AbstractAsyncContextManager[list[Upload]]:
+    headers = request.headers
+    return admitted_uploads(
+        service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits
+    )
+
+
+def _allowance(service: ServiceState) -> PixelAllowance:
+    return PixelAllowance(service.settings.max_request_pixels)
+
+
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    # minLength: an empty file is never an image (422), so the schema says so.
+    binary: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
     schema = {"type": "array", "items": binary} if many else binary
     return {
         "requestBody": {
@@ -80,12 +111,61 @@ def _multipart_body(field: str, many: bool) -> dict[str, Any]:
 
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    400: {"model": ErrorResponse, "description": "malformed multipart body"},
-    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
-    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
-    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
-    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
-    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
+    400: {
+        "model": ErrorResponse,
+        "description": "malformed multipart body or HTTP framing",
+        "content": error_examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
+    },
+    408: {
+        "model": ErrorResponse,
+        "description": "the body arrived below the minimum upload rate",
+        "content": error_examples(
+            ("upload_too_slow", "the request body arrived at under 16384 bytes/s (LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S)")
+        ),
+    },
+    401: {
+        "model": ErrorResponse,
+        "description": "no valid API key (only when LUNGSERVE_API_KEYS_FILE is set)",
+        "content": error_examples(("unauthorized", "the API key is not valid")),
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "file, image or request too large; too many files",
+        "content": error_examples(
+            ("image_too_large", "image is 12000x9000 = 108000000 pixels; the limit is 50000000"),
+            ("too_many_files", "more than 64 file(s) in field 'files'"),
+            ("request_too_large", "the request body is over 134217728 bytes"),
+        ),
+    },
+    415: {
+        "model": ErrorResponse,
+        "description": "not a multipart/form-data body",
+        "content": error_examples(
+            ("unsupported_media_type", "expected a multipart/form-data body with field 'file', got application/json")
+        ),
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "missing field, or not a decodable image",
+        "content": error_examples(
+            ("missing_field", "no file in multipart field 'file' (sent: 'image')"),
+            ("invalid_image", "not a decodable image (expected JPEG, PNG, TIFF or BMP)"),
+        ),
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded (with Retry-After), loading or shutting down",
+        "content": error_examples(
+            ("overloaded", "the server is at capacity (256 images admitted); retry shortly"),
+            ("model_not_ready", "the model is still loading or warming up"),
+            ("shutting_down", "the server is shutting down"),
+        ),
+    },
+    504: {
+        "model": ErrorResponse,
+        "description": "no answer within the request deadline",
+        "content": error_examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
+    },
 }
 
 
@@ -105,21 +185,23 @@ async def predict(request: Request) -> Response:
     settings = service.settings
     limits = _limits(request).predict
     try:
-        runtime = service.current()
-        # Order matters: declared size, then the queue (503 at once), then read, then decode.
-        check_declared_size(request.headers.get("content-length"), limits)
-        with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
-            async with deadline(settings.request_deadline_s):
-                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        # Order matters: readiness, declared size, queue and gate (503 at once), read, then the
+        # queue slot (only now: a slow body never holds one), then decode.
+        async with (
+            deadline(settings.request_deadline_s),
+            _uploads(request, service, limits) as (upload,),
+        ):
+            runtime = service.current()
+            with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
                 outcome = await unless_disconnected(
-                    _classify_upload(service, runtime, reservation, upload), request.receive
+                    _classify_upload(service, runtime, reservation, upload, _allowance(service)), request.receive
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)  # HOOK(metrics/logs): the request failed as a whole
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    # Serialised here, in pydantic's compiled encoder, rather than validated again by FastAPI.
+    # Serialised once, by pydantic's compiled encoder, rather than validated again by FastAPI.
     return Response(prediction(outcome).model_dump_json(), media_type="application/json")
 
 
@@ -139,17 +221,15 @@ async def predict_many(request: Request) -> Response:
     settings = service.settings
     limits = _limits(request).predict_many
     try:
-        runtime = service.current()
-        check_declared_size(request.headers.get("content-length"), limits)
-        async with deadline(settings.request_deadline_s):
-            uploads = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        async with deadline(settings.request_deadline_s), _uploads(request, service, limits) as uploads:
             # A hot reload may have swapped (and stopped) the runtime while the body was read:
             # admit into the one serving now, so no request fails because of a swap.
             runtime = service.current()
+            allowance = _allowance(service)
             # The number of images is known only now -- still before any decode. All or nothing.
             with runtime.reserve(sum(1 for u in uploads if u.error is None)) as reservation:
                 outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u) for u in uploads)),
+                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u, allowance) for u in uploads)),
                     request.receive,
                 )
     except LungserveError as exc:
@@ -188,7 +268,7 @@ async def live() -> LiveResponse:
     responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
 )
 async def ready(request: Request) -> ReadyResponse:
-    runtime = _service(request).current()
+    runtime = _service(request).ready()
     identity = runtime.identity
     return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
@@ -218,5 +298,11 @@ async def model_info(request: Request) -> ModelInfoResponse:
             max_files_per_request=s.max_files_per_request,
             max_request_bytes=s.max_request_bytes,
             max_image_pixels=s.max_image_pixels,
+        ),
+        decision=DecisionInfo(
+            refer_below=runtime.thresholds.refer_below,
+            ood_above=runtime.thresholds.ood_above,
+            ood_score=runtime.engine.has_ood_score,
+            tissue_check=True,
         ),
     )

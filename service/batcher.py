@@ -9,7 +9,8 @@ are injected. The contract (docs/batching.md explains the why):
   ``(result, BatchInfo)`` or to the batch's error. ``release()`` returns unsubmitted slots.
 * A slot is held until the item's batch has finished computing, so ``queue_limit`` bounds all
   admitted, unanswered work. When a batch goes is decided by ``dispatch_delay`` alone.
-* A future cancelled while queued never reaches the handler. ``stop()`` refuses new work,
+* A future cancelled while queued never reaches the handler; one cancelled while its batch
+  computes gives its slot back at once (its item is abandoned with the batch's result). ``stop()`` refuses new work,
   drains for up to ``drain_timeout_s`` and then fails what is left with ``BatcherStopped``.
 * Every public method is called on the event loop that ran ``start()``; only the handler
   runs in the executor.
@@ -207,6 +208,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[tuple[R, BatchInfo]]
     enqueued_at: float  # loop.time()
     state: _State = _State.QUEUED
+    holds_slot: bool = True  # False once its slot was given back (cancelled mid-compute, or finished)
 
 
 @dataclass(eq=False, slots=True)
@@ -439,9 +441,18 @@ class Batcher(Generic[T, R]):
         return future
 
     def _on_future_done(self, entry: _Entry[T, R], future: asyncio.Future[tuple[R, BatchInfo]]) -> None:
-        # Fires for every completion; only a cancellation while still queued needs action.
-        if entry.state is _State.QUEUED and future.cancelled():
+        # Fires for every completion; only a cancellation needs action.
+        if not future.cancelled():
+            return
+        if entry.state is _State.QUEUED:
             self._drop([entry])
+        elif entry.state is _State.DISPATCHED and entry.holds_slot:
+            # Cancelled mid-compute (deadline, client gone): its slot goes back now, not when the
+            # batch ends, so a deadline storm does not turn into needless 503s. The abandoned item
+            # stays in memory until its batch ends: at most max_in_flight_batches x max_batch_size.
+            entry.holds_slot = False
+            self._slots.free(1)
+            self._wakeup.set()
 
     def _drop(self, entries: list[_Entry[T, R]]) -> None:
         """Remove queued entries whose futures were cancelled and give their slots back."""
@@ -573,7 +584,10 @@ class Batcher(Generic[T, R]):
                 if not entry.future.done():
                     entry.future.set_exception(failure)
         self._in_flight -= 1
-        self._slots.free(size)
+        held = sum(entry.holds_slot for entry in batch.entries)
+        for entry in batch.entries:
+            entry.holds_slot = False
+        self._slots.free(held)
         self._observe(lambda: self._observer.on_batch_end(batch.batch_id, size, duration_s, error))
         self._observe(lambda: self._observer.on_in_flight(self._in_flight))
         self._wakeup.set()  # a compute slot is free

@@ -1,4 +1,5 @@
-"""The `lungserve` command: serve, plus the model tools (train, evaluate, export, upload).
+"""The `lungserve` command: serve, predict (a bulk client), and the model tools (train, evaluate,
+export, upload).
 
 The model tools need the `export` extra (TensorFlow); they are imported lazily so a
 serving-only install has a working `lungserve serve` and a clear message otherwise.
@@ -27,18 +28,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
     import signal
 
-    import uvicorn
     from pydantic import ValidationError
 
+    from service.access import ApiKeysFileError
     from service.app import create_app
     from service.logs import configure_logging
-    from service.settings import Settings
+    from service.server import build_server
+    from service.settings import Settings, describe_error
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = Settings(**overrides)  # LUNGSERVE_* from the environment, flags win
     except ValidationError as exc:
-        print(f"lungserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE
+    except ApiKeysFileError as exc:
+        print(f"lungserve serve: {exc}", file=sys.stderr)
         return 2
     # JSON lines on stderr (LUNGSERVE_LOG_JSON, LUNGSERVE_LOG_LEVEL) for ours and uvicorn's
     # loggers; uvicorn's own access log is off: RequestContextMiddleware writes one per request.
@@ -49,18 +56,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    # log_config=None: uvicorn leaves the logging set up above alone.
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )
-    server = uvicorn.Server(config)
+    # Connection guards, timeouts and the shutdown order: service/server.py.
+    server, sockets = build_server(app, settings)
 
     def graceful(signum: int, frame: object) -> None:
         # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
@@ -70,7 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -78,6 +75,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("lungserve serve: start-up failed (see the log above)", file=sys.stderr)
         return 3
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Classify files and folders into CSV/JSONL; exit 1 if any file failed, 2 if the run could not."""
+    import asyncio
+
+    from service.bulk import RunOptions, UsageError, run
+    from service.client import RetryPolicy
+
+    # The summary and the progress bar are the output; per-request INFO lines would drown them.
+    logging.getLogger().setLevel(logging.WARNING)
+
+    options = RunOptions(
+        url=args.url,
+        local=args.local,
+        concurrency=args.concurrency,
+        api_key=args.api_key,
+        progress=not args.no_progress,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+    )
+    try:
+        summary = asyncio.run(run(args.paths, args.out, options))
+    except UsageError as exc:
+        print(f"lungserve predict: {exc}", file=sys.stderr)
+        return 2
+    print(summary.text(args.out), file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -97,6 +121,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         allow_image_split=args.allow_image_split,
         max_steps=args.max_steps,
+        split_from=args.split_from,
+        resume=args.resume,
+        ema_decay=args.ema_decay,
     )
     train(cfg)
     return 0
@@ -155,13 +182,56 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import os
+
+    from service import __version__
+    from service.settings import describe_settings
+
     parser = argparse.ArgumentParser(prog="lungserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lungserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)",
+        description="Serve the model over HTTP with one uvicorn worker. Every setting is an environment variable.",
+        epilog="settings (environment variables):\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or LUNGSERVE_HOST)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000, or LUNGSERVE_PORT)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files and folders into a CSV or JSONL file (resumable)",
+        description=(
+            "Classify images with a lungserve server (or --local: in this process). Folders are walked "
+            "for .jpg/.jpeg/.png/.tif/.tiff/.bmp files; requests fit the server's limits (GET /model); "
+            "503 answers are retried after Retry-After. Re-running the same command skips files that "
+            "already have a successful row in --out. Exit status: 0 all classified, 1 some file "
+            "failed (see its error column), 2 the run could not start."
+        ),
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders")
+    p.add_argument("--out", type=Path, required=True, help="result file: .csv or .jsonl")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LUNGSERVE_URL", "http://127.0.0.1:8000"),
+        help="server URL (default: $LUNGSERVE_URL or http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--local", action="store_true", help="no server: run the service in this process (LUNGSERVE_* settings)"
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("LUNGSERVE_API_KEY"), help="API key (default: $LUNGSERVE_API_KEY)"
+    )
+    p.add_argument(
+        "--max-attempts", type=int, default=8, help="tries per request when the server sheds load (default 8)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("train", help="train the CNN on a folder-per-class image set, split by group")
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class (+ groups.csv)")
@@ -170,7 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=22)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class's groups held out, then halved into select and test",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="hold out the `validation_groups` of this model.json instead (keeps that model comparable)",
+    )
+    p.add_argument("--ema-decay", type=float, default=0.998)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
     p.add_argument(

@@ -56,6 +56,13 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class UploadTooSlow(BadRequest):
+    """The body arrived slower than the minimum upload rate: its slot goes to someone else."""
+
+    code = "upload_too_slow"
+    status = 408
+
+
 class TooManyFiles(LungserveError):
     code = "too_many_files"
     status = 413
@@ -73,6 +80,17 @@ class Overloaded(LungserveError):
     status = 503
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyRequests(LungserveError):
+    """Too many failed attempts from one client (admin authentication): wait before retrying."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
@@ -140,14 +158,19 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
-    """The one place where a domain error becomes an HTTP answer."""
+def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool = False) -> HttpError:
+    """The one place where a domain error becomes an HTTP answer.
+
+    `oip`: the Open Inference Protocol's shape, `{"error": "message"}` (routes under /v2);
+    same status and headers.
+    """
     error: dict[str, Any] = {"code": exc.code, "message": exc.message}
     if request_id is not None:
         error["request_id"] = request_id
     headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, TooManyRequests)):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return HttpError(status=exc.status, body={"error": error}, headers=headers)
+    body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
+    return HttpError(status=exc.status, body=body, headers=headers)

@@ -107,6 +107,7 @@ class RequestContext:
     timing: RequestTiming = field(default_factory=RequestTiming)
     model_version: str | None = None
     images: int = 0
+    api_key: str | None = None  # the caller's key *name* (service.access); never the key
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("lungserve_request", default=None)
@@ -231,6 +232,8 @@ def _access_fields(ctx: RequestContext, method: str, route: str, status: int, du
         fields["inference_s"] = round(t.inference_s, 6)
     if ctx.model_version is not None:
         fields["model_version"] = ctx.model_version
+    if ctx.api_key is not None:
+        fields["api_key"] = ctx.api_key
     return fields
 
 

@@ -18,6 +18,15 @@ MANIFEST_NAME = "model.json"
 MODEL_NAME = "model.onnx"
 
 
+class DecisionSection(BaseModel):
+    """`decision` in model.json: the refer thresholds fitted at export (see service.decision)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    refer_below: float | None = Field(default=None, ge=0.0, le=1.0, description="refer below this max probability")
+    ood_above: float | None = Field(default=None, description="refer as out of distribution above this ood_score")
+
+
 class Manifest(BaseModel):
     """What the service needs to run a model correctly; extra keys are kept verbatim."""
 
@@ -33,6 +42,10 @@ class Manifest(BaseModel):
     resize: dict[str, str]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     file: str = MODEL_NAME
+    # Graph output names by role ("probabilities", "ood_score", "feature_maps", "cam_weights"),
+    # the ones this model has; None: only `output_name`.
+    outputs: dict[str, str] | None = None
+    decision: DecisionSection | None = None
 
     @field_validator("file")
     @classmethod
@@ -47,7 +60,9 @@ class Manifest(BaseModel):
         return cls.model_validate_json(path.read_bytes())
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Optional sections a model lacks are left out, not written as null.
+        absent = {name for name in ("outputs", "decision") if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude=absent)
 
     def check_sha256(self, digest: str, where: str, hint: str = "") -> None:
         check_sha256(digest, self.sha256, where, hint)

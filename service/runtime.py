@@ -1,4 +1,4 @@
-"""The serving pipeline behind the routes: model runtime (engine + batcher), decode, state.
+"""The serving pipeline behind the routes: decode pool, model runtime (engine + batcher), state.
 
 * `ModelRuntime`: one model version being served -- its `Engine` and the `Batcher` that
   feeds it. The batcher's handler closes over *this* engine, so a result always carries the
@@ -15,23 +15,22 @@ Framework-free: the HTTP side (deadline, client disconnects) is in `service.http
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from service.admission import UploadGate
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.decision import Decision, Thresholds, decide_batch
+from service.decoder import Decoder, PixelAllowance
 from service.engine import Engine
 from service.errors import (
     InferenceFailed,
-    InvalidImage,
     LungserveError,
     ModelNotReady,
     Overloaded,
@@ -39,7 +38,6 @@ from service.errors import (
 )
 from service.manifest import Manifest
 from service.model_source import ModelIdentity
-from service.preprocess import load_image
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,14 +45,15 @@ log = logging.getLogger(__name__)
 Image = NDArray[np.uint8]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Classified:
-    """One image's model output, with the manifest of the model that produced it."""
+    """One image's answer: the model's output, the refer decision made beside it, and the
+    manifest of the model that produced it. Every door reports `decision` from here."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
-    decode_s: float | None = None  # when the batch's worker decoded it (an `Encoded` item)
-    infer_s: float | None = None  # the model run of its batch, without decoding
+    decision: Decision
+    ood_score: float | None = None  # the model's out-of-distribution score, when it has one
 
     @property
     def label(self) -> str:
@@ -65,42 +64,11 @@ class Classified:
         return float(np.max(self.probabilities))
 
     def by_class(self) -> dict[str, float]:
-        return dict(zip(self.manifest.classes, self.probabilities.tolist(), strict=True))
+        return {c: float(p) for c, p in zip(self.manifest.classes, self.probabilities, strict=True)}
 
 
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """An upload's bytes, decoded by the batch's own worker thread: no thread hop per image."""
-
-    data: bytes
-    max_pixels: int
-
-
-@dataclass(frozen=True, slots=True)
-class Undecodable:
-    """An `Encoded` item that is not an image: its own error, never its batch's."""
-
-    error: LungserveError
-    decode_s: float
-
-
-BatchItem = Image | Encoded
-
-# The first bytes of the formats `load_image` accepts (JPEG, PNG, TIFF little/big-endian and
-# BigTIFF, BMP): anything else is refused on the event loop, before it is queued.
-_SIGNATURES: Final = (
-    b"\xff\xd8\xff",
-    b"\x89PNG\r\n\x1a\n",
-    b"II*\x00",
-    b"MM\x00*",
-    b"II+\x00",
-    b"MM\x00+",
-    b"BM",
-)
-BatchResult = Classified | Undecodable
-
-ImageBatcher = Batcher[BatchItem, BatchResult]
-ImageReservation = Reservation[BatchItem, BatchResult]
+ImageBatcher = Batcher[Image, Classified]
+ImageReservation = Reservation[Image, Classified]
 
 
 class PredictionObserver(Protocol):
@@ -115,6 +83,9 @@ class PredictionObserver(Protocol):
     def on_image_failed(self, error: LungserveError) -> None:
         """One image got its own error (invalid, too large, its batch failed, ...)."""
 
+    def on_image_abandoned(self) -> None:
+        """One admitted image's work was cancelled (client gone, deadline) before its answer."""
+
     def on_rejected(self, error: LungserveError) -> None:
         """A whole request refused before compute (overload, deadline, not ready, shutting down)."""
 
@@ -127,6 +98,9 @@ class NullPredictionObserver:
         pass
 
     def on_image_failed(self, error: LungserveError) -> None:
+        pass
+
+    def on_image_abandoned(self) -> None:
         pass
 
     def on_rejected(self, error: LungserveError) -> None:
@@ -148,6 +122,17 @@ class ModelRuntime:
         # Which model and where it came from (source, etag): /model, reload, logs, metrics.
         self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
+        # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
+        self.thresholds = Thresholds.resolve(
+            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+        )
+        log.info(
+            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            engine.manifest.name,
+            engine.manifest.version,
+            self.thresholds.refer_below,
+            self.thresholds.ood_above,
+        )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
@@ -157,43 +142,18 @@ class ModelRuntime:
             observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
         )
 
-    def _infer(self, items: Sequence[BatchItem]) -> list[BatchResult]:
-        """The batch handler: runs in the batcher's worker thread, decodes `Encoded` items first.
-
-        Decoding here rather than in a pool of its own saves two thread hops per image; a file
-        that is not an image becomes its own `Undecodable`, and the rest of the batch runs.
-        """
-        size = self.engine.input_size
+    def _infer(self, images: Sequence[Image]) -> list[Classified]:
+        """The batch handler: runs in the batcher's worker thread. The refer decision is made
+        here, once, beside the model's output (service.decision)."""
+        batch = np.stack(images)
+        out = self.engine.infer(batch)
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self.engine.manifest
-        arrays: list[Image] = []
-        rows: list[int] = []
-        decoded_in: list[float | None] = [None] * len(items)
-        results: list[BatchResult | None] = [None] * len(items)
-        for i, item in enumerate(items):
-            if isinstance(item, Encoded):
-                started = time.perf_counter()
-                try:
-                    array = load_image(item.data, size, max_pixels=item.max_pixels)
-                except LungserveError as exc:
-                    results[i] = Undecodable(exc, time.perf_counter() - started)
-                    continue
-                except Exception:  # a decoder bug must cost this image only, and be seen
-                    log.exception("decoding an upload failed unexpectedly")
-                    error = InvalidImage("not a decodable image (expected JPEG, PNG, TIFF or BMP)")
-                    results[i] = Undecodable(error, time.perf_counter() - started)
-                    continue
-                decoded_in[i] = time.perf_counter() - started
-                arrays.append(array)
-            else:
-                arrays.append(item)
-            rows.append(i)
-        if arrays:
-            started = time.perf_counter()
-            probs = self.engine.run(np.stack(arrays))
-            infer_s = time.perf_counter() - started
-            for i, row in zip(rows, probs, strict=True):
-                results[i] = Classified(row, manifest, decoded_in[i], infer_s)
-        return [r for r in results if r is not None]
+        scores: list[float | None] = [None] * len(decisions) if out.ood_score is None else out.ood_score.tolist()
+        return [
+            Classified(row, manifest, decision, score)
+            for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
+        ]
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -214,18 +174,8 @@ class ModelRuntime:
             raise ShuttingDown("the server is shutting down") from exc
 
     async def classify(self, reservation: ImageReservation, image: Image) -> tuple[Classified, BatchInfo]:
-        """One decoded image -> its result and the batch that carried it."""
-        result, info = await self._submit(reservation, image)
-        assert isinstance(result, Classified)  # only `Encoded` items can be undecodable
-        return result, info
-
-    async def classify_encoded(self, reservation: ImageReservation, upload: Encoded) -> tuple[BatchResult, BatchInfo]:
-        """One upload's bytes, decoded by its batch's worker -> its result or `Undecodable`."""
-        return await self._submit(reservation, upload)
-
-    async def _submit(self, reservation: ImageReservation, item: BatchItem) -> tuple[BatchResult, BatchInfo]:
         try:
-            future = reservation.submit(item)
+            future = reservation.submit(image)
         except BatcherStopped as exc:
             raise ShuttingDown("the server is shutting down") from exc
         try:
@@ -243,6 +193,7 @@ class ModelRuntime:
 class Phase(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    DRAINING = "draining"  # shutdown begun: /health/ready says 503, requests are still served
     STOPPING = "stopping"
 
 
@@ -252,7 +203,8 @@ class ServiceState:
 
     settings: Settings
     observer: PredictionObserver = field(default_factory=NullPredictionObserver)
-    decode_pool: ThreadPoolExecutor | None = None
+    decoder: Decoder | None = None
+    upload_gate: UploadGate | None = None
     runtime: ModelRuntime | None = None
     phase: Phase = Phase.STARTING
 
@@ -260,47 +212,26 @@ class ServiceState:
         """The runtime to serve this request with, or the 503 that explains why there is none."""
         if self.phase is Phase.STOPPING:
             raise ShuttingDown("the server is shutting down")
-        if self.phase is not Phase.READY or self.runtime is None:
+        if self.phase not in (Phase.READY, Phase.DRAINING) or self.runtime is None:
             raise ModelNotReady("the model is still loading or warming up")
         return self.runtime
+
+    def ready(self) -> ModelRuntime:
+        """`current()` for readiness probes: 503 as soon as shutdown has begun (load balancers
+        stop sending while the listener still accepts)."""
+        if self.phase is Phase.DRAINING:
+            raise ShuttingDown("the server is shutting down")
+        return self.current()
 
     def replace_runtime(self, new: ModelRuntime) -> ModelRuntime | None:
         """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
         old, self.runtime = self.runtime, new
         return old
 
-    async def classify_upload(
-        self, runtime: ModelRuntime, reservation: ImageReservation, data: bytes
-    ) -> tuple[Classified, BatchInfo]:
-        """An upload's bytes -> its result; decoded in its batch's worker thread (the hot path).
-
-        Raises the file's own error (InvalidImage, ImageTooLarge) when it does not decode.
-        """
-        if not data:
-            raise InvalidImage("the file is empty")
-        if not data.startswith(_SIGNATURES):
-            # Refused before it takes a place in a batch (and in its size and queue figures).
-            raise InvalidImage("not a decodable image (expected JPEG, PNG, TIFF or BMP)")
-        result, info = await runtime.classify_encoded(reservation, Encoded(data, self.settings.max_image_pixels))
-        if isinstance(result, Undecodable):
-            raise result.error
-        if result.decode_s is not None:
-            self.observer.on_decoded(result.decode_s)
-        return result, info
-
-    async def decode(self, data: bytes, size: int) -> Image:
-        """`load_image` in the decode pool, for doors that need the pixels themselves."""
-        if self.decode_pool is None:
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Image:
+        """Decode off the event loop, within the request's pixel allowance (`service.decoder`)."""
+        if self.decoder is None:
             raise ModelNotReady("the server is not started")
-        loop = asyncio.get_running_loop()
-        image, seconds = await loop.run_in_executor(
-            self.decode_pool, _timed_load, data, size, self.settings.max_image_pixels
-        )
+        image, seconds = await self.decoder.decode(data, size, allowance)
         self.observer.on_decoded(seconds)
         return image
-
-
-def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
-    started = time.perf_counter()
-    image = load_image(data, size, max_pixels=max_pixels)
-    return image, time.perf_counter() - started

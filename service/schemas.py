@@ -6,18 +6,41 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.decision import DecisionName, Reason
 from service.errors import LungserveError
 from service.runtime import Classified
 
-_CLASSES_EXAMPLE: Final[dict[str, Any]] = {"lung_aca": 0.912, "lung_n": 0.011, "lung_scc": 0.077}
+_CLASSES_EXAMPLE: Final[dict[str, Any]] = {"lung_aca": 0.991, "lung_n": 0.001, "lung_scc": 0.008}
 _MODEL_EXAMPLE: Final[dict[str, Any]] = {"name": "lungserve-lung-cnn", "version": "2026.11.22-6d5d6424"}
 _PREDICTION_EXAMPLE: Final[dict[str, Any]] = {
     "label": "lung_aca",
-    "confidence": 0.912,
+    "confidence": 0.991,
     "probabilities": _CLASSES_EXAMPLE,
+    "decision": "accept",
+    "reason": None,
     "model": _MODEL_EXAMPLE,
 }
 _FILE_PREDICTION_EXAMPLE: Final[dict[str, Any]] = {**_PREDICTION_EXAMPLE, "filename": "tile-001.jpeg"}
+_REFERRED_EXAMPLES: Final[list[dict[str, Any]]] = [
+    {
+        "filename": "tile-002.jpeg",
+        "label": "lung_scc",
+        "confidence": 0.618,
+        "probabilities": {"lung_aca": 0.377, "lung_n": 0.005, "lung_scc": 0.618},
+        "decision": "refer",
+        "reason": "low_confidence",
+        "model": _MODEL_EXAMPLE,
+    },
+    {
+        "filename": "holiday.jpeg",
+        "label": "lung_n",
+        "confidence": 0.987,
+        "probabilities": {"lung_aca": 0.004, "lung_n": 0.987, "lung_scc": 0.009},
+        "decision": "refer",
+        "reason": "out_of_distribution",
+        "model": _MODEL_EXAMPLE,
+    },
+]
 
 
 class ErrorInfo(BaseModel):
@@ -38,6 +61,19 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def error_examples(*errors: tuple[str, str]) -> dict[str, Any]:
+    """`content` for one status of an OpenAPI `responses` table: one example per error code it can
+    carry (Swagger UI shows a picker), so each status shows its own errors."""
+    return {
+        "application/json": {
+            "examples": {
+                code: {"summary": code, "value": {"error": {"code": code, "message": message, "request_id": "3f2a9c"}}}
+                for code, message in errors
+            }
+        }
+    }
+
+
 class ModelRef(BaseModel):
     name: str
     version: str
@@ -48,6 +84,15 @@ class PredictionResponse(BaseModel):
     label: str = Field(description="the most probable class")
     confidence: float = Field(description="the calibrated probability of `label`")
     probabilities: dict[str, float] = Field(description="calibrated probability of every class, in model order")
+    decision: DecisionName = Field(
+        description="accept: the label may be used as it is; refer: a pathologist should look at this image"
+    )
+    reason: Reason | None = Field(
+        description=(
+            "why it was referred (null when accepted): low_confidence -- the calibrated confidence is below "
+            "the refer threshold; out_of_distribution -- not a plausible H&E tile, or unlike the training data"
+        )
+    )
     model: ModelRef = Field(description="the model that computed this answer")
 
 
@@ -70,6 +115,7 @@ class PredictManyResponse(BaseModel):
                 {
                     "results": [
                         _FILE_PREDICTION_EXAMPLE,
+                        *_REFERRED_EXAMPLES,
                         {
                             "filename": "notes.txt",
                             "error": {
@@ -115,6 +161,15 @@ class UploadLimitsInfo(BaseModel):
     max_image_pixels: int
 
 
+class DecisionInfo(BaseModel):
+    """The refer thresholds in force: the manifest's, or the settings that override them."""
+
+    refer_below: float | None = Field(description="refer as low_confidence below this confidence; null: off")
+    ood_above: float | None = Field(description="refer as out_of_distribution above this ood_score; null: off")
+    ood_score: bool = Field(description="whether this model computes an ood_score")
+    tissue_check: bool = Field(description="the image-level H&E tissue check (always on)")
+
+
 class ModelInfoResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -137,6 +192,7 @@ class ModelInfoResponse(BaseModel):
                         "max_in_flight_batches": 1,
                         "request_deadline_s": 30.0,
                     },
+                    "decision": {"refer_below": 0.93, "ood_above": 41.7, "ood_score": True, "tissue_check": True},
                     "limits": {
                         "max_file_bytes": 20971520,
                         "max_files_per_request": 64,
@@ -154,6 +210,7 @@ class ModelInfoResponse(BaseModel):
     )
     batching: BatchingInfo
     limits: UploadLimitsInfo
+    decision: DecisionInfo
 
 
 def prediction(result: Classified) -> PredictionResponse:
@@ -176,5 +233,7 @@ def _prediction_fields(result: Classified) -> dict[str, Any]:
         "label": result.label,
         "confidence": result.confidence,
         "probabilities": result.by_class(),
+        "decision": result.decision.decision,
+        "reason": result.decision.reason,
         "model": ModelRef(name=manifest.name, version=manifest.version),
     }

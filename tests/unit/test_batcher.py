@@ -304,6 +304,27 @@ async def test_future_cancelled_during_compute_does_not_break_the_batch(gated: G
     assert a.cancelled()
 
 
+@pytest.mark.anyio
+async def test_future_cancelled_during_compute_frees_its_slot_at_once(gated: GatedFactory) -> None:
+    # Issue 10, row 13: a request that timed out mid-compute must not hold its slot until the
+    # batch ends, or a deadline storm refuses clients that would fit.
+    handler = gated(double)
+    batcher = make_batcher(handler, max_batch_size=2, queue_limit=2)
+    async with running(batcher):
+        a, b = submit_all(batcher, [1, 2])
+        assert await handler.started.get() == [1, 2]
+        assert batcher.available == 0
+        a.cancel()
+        await asyncio.sleep(0)  # one loop turn: the done-callback runs
+        assert batcher.available == 1
+        a.cancel()  # idempotent: nothing freed twice
+        await asyncio.sleep(0)
+        assert batcher.available == 1
+        handler.gate.set()
+        assert await results([b]) == [4]
+    assert batcher.available == batcher.queue_limit
+
+
 # -- handler failures -------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.batcher import Batcher, BatchInfo, BatchObserver
+from service.decision import ACCEPT
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -130,7 +131,7 @@ def test_unknown_outcome_or_reason_is_refused_not_minted(metrics: Metrics, regis
         metrics.image_outcome("patient_1234.jpeg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reason"):
         metrics.rejected("because")  # type: ignore[arg-type]
-    # The API never reports "cancelled": the batcher observer owns that outcome.
+    # "cancelled" has its own hook (on_image_abandoned), never a plain outcome call.
     with pytest.raises(ValueError, match="outcome"):
         metrics.image_outcome("cancelled")  # type: ignore[arg-type]
     assert value(registry, "lungserve_images_total", outcome="patient_1234.jpeg") is None
@@ -160,7 +161,8 @@ def test_batch_observer_calls(metrics: Metrics, registry: CollectorRegistry) -> 
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
     assert value(registry, "lungserve_cancelled_total") == 2
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 2
+    # The image outcome is counted per request (on_image_abandoned), never twice.
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 0
 
 
 def test_gauges_follow_the_last_value(metrics: Metrics, registry: CollectorRegistry) -> None:
@@ -237,6 +239,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_inference_seconds",
         "lungserve_batch_size",
         "lungserve_batch_failures",
+        "lungserve_decisions",
         "lungserve_queue_depth",
         "lungserve_batches_in_flight",
         "lungserve_rejected",
@@ -244,6 +247,9 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_model_info",
         "lungserve_model_ready",
         "lungserve_cancelled",
+        "lungserve_api_key_requests",
+        "lungserve_uploads_in_flight",
+        "lungserve_body_bytes_in_flight",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
@@ -252,7 +258,21 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
             assert name.endswith("_seconds")
     # Labels are the bounded ones, never ids or file names.
     labels = {key for f in ours.values() for s in f.samples for key in s.labels}
-    assert labels <= {"route", "status", "outcome", "reason", "label", "name", "version", "sha256", "provider", "le"}
+    allowed = {
+        "route",
+        "status",
+        "outcome",
+        "reason",
+        "decision",
+        "label",
+        "name",
+        "version",
+        "sha256",
+        "provider",
+        "le",
+        "key",
+    }
+    assert labels <= allowed  # `key` is an API key's name from the keys file, never the key
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -293,7 +313,6 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
     assert value(registry, "lungserve_inference_seconds_count") == value(registry, "lungserve_batch_size_count")
     assert value(registry, "lungserve_batch_failures_total") == 0
     assert value(registry, "lungserve_cancelled_total") == 1
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
 
@@ -314,7 +333,7 @@ def _classified(label_index: int) -> Classified:
     )
     probs = np.full(3, 0.1, dtype=np.float32)
     probs[label_index] = 0.8
-    return Classified(probs, manifest)
+    return Classified(probs, manifest, ACCEPT)
 
 
 def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRegistry) -> None:
@@ -324,6 +343,8 @@ def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRe
     assert value(registry, "lungserve_decode_seconds_count") == 1
     assert value(registry, "lungserve_images_total", outcome="ok") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_n") == 1
+    assert value(registry, "lungserve_decisions_total", decision="accept", reason="none") == 1
+    assert value(registry, "lungserve_decisions_total", decision="refer", reason="low_confidence") == 0
 
 
 def test_prediction_observer_fills_the_request_context(registry: CollectorRegistry) -> None:
@@ -335,13 +356,15 @@ def test_prediction_observer_fills_the_request_context(registry: CollectorRegist
         observer.on_classified(_classified(0), BatchInfo(batch_id=3, size=2, queue_wait_s=0.001, compute_s=0.01))
         observer.on_classified(_classified(2), BatchInfo(batch_id=3, size=2, queue_wait_s=0.002, compute_s=0.01))
         observer.on_image_failed(InvalidImage("not an image"))
-    assert ctx.images == 3
+        observer.on_image_abandoned()
+    assert ctx.images == 4
     assert ctx.model_version == "7"
     assert ctx.timing.batches == {3: 2}
     assert server_timing(ctx.timing) == "queue;dur=2.000, decode;dur=6.000, infer;dur=10.000"
     assert value(registry, "lungserve_predictions_total", label="lung_aca") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_scc") == 1
     assert value(registry, "lungserve_images_total", outcome="invalid") == 1
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,230 @@
+"""The serving graph: one functional Keras model with the four outputs of the model contract,
+converted to ONNX with tf2onnx.
+
+    image uint8 [N,S,S,3] -> probabilities [N,C]     softmax(logits / T), T folded in
+                          -> ood_score     [N]       min_c Mahalanobis distance of the GAP features
+                          -> feature_maps  [N,h,w,K] last conv block's ReLU (before its pool)
+                          -> cam_weights   [N,K,C]   d logit_c / d GAP_k, in closed form
+
+cam_weights: with GAP features g, the head is logits = W2^T relu(a * (W1^T g) + b) + b2, where
+a, b fold the BatchNorm (inference statistics) and dropout is the identity. So
+d logit_c / d g_k = sum_j W1[k,j] a_j [pre_j > 0] W2[j,c]: one masked matmul, no gradient op in
+the graph. Grad-CAM on the last ReLU's maps A is ReLU(sum_k cam_weights[k,c] A_k): Keras
+GradientTape Grad-CAM on that layer gives mean_ij d logit_c / d A_ijk = (1 / hw) d logit_c / d g_k
+through the max-pool (each pool window passes the gradient to one position), i.e. the same map up to
+a positive constant.
+
+ood_score: Mahalanobis distance with a tied covariance fitted on TRAIN-group GAP features of
+un-augmented images (Lee et al., 2018), the minimum over class means. The precision's Cholesky
+factor L (P = L L^T) is a fixed Dense kernel, so the distance is ||g L - mu_c L||.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from export.model import INPUT_NAME, LOGITS_LAYER
+
+OPSET = 18  # tf2onnx's highest supported here
+OUTPUTS = ("probabilities", "ood_score", "feature_maps", "cam_weights")
+GAP_LAYER = "gap"
+HEAD_DENSE, HEAD_BN = "dense", "dense_bn"
+
+
+@dataclass(frozen=True)
+class MahalanobisStats:
+    means: NDArray[np.float64]  # [C, K] class means of the GAP features
+    precision_chol: NDArray[np.float64]  # [K, K] L with precision = L @ L.T
+    shrinkage: float  # ridge added to the covariance, as a share of its mean variance
+    n: int  # training images the statistics were fitted on
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": "Mahalanobis, tied covariance, min over class means",
+            "features": "gap",
+            "dim": int(self.means.shape[1]),
+            "train_images": self.n,
+            "shrinkage": self.shrinkage,
+        }
+
+    def save(self, path: Path) -> None:
+        np.savez(
+            path,
+            means=self.means,
+            precision_chol=self.precision_chol,
+            shrinkage=np.float64(self.shrinkage),
+            n=np.int64(self.n),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> MahalanobisStats:
+        with np.load(path) as f:
+            return cls(f["means"], f["precision_chol"], float(f["shrinkage"]), int(f["n"]))
+
+
+def fit_mahalanobis(
+    features: NDArray[np.floating], labels: NDArray[np.integer], n_classes: int, shrinkage: float = 1e-3
+) -> MahalanobisStats:
+    """Class means and the tied (pooled within-class) covariance, with a small ridge.
+
+    The ridge keeps the covariance invertible when some GAP channels are (nearly) dead.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    means = np.stack([f[y == c].mean(axis=0) for c in range(n_classes)])
+    centred = f - means[y]
+    cov = centred.T @ centred / len(f)
+    cov += shrinkage * float(np.mean(np.diag(cov))) * np.eye(cov.shape[0])
+    precision = np.linalg.inv(cov)
+    precision = (precision + precision.T) / 2
+    chol = np.asarray(np.linalg.cholesky(precision), dtype=np.float64)
+    return MahalanobisStats(means, chol, shrinkage, len(f))
+
+
+def mahalanobis_numpy(features: NDArray[np.floating], stats: MahalanobisStats) -> NDArray[np.float64]:
+    """The reference for the graph's ood_score: min_c sqrt((g - mu_c)^T P (g - mu_c))."""
+    z = np.asarray(features, dtype=np.float64) @ stats.precision_chol
+    m = stats.means @ stats.precision_chol
+    d2 = ((z[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
+    out: NDArray[np.float64] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    return out
+
+
+def last_conv_relu(model: Any) -> str:
+    """Name of the last `blockN_relu` layer (the feature maps Grad-CAM uses)."""
+    names: list[str] = [
+        str(layer.name) for layer in model.layers if layer.name.startswith("block") and layer.name.endswith("_relu")
+    ]
+    if not names:
+        raise ValueError("the model has no blockN_relu layer")
+    return names[-1]
+
+
+def gap_features_model(model: Any) -> Any:
+    import keras
+
+    return keras.Model(model.input, model.get_layer(GAP_LAYER).output)
+
+
+def build_serving_model(model: Any, temperature: float, stats: MahalanobisStats | None) -> Any:
+    """A functional Keras model over `model`'s layers (shared weights) with the contract's outputs.
+
+    `model` is a trained `export.model.build_model` network *without* a temperature layer.
+    Outputs in the order of OUTPUTS (ood_score omitted when `stats` is None).
+    """
+    import keras
+    from keras import layers, ops
+
+    logits = model.get_layer(LOGITS_LAYER).output
+    probabilities = layers.Softmax(name="probabilities")(
+        layers.Rescaling(1.0 / temperature, name="temperature")(logits)
+    )
+    gap = model.get_layer(GAP_LAYER).output
+    feature_maps = model.get_layer(last_conv_relu(model)).output
+    pre = model.get_layer(HEAD_BN).output  # inference-mode BatchNorm output = the ReLU's input
+
+    bn = model.get_layer(HEAD_BN)
+    w1 = np.asarray(model.get_layer(HEAD_DENSE).kernel.numpy(), dtype=np.float64)  # [K, H]
+    gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.gamma is not None else 1.0
+    scale = gamma / np.sqrt(np.asarray(bn.moving_variance.numpy(), np.float64) + bn.epsilon)  # [H]
+    w2 = np.asarray(model.get_layer(LOGITS_LAYER).kernel.numpy(), dtype=np.float64)  # [H, C]
+    scaled_w2 = (scale[:, None] * w2).astype(np.float32)  # a_j W2[j, c]
+    w1_f = w1.astype(np.float32)
+
+    class CamWeights(layers.Layer):  # type: ignore[misc]
+        def call(self, pre_act: Any) -> Any:
+            mask = ops.cast(ops.greater(pre_act, 0.0), "float32")  # [N, H]
+            per_unit = mask[:, :, None] * ops.convert_to_tensor(scaled_w2)[None, :, :]  # [N, H, C]
+            return ops.matmul(ops.convert_to_tensor(w1_f), per_unit)  # [K,H] @ [N,H,C] -> [N,K,C]
+
+    cam_weights = CamWeights(name="cam_weights")(pre)
+    feature_maps = layers.Identity(name="feature_maps")(feature_maps)
+    outputs = [probabilities]
+    if stats is not None:
+        chol = stats.precision_chol.astype(np.float32)
+        centres = (stats.means @ stats.precision_chol).astype(np.float32)  # [C, K]
+
+        class OodScore(layers.Layer):  # type: ignore[misc]
+            def call(self, g: Any) -> Any:
+                z = ops.matmul(g, ops.convert_to_tensor(chol))  # [N, K]
+                m = ops.convert_to_tensor(centres)
+                d2 = (
+                    ops.sum(z * z, axis=1, keepdims=True)
+                    - 2.0 * ops.matmul(z, ops.transpose(m))
+                    + ops.sum(m * m, axis=1)[None, :]
+                )
+                return ops.sqrt(ops.maximum(ops.min(d2, axis=1), 0.0))
+
+        outputs.append(OodScore(name="ood_score")(gap))
+    outputs += [feature_maps, cam_weights]
+    return keras.Model(model.input, outputs, name="lungserve_cnn_serving")
+
+
+def output_names(has_ood: bool) -> list[str]:
+    return [n for n in OUTPUTS if has_ood or n != "ood_score"]
+
+
+def to_onnx(serving_model: Any, input_size: int, names: list[str]) -> Any:
+    """tf2onnx conversion (opset 18); graph outputs renamed to the contract names, dynamic batch."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.uint8, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(serving_model, input_signature=spec, opset=OPSET)
+    graph = proto.graph
+    if len(graph.output) != len(names):
+        raise ValueError(f"expected {len(names)} outputs, got {[o.name for o in graph.output]}")
+    for value, name in zip(list(graph.output), names, strict=True):
+        _rename(graph, value.name, name)
+    for value in [graph.input[0], *graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def _rename(graph: Any, old: str, new: str) -> None:
+    if old == new:
+        return
+    for node in graph.node:
+        for i, out in enumerate(node.output):
+            if out == old:
+                node.output[i] = new
+        for i, inp in enumerate(node.input):
+            if inp == old:
+                node.input[i] = new
+    for value in graph.output:
+        if value.name == old:
+            value.name = new
+
+
+def keras_outputs(serving_model: Any, images: NDArray[np.uint8], names: list[str]) -> dict[str, NDArray[Any]]:
+    outs = serving_model.predict(images, batch_size=32, verbose=0)
+    return {n: np.asarray(o) for n, o in zip(names, outs, strict=True)}
+
+
+def onnx_outputs(path: Path, images: NDArray[np.uint8], batch_size: int = 64) -> dict[str, NDArray[Any]]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    parts = [sess.run(names, {INPUT_NAME: images[i : i + batch_size]}) for i in range(0, len(images), batch_size)]
+    return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+
+def parity(expected: dict[str, NDArray[Any]], got: dict[str, NDArray[Any]]) -> dict[str, float]:
+    """Max |Keras - ORT| per output, relative to the output's scale for the unbounded ones."""
+    out: dict[str, float] = {}
+    for name, e in expected.items():
+        scale = 1.0 if name == "probabilities" else max(1.0, float(np.abs(e).max()))
+        out[name] = float(np.abs(e - got[name]).max()) / scale
+    out["argmax_flips"] = float((expected["probabilities"].argmax(1) != got["probabilities"].argmax(1)).sum())
+    return out
+
+
+def describe(names: list[str]) -> str:
+    return json.dumps({n: n for n in names})
