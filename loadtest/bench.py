@@ -748,7 +748,7 @@ def time_predict_many(url: str, files: Sequence[Path], repeats: int = 5) -> floa
     return sorted(times)[len(times) // 2]
 
 
-def bench_inprocess(run: Run, sets: dict[str, list[Path]], warmup: int, duration: int) -> None:
+def bench_inprocess(run: Run, sets: dict[str, list[Path]], warmup: int, duration: int, max_batch: int = 16) -> None:
     for image_set, files in sets.items():
         cmd = [
             sys.executable,
@@ -759,6 +759,8 @@ def bench_inprocess(run: Run, sets: dict[str, list[Path]], warmup: int, duration
             str(duration),
             "--warmup",
             str(warmup),
+            "--max-batch",
+            str(max_batch),
             *map(str, files),
         ]
         out = subprocess.run(
@@ -936,7 +938,7 @@ def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
         lines += [
             "## In-process ceiling (no HTTP)",
             "",
-            "| images | ceiling images/s | variant | pool of 2, single images | 2 decoders + batches of 16 "
+            "| images | ceiling images/s | variant | pool of 2, single images | 2 decoders + batches of max_batch_size "
             "| single image p50 / p99 (ms) | of which decode / inference p50 (ms) "
             "| physical bound images/s (cores ÷ CPU ms of decode + batched inference) |",
             "|---|---:|---|---:|---:|---:|---:|---:|",
@@ -955,7 +957,7 @@ def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
             )
             lines.append(
                 f"| {IMAGE_SET_LABELS[image_set]} | {ip['ceiling_images_per_s']:.1f} | {ip['ceiling_variant']} | "
-                f"{v['pool2-single']['images_per_s']:.1f} | {v['pool2-decode-batch16']['images_per_s']:.1f} | "
+                f"{v['pool2-single']['images_per_s']:.1f} | {v['pool2-decode-batch']['images_per_s']:.1f} | "
                 f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} | {s['decode_p50_ms']:.2f} / {s['infer_p50_ms']:.2f} | "
                 f"{bound} |"
             )
@@ -1206,7 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for system in systems:
         if system == "inprocess":
-            bench_inprocess(run, sets, args.warmup, args.duration)
+            bench_inprocess(run, sets, args.warmup, args.duration, int(lungserve_settings["max_batch_size"]))
         else:
             bench_served(
                 system,

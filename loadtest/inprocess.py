@@ -13,7 +13,7 @@ Prints one JSON object:
 - `variants`: images/s over both cores, each for `--duration` seconds after a warm-up:
   - `pool2-single`: a pool of 2 threads, each `load_image` + `session.run` of one image
     (one shared session, 1 intra-op thread: each worker owns one core);
-  - `pool2-decode-batch16`: the server's shape without HTTP: 2 decode threads feed one
+  - `pool2-decode-batch`: the server's shape without HTTP: 2 decode threads feed one
     inference thread that runs batches of up to 16 (ORT's default threads).
   The ceiling is the best of them.
 - `many`: the median time to classify the whole file list once with the pool of 2 threads (the
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict[str, float]] = {}
     runs: dict[str, Callable[[float], int]] = {
         "pool2-single": lambda s: run_pool2_single(images, size, one_thread_sess, names, s),
-        "pool2-decode-batch16": lambda s: run_pool2_decode_batch(
+        "pool2-decode-batch": lambda s: run_pool2_decode_batch(
             images, size, default_sess, names, s, max_batch=args.max_batch
         ),
     }
