@@ -303,6 +303,6 @@ async def model_info(request: Request) -> ModelInfoResponse:
             refer_below=runtime.thresholds.refer_below,
             ood_above=runtime.thresholds.ood_above,
             ood_score=runtime.engine.has_ood_score,
-            tissue_check=True,
+            tissue_check=runtime.thresholds.tissue_check,
         ),
     )

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,9 @@ from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
 from service.uploads import RouteLimits
+
+if TYPE_CHECKING:
+    from service.oip_grpc import GrpcDoor
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
     )
 
-    shutdown = Shutdown(state, metrics, reloader)
+    # Optional API keys, for the HTTP doors and the gRPC one alike.
+    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
+    shutdown = Shutdown(state, metrics, reloader, grpc_door)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,15 +147,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 },
             )
             reloader.start_polling()
+            if grpc_door is not None and settings.grpc_port is not None:
+                port = await grpc_door.start(settings.host, settings.grpc_port)
+                log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
             yield
         finally:
             await shutdown.drain()  # usually already done by `lungserve serve` (service.server)
             state.decoder.shutdown()
             log.info("stopped")
 
-    # Optional API keys: an app-wide dependency, so it runs after routing (the request keeps its
-    # route label) and before any handler reads a body or takes a queue slot.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
+    # label) and before any handler reads a body or takes a queue slot.
     guards = [Depends(api_key_guard(keys, metrics.api_key_request))] if keys is not None else []
     app = FastAPI(
         title="lungserve",
@@ -195,13 +204,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+    try:
+        from service.oip_grpc import GrpcDoor
+    except ImportError as exc:
+        raise GrpcUnavailable(
+            f"LUNGSERVE_GRPC_PORT needs the 'grpc' extra ({exc.name} is missing): pip install 'lungserve[grpc]'"
+        ) from None
+    return GrpcDoor(state, metrics, keys)
+
+
+class GrpcUnavailable(Exception):
+    """LUNGSERVE_GRPC_PORT is set but grpcio / tritonclient[grpc] are not installed."""
+
+
 class Shutdown:
     """`service.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
 
-    def __init__(self, state: ServiceState, metrics: Metrics, reloader: ModelReloader) -> None:
+    def __init__(
+        self, state: ServiceState, metrics: Metrics, reloader: ModelReloader, grpc_door: GrpcDoor | None = None
+    ) -> None:
         self._state = state
         self._metrics = metrics
         self._reloader = reloader
+        self._grpc_door = grpc_door
         self._drained: asyncio.Task[None] | None = None
 
     def draining(self) -> None:
@@ -219,6 +245,8 @@ class Shutdown:
         self._state.phase = Phase.STOPPING
         settings = self._state.settings
         log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+        if self._grpc_door is not None:
+            await self._grpc_door.stop(settings.drain_timeout_s)  # its calls in flight finish first
         await self._reloader.stop()  # no swap from now on; displaced models finish draining
         runtime = self._state.runtime
         if runtime is not None:

@@ -269,12 +269,17 @@ async def run(paths: Sequence[Path], out: Path, options: RunOptions) -> Summary:
         await record(early)
         slots = asyncio.Semaphore(max(1, options.concurrency))
 
-        async def one(group: list[Path]) -> None:
+        async def one(chunk: list[Path]) -> None:
             async with slots:
-                await record(await _classify(client, group))
+                await record(await _classify(client, chunk))
 
         try:
-            await asyncio.gather(*(one(g) for g in groups))
+            # A TaskGroup: a fatal answer (401, wrong URL) stops the other requests too.
+            async with asyncio.TaskGroup() as tasks:
+                for group in groups:
+                    tasks.create_task(one(group))
+        except* UsageError as fatal:
+            raise fatal.exceptions[0] from None
         finally:
             bar.close()
             summary.retries = client.retries

@@ -31,7 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.access import ApiKeysFileError
-    from service.app import create_app
+    from service.app import GrpcUnavailable, create_app
     from service.logs import configure_logging
     from service.server import build_server
     from service.settings import Settings, describe_error
@@ -43,8 +43,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
         return 2
     try:
-        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE
-    except ApiKeysFileError as exc:
+        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
+    except (ApiKeysFileError, GrpcUnavailable) as exc:
         print(f"lungserve serve: {exc}", file=sys.stderr)
         return 2
     # JSON lines on stderr (LUNGSERVE_LOG_JSON, LUNGSERVE_LOG_LEVEL) for ours and uvicorn's

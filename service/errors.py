@@ -174,3 +174,24 @@ def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool 
         headers["WWW-Authenticate"] = "Bearer"
     body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
     return HttpError(status=exc.status, body=body, headers=headers)
+
+
+# gRPC status code names (grpc.StatusCode members) by HTTP status: the OIP gRPC door's side
+# of the same mapping. Names, not grpc objects: this module imports no framework.
+_GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_status(exc: LungserveError) -> str:
+    """The gRPC status of a domain error (its message goes in the status details)."""
+    return _GRPC_STATUS.get(exc.status, "INTERNAL")

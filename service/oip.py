@@ -11,16 +11,25 @@ mapping (`service.errors.http_error`) renders them so for paths under `/v2`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 
 import service
-from service.errors import LungserveError, NotFound, RequestTooLarge, UnsupportedMediaType
+from service.admission import BodyTicket
+from service.decoder import PixelAllowance
+from service.errors import (
+    BadRequest,
+    LungserveError,
+    ModelNotReady,
+    NotFound,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from service.http_guards import deadline, unless_disconnected
 from service.oip_codec import (
     BYTES_INPUT,
@@ -32,14 +41,13 @@ from service.oip_codec import (
     parse_infer_request,
 )
 from service.runtime import Classified, Image, ImageReservation, ModelRuntime, ServiceState
-from service.uploads import declared_length
+from service.uploads import RouteLimits, declared_length, paced
 
 PREFIX: Final = "/v2"
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
-# The refer decision (service.decision), where the core makes one: every prediction carries it,
-# so OIP answers do too, as two more BYTES outputs ("reason" is "" when there is none).
-DECISIONS: Final = "decision" in {f.name for f in dataclasses.fields(Classified)}
-OUTPUTS: Final = ("probabilities", "label", "decision", "reason") if DECISIONS else ("probabilities", "label")
+# The refer decision (service.decision): every prediction carries it, so OIP answers do too, as
+# two more BYTES outputs ("reason" is "" when there is none).
+OUTPUTS: Final = ("probabilities", "label", "decision", "reason")
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
 
@@ -125,7 +133,7 @@ def _service(request: Request) -> ServiceState:
     return state
 
 
-def _model(service: ServiceState, name: str, version: str | None = None) -> ModelRuntime:
+def model_runtime(service: ServiceState, name: str, version: str | None = None) -> ModelRuntime:
     runtime = service.current()
     model = runtime.identity
     if name != model.name:
@@ -135,7 +143,7 @@ def _model(service: ServiceState, name: str, version: str | None = None) -> Mode
     return runtime
 
 
-def _metadata(runtime: ModelRuntime) -> ModelMetadata:
+def metadata_of(runtime: ModelRuntime) -> ModelMetadata:
     engine = runtime.engine
     size = engine.input_size
     return ModelMetadata(
@@ -156,20 +164,30 @@ def _metadata(runtime: ModelRuntime) -> ModelMetadata:
 async def _read_body(stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in stream:
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestTooLarge(f"the request body is over {max_bytes} bytes (LUNGSERVE_MAX_REQUEST_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestTooLarge(f"the request body is over {max_bytes} bytes (LUNGSERVE_MAX_REQUEST_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:  # as service.uploads answers it (nobody reads the answer)
+        raise BadRequest("the client disconnected before the request body was complete") from exc
     return b"".join(chunks)
 
 
 async def _classify(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, image: bytes | Image
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    image: bytes | Image,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
     """One row: decoded (unless already pixels), then batched like any /predict image."""
     try:
-        pixels = await service.decode(image, runtime.engine.input_size) if isinstance(image, bytes) else image
+        if isinstance(image, bytes):
+            pixels = await service.decode(image, runtime.engine.input_size, allowance)
+        else:
+            pixels = image
         result, info = await runtime.classify(reservation, pixels)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)
@@ -183,18 +201,15 @@ def _rows(pixels: Image | None) -> list[Image]:
     return list(pixels)
 
 
-def _outputs(results: Sequence[Classified]) -> list[OutputTensor]:
+def outputs_of(results: Sequence[Classified]) -> list[OutputTensor]:
     n = len(results)
     probabilities = np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
-    tensors = [
+    return [
         OutputTensor("probabilities", "FP32", list(probabilities.shape), probabilities),
         OutputTensor("label", "BYTES", [n], [r.label.encode() for r in results]),
+        OutputTensor("decision", "BYTES", [n], [r.decision.decision.encode() for r in results]),
+        OutputTensor("reason", "BYTES", [n], [(r.decision.reason or "").encode() for r in results]),
     ]
-    if DECISIONS:
-        decided = [getattr(r, "decision") for r in results]  # noqa: B009 (absent before service.decision)
-        tensors.append(OutputTensor("decision", "BYTES", [n], [str(d.decision).encode() for d in decided]))
-        tensors.append(OutputTensor("reason", "BYTES", [n], [str(d.reason or "").encode() for d in decided]))
-    return tensors
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -218,17 +233,17 @@ async def server_ready(request: Request) -> Readiness:
 
 @router.get("/models/{name}", summary="Model metadata", responses=_errors(404, 503))
 async def model_metadata(request: Request, name: str) -> ModelMetadata:
-    return _metadata(_model(_service(request), name))
+    return metadata_of(model_runtime(_service(request), name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)", responses=_errors(404, 503))
 async def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
-    return _metadata(_model(_service(request), name, version))
+    return metadata_of(model_runtime(_service(request), name, version))
 
 
 @router.get("/models/{name}/ready", summary="The model is ready", responses=_errors(404, 503))
 async def model_ready(request: Request, name: str) -> ModelReadiness:
-    _model(_service(request), name)
+    model_runtime(_service(request), name)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -236,7 +251,7 @@ async def model_ready(request: Request, name: str) -> ModelReadiness:
     "/models/{name}/versions/{version}/ready", summary="The model version is ready", responses=_errors(404, 503)
 )
 async def model_version_ready(request: Request, name: str, version: str) -> ModelReadiness:
-    _model(_service(request), name, version)
+    model_runtime(_service(request), name, version)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -304,31 +319,76 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
     settings = service.settings
-    try:
-        runtime = _model(service, name, version)
+    limits: RouteLimits = request.app.state.upload_limits
+    ticket: BodyTicket | None = None
+
+    async def read(runtime: ModelRuntime) -> InferRequest:
+        # The upload routes' admission (service.admission), in the same order: what costs nothing,
+        # a full queue (503 before the body), the upload gate, then the body at the minimum rate.
+        nonlocal ticket
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise UnsupportedMediaType("compressed request bodies are not supported; send them uncompressed")
         declared = declared_length(request.headers.get("content-length"))
         if declared is not None and declared > settings.max_request_bytes:
             raise RequestTooLarge(f"the request body is over {settings.max_request_bytes} bytes")
-        async with deadline(settings.request_deadline_s):
-            body = await _read_body(request.stream(), settings.max_request_bytes)
-            # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
-            parsed: InferRequest = await asyncio.to_thread(
-                parse_infer_request,
-                body,
-                request.headers.get(HEADER_LENGTH),
-                pixels_input=runtime.engine.manifest.input_name,
-                size=runtime.engine.input_size,
-                max_images=settings.max_files_per_request,
-            )
+        if runtime.batcher.available == 0:
+            runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+        if service.upload_gate is None:
+            raise ModelNotReady("the server is not started")
+        ticket = service.upload_gate.admit(declared if declared is not None else settings.max_request_bytes)
+        body = await _read_body(paced(request.stream(), limits.predict_many), settings.max_request_bytes)
+        ticket.body_read()
+        # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
+        return await asyncio.to_thread(
+            parse_infer_request,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            pixels_input=runtime.engine.manifest.input_name,
+            size=runtime.engine.input_size,
+            max_images=settings.max_files_per_request,
+        )
+
+    def watch(work: Awaitable[Outcomes]) -> Awaitable[Outcomes]:
+        return unless_disconnected(work, request.receive)
+
+    try:
+        parsed, results = await run_inference(service, name, version, read, watch)
+    finally:
+        if ticket is not None:
+            ticket.close()  # the body's bytes are free once its images are decoded and answered
+    manifest = results[0].manifest
+    body, header_length = encode_infer_response(parsed, manifest.name, manifest.version, outputs_of(results))
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+
+
+Outcomes = list[Classified | LungserveError]
+
+
+async def run_inference(
+    service: ServiceState,
+    name: str,
+    version: str | None,
+    read: Callable[[ModelRuntime], Awaitable[InferRequest]],
+    watch: Callable[[Awaitable[Outcomes]], Awaitable[Outcomes]],
+) -> tuple[InferRequest, list[Classified]]:
+    """One OIP inference, for the REST and the gRPC door alike: `read` gets the request's tensors
+    (within the deadline, before admission: a slow body never holds a slot), `watch` cancels the
+    wait if the client leaves. Admission, decode, batching and metrics are /predict-many's."""
+    try:
+        runtime = model_runtime(service, name, version)
+        async with deadline(service.settings.request_deadline_s):
+            parsed = await read(runtime)
             check_outputs(parsed, OUTPUTS)
             # As /predict-many: admit into the runtime serving now (a reload may have swapped it).
-            runtime = _model(service, name, version)
+            runtime = model_runtime(service, name, version)
             rows: Sequence[bytes | Image] = parsed.encoded if parsed.encoded is not None else _rows(parsed.pixels)
+            # One decode budget per request, as /predict-many (LUNGSERVE_MAX_REQUEST_PIXELS).
+            allowance = PixelAllowance(service.settings.max_request_pixels)
             with runtime.reserve(len(rows)) as reservation:
-                outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify(service, runtime, reservation, r) for r in rows)), request.receive
+                outcomes = await watch(
+                    asyncio.gather(*(_classify(service, runtime, reservation, r, allowance) for r in rows))
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)
@@ -340,8 +400,4 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             outcome.message = f"input {parsed.input_name!r} row {row}: {outcome.message}"
             raise outcome
         results.append(outcome)
-    engine = results[0].manifest
-    body, header_length = encode_infer_response(parsed, engine.name, engine.version, _outputs(results))
-    if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
+    return parsed, results

@@ -285,7 +285,7 @@ def encode_infer_response(
             continue
         tensor: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         if request.wants_binary(out.name):
-            blob = _binary(out)
+            blob = tensor_bytes(out)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -298,7 +298,8 @@ def encode_infer_response(
     return head + b"".join(blobs), len(head)
 
 
-def _binary(out: OutputTensor) -> bytes:
+def tensor_bytes(out: OutputTensor) -> bytes:
+    """A tensor's binary form (BYTES: length-prefixed elements; numbers: raw little-endian)."""
     if out.datatype == "BYTES":
         assert isinstance(out.values, list)
         return serialize_bytes(out.values)

@@ -124,14 +124,18 @@ class ModelRuntime:
         self.retry_after_s = settings.retry_after_s
         # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
         self.thresholds = Thresholds.resolve(
-            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+            engine.manifest,
+            refer_below=settings.refer_below,
+            ood_above=settings.ood_above,
+            tissue_check=settings.tissue_check,
         )
         log.info(
-            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            "refer decision for %s %s: refer_below=%s ood_above=%s tissue_check=%s",
             engine.manifest.name,
             engine.manifest.version,
             self.thresholds.refer_below,
             self.thresholds.ood_above,
+            self.thresholds.tissue_check,
         )
         self.batcher: ImageBatcher = Batcher(
             self._infer,

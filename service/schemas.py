@@ -167,7 +167,7 @@ class DecisionInfo(BaseModel):
     refer_below: float | None = Field(description="refer as low_confidence below this confidence; null: off")
     ood_above: float | None = Field(description="refer as out_of_distribution above this ood_score; null: off")
     ood_score: bool = Field(description="whether this model computes an ood_score")
-    tissue_check: bool = Field(description="the image-level H&E tissue check (always on)")
+    tissue_check: bool = Field(description="whether the image-level H&E tissue check refers images (service.tissue)")
 
 
 class ModelInfoResponse(BaseModel):

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # --- HTTP server (used by `lungserve serve`; the app itself does not bind) ---
     host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC here (grpc extra)"
+    )
 
     # --- batching ---
     # 4 on CPU (docs/benchmarks/PROFILE.md): ORT's CPU time per image grows with the batch, and two
@@ -147,6 +150,10 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
+    )
+    tissue_check: bool = Field(
+        default=True,
+        description="refer images that are not plausible H&E tiles (service.tissue); false: only the model decides",
     )
 
     # --- admin ---

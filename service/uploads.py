@@ -151,7 +151,7 @@ def _first_boundary(buffer: bytearray, boundary: bytes) -> int | None:
     return None
 
 
-async def _paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+async def paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
     """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408)."""
     rate = limits.min_rate_bytes_s
     if rate is None:
@@ -282,7 +282,7 @@ async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], l
         parser = MultipartParser(boundary, callbacks)
         received = 0
         preamble: bytearray | None = bytearray()  # None once the first boundary was found
-        async for chunk in _paced(stream, limits):
+        async for chunk in paced(stream, limits):
             received += len(chunk)
             if received > limits.max_body_bytes:
                 raise _body_too_large(limits, None)

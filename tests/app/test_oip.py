@@ -3,8 +3,10 @@ the protocol's shape. Requests are built by tritonclient's own encoder."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,9 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from service.manifest import Manifest
-from service.oip import DECISIONS, OUTPUTS
+from service.oip import OUTPUTS
 from service.preprocess import load_image
-from tests.app.conftest import Served, noise_jpeg
+from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 
 pytestmark = pytest.mark.anyio
@@ -69,12 +71,12 @@ async def test_infer_equals_predict(served: Served, real_images: list[Path], bin
         single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
         np.testing.assert_allclose(row, [single["probabilities"][c] for c in MANIFEST.classes], rtol=0, atol=1e-5)
         assert label == single["label"]
-    if DECISIONS:  # the refer decision travels as two BYTES outputs, equal to /predict's
-        decided = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("decision").tolist()]
-        reasons = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("reason").tolist()]
-        for data, decision, reason in zip(datas, decided, reasons, strict=True):
-            single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
-            assert (decision, reason or None) == (single["decision"], single["reason"])
+    # The refer decision travels as two BYTES outputs, equal to /predict's.
+    decided = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("decision").tolist()]
+    reasons = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("reason").tolist()]
+    for data, decision, reason in zip(datas, decided, reasons, strict=True):
+        single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
+        assert (decision, reason or None) == (single["decision"], single["reason"])
     assert result.get_response()["model_version"] == MANIFEST.version
 
 
@@ -103,7 +105,7 @@ async def test_metadata_health_and_readiness(served: Served) -> None:
     meta = (await client.get(f"/v2/models/{MANIFEST.name}")).json()
     assert meta["versions"] == [MANIFEST.version]
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"image_bytes": "BYTES", "image": "UINT8"}
-    decisions = {"decision": [-1], "reason": [-1]} if DECISIONS else {}
+    decisions = {"decision": [-1], "reason": [-1]}
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
         "probabilities": [-1, len(MANIFEST.classes)],
         "label": [-1],
@@ -128,6 +130,14 @@ async def test_errors_take_the_protocol_shape(served: Served) -> None:
     wrong_output = b'{"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [""]}],'
     wrong_output += b' "outputs": [{"name": "logits"}]}'
     oip_error(await client.post(INFER, content=wrong_output), 400, "unknown output")
+    big = b"x" * (served.state.settings.max_request_bytes + 1)
+    oip_error(await client.post(INFER, content=big), 413, "over")  # declared Content-Length
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(4):
+            yield big[: len(big) // 3]
+
+    oip_error(await client.post(INFER, content=streamed()), 413, "LUNGSERVE_MAX_REQUEST_BYTES")
     # Elsewhere, errors keep lungserve's shape.
     assert (await client.get("/nowhere")).json()["error"]["code"] == "not_found"
 
@@ -155,3 +165,33 @@ async def test_infer_counts_images_like_predict(served: Served) -> None:
     await infer(served.client, [noise_jpeg(), png.getvalue()], binary=False)
     metrics = (await served.client.get("/metrics")).text
     assert 'lungserve_images_total{outcome="ok"} 2.0' in metrics
+
+
+async def test_infer_bodies_pass_the_upload_gate_and_pixel_budget() -> None:
+    settings = make_settings(
+        max_uploads_in_flight=1, min_upload_rate_bytes_s=0, max_image_pixels=224 * 224, max_request_pixels=2 * 224 * 224
+    )
+    async with serve(settings) as s:
+        gate = s.state.upload_gate
+        assert gate is not None
+        never = asyncio.Event()
+        stalled = asyncio.ensure_future(post_stalled_upload(s.client, never))
+        try:
+            for _ in range(500):  # until the stalled upload holds the one upload slot (observed, not a delay)
+                if gate.uploads == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert gate.uploads == 1
+            body, headers = body_of([noise_jpeg()], binary=True)
+            oip_error(await s.client.post(INFER, content=body, headers=headers), 503, "LUNGSERVE_MAX_UPLOADS_IN_FLIGHT")
+        finally:
+            never.set()
+            await stalled
+        assert (gate.uploads, gate.body_bytes) == (0, 0)
+
+        # Three 224 px images decode to more pixels than the request's budget of two.
+        body, headers = body_of([noise_jpeg()] * 3, binary=True)
+        oip_error(await s.client.post(INFER, content=body, headers=headers), 413, "LUNGSERVE_MAX_REQUEST_PIXELS")
+        result = await infer(s.client, [noise_jpeg()] * 2, binary=True)
+        assert result.as_numpy("probabilities").shape == (2, len(MANIFEST.classes))
+        assert (gate.uploads, gate.body_bytes) == (0, 0)

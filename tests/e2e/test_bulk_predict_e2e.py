@@ -1,6 +1,6 @@
 """`lungserve predict` against a real server: a folder of real images, an overload that forces
-retries (a stalled upload holds a queue slot, so every chunk is refused with 503 until it is
-released), answers equal to /predict's, a failed file's exit status, and a resumed run."""
+retries (a stalled upload holds the one upload slot, so every chunk is refused with 503 until it
+is released), answers equal to /predict's, a failed file's exit status, and a resumed run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def predict_command(server: Server, folder: Path, out: Path) -> list[str]:
 
 
 def stall_a_slot(server: Server) -> socket.socket:
-    """A /predict whose upload starts and never ends: it holds one queue slot until closed."""
+    """A /predict whose upload starts and never ends: it holds an upload slot until closed."""
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     head = (
@@ -47,7 +47,7 @@ def stall_a_slot(server: Server) -> socket.socket:
     return sock
 
 
-async def rejected_for_queue(client: httpx.AsyncClient) -> float:
+async def overload_refusals(client: httpx.AsyncClient) -> float:
     text = (await client.get("/metrics")).text
     for line in text.splitlines():
         if line.startswith('lungserve_rejected_total{reason="queue_full"}'):
@@ -96,29 +96,32 @@ async def test_folder_with_overload_retries_then_resumes(tmp_path: Path, lc25000
 
     settings = {
         "LUNGSERVE_PROVIDER": "cpu",
-        "LUNGSERVE_QUEUE_LIMIT": "4",
-        "LUNGSERVE_MAX_FILES_PER_REQUEST": "4",
+        "LUNGSERVE_MAX_FILES_PER_REQUEST": "4",  # chunks of 4
         "LUNGSERVE_MAX_BATCH_SIZE": "4",
+        # One body in flight at a time, and no minimum rate: the stalled upload holds the slot
+        # until the test lets it go, and every chunk meanwhile gets 503 + Retry-After.
+        "LUNGSERVE_MAX_UPLOADS_IN_FLIGHT": "1",
+        "LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S": "0",
     }
     with start_server(tmp_path, **settings) as server:
         await wait_ready(server)
         async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
             stall = stall_a_slot(server)
             try:
-                # One slot held: a chunk of 4 can no longer be admitted (the event, not a sleep).
+                # The upload slot is held: a chunk is refused (the event, not a sleep).
                 probe = [("files", (f"{i}.jpeg", b"x", "image/jpeg")) for i in range(4)]
 
                 async def overloaded() -> bool:
                     return (await client.post("/predict-many", files=probe)).status_code == 503
 
                 await wait_for("the stalled upload to hold its slot", overloaded)
-                before = await rejected_for_queue(client)
+                before = await overload_refusals(client)
                 run = await asyncio.create_subprocess_exec(
                     *predict_command(server, folder, out), stdout=PIPE, stderr=PIPE
                 )
 
                 async def cli_was_refused() -> bool:
-                    return await rejected_for_queue(client) >= before + 2 or run.returncode is not None
+                    return await overload_refusals(client) >= before + 2 or run.returncode is not None
 
                 await wait_for("the client's chunks to be refused", cli_was_refused)
                 assert run.returncode is None, "the client must keep retrying while the server sheds load"
