@@ -908,6 +908,7 @@ def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
         "Every figure below comes from one run on one machine.",
         "",
         f"- **Command:** `{run.command}`",
+        *([f"- **Note:** {cfg['note']}"] if cfg.get("note") else []),
         f"- **Date (UTC):** {run.started} to {run.finished}",
         f"- **Machine:** {m['nproc']} CPU cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
         f"CPU busy before the run: {cfg['busy_before_percent']:.0f}%",
@@ -1123,6 +1124,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="LUNGSERVE_X=VALUE",
         help="extra setting for the lungserve systems (repeatable; for exploring, not the shipped figures)",
     )
+    p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     p.add_argument("--busy-threshold", type=float, default=15.0, help="CPU %% above which the machine is busy")
     args = p.parse_args(argv)
     if args.quick:
@@ -1193,6 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "busy_before_percent": busy,
+            "note": args.note,
             "lungserve_settings": lungserve_settings,
             "lungserve_env": lungserve_env,
             "input_size": json.loads((BUNDLED_MODEL / "model.json").read_text())["input_size"],
