@@ -21,7 +21,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray
@@ -99,6 +99,17 @@ class Decoder:
             return self._decode(data, size)
         finally:
             self._trim()
+
+    @property
+    def pool(self) -> Executor:
+        """The shared decode threads: decode-side work of other doors (a large image's tiles,
+        Grad-CAM pictures) runs here too, so it shares the same bound on CPU."""
+        return self._pool
+
+    @property
+    def large_lane(self) -> Executor:
+        """The one-thread lane for decodes of large images (a plain image given to /analyze)."""
+        return self._large
 
     def shutdown(self) -> None:
         for pool in (self._pool, self._large):

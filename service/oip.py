@@ -182,18 +182,9 @@ async def _classify(
     image: bytes | Image,
     allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One row: decoded (unless already pixels), then batched like any /predict image."""
-    try:
-        if isinstance(image, bytes):
-            pixels = await service.decode(image, runtime.engine.input_size, allowance)
-        else:
-            pixels = image
-        result, info = await runtime.classify(reservation, pixels)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)
-        return exc  # returned, so one bad row never leaves the others unawaited
-    service.observer.on_classified(result, info)
-    return result
+    """One row: decoded (unless already pixels), then batched like any /predict image (the one
+    per-image path, `ServiceState.classify_image`, which counts every admitted image once)."""
+    return await service.classify_image(runtime, reservation, image, allowance)
 
 
 def _rows(pixels: Image | None) -> list[Image]:

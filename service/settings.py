@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
     )
+    max_slide_bytes: int = Field(
+        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
+    )
 
     # --- hostile clients (docs/reliability.md) ---
     max_request_pixels: int = Field(
