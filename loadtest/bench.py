@@ -710,7 +710,7 @@ def bench_served(
             "ready_seconds": ready_s,
             "idle_rss_mib": idle_rss,
             "port": spec.port,
-            "command": " ".join(spec.cmd),
+            "command": _portable(spec.cmd),
         }
         print(f"bench: {system}: ready in {ready_s:.1f} s, {idle_rss:.0f} MiB", flush=True)
         for image_set, files in sets.items():
@@ -730,6 +730,13 @@ def bench_served(
             print(
                 f"bench: lungserve /predict-many of {len(many)}: {run.many['served_median_s'] * 1e3:.0f} ms", flush=True
             )
+
+
+def _portable(cmd: Sequence[str]) -> str:
+    """A server command as the report shows it: no path of the machine it ran on."""
+    return " ".join(
+        "python" if part == sys.executable else part.replace(f"{ROOT}/", "").replace(str(ROOT), ".") for part in cmd
+    )
 
 
 def time_predict_many(url: str, files: Sequence[Path], repeats: int = 5) -> float:
