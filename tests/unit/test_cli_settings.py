@@ -27,7 +27,7 @@ def test_serve_help_lists_every_setting_by_its_variable(capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     for field in Settings.model_fields:
         assert env_name(field) in text
-    assert "LUNGSERVE_MAX_BATCH_SIZE (default: 16)" in text
+    assert "LUNGSERVE_MAX_BATCH_SIZE (default: 4)" in text
     assert "LUNGSERVE_API_KEYS_FILE (default: unset)" in text
 
 
