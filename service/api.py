@@ -85,10 +85,11 @@ def _allowance(service: ServiceState) -> PixelAllowance:
     "/predict",
     summary="Classify one image",
     description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
+    response_model=PredictionResponse,
     responses=ERROR_RESPONSES,
     openapi_extra=multipart_body("file", many=False),
 )
-async def predict(request: Request) -> PredictionResponse:
+async def predict(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict
@@ -109,7 +110,8 @@ async def predict(request: Request) -> PredictionResponse:
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    return prediction(outcome)
+    # Serialised once, by pydantic's compiled encoder, rather than validated again by FastAPI.
+    return Response(prediction(outcome).model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -119,10 +121,11 @@ async def predict(request: Request) -> PredictionResponse:
         "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
         "classified gets its own `error` and does not fail the others."
     ),
+    response_model=PredictManyResponse,
     responses=ERROR_RESPONSES,
     openapi_extra=multipart_body("files", many=True),
 )
-async def predict_many(request: Request) -> PredictManyResponse:
+async def predict_many(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict_many
@@ -147,7 +150,7 @@ async def predict_many(request: Request) -> PredictManyResponse:
         else file_prediction(upload.filename, outcome)
         for upload, outcome in zip(uploads, outcomes, strict=True)
     ]
-    return PredictManyResponse(results=results)
+    return Response(PredictManyResponse(results=results).model_dump_json(), media_type="application/json")
 
 
 @router.get(

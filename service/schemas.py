@@ -263,7 +263,7 @@ class ModelInfoResponse(BaseModel):
                     },
                     "provider": "CPUExecutionProvider",
                     "batching": {
-                        "max_batch_size": 16,
+                        "max_batch_size": 4,
                         "max_batch_delay_s": 0.005,
                         "queue_limit": 256,
                         "max_in_flight_batches": 1,

@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     )
 
     # --- batching ---
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="images per ORT run")
+    # 4 on CPU (docs/benchmarks/PROFILE.md): ORT's CPU time per image grows with the batch, and two
+    # runs of 16 in flight grow its arena by ~70 MiB. With CUDA, raise it (16-64).
+    max_batch_size: int = Field(
+        default=4, ge=1, le=1024, description="images per ORT run (4 suits CPU; raise to 16-64 with CUDA)"
+    )
     max_batch_delay_s: float = Field(
         default=0.005, ge=0.0, le=1.0, description="longest wait for a batch to fill after its first image"
     )

@@ -12,7 +12,8 @@ from PIL import Image
 
 from service.overlay import LEGEND_HEIGHT
 from service.settings import Settings
-from tests.app.conftest import encode, make_settings, serve
+from tests.app.conftest import make_settings, serve
+from tests.images import encode
 from tests.onnx_models import write_model_dir
 from tests.unit.test_slide import write_pyramid
 

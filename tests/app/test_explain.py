@@ -14,7 +14,8 @@ from PIL import Image
 
 from service.gradcam import class_activation, normalised
 from service.preprocess import load_image
-from tests.app.conftest import Served, encode, make_settings, noise_jpeg, serve
+from tests.app.conftest import Served, make_settings, serve
+from tests.images import encode, noise_jpeg
 from tests.onnx_models import cam_model_bytes, write_cam_model_dir, write_model_dir
 
 pytestmark = pytest.mark.anyio

@@ -19,8 +19,9 @@ from PIL import Image
 from service.manifest import Manifest
 from service.oip import OUTPUTS
 from service.preprocess import load_image
-from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
+from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
+from tests.images import noise_jpeg
 
 pytestmark = pytest.mark.anyio
 

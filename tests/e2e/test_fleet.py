@@ -24,7 +24,6 @@ SIGTERM phase fails: 2-3 requests lost per run when this was tried.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -39,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from tests.e2e.fleet import (
     HAPROXY_CFG,
     RULE_FILES,
     PrometheusAPI,
-    free_port,
     haproxy_servers,
     poll,
     predictions_served,
@@ -56,6 +52,8 @@ from tests.e2e.fleet import (
     render_haproxy_cfg,
     render_rules,
 )
+from tests.e2e.server import free_port
+from tests.images import noise_png
 from tests.s3fixtures import LoggedProcess, MotoServer
 from tests.system_tools import require_tool
 
@@ -198,13 +196,6 @@ def lungserve_upload(folder: Path, uri: str, endpoint: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
 def processes() -> Iterator[list[LoggedProcess]]:
     """Every process the test starts; all stopped (SIGTERM, then SIGKILL) at the end."""
@@ -333,7 +324,7 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
          what="LungserveInstanceDown to clear")  # fmt: skip
 
     # === 2. Roll a new model out, instance by instance, under load ===
-    tracker = VersionTracker(lb, png(7))
+    tracker = VersionTracker(lb, noise_png(96, 7))
     locust = LocustRun(lb, tmp_path / "locust-rollout")
     reloads: dict[str, tuple[float, float]] = {}
     try:

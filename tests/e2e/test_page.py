@@ -32,7 +32,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from service.explanation import cam_output_names
 from service.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL
-from tests.e2e.test_serve import start_server, wait_ready
+from tests.e2e.chromium import OFFLINE_FLAGS
+from tests.e2e.server import start_server, wait_ready
 from tests.onnx_models import write_cam_model_dir
 from tests.system_tools import require_tool
 
@@ -40,16 +41,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 RENDER_TIMEOUT_S = 90.0
 CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
+    *OFFLINE_FLAGS,
     "--disable-quic",
     "--no-first-run",
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    # Every host but loopback is unresolvable: the page must work offline.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--window-size=1280,1800",
 )
 

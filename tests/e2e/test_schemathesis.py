@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis.strategies import SearchStrategy
 
-from tests.e2e.test_serve import start_server, wait_ready
+from tests.e2e.server import start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e]
 
