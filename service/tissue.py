@@ -14,6 +14,9 @@ colours. It looks at the uint8 (S, S, 3) array the model sees, with numpy only:
                region H&E occupies (a mixture of dyes can average to H&E-like ratios; its
                pixels cannot);
 * texture      mean neighbour difference of the grey image: flat colours and gradients;
+* likelihood   mean log-density of the tissue pixels' optical-density chromaticities under the
+               train-group H&E density (a finer, graded palette): channel swaps and hue shifts
+               that keep the mean colour plausible still put pixels where H&E rarely is;
 * roughness    neighbour difference over the difference three pixels apart: ~1 for pixel
                noise, well below 1 for anything with structure (tissue, photographs).
 
@@ -68,6 +71,51 @@ _PALETTE_ROWS: Final = (
 )
 _PALETTE: Final = np.array([[c == "#" for c in row] for row in _PALETTE_ROWS], dtype=bool).ravel()
 
+# How likely each optical-density chromaticity is in H&E, finer than the palette: row i holds
+# OD_R / OD_total in [i/32, (i+1)/32), column j OD_B / OD_total in [j/32, (j+1)/32); each character
+# (base 36) is -2 log10 of the share of train-group tissue pixels in that bin (every tile weighted
+# equally), floored at 1e-7 ("e"). A tile's `likelihood` is the mean over its tissue pixels: swapped
+# channels and rotated hues move the haematoxylin and eosin pixels to chromaticities H&E rarely
+# makes, even where the tile's mean colour stays H&E-like.
+_LIKELIHOOD_BINS: Final = 32
+_LIKELIHOOD_ROWS: Final = (
+    "eeeecb98878899aaacceeeeeeeeeeeee",
+    "eedba977666788999abbeeeeeeeeeeee",
+    "deba9866566777888888ceeeeeeeeeee",
+    "cba98765555667777669eeeeeeeeeeee",
+    "ba98765555556667668beeeeeeeeeeee",
+    "988775444556666678beeeeeeeeeeeee",
+    "7777654445567768abdeeeeeeeeeeeee",
+    "665665444566679aceeeeeeeeeeeeeee",
+    "55455444456579bceeeeeeeeeeeeeeee",
+    "5434544455558beeeeeeeeeeeeeeeeee",
+    "4333455556569deeeeeeeeeeeeeeeeee",
+    "432245666558beeeeeeeeeeeeeeeeeee",
+    "43234678767aeeeeeeeeeeeeeeeeeeee",
+    "4334679989adeeeeeeeeeeeeeeeeeeee",
+    "444579abbbdeeeeeeeeeeeeeeeeeeeee",
+    "55568accceeeeeeeeeeeeeeeeeeeeeee",
+    "65678addeeeeeeeeeeeeeeeeeeeeeeee",
+    "7779acdeeeeeeeeeeeeeeeeeeeeeeeee",
+    "89abcddeeeeeeeeeeeeeeeeeeeeeeeee",
+    "bbcdeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "deeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+)
+_LOG_DENSITY: Final = np.array(
+    [-int(c, 36) / 2.0 for row in _LIKELIHOOD_ROWS for c in row], dtype=np.float32
+)  # log10 share per bin
+
 
 class Failure(enum.StrEnum):
     """Why an image is not a plausible H&E tile (one of each limit below)."""
@@ -81,6 +129,7 @@ class Failure(enum.StrEnum):
     FLAT = "flat"  # no texture: a solid colour or a gradient
     NOISE = "noise"  # texture without structure: pixel noise
     DARK = "dark"  # darker than any stained tile: black, over-exposed dyes
+    UNLIKELY_COLOURS = "unlikely_colours"  # tissue colours H&E rarely makes: swapped channels, hue shifts
 
 
 @dataclass(frozen=True)
@@ -94,6 +143,7 @@ class TissueLimits:
     min_texture: float
     max_roughness: float
     max_mean_density: float
+    min_likelihood: float
 
 
 # Fitted on LC25000 train-group tiles (see the module docstring and docs/model/ood.md).
@@ -107,6 +157,7 @@ LIMITS: Final = TissueLimits(
     min_texture=4.5,
     max_roughness=0.75,
     max_mean_density=1.18,
+    min_likelihood=-3.01,
 )
 
 
@@ -122,6 +173,7 @@ class TissueMeasures:
     texture: float
     roughness: float
     mean_density: float
+    likelihood: float
 
 
 @dataclass(frozen=True)
@@ -159,6 +211,10 @@ def measure_batch(images: NDArray[np.uint8]) -> list[TissueMeasures]:
     row = np.minimum((od[..., 0] * scale).astype(np.intp), _PALETTE_BINS - 1)
     col = np.minimum((od[..., 2] * scale).astype(np.intp), _PALETTE_BINS - 1)
     off_palette = (tissue & ~_PALETTE[row * _PALETTE_BINS + col]).sum(axis=(1, 2))
+    fine = scale * np.float32(_LIKELIHOOD_BINS / _PALETTE_BINS)
+    row = np.minimum((od[..., 0] * fine).astype(np.intp), _LIKELIHOOD_BINS - 1)
+    col = np.minimum((od[..., 2] * fine).astype(np.intp), _LIKELIHOOD_BINS - 1)
+    log_density = np.where(tissue, _LOG_DENSITY[row * _LIKELIHOOD_BINS + col], 0.0).sum(axis=(1, 2))
 
     # Integer BT.601 luma (77, 150, 29) / 256: several times cheaper than a float matmul.
     wide = small.astype(np.uint16)  # 255 * 256 fits; uint8 arithmetic would wrap
@@ -182,6 +238,7 @@ def measure_batch(images: NDArray[np.uint8]) -> list[TissueMeasures]:
                 texture=float(d1[i]),
                 roughness=float(d1[i] / d3[i]) if d3[i] > 0 else 0.0,
                 mean_density=(r + g + b) / float(counts[i]) if enough else nan,
+                likelihood=float(log_density[i] / counts[i]) if enough else nan,
             )
         )
     return out
@@ -216,6 +273,8 @@ def judge(m: TissueMeasures, limits: TissueLimits = LIMITS) -> tuple[Failure, ..
         failures.append(Failure.NOISE)
     if m.mean_density > limits.max_mean_density:
         failures.append(Failure.DARK)
+    if m.likelihood < limits.min_likelihood:
+        failures.append(Failure.UNLIKELY_COLOURS)
     return tuple(failures)
 
 

@@ -36,7 +36,8 @@ OTHER_STAIN: Final = "other stain"
 NOISE: Final = "noise"
 TEXT: Final = "text or document"
 FLAT: Final = "solid colour or gradient"
-CATEGORIES: Final = (PHOTOGRAPH, BLANK, OTHER_STAIN, NOISE, TEXT, FLAT)
+MISCOLOURED: Final = "wrong colour handling"
+CATEGORIES: Final = (PHOTOGRAPH, BLANK, OTHER_STAIN, MISCOLOURED, NOISE, TEXT, FLAT)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,47 @@ def restained(tiles: Sequence[Array]) -> Iterator[OodImage]:
         yield OodImage(OTHER_STAIN, f"tile {i}: inverted colours", encode(255 - tile))
 
 
+# Hue rotations across the circle, away from 0 (a 20-degree shift is within the spread of real H&E).
+HUE_DEGREES: Final = (40, 60, 120, 150, 210, 240, 300, 320)
+_CHANNELS: Final = "RGB"
+
+
+def miscoloured(tiles: Sequence[Array]) -> Iterator[OodImage]:
+    """Real H&E tiles after a colour-handling mistake: channels permuted (an OpenCV BGR array saved
+    as RGB, a planar-order mix-up), the hue rotated, saturation inverted, CMYK or YCbCr bytes read
+    as RGB. Needs real tiles (uint8 RGB arrays)."""
+    from itertools import permutations
+
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    for i, tile in enumerate(tiles):
+        for order in permutations(range(3)):
+            if order != (0, 1, 2):
+                name = "".join(_CHANNELS[c] for c in order)
+                yield OodImage(
+                    MISCOLOURED, f"tile {i}: channels {name}", encode(np.ascontiguousarray(tile[..., order]))
+                )
+        # cv2.imwrite of an RGB array: the JPEG holds BGR.
+        yield OodImage(
+            MISCOLOURED, f"tile {i}: BGR saved as JPEG", encode(np.ascontiguousarray(tile[..., ::-1]), "JPEG")
+        )
+        hsv = rgb2hsv(tile)
+        for degrees in HUE_DEGREES:
+            rotated = hsv.copy()
+            rotated[..., 0] = (rotated[..., 0] + degrees / 360.0) % 1.0
+            out = (np.clip(hsv2rgb(rotated), 0, 1) * 255).astype(np.uint8)
+            yield OodImage(MISCOLOURED, f"tile {i}: hue shifted {degrees} degrees", encode(out))
+        flipped = hsv.copy()
+        flipped[..., 1] = 1.0 - flipped[..., 1]
+        out = (np.clip(hsv2rgb(flipped), 0, 1) * 255).astype(np.uint8)
+        yield OodImage(MISCOLOURED, f"tile {i}: saturation inverted", encode(out))
+        image = Image.fromarray(tile)
+        cmyk = np.ascontiguousarray(np.asarray(image.convert("CMYK"))[..., :3])
+        yield OodImage(MISCOLOURED, f"tile {i}: CMYK bytes read as RGB", encode(cmyk))
+        ycbcr = np.ascontiguousarray(np.asarray(image.convert("YCbCr")))
+        yield OodImage(MISCOLOURED, f"tile {i}: YCbCr bytes read as RGB", encode(ycbcr))
+
+
 def ihc_photographs() -> Iterator[OodImage]:
     """scikit-image's `ihc.png`: a real immunohistochemistry (DAB + haematoxylin) image, and crops."""
     data = _skimage_file("ihc.png")
@@ -363,6 +405,7 @@ def ood_images(real_tiles: Sequence[Array] = ()) -> list[OodImage]:
     """Every out-of-distribution image; `real_tiles` adds re-stained versions of those tiles."""
     images = [item for generate in GENERATORS for item in generate()]
     images.extend(restained(real_tiles))
+    images.extend(miscoloured(real_tiles))
     names = [i.id for i in images]
     assert len(names) == len(set(names)), "image names must be unique"
     return images

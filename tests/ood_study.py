@@ -20,6 +20,7 @@ import argparse
 import csv
 import math
 import platform
+import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -36,7 +37,7 @@ from service.engine import Engine
 from service.manifest import MANIFEST_NAME, Manifest
 from service.preprocess import load_image
 from service.tissue import LIMITS, TissueMeasures, check_batch, judge, measure_batch
-from tests.ood_images import CATEGORIES, OTHER_STAIN, OodImage, ood_images
+from tests.ood_images import CATEGORIES, MISCOLOURED, OTHER_STAIN, OodImage, ood_images
 
 BATCH = 32
 RESTAINED_PER_CLASS = 20
@@ -68,6 +69,28 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     return every - held, held, "validation_groups"
 
 
+SPLIT_SEED = 1337  # export/train.py's seed: how model v2 halved the v1 validation groups
+
+
+def select_groups_of(manifest: Manifest, tiles: Sequence[Tile]) -> set[str]:
+    """The select half of the held-out groups (limits may be checked on it; the test half is for
+    reporting only): `split.select_groups`, else the v1 `validation_groups` halved per class exactly
+    as the `model` branch's export/data.py split_three_way does (sorted, shuffled with seed 1337,
+    the first half of each class, rounded down)."""
+    extra: dict[str, Any] = manifest.model_extra or {}
+    split = extra.get("split")
+    if isinstance(split, dict) and split.get("select_groups"):
+        return set(split["select_groups"])
+    rng = random.Random(SPLIT_SEED)
+    held = set(extra.get("validation_groups") or [])
+    chosen: set[str] = set()
+    for cls in manifest.classes:
+        groups = sorted(g for g in {t.group for t in tiles} if g in held and g.split("/")[0] == cls)
+        rng.shuffle(groups)
+        chosen.update(groups[: len(groups) // 2])
+    return chosen
+
+
 def decode(paths: Iterable[Path], size: int) -> NDArray[np.uint8]:
     return np.stack([load_image(p.read_bytes(), size) for p in paths])
 
@@ -94,7 +117,7 @@ def measures_of(tiles: Sequence[Tile], size: int) -> list[TissueMeasures]:
     return out
 
 
-def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list[str]:
+def fit_section(train: list[TissueMeasures], select: list[TissueMeasures], test: list[TissueMeasures]) -> list[str]:
     names = [f.name for f in fields(TissueMeasures)]
     table = np.array([astuple(m) for m in train], dtype=np.float64)
     lines = [
@@ -114,12 +137,18 @@ def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list
         "texture": f"< {LIMITS.min_texture:g}",
         "roughness": f"> {LIMITS.max_roughness:g}",
         "mean_density": f"> {LIMITS.max_mean_density:g}",
+        "likelihood": f"< {LIMITS.min_likelihood:g}",
     }
     for j, name in enumerate(names):
         qs = np.nanpercentile(table[:, j], QUANTILES)
         lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in qs) + f" | {limit_of[name]} |")
     lines.append("")
-    for label, ms in (("train-group", train), ("held-out", held)):
+    lines.append(
+        "Limits are fitted on the train groups and checked on the select groups; the test groups are"
+        " reported, never used for a choice."
+    )
+    lines.append("")
+    for label, ms in (("train-group", train), ("select-group", select), ("test-group", test)):
         failures = [judge(m) for m in ms]
         flagged = sum(1 for f in failures if f)
         by = Counter(x.value for f in failures for x in f)
@@ -223,9 +252,24 @@ def ood_section(engine: Engine, thresholds: Thresholds, items: Sequence[OodImage
             )
     total = len(items)
     lines += ["", f"Referred: {total - len(missed)} of {total}."]
+    lines += variant_lines([(i, o) for i, o in zip(items, outcomes, strict=True) if i.category == MISCOLOURED])
     if missed:
         lines += ["", "Accepted (not referred):", *[f"- {m}" for m in missed]]
     return [*lines, ""], len(missed)
+
+
+def variant_lines(pairs: Sequence[tuple[OodImage, Outcome]]) -> list[str]:
+    """Per variant of the real-tile copies ("tile 7: channels BGR" -> "channels BGR")."""
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    for item, o in pairs:
+        c = per[item.name.split(": ", 1)[-1]]
+        c["images"] += 1
+        c["accepted"] += not o.decision.referred
+    if not per:
+        return []
+    lines = ["", f"{MISCOLOURED}, per variant:", "", "| variant | images | accepted |", "|---|---|---|"]
+    lines += [f"| {v} | {c['images']} | {c['accepted']} |" for v, c in per.items()]
+    return lines
 
 
 def held_out_section(
@@ -269,7 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = [t for t in tiles if t.group in train_groups]
     held = [t for t in tiles if t.group in held_groups]
 
-    fit = fit_section(measures_of(train, engine.input_size), measures_of(held, engine.input_size))
+    select_groups = select_groups_of(manifest, tiles) & held_groups
+    fit = fit_section(
+        measures_of(train, engine.input_size),
+        measures_of([t for t in held if t.group in select_groups], engine.input_size),
+        measures_of([t for t in held if t.group not in select_groups], engine.input_size),
+    )
     by_class: dict[str, list[Tile]] = defaultdict(list)
     for t in held:
         by_class[t.group.split("/")[0]].append(t)
@@ -294,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ood_above={thresholds.ood_above}",
         f"- data: LC25000 lung tiles, {len(train_groups & {t.group for t in tiles})} train groups "
         f"({len(train)} tiles), {len(held_groups)} held-out groups ({len(held)} tiles)",
-        f"- {OTHER_STAIN}: includes re-stained copies of {len(real)} held-out tiles",
+        f"- {OTHER_STAIN} and {MISCOLOURED}: re-stained and re-coloured copies of {len(real)} held-out tiles",
+        f"- splits: the tissue check's limits were fitted on the train groups only and checked on the select "
+        f"groups ({len(select_groups)} of the held-out groups); the OOD set's real-tile copies and the held-out "
+        f"share below use every held-out group ({named}: select and test together); no figure from the test "
+        f"groups was used to choose anything",
         f"- run: Python {platform.python_version()}, {time.perf_counter() - started:.0f} s",
         "",
         *fit,

@@ -16,7 +16,7 @@ from service.manifest import Manifest
 from service.preprocess import load_image
 from tests.app.conftest import Served, make_settings, serve
 from tests.conftest import BUNDLED_MODEL
-from tests.ood_images import OodImage, ood_images, restained
+from tests.ood_images import OodImage, miscoloured, ood_images, restained
 from tests.ood_study import read_groups, split_of
 
 pytestmark = pytest.mark.anyio
@@ -75,6 +75,15 @@ async def test_every_generated_ood_image_is_referred(served: Served) -> None:
 async def test_real_tiles_restained_as_other_stains_are_referred(served: Served, real_images: list[Path]) -> None:
     tiles = [load_image(p.read_bytes(), 256) for p in real_images]
     await assert_all_referred(served, list(restained(tiles)))
+
+
+# Known gap (docs/model/ood.md): a channel swap or hue shift of a tile whose red and blue are about
+# equal gives colours real LC25000 tiles have, so the colour check cannot refer every one. Strict:
+# this test fails as soon as every variant is referred, so the marker cannot outlive the gap.
+@pytest.mark.xfail(strict=True, reason="some swapped-channel / hue-shifted tiles pass (docs/model/ood.md)")
+async def test_real_tiles_with_wrong_colour_handling_are_referred(served: Served, real_images: list[Path]) -> None:
+    tiles = [load_image(p.read_bytes(), 256) for p in real_images]
+    await assert_all_referred(served, list(miscoloured(tiles)))
 
 
 async def test_at_most_one_percent_of_real_held_out_tiles_are_referred_as_ood(served: Served, lc25000: Path) -> None:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.preprocess import load_image
-from service.tissue import LIMITS, Failure, check, check_batch, judge, measure_batch
+from service.tissue import (
+    _LIKELIHOOD_BINS,
+    _LIKELIHOOD_ROWS,
+    _LOG_DENSITY,
+    LIMITS,
+    Failure,
+    check,
+    check_batch,
+    judge,
+    measure_batch,
+)
 from tests.ood_images import encode, he_like_tile
 
 S = 128
@@ -65,6 +75,7 @@ def test_glass_only_has_no_colour_measures_and_fails_on_background() -> None:
     assert m.background == 1.0
     assert math.isnan(m.chroma)
     assert math.isnan(m.blue_over_green)
+    assert math.isnan(m.likelihood)
     assert judge(m) == (Failure.BACKGROUND, Failure.FLAT)
 
 
@@ -78,6 +89,33 @@ def test_a_batch_gives_the_same_answers_as_one_image_at_a_time() -> None:
     np.testing.assert_allclose(
         [astuple(c.measures) for c in together], [astuple(c.measures) for c in alone], rtol=1e-6, equal_nan=True
     )
+
+
+def test_likelihood_table_is_a_density_over_the_chromaticity_plane() -> None:
+    assert len(_LIKELIHOOD_ROWS) == _LIKELIHOOD_BINS
+    assert all(len(row) == _LIKELIHOOD_BINS for row in _LIKELIHOOD_ROWS)
+    # Shares quantised to half decades: their sum is a density's up to that rounding.
+    assert 0.5 < float((10.0 ** _LOG_DENSITY.astype(np.float64)).sum()) < 2.0
+    # Optical-density chromaticities sum to at most 1: r + b > 1 is impossible, so never seen.
+    r, b = np.divmod(np.arange(_LIKELIHOOD_BINS**2), _LIKELIHOOD_BINS)
+    assert (_LOG_DENSITY[(r + b) / _LIKELIHOOD_BINS > 1.1] == _LOG_DENSITY.min()).all()
+
+
+@pytest.mark.parametrize(("order", "name"), [((1, 0, 2), "GRB"), ((0, 2, 1), "RBG")])
+def test_swapped_channels_are_unlikely_colours(order: tuple[int, int, int], name: str) -> None:
+    tile = load_image(encode(he_like_tile(0)), S)
+    (kept,) = measure_batch(tile[None])
+    swapped = check(np.ascontiguousarray(tile[..., order]))
+    assert kept.likelihood > LIMITS.min_likelihood
+    assert swapped.measures.likelihood < LIMITS.min_likelihood - 1.0, name
+    assert Failure.UNLIKELY_COLOURS in swapped.failures
+
+
+def test_likelihood_limit_is_judged_alone() -> None:
+    (m,) = measure_batch(load_image(encode(he_like_tile(1)), S)[None])
+    assert judge(m) == ()
+    assert judge(replace(m, likelihood=LIMITS.min_likelihood - 0.01)) == (Failure.UNLIKELY_COLOURS,)
+    assert judge(replace(m, likelihood=float("nan"))) == ()
 
 
 def test_limits_are_one_sided_and_consistent() -> None:
