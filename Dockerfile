@@ -10,11 +10,12 @@
 # arrive as hash-checked pip wheels, which the engine loads with onnxruntime.preload_dlls(). The
 # only GPU piece the image cannot carry is the kernel driver (libcuda), which the NVIDIA
 # Container Toolkit mounts from the host. An nvidia/cuda:13.0.x-cudnn-runtime-ubuntu24.04 base
-# would therefore add a second, unpinned copy of the same libraries (GBs), and it ships
-# Python 3.12 while the locks are resolved for Python 3.11. So both variants use the official
-# Python 3.11 image, and the NVIDIA_* variables below keep what the CUDA base would give: the
-# toolkit exposes the GPUs and refuses to start the container on a driver too old for CUDA 13
-# (instead of ORT silently falling back to CPU; LUNGSERVE_PROVIDER=cuda also refuses that).
+# would therefore add a second, unpinned copy of the same libraries (GBs) and an apt-managed
+# Python. So both variants use an official Python image (3.11 here; the universal locks also
+# install on 3.12 and 3.13: --build-arg PYTHON_IMAGE=python:3.13-slim-bookworm), and the
+# NVIDIA_* variables below keep what the CUDA base would give: the toolkit exposes the GPUs and
+# refuses to start the container on a driver too old for CUDA 13 (instead of ORT silently
+# falling back to CPU; LUNGSERVE_PROVIDER=cuda also refuses that).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder

@@ -1,35 +1,54 @@
 # lungserve: the two commands of the README, plus the lock.
 #
 #   make serve   serving-only .venv (requirements/serve.txt), then serve the bundled model on 127.0.0.1:8000
-#   make test    full .venv (requirements/dev.txt), then ruff + mypy + the whole pytest suite
-#   make lock    regenerate requirements/{serve,gpu,dev,build}.txt (uv pip compile)
+#   make test    full .venv (requirements/dev.txt), then ruff + mypy + the whole pytest suite, and the
+#                unit + app layers and the wheel test on every other supported Python found (tools/matrix.py)
+#   make wheel   build dist/lungserve-*.whl (+ sdist) from the hashed build lock
+#   make lock    regenerate requirements/{dev,serve,gpu,test,build}.txt (uv pip compile, tools/lock.py)
 #
 # Installs are pinned and hashed (--require-hashes); the project itself goes in with --no-deps
 # --no-build-isolation, its build backend (setuptools) coming from the hashed requirements/build.txt,
 # so nothing is fetched that a lock does not name. The Dockerfile uses
 # the same steps. A stamp file inside .venv records each install and depends on its lock, so a
 # re-run skips an up-to-date install and a changed lock reinstalls.
+#
+# Supported: CPython 3.11, 3.12 and 3.13 (requires-python in pyproject.toml). The locks are
+# universal (markers where a version needs another pin), so every version installs the same files.
 
-PYTHON ?= python3
+SUPPORTED := 3.11 3.12 3.13
+_is_supported = import sys; sys.exit("%d.%d" % sys.version_info[:2] not in "$(SUPPORTED)".split())
+_unsupported = lungserve supports CPython $(SUPPORTED); $(PYTHON) is $(PY_VERSION). Set PYTHON=python3.13 (or \
+	another supported one), or install one (e.g. pyenv install 3.13)
+# PYTHON= (make's command line or the environment) wins. Otherwise python3 if it is a supported
+# version, else the newest supported python3.X on PATH (pyenv shims of inactive versions fail
+# to run, so they are passed over).
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c '$(_is_supported)' >/dev/null 2>&1 && { echo $$p; exit 0; }; done; echo python3)
+endif
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --no-input
 HOST ?= 127.0.0.1
 PORT ?= 8000
-
-# The same arguments as the header uv writes into each lock (keep them in sync).
-UV_COMPILE := pip compile pyproject.toml
-UV_TARGET := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28
+# The venv remembers which Python made it: another one (python3 upgraded, PYTHON=) rebuilds it.
+VENV_PYTHON := $(VENV)/python-$(PY_VERSION).stamp
+# `make test`'s other-version matrix: "auto" (every other supported version found; all of them
+# when CI is set), "none", or versions, e.g. MATRIX="3.13".
+MATRIX ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test dev lint typecheck lock clean s3-demo
+.PHONY: help serve test dev lint typecheck lock clean s3-demo wheel matrix
 
 help:
 	@echo "make serve   install the serving lock into .venv and serve the bundled model on $(HOST):$(PORT)"
 	@echo "make test    install the full dev lock into .venv and run ruff, mypy and pytest"
 	@echo "make dev     only install the full dev lock into .venv"
-	@echo "make lock    regenerate requirements/*.txt with uv"
+	@echo "make wheel   build the wheel (and sdist) into dist/ from the hashed build lock"
+	@echo "make lock    regenerate requirements/*.txt with uv and check wheels for Python $(SUPPORTED)"
 	@echo "make s3-demo local S3 (moto) on 127.0.0.1:$(S3_DEMO_PORT), upload the bundled model, serve it from there"
+	@echo "(Python: $(PYTHON), $(PY_VERSION); supported: $(SUPPORTED); PYTHON=... picks another)"
 
 serve: $(VENV)/serve.stamp
 	$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
@@ -51,18 +70,27 @@ s3-demo: $(VENV)/dev.stamp
 		LUNGSERVE_MODEL_CACHE_DIR=$(VENV)/s3-demo-cache LUNGSERVE_ADMIN_TOKEN=demo \
 		$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
 
+# The matrix runs before the full suite, so the suite's own summary is the last thing printed.
 test: $(VENV)/dev.stamp
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
 	$(BIN)/pytest
 
-$(BIN)/python:
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
-		{ echo "lungserve needs Python 3.11 (the locks are resolved for it); set PYTHON=python3.11" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+# Only the matrix (e.g. `make matrix MATRIX=3.13`).
+matrix: $(VENV)/dev.stamp
+	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
+
+$(VENV_PYTHON):
+	@test -n "$(PY_VERSION)" || { echo "no Python found: tried $(PYTHON); set PYTHON=/path/to/python3.X" >&2; exit 1; }
+	@$(PYTHON) -c '$(_is_supported)' || { echo "$(_unsupported)" >&2; exit 1; }
+	@# An existing venv of the same version (e.g. made before this stamp existed) is kept.
+	@if [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" != "$(PY_VERSION)" ]; then \
+		echo "$(PYTHON) -m venv --clear $(VENV)"; $(PYTHON) -m venv --clear $(VENV); fi
+	@touch $@
 
 # Serving only: never TensorFlow, never onnxruntime-gpu.
-$(VENV)/serve.stamp: requirements/serve.txt requirements/build.txt pyproject.toml | $(BIN)/python
+$(VENV)/serve.stamp: requirements/serve.txt requirements/build.txt pyproject.toml $(VENV_PYTHON)
 	$(PIP) install --require-hashes -r requirements/serve.txt
 	$(PIP) install --require-hashes -r requirements/build.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
@@ -72,7 +100,7 @@ $(VENV)/serve.stamp: requirements/serve.txt requirements/build.txt pyproject.tom
 
 # Everything: serve + export + dev tools. dev.txt holds the same onnxruntime (CPU) as serve.txt,
 # so running this after `make serve` upgrades the same venv in place.
-$(VENV)/dev.stamp: requirements/dev.txt requirements/build.txt pyproject.toml | $(BIN)/python
+$(VENV)/dev.stamp: requirements/dev.txt requirements/build.txt pyproject.toml $(VENV_PYTHON)
 	$(PIP) install --require-hashes -r requirements/dev.txt
 	$(PIP) install --require-hashes -r requirements/build.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
@@ -87,7 +115,16 @@ lint: $(VENV)/dev.stamp
 typecheck: $(VENV)/dev.stamp
 	$(BIN)/mypy
 
+# The wheel users install (README, "Only the server"): sdist first, then the wheel built from
+# it, so only files the sdist carries can reach the wheel (no stale build/ in the checkout).
+wheel: requirements/build.txt $(VENV_PYTHON)
+	$(PIP) install --require-hashes -r requirements/build.txt
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 # uv is only needed here; without one on PATH it goes into a throw-away tool venv.
+# LOCK_ARGS go to every `uv pip compile` (e.g. LOCK_ARGS=--upgrade; by default the pins already
+# in the locks are kept and only what pyproject.toml changed is resolved again).
+LOCK_ARGS ?=
 lock:
 	@set -e; \
 	uv=$$(command -v uv || true); \
@@ -95,10 +132,7 @@ lock:
 		tools=$$(mktemp -d); trap 'rm -rf "$$tools"' EXIT; \
 		$(PYTHON) -m venv "$$tools"; "$$tools/bin/pip" install --quiet uv; uv="$$tools/bin/uv"; \
 	fi; \
-	"$$uv" $(UV_COMPILE) --extra cpu $(UV_TARGET) -o requirements/serve.txt; \
-	"$$uv" $(UV_COMPILE) --extra gpu $(UV_TARGET) -o requirements/gpu.txt; \
-	"$$uv" $(UV_COMPILE) --extra cpu --extra export --extra dev $(UV_TARGET) -o requirements/dev.txt; \
-	"$$uv" pip compile requirements/build.in -c requirements/dev.txt $(UV_TARGET) -o requirements/build.txt
+	$(PYTHON) tools/lock.py --uv "$$uv" --versions "$(SUPPORTED)" -- $(LOCK_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist

@@ -21,15 +21,9 @@ import aioboto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.errors import ModelSourceError
-from service.manifest import MANIFEST_NAME, sha256_file
-from service.model_source import (
-    DEFAULT_MAX_ATTEMPTS,
-    S3Location,
-    describe_s3_error,
-    parse_manifest,
-    parse_model_uri,
-    s3_client_config,
-)
+from service.manifest import MANIFEST_NAME, parse_manifest, sha256_file
+from service.model_source import S3Location, S3Options, parse_model_uri
+from service.model_source.s3 import client, describe_s3_error
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -49,10 +43,8 @@ async def upload(
     model_dir: Path,
     uri: str,
     *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
+    s3: S3Options | None = None,
     create_bucket: bool = False,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     session: aioboto3.Session | None = None,
 ) -> list[str]:
     """Upload the model named by `model_dir/model.json`, then the manifest; return their URIs.
@@ -60,6 +52,7 @@ async def upload(
     Raises ModelSourceError (one line) when the folder is not a consistent model or S3 refuses.
     """
     loc = upload_location(uri)
+    options = s3 or S3Options()
     manifest_path = model_dir / MANIFEST_NAME
     try:
         data = await asyncio.to_thread(manifest_path.read_bytes)
@@ -71,23 +64,17 @@ async def upload(
         digest = await asyncio.to_thread(sha256_file, model_path)
     except OSError as exc:
         raise ModelSourceError(f"cannot read model {model_path}: {exc.strerror or exc}") from exc
-    if digest != manifest.sha256:
-        raise ModelSourceError(
-            f"checksum mismatch: {model_path} has sha256 {digest}, its manifest says {manifest.sha256}; "
-            "re-export the model instead of editing either file"
-        )
+    manifest.check_sha256(digest, str(model_path), hint="; re-export the model instead of editing either file")
 
     model_key = loc.prefix + manifest.file
-    config = s3_client_config(max_attempts=max_attempts)
-    session = session or aioboto3.Session()
-    async with session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config) as s3:
+    async with client(options, session) as s3_client:
         current = f"s3://{loc.bucket}"
         try:
             if create_bucket:
-                await _ensure_bucket(s3, loc.bucket, region)
+                await _ensure_bucket(s3_client, loc.bucket, options.region)
             current = loc.uri(model_key)
             log.info("uploading %s (%d bytes) to %s", model_path.name, model_path.stat().st_size, current)
-            await s3.upload_file(
+            await s3_client.upload_file(
                 str(model_path),
                 loc.bucket,
                 model_key,
@@ -95,12 +82,16 @@ async def upload(
             )
             # Last: publishing the manifest is what makes the new model visible to servers.
             current = loc.uri(loc.manifest_key)
-            await s3.put_object(
+            await s3_client.put_object(
                 Bucket=loc.bucket, Key=loc.manifest_key, Body=data, ContentType="application/json"
             )
         except (ClientError, BotoCoreError) as exc:
             raise describe_s3_error(
-                exc, uri=current, what="upload", endpoint_url=endpoint_url, max_attempts=max_attempts,
+                exc,
+                uri=current,
+                what="upload",
+                endpoint_url=options.endpoint_url,
+                max_attempts=options.max_attempts,
                 writing=True,
             ) from exc
     return [loc.uri(model_key), loc.uri(loc.manifest_key)]

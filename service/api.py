@@ -1,4 +1,4 @@
-"""HTTP routes and their response models (with OpenAPI examples). No business logic here.
+"""HTTP routes (response models in `service.schemas`). No business logic here.
 
 The upload routes take the raw `Request` and parse the multipart body themselves
 (`service.uploads`), so that the queue is checked before the body is read and every upload
@@ -8,208 +8,95 @@ limit answers with its own JSON error; `openapi_extra` describes the form for /d
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final, Literal
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 
+from service.admission import admitted_uploads
+from service.decoder import PixelAllowance
 from service.errors import LungserveError
+from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
-from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState, deadline, unless_disconnected
-from service.uploads import MULTIPART_OVERHEAD_BYTES, Upload, UploadLimits, check_declared_size, read_uploads
+from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
+from service.schemas import (
+    BatchingInfo,
+    DecisionInfo,
+    ErrorResponse,
+    FileError,
+    FilePrediction,
+    LiveResponse,
+    ModelInfoResponse,
+    ModelRef,
+    PredictionResponse,
+    PredictManyResponse,
+    ReadyResponse,
+    UploadLimitsInfo,
+    error_examples,
+    file_error,
+    file_prediction,
+    prediction,
+)
+from service.uploads import RouteLimits, Upload, UploadLimits
 
 router = APIRouter()
 
-_CLASSES_EXAMPLE: Final[dict[str, Any]] = {"lung_aca": 0.912, "lung_n": 0.011, "lung_scc": 0.077}
-_MODEL_EXAMPLE: Final[dict[str, Any]] = {"name": "lungserve-lung-cnn", "version": "2026.11.22-6d5d6424"}
-
-
-# --- response models ------------------------------------------------------------------------
-
-class ErrorInfo(BaseModel):
-    code: str = Field(description="stable machine-readable code, e.g. invalid_image")
-    message: str = Field(description="what was wrong, for a human")
-    request_id: str | None = Field(default=None, description="the X-Request-ID of the request, when known")
-
-
-class FileErrorInfo(BaseModel):
-    code: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"error": {"code": "invalid_image", "message": "the file is empty"}}]
-        }
-    )
-    error: ErrorInfo
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class PredictionResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"label": "lung_aca", "confidence": 0.912, "probabilities": _CLASSES_EXAMPLE, "model": _MODEL_EXAMPLE}
-            ]
-        }
-    )
-    label: str = Field(description="the most probable class")
-    confidence: float = Field(description="the calibrated probability of `label`")
-    probabilities: dict[str, float] = Field(description="calibrated probability of every class, in model order")
-    model: ModelRef = Field(description="the model that computed this answer")
-
-
-class FilePrediction(BaseModel):
-    filename: str | None
-    label: str
-    confidence: float
-    probabilities: dict[str, float]
-    model: ModelRef
-
-
-class FileError(BaseModel):
-    filename: str | None
-    error: FileErrorInfo
-
-
-class PredictManyResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "results": [
-                        {
-                            "filename": "tile-001.jpeg",
-                            "label": "lung_aca",
-                            "confidence": 0.912,
-                            "probabilities": _CLASSES_EXAMPLE,
-                            "model": _MODEL_EXAMPLE,
-                        },
-                        {
-                            "filename": "notes.txt",
-                            "error": {
-                                "code": "invalid_image",
-                                "message": "not a decodable image (expected JPEG, PNG, TIFF or BMP)",
-                            },
-                        },
-                    ]
-                }
-            ]
-        }
-    )
-    results: list[FilePrediction | FileError] = Field(description="one entry per uploaded file, in upload order")
-
-
-class LiveResponse(BaseModel):
-    status: Literal["alive"] = "alive"
-
-
-class ReadyResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"status": "ready", "model": _MODEL_EXAMPLE, "provider": "CPUExecutionProvider"}]
-        }
-    )
-    status: Literal["ready"] = "ready"
-    model: ModelRef
-    provider: str
-
-
-class BatchingInfo(BaseModel):
-    max_batch_size: int
-    max_batch_delay_s: float
-    queue_limit: int
-    max_in_flight_batches: int
-    request_deadline_s: float
-
-
-class UploadLimitsInfo(BaseModel):
-    max_file_bytes: int
-    max_files_per_request: int
-    max_request_bytes: int
-    max_image_pixels: int
-
-
-class ModelInfoResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "manifest": {
-                        **_MODEL_EXAMPLE,
-                        "classes": ["lung_aca", "lung_n", "lung_scc"],
-                        "input_name": "image",
-                        "output_name": "probabilities",
-                        "input_size": 128,
-                        "input_dtype": "uint8",
-                        "...": "every other key of model.json",
-                    },
-                    "provider": "CPUExecutionProvider",
-                    "batching": {
-                        "max_batch_size": 16,
-                        "max_batch_delay_s": 0.005,
-                        "queue_limit": 256,
-                        "max_in_flight_batches": 1,
-                        "request_deadline_s": 30.0,
-                    },
-                    "limits": {
-                        "max_file_bytes": 20971520,
-                        "max_files_per_request": 64,
-                        "max_request_bytes": 134217728,
-                        "max_image_pixels": 50000000,
-                    },
-                }
-            ]
-        }
-    )
-    manifest: dict[str, Any] = Field(description="model.json of the model being served")
-    provider: str = Field(description="the ONNX Runtime execution provider really in use")
-    source: dict[str, str | None] | None = Field(
-        default=None, description="where the model was fetched from (URI, S3 ETag / version id)"
-    )
-    batching: BatchingInfo
-    limits: UploadLimitsInfo
-
-
 # --- helpers --------------------------------------------------------------------------------
+
 
 def _service(request: Request) -> ServiceState:
     service: ServiceState = request.app.state.service
     return service
 
 
-def _model_ref(result: Classified) -> ModelRef:
-    return ModelRef(name=result.manifest.name, version=result.manifest.version)
-
-
-def _error_info(exc: LungserveError) -> FileErrorInfo:
-    return FileErrorInfo(code=exc.code, message=exc.message)
+def _limits(request: Request) -> RouteLimits:
+    limits: RouteLimits = request.app.state.upload_limits
+    return limits
 
 
 async def _classify_upload(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, upload: Upload
+    service: ServiceState,
+    runtime: ModelRuntime,
+    reservation: ImageReservation,
+    upload: Upload,
+    allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others)."""
+    """One file -> its result, or its own error *returned* (so one bad file never fails others).
+
+    Every admitted image leaves here counted in exactly one outcome: classified, its own
+    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
+    """
     try:
         if upload.error is not None:
             raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size)
+        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
         result, info = await runtime.classify(reservation, image)
     except LungserveError as exc:
         service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
         return exc
+    except asyncio.CancelledError:
+        service.observer.on_image_abandoned()
+        raise
     service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
     return result
 
 
+def _uploads(
+    request: Request, service: ServiceState, limits: UploadLimits
+) -> AbstractAsyncContextManager[list[Upload]]:
+    headers = request.headers
+    return admitted_uploads(
+        service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits
+    )
+
+
+def _allowance(service: ServiceState) -> PixelAllowance:
+    return PixelAllowance(service.settings.max_request_pixels)
+
+
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    binary: dict[str, Any] = {"type": "string", "format": "binary"}
+    # minLength: an empty file is never an image (422), so the schema says so.
+    binary: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
     schema = {"type": "array", "items": binary} if many else binary
     return {
         "requestBody": {
@@ -224,16 +111,66 @@ def _multipart_body(field: str, many: bool) -> dict[str, Any]:
 
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    400: {"model": ErrorResponse, "description": "malformed multipart body"},
-    413: {"model": ErrorResponse, "description": "file, image or request too large; too many files"},
-    415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
-    422: {"model": ErrorResponse, "description": "missing field, or not a decodable image"},
-    503: {"model": ErrorResponse, "description": "overloaded (with Retry-After), loading or shutting down"},
-    504: {"model": ErrorResponse, "description": "no answer within the request deadline"},
+    400: {
+        "model": ErrorResponse,
+        "description": "malformed multipart body or HTTP framing",
+        "content": error_examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
+    },
+    408: {
+        "model": ErrorResponse,
+        "description": "the body arrived below the minimum upload rate",
+        "content": error_examples(
+            ("upload_too_slow", "the request body arrived at under 16384 bytes/s (LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S)")
+        ),
+    },
+    401: {
+        "model": ErrorResponse,
+        "description": "no valid API key (only when LUNGSERVE_API_KEYS_FILE is set)",
+        "content": error_examples(("unauthorized", "the API key is not valid")),
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "file, image or request too large; too many files",
+        "content": error_examples(
+            ("image_too_large", "image is 12000x9000 = 108000000 pixels; the limit is 50000000"),
+            ("too_many_files", "more than 64 file(s) in field 'files'"),
+            ("request_too_large", "the request body is over 134217728 bytes"),
+        ),
+    },
+    415: {
+        "model": ErrorResponse,
+        "description": "not a multipart/form-data body",
+        "content": error_examples(
+            ("unsupported_media_type", "expected a multipart/form-data body with field 'file', got application/json")
+        ),
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "missing field, or not a decodable image",
+        "content": error_examples(
+            ("missing_field", "no file in multipart field 'file' (sent: 'image')"),
+            ("invalid_image", "not a decodable image (expected JPEG, PNG, TIFF or BMP)"),
+        ),
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded (with Retry-After), loading or shutting down",
+        "content": error_examples(
+            ("overloaded", "the server is at capacity (256 images admitted); retry shortly"),
+            ("model_not_ready", "the model is still loading or warming up"),
+            ("shutting_down", "the server is shutting down"),
+        ),
+    },
+    504: {
+        "model": ErrorResponse,
+        "description": "no answer within the request deadline",
+        "content": error_examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
+    },
 }
 
 
 # --- routes ---------------------------------------------------------------------------------
+
 
 @router.post(
     "/predict",
@@ -245,34 +182,25 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 async def predict(request: Request) -> PredictionResponse:
     service = _service(request)
     settings = service.settings
-    limits = UploadLimits(
-        field="file",
-        max_files=1,
-        max_file_bytes=settings.max_file_bytes,
-        max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
-        fail_fast=True,
-    )
+    limits = _limits(request).predict
     try:
-        runtime = service.current()
-        # Order matters: declared size, then the queue (503 at once), then read, then decode.
-        check_declared_size(request.headers.get("content-length"), limits)
-        with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
-            async with deadline(settings.request_deadline_s):
-                (upload,) = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        # Order matters: readiness, declared size, queue and gate (503 at once), read, then the
+        # queue slot (only now: a slow body never holds one), then decode.
+        async with (
+            deadline(settings.request_deadline_s),
+            _uploads(request, service, limits) as (upload,),
+        ):
+            runtime = service.current()
+            with runtime.reserve(1) as reservation:  # returns the slot if it is never submitted
                 outcome = await unless_disconnected(
-                    _classify_upload(service, runtime, reservation, upload), request.receive
+                    _classify_upload(service, runtime, reservation, upload, _allowance(service)), request.receive
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)  # HOOK(metrics/logs): the request failed as a whole
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    return PredictionResponse(
-        label=outcome.label,
-        confidence=outcome.confidence,
-        probabilities=outcome.by_class(),
-        model=_model_ref(outcome),
-    )
+    return prediction(outcome)
 
 
 @router.post(
@@ -288,44 +216,28 @@ async def predict(request: Request) -> PredictionResponse:
 async def predict_many(request: Request) -> PredictManyResponse:
     service = _service(request)
     settings = service.settings
-    limits = UploadLimits(
-        field="files",
-        max_files=settings.max_files_per_request,
-        max_file_bytes=settings.max_file_bytes,
-        max_body_bytes=settings.max_request_bytes,
-        fail_fast=False,
-    )
+    limits = _limits(request).predict_many
     try:
-        runtime = service.current()
-        check_declared_size(request.headers.get("content-length"), limits)
-        async with deadline(settings.request_deadline_s):
-            uploads = await read_uploads(request.headers.get("content-type"), request.stream(), limits)
+        async with deadline(settings.request_deadline_s), _uploads(request, service, limits) as uploads:
             # A hot reload may have swapped (and stopped) the runtime while the body was read:
             # admit into the one serving now, so no request fails because of a swap.
             runtime = service.current()
+            allowance = _allowance(service)
             # The number of images is known only now -- still before any decode. All or nothing.
             with runtime.reserve(sum(1 for u in uploads if u.error is None)) as reservation:
                 outcomes = await unless_disconnected(
-                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u) for u in uploads)),
+                    asyncio.gather(*(_classify_upload(service, runtime, reservation, u, allowance) for u in uploads)),
                     request.receive,
                 )
     except LungserveError as exc:
         service.observer.on_rejected(exc)
         raise
-    results: list[FilePrediction | FileError] = []
-    for upload, outcome in zip(uploads, outcomes, strict=True):
-        if isinstance(outcome, LungserveError):
-            results.append(FileError(filename=upload.filename, error=_error_info(outcome)))
-        else:
-            results.append(
-                FilePrediction(
-                    filename=upload.filename,
-                    label=outcome.label,
-                    confidence=outcome.confidence,
-                    probabilities=outcome.by_class(),
-                    model=_model_ref(outcome),
-                )
-            )
+    results: list[FilePrediction | FileError] = [
+        file_error(upload.filename, outcome)
+        if isinstance(outcome, LungserveError)
+        else file_prediction(upload.filename, outcome)
+        for upload, outcome in zip(uploads, outcomes, strict=True)
+    ]
     return PredictManyResponse(results=results)
 
 
@@ -353,9 +265,9 @@ async def live() -> LiveResponse:
     responses={503: {"model": ErrorResponse, "description": "loading, warming up or shutting down"}},
 )
 async def ready(request: Request) -> ReadyResponse:
-    runtime = _service(request).current()
-    engine = runtime.engine
-    return ReadyResponse(model=ModelRef(name=engine.name, version=engine.version), provider=engine.provider)
+    runtime = _service(request).ready()
+    identity = runtime.identity
+    return ReadyResponse(model=ModelRef(name=identity.name, version=identity.version), provider=runtime.engine.provider)
 
 
 @router.get(
@@ -370,7 +282,7 @@ async def model_info(request: Request) -> ModelInfoResponse:
     return ModelInfoResponse(
         manifest=runtime.engine.manifest.dump(),
         provider=runtime.engine.provider,
-        source=runtime.artifact.describe() if runtime.artifact is not None else None,
+        source=runtime.identity.as_dict(),
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
             max_batch_delay_s=s.max_batch_delay_s,
@@ -383,5 +295,11 @@ async def model_info(request: Request) -> ModelInfoResponse:
             max_files_per_request=s.max_files_per_request,
             max_request_bytes=s.max_request_bytes,
             max_image_pixels=s.max_image_pixels,
+        ),
+        decision=DecisionInfo(
+            refer_below=runtime.thresholds.refer_below,
+            ood_above=runtime.thresholds.ood_above,
+            ood_score=runtime.engine.has_ood_score,
+            tissue_check=True,
         ),
     )

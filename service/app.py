@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-Start-up (lifespan): decode pool -> fetch + verify the model -> ORT engine -> warm-up of
-every batch shape -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
+Start-up (lifespan): decode pool -> fetch the model (sha256 checked) -> ORT engine + warm-up
+of every batch shape (the model's verification) -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
 (drains what was admitted) -> decode pool shut down. All state lives on `app.state.service`
 (a `ServiceState`); nothing is global, so several apps can live in one process (tests).
 
@@ -15,27 +15,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 import service
 from service import admin, api
+from service import oip as oip_door
+from service.access import ApiKeys, api_key_guard
+from service.admin import AuthFailures
+from service.admission import UploadGate
 from service.batcher import BatchObserver
+from service.decoder import Decoder
+from service.docs import install_docs
 from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.logs import RequestContextMiddleware, request_context_from_scope
 from service.metrics import Metrics, PredictionMetrics
+from service.middleware import AdminPortSplit, CloseUnreadBody
 from service.model_source import ModelArtifact, fetch_configured_model
 from service.reload import ModelReloader
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
+from service.uploads import RouteLimits
+
+if TYPE_CHECKING:
+    from service.oip_grpc import GrpcDoor
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +65,7 @@ async def build_runtime(
 ) -> ModelRuntime:
     """Engine -> warm-up of every batch size the batcher can form -> started batcher.
 
-    Also the building block of a future hot reload: build the new runtime with this, then
-    `ServiceState.replace_runtime(new)` and `await old.stop(...)`.
+    Start-up and hot reload (`service.reload`) both build their runtime with this.
     """
     # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
     # /health/live) responsive meanwhile.
@@ -67,7 +78,7 @@ async def build_runtime(
         inter_op_threads=settings.ort_inter_op_threads,
     )
     await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
-    runtime = ModelRuntime(engine, settings, artifact=artifact, observer=observer)
+    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
     await runtime.start()
     return runtime
 
@@ -84,91 +95,162 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state,
         settings,
         lambda artifact: build_runtime(artifact, settings, metrics.batcher_observer()),
-        on_swap=lambda runtime: _publish_model(metrics, runtime),
+        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
     )
+
+    # Optional API keys, for the HTTP doors and the gRPC one alike.
+    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
+    shutdown = Shutdown(state, metrics, reloader, grpc_door)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decode_pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_workers, thread_name_prefix="decode"
+        state.decoder = Decoder(
+            settings.preprocess_workers,
+            max_image_pixels=settings.max_image_pixels,
+            large_image_pixels=settings.large_image_pixels,
         )
+        gate = state.upload_gate = UploadGate(
+            settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s
+        )
+        metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
         try:
             try:
                 artifact = await fetch_configured_model(settings)
+                identity = artifact.identity
+                log.info(
+                    "model fetched and verified (sha256)",
+                    extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
+                )
+                warm_up_started = time.perf_counter()
+                state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)
                 # That line is the diagnosis: spare the operator botocore's chained tracebacks.
                 raise ModelSourceError(str(exc)) from None
-            log.info("model fetched and verified (sha256, signature, test inference)", extra=_model_fields(artifact))
-            warm_up_started = time.perf_counter()
-            state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
             state.phase = Phase.READY
             serving = state.current()
-            _publish_model(metrics, serving)
+            metrics.set_model(identity, serving.engine.provider)
             metrics.set_ready(True)
             log.info(
                 "ready: model %s %s on %s, batches of up to %d",
-                artifact.manifest.name,
-                artifact.version,
+                identity.name,
+                identity.version,
                 serving.engine.provider,
                 settings.max_batch_size,
                 extra={
-                    **_model_fields(artifact),
+                    **identity.log_fields(),
                     "provider": serving.engine.provider,
                     "max_batch_size": settings.max_batch_size,
                     "load_and_warm_up_s": round(time.perf_counter() - warm_up_started, 3),
                 },
             )
             reloader.start_polling()
+            if grpc_door is not None and settings.grpc_port is not None:
+                port = await grpc_door.start(settings.host, settings.grpc_port)
+                log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
             yield
         finally:
-            state.phase = Phase.STOPPING
-            metrics.set_ready(False)
-            log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
-            await reloader.stop()  # no swap from now on; displaced models finish draining
-            runtime = state.runtime
-            if runtime is not None:
-                await runtime.stop(settings.drain_timeout_s)
-            state.decode_pool.shutdown(wait=True, cancel_futures=True)
+            await shutdown.drain()  # usually already done by `lungserve serve` (service.server)
+            state.decoder.shutdown()
             log.info("stopped")
 
+    # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
+    # label) and before any handler reads a body or takes a queue slot.
+    guards = [Depends(api_key_guard(keys, metrics.api_key_request))] if keys is not None else []
     app = FastAPI(
         title="lungserve",
         version=service.__version__,
         summary="Lung histopathology classification (LC25000 classes), micro-batched on ONNX Runtime.",
         lifespan=lifespan,
+        dependencies=guards,
+        # /openapi.json, /docs and /redoc come from service.docs: FastAPI's default pages need a CDN.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
     app.state.reloader = reloader
     app.state.metrics = metrics
+    app.state.upload_limits = RouteLimits.from_settings(settings)
+    app.state.shutdown = shutdown
+    app.state.admin_auth_failures = AuthFailures(settings.admin_auth_failures_per_minute)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
-        quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready"}),
+        quiet_routes=frozenset({"/metrics", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}),
     )
+    # An early answer to an unread body closes the connection; the admin port split.
+    app.add_middleware(CloseUnreadBody)
+    if settings.admin_port is not None:
+        app.add_middleware(AdminPortSplit, admin_port=settings.admin_port)
+    if settings.cors_origins:
+        # Outermost: preflights are answered here, and every answer (401s too) gets its headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", oip_door.BINARY_HEADER],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
+            max_age=600,
+        )
     app.include_router(api.router)
+    app.include_router(oip_door.router)
     app.include_router(admin.router)
+    install_docs(app, api_keys=keys is not None)
     _install_error_handlers(app)
     return app
 
 
-def _model_fields(artifact: ModelArtifact) -> dict[str, str | int | None]:
-    """Log fields naming a model (`name` would clash with LogRecord.name)."""
-    return {
-        "model_name": artifact.manifest.name,
-        "model_version": artifact.version,
-        "sha256": artifact.sha256,
-        "source": artifact.source,
-        "etag": artifact.etag,
-        "downloaded_bytes": artifact.downloaded_bytes,
-    }
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+    try:
+        from service.oip_grpc import GrpcDoor
+    except ImportError as exc:
+        raise GrpcUnavailable(
+            f"LUNGSERVE_GRPC_PORT needs the 'grpc' extra ({exc.name} is missing): pip install 'lungserve[grpc]'"
+        ) from None
+    return GrpcDoor(state, metrics, keys)
 
 
-def _publish_model(metrics: Metrics, runtime: ModelRuntime) -> None:
-    engine = runtime.engine
-    metrics.set_model(engine.name, engine.version, engine.manifest.sha256, engine.provider)
+class GrpcUnavailable(Exception):
+    """LUNGSERVE_GRPC_PORT is set but grpcio / tritonclient[grpc] are not installed."""
+
+
+class Shutdown:
+    """`service.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
+
+    def __init__(
+        self, state: ServiceState, metrics: Metrics, reloader: ModelReloader, grpc_door: GrpcDoor | None = None
+    ) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._reloader = reloader
+        self._grpc_door = grpc_door
+        self._drained: asyncio.Task[None] | None = None
+
+    def draining(self) -> None:
+        if self._state.phase is Phase.READY:
+            self._state.phase = Phase.DRAINING
+        self._metrics.set_ready(False)
+
+    def drain(self) -> Awaitable[None]:
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain())
+        return asyncio.shield(self._drained)
+
+    async def _drain(self) -> None:
+        self.draining()
+        self._state.phase = Phase.STOPPING
+        settings = self._state.settings
+        log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+        if self._grpc_door is not None:
+            await self._grpc_door.stop(settings.drain_timeout_s)  # its calls in flight finish first
+        await self._reloader.stop()  # no swap from now on; displaced models finish draining
+        runtime = self._state.runtime
+        if runtime is not None:
+            await runtime.stop(settings.drain_timeout_s)
 
 
 def _request_id(request: Request) -> str | None:
@@ -177,7 +259,10 @@ def _request_id(request: Request) -> str | None:
 
 
 def _json_error(request: Request, exc: LungserveError) -> JSONResponse:
-    err = http_error(exc, _request_id(request))
+    # OIP clients (tritonclient, KServe) read `{"error": "message"}`: every answer under /v2 has it.
+    path = request.url.path.removeprefix(str(request.scope.get("root_path", "")).rstrip("/"))
+    oip = path == oip_door.PREFIX or path.startswith(oip_door.PREFIX + "/")
+    err = http_error(exc, _request_id(request), oip=oip)
     return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
 

@@ -1,58 +1,19 @@
 """A bounded asyncio micro-batcher: many single requests in, few batched handler calls out.
 
-Standard library only and generic over the item type ``T`` and result type ``R``: the handler,
-the executor and the metrics observer are injected, so this module knows nothing about ONNX
-Runtime, NumPy, FastAPI or Prometheus, and unit tests drive it with plain fakes.
+Standard library only, generic over item ``T`` and result ``R``; handler, executor and observer
+are injected. The contract (docs/batching.md explains the why):
 
-Flow
-----
-1. ``reserve(n)`` takes ``n`` slots of the bound synchronously (no awaits) or raises ``QueueFull``
-   (``BatcherStopped`` once stopping). The HTTP layer calls it *before* reading or decoding
-   anything, so an overloaded server answers 503 cheaply, and ``/predict-many`` gets all of its
-   N slots or none (all-or-nothing: a failed ``reserve`` takes nothing).
-2. ``Reservation.submit(item)`` turns one reserved slot into a queued item and returns a future
-   that resolves to ``(result, BatchInfo)``. ``Reservation.release()`` (or leaving its ``with``
-   block) gives back the slots that were never submitted, e.g. for a file that failed to decode.
-3. One dispatcher task forms batches. A batch is dispatched when ``max_batch_size`` items are
-   waiting, or when ``max_delay_s`` has passed since the oldest waiting item arrived, or
-   (``dispatch_when_idle``, the default) as soon as no reservation is open, i.e. no admitted
-   item is still on its way, provided fewer than ``max_in_flight`` batches are computing. The
-   third rule never makes a batch wait longer; it removes the delay when waiting cannot fill
-   the batch (a lone request at low load), while under load the open reservations of requests
-   being decoded keep the batch gathering up to the delay. The deadline is measured from the oldest
-   item's arrival, not from when the dispatcher got round to it, so items that already waited
-   behind a busy handler are dispatched as soon as a compute slot frees up (a backlog of at least
-   ``max_batch_size`` dispatches at once as well).
-4. Each batch runs the synchronous handler in the executor (a worker thread), so the event loop
-   keeps accepting, decoding and gathering the next batch while one computes. The handler
-   returns one result per item, in order; an exception or a wrong number of results fails the
-   futures of that batch only.
-
-The bound (``max_queue``, counted in items = images)
-----------------------------------------------------
-A slot is held from ``reserve`` until the item's batch has *finished computing*: it counts
-reserved-but-not-submitted items, queued items and in-compute items. Counting in-compute items
-makes ``max_queue`` a bound on all the work the server has accepted and not yet answered, which
-is what bounds both memory (decoded images are alive until their batch finishes) and the worst
-queueing latency a client can see. Consequence: ``max_queue`` should be at least
-``max_batch_size * max_in_flight``, otherwise batches can never fill.
-
-Cancellation and shutdown
--------------------------
-A future cancelled while queued (the client went away) is removed at once, its slot is
-returned, and it never reaches the handler. A future cancelled during compute is simply not
-completed. Every completion checks ``fut.done()`` first, so cancellation can never cause
-``InvalidStateError``.
-
-``stop()`` stops accepting (``reserve`` raises ``BatcherStopped``), dispatches queued items
-without waiting for their delay, and waits up to ``drain_timeout_s`` for every slot to be
-freed (queued and in-flight batches finished, outstanding reservations submitted and computed
-or released). Whatever is still pending then gets ``BatcherStopped``; background tasks are
-cancelled and awaited. A handler call that is stuck in its thread cannot be interrupted: its
-futures are failed and its eventual result is discarded.
-
-Threading: every public method must be called from the event loop thread that ran ``start()``.
-Only the handler runs elsewhere.
+* ``reserve(n)`` takes ``n`` of ``queue_limit`` slots at once, or none (``QueueFull``;
+  ``BatcherStopped`` once stopping). No awaits: callers admit a request before reading it.
+* ``Reservation.submit(item)`` queues one reserved item; its future resolves to
+  ``(result, BatchInfo)`` or to the batch's error. ``release()`` returns unsubmitted slots.
+* A slot is held until the item's batch has finished computing, so ``queue_limit`` bounds all
+  admitted, unanswered work. When a batch goes is decided by ``dispatch_delay`` alone.
+* A future cancelled while queued never reaches the handler; one cancelled while its batch
+  computes gives its slot back at once (its item is abandoned with the batch's result). ``stop()`` refuses new work,
+  drains for up to ``drain_timeout_s`` and then fails what is left with ``BatcherStopped``.
+* Every public method is called on the event loop that ran ``start()``; only the handler
+  runs in the executor.
 """
 
 from __future__ import annotations
@@ -80,6 +41,7 @@ __all__ = [
     "NullObserver",
     "QueueFull",
     "Reservation",
+    "dispatch_delay",
 ]
 
 T = TypeVar("T")
@@ -91,11 +53,11 @@ logger = logging.getLogger(__name__)
 class QueueFull(Exception):
     """Fewer free slots than requested; raised by `Batcher.reserve` before any work is done."""
 
-    def __init__(self, requested: int, available: int, capacity: int) -> None:
-        super().__init__(f"batch queue full: {requested} slot(s) requested, {available} of {capacity} free")
+    def __init__(self, requested: int, available: int, queue_limit: int) -> None:
+        super().__init__(f"batch queue full: {requested} slot(s) requested, {available} of {queue_limit} free")
         self.requested = requested
         self.available = available
-        self.capacity = capacity
+        self.queue_limit = queue_limit
 
 
 class BatcherStopped(Exception):
@@ -162,10 +124,81 @@ class BatchInfo:
     compute_s: float  # the handler call for the whole batch
 
 
+def dispatch_delay(
+    *,
+    queued: int,
+    oldest_wait_s: float,
+    on_their_way: int,
+    max_batch_size: int,
+    max_batch_delay_s: float,
+    dispatch_when_idle: bool,
+    draining: bool,
+) -> float:
+    """The batch rule: seconds until the queued items should go as a batch (0.0: now).
+
+    A batch goes when it is full, when its oldest item has waited `max_batch_delay_s`, when
+    the batcher drains, or (`dispatch_when_idle`) when no admitted item is still on its way:
+    waiting can then not fill it, so it would only add latency.
+    """
+    if queued >= max_batch_size or draining or (dispatch_when_idle and on_their_way == 0):
+        return 0.0
+    return max(0.0, max_batch_delay_s - oldest_wait_s)
+
+
 class _State(enum.Enum):
     QUEUED = enum.auto()
     DISPATCHED = enum.auto()
     DROPPED = enum.auto()
+
+
+class _Phase(enum.Enum):
+    NEW = enum.auto()  # not started
+    RUNNING = enum.auto()  # reserve() accepts work
+    FAILED = enum.auto()  # the dispatcher crashed: reserve() refuses, stop() still cleans up
+    DRAINING = enum.auto()  # stop() called: reserve() refuses; queued items go without delay
+    CLOSED = enum.auto()  # shut down: nothing runs any more, submit() refuses
+
+
+class _Slots:
+    """The `queue_limit` bound: reserved + queued + computing items, in one count."""
+
+    def __init__(self, limit: int, on_change: Callable[[], None]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.reserved = 0  # taken by reserve(), not yet submitted
+        self.draining = False
+        self.drained = asyncio.Event()  # set while draining once no slot is used
+        self._on_change = on_change
+
+    @property
+    def available(self) -> int:
+        return self.limit - self.used
+
+    def reserve(self, n: int) -> None:
+        if n > self.available:
+            raise QueueFull(n, self.available, self.limit)
+        self.used += n
+        self.reserved += n
+
+    def submitted(self) -> None:
+        """One reserved slot now holds a queued item (or is freed right after, if closed)."""
+        self.reserved -= 1
+
+    def unreserve(self, n: int) -> None:
+        """`n` reserved slots will never be submitted: fewer items on their way."""
+        self.reserved -= n
+        self.free(n)
+        self._on_change()
+
+    def free(self, n: int) -> None:
+        self.used -= n
+        if self.draining and self.used == 0:
+            self.drained.set()
+
+    def start_draining(self) -> None:
+        self.draining = True
+        if self.used == 0:
+            self.drained.set()
 
 
 @dataclass(eq=False, slots=True)
@@ -175,6 +208,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[tuple[R, BatchInfo]]
     enqueued_at: float  # loop.time()
     state: _State = _State.QUEUED
+    holds_slot: bool = True  # False once its slot was given back (cancelled mid-compute, or finished)
 
 
 @dataclass(eq=False, slots=True)
@@ -209,8 +243,9 @@ def _call_handler(handler: Callable[[Sequence[T]], Sequence[R]], items: list[T])
 class Reservation(Generic[T, R]):
     """`n` slots of a batcher's bound, held until submitted or released."""
 
-    def __init__(self, batcher: Batcher[T, R], n: int) -> None:
-        self._batcher = batcher
+    def __init__(self, slots: _Slots, enqueue: Callable[[T], asyncio.Future[tuple[R, BatchInfo]]], n: int) -> None:
+        self._slots = slots
+        self._enqueue = enqueue
         self._remaining = n
 
     @property
@@ -227,13 +262,14 @@ class Reservation(Generic[T, R]):
         if self._remaining <= 0:
             raise RuntimeError("reservation has no slot left: reserve one slot per item")
         self._remaining -= 1
-        return self._batcher._enqueue(item)
+        self._slots.submitted()
+        return self._enqueue(item)
 
     def release(self) -> None:
         """Give back the slots that were not submitted. Idempotent."""
         if self._remaining:
             n, self._remaining = self._remaining, 0
-            self._batcher._release_reserved(n)
+            self._slots.unreserve(n)
 
     def __enter__(self) -> Reservation[T, R]:
         return self
@@ -255,62 +291,55 @@ class Batcher(Generic[T, R]):
         handler: Callable[[Sequence[T]], Sequence[R]],
         *,
         max_batch_size: int,
-        max_delay_s: float,
-        max_queue: int,
+        max_batch_delay_s: float,
+        queue_limit: int,
+        max_in_flight_batches: int = 1,
         executor: concurrent.futures.Executor | None = None,
-        max_in_flight: int = 1,
         observer: BatchObserver | None = None,
         dispatch_when_idle: bool = True,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_delay_s < 0:
-            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        for name, value, least in (
+            ("max_batch_size", max_batch_size, 1),
+            ("max_batch_delay_s", max_batch_delay_s, 0),
+            ("queue_limit", queue_limit, 1),
+            ("max_in_flight_batches", max_in_flight_batches, 1),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         self._handler = handler
         self._max_batch_size = max_batch_size
-        self._max_delay_s = max_delay_s
-        self._max_queue = max_queue
-        self._max_in_flight = max_in_flight
+        self._max_batch_delay_s = max_batch_delay_s
+        self._max_in_flight_batches = max_in_flight_batches
         self._dispatch_when_idle = dispatch_when_idle
         self._observer: BatchObserver = observer if observer is not None else NullObserver()
         # An injected executor belongs to the caller; one we create is ours to shut down.
         self._executor = executor
         self._owns_executor = executor is None
 
+        self._wakeup = asyncio.Event()  # any change the dispatcher may care about
+        self._slots = _Slots(queue_limit, on_change=self._wakeup.set)
         # OrderedDict keyed by sequence number: FIFO order, O(1) removal of a cancelled entry.
         self._queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
-        self._used = 0  # reserved + queued + in-compute items: the bounded quantity
-        self._reserved = 0
         self._in_flight = 0
         self._active: dict[int, _Batch[T, R]] = {}
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
-
-        self._wakeup = asyncio.Event()  # any change the dispatcher may care about
-        self._drained = asyncio.Event()  # set when stopping and no slot is used
         self._stopped = asyncio.Event()
-        self._started = False
-        self._stop_called = False
-        self._stopping = False  # reserve() refuses; queued items dispatch without delay
-        self._closed = False  # shut down: nothing runs any more, submit() refuses
+        self._phase = _Phase.NEW
 
     # -- public state -----------------------------------------------------------------------
 
     @property
-    def capacity(self) -> int:
-        """The bound, in items (`max_queue`)."""
-        return self._max_queue
+    def queue_limit(self) -> int:
+        """The bound, in items."""
+        return self._slots.limit
 
     @property
     def available(self) -> int:
         """Free slots: how many items `reserve` would accept right now."""
-        return self._max_queue - self._used
+        return self._slots.available
 
     @property
     def queue_depth(self) -> int:
@@ -320,7 +349,7 @@ class Batcher(Generic[T, R]):
     @property
     def reserved(self) -> int:
         """Slots reserved but not yet submitted."""
-        return self._reserved
+        return self._slots.reserved
 
     @property
     def in_flight(self) -> int:
@@ -330,18 +359,22 @@ class Batcher(Generic[T, R]):
     @property
     def running(self) -> bool:
         """Started and not stopping: `reserve` accepts work."""
-        return self._started and not self._stopping
+        return self._phase is _Phase.RUNNING
+
+    @property
+    def _refusing(self) -> bool:
+        return self._phase in (_Phase.FAILED, _Phase.DRAINING, _Phase.CLOSED)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the dispatcher (and the worker threads, unless an executor was injected)."""
-        if self._started or self._stopping:
+        if self._phase is not _Phase.NEW:
             raise RuntimeError("a Batcher can be started only once")
-        self._started = True
+        self._phase = _Phase.RUNNING
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self._max_in_flight, thread_name_prefix="batcher"
+                max_workers=self._max_in_flight_batches, thread_name_prefix="batcher"
             )
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="batcher")
         self._dispatcher.add_done_callback(self._on_dispatcher_done)
@@ -351,24 +384,23 @@ class Batcher(Generic[T, R]):
 
         Idempotent; a concurrent second call waits for the first to finish.
         """
-        if self._stop_called:
+        if self._phase in (_Phase.DRAINING, _Phase.CLOSED):
             await self._stopped.wait()
             return
-        self._stop_called = True
-        self._stopping = True
+        started = self._phase is not _Phase.NEW
+        self._phase = _Phase.DRAINING
         self._wakeup.set()  # the dispatcher must stop waiting for delays
         try:
-            if self._started and (drain_timeout_s is None or drain_timeout_s > 0):
-                if self._used == 0:
-                    self._drained.set()
+            if started and (drain_timeout_s is None or drain_timeout_s > 0):
+                self._slots.start_draining()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+                    await asyncio.wait_for(self._slots.drained.wait(), drain_timeout_s)
         finally:
             # Also runs if the caller is cancelled mid-drain: nothing may stay pending.
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        self._closed = True
+        self._phase = _Phase.CLOSED
         tasks: list[asyncio.Task[None]] = list(self._batch_tasks)
         if self._dispatcher is not None:
             tasks.append(self._dispatcher)
@@ -390,28 +422,14 @@ class Batcher(Generic[T, R]):
         """Reserve `n` slots at once, or none: raises QueueFull / BatcherStopped. No awaits."""
         if n < 0:
             raise ValueError(f"cannot reserve a negative number of slots ({n})")
-        if self._stopping:
+        if self._refusing:
             raise BatcherStopped("batcher is stopping")
-        if n > self.available:
-            raise QueueFull(n, self.available, self._max_queue)
-        self._used += n
-        self._reserved += n
-        return Reservation(self, n)
-
-    def _release_reserved(self, n: int) -> None:
-        self._reserved -= n
-        self._release(n)
-        self._wakeup.set()  # fewer items on their way: a waiting batch may go now
-
-    def _release(self, n: int) -> None:
-        self._used -= n
-        if self._stopping and self._used == 0:
-            self._drained.set()
+        self._slots.reserve(n)
+        return Reservation(self._slots, self._enqueue, n)
 
     def _enqueue(self, item: T) -> asyncio.Future[tuple[R, BatchInfo]]:
-        self._reserved -= 1
-        if self._closed:
-            self._release(1)
+        if self._phase is _Phase.CLOSED:
+            self._slots.free(1)
             raise BatcherStopped("batcher is stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[R, BatchInfo]] = loop.create_future()
@@ -423,16 +441,25 @@ class Batcher(Generic[T, R]):
         return future
 
     def _on_future_done(self, entry: _Entry[T, R], future: asyncio.Future[tuple[R, BatchInfo]]) -> None:
-        # Fires for every completion; only a cancellation while still queued needs action.
-        if entry.state is _State.QUEUED and future.cancelled():
+        # Fires for every completion; only a cancellation needs action.
+        if not future.cancelled():
+            return
+        if entry.state is _State.QUEUED:
             self._drop([entry])
+        elif entry.state is _State.DISPATCHED and entry.holds_slot:
+            # Cancelled mid-compute (deadline, client gone): its slot goes back now, not when the
+            # batch ends, so a deadline storm does not turn into needless 503s. The abandoned item
+            # stays in memory until its batch ends: at most max_in_flight_batches x max_batch_size.
+            entry.holds_slot = False
+            self._slots.free(1)
+            self._wakeup.set()
 
     def _drop(self, entries: list[_Entry[T, R]]) -> None:
         """Remove queued entries whose futures were cancelled and give their slots back."""
         for entry in entries:
             entry.state = _State.DROPPED
             self._queue.pop(entry.seq, None)
-        self._release(len(entries))
+        self._slots.free(len(entries))
         self._observe(lambda: self._observer.on_dropped_cancelled(len(entries)))
         self._observe(lambda: self._observer.on_queue_depth(len(self._queue)))
         self._wakeup.set()  # the oldest item may have changed, and with it the deadline
@@ -445,7 +472,7 @@ class Batcher(Generic[T, R]):
             if not entry.future.done():
                 entry.future.set_exception(error)
         if entries:
-            self._release(len(entries))
+            self._slots.free(len(entries))
             self._observe(lambda: self._observer.on_queue_depth(0))
 
     # -- dispatching ------------------------------------------------------------------------
@@ -457,23 +484,24 @@ class Batcher(Generic[T, R]):
             # so no wake-up is lost (everything here runs on the loop thread, without awaits).
             self._wakeup.clear()
             wake_at: float | None = None
-            while self._queue and self._in_flight < self._max_in_flight:
+            while self._queue and self._in_flight < self._max_in_flight_batches:
                 oldest = next(iter(self._queue.values()))
-                deadline = oldest.enqueued_at + self._max_delay_s
-                # Waiting only pays while more items are on their way: an open reservation is a
-                # request already admitted and still uploading or decoding. With none, the batch
-                # cannot grow before its delay ends, so it goes now (at low load: no added latency).
-                nothing_coming = self._dispatch_when_idle and self._reserved == 0
-                if (
-                    len(self._queue) >= self._max_batch_size
-                    or self._stopping
-                    or nothing_coming
-                    or loop.time() >= deadline
-                ):
-                    self._dispatch(loop)
-                else:
-                    wake_at = deadline
+                now = loop.time()
+                # The delay counts from the oldest item's arrival, so items that already waited
+                # behind a busy handler go as soon as a compute slot frees up.
+                delay = dispatch_delay(
+                    queued=len(self._queue),
+                    oldest_wait_s=now - oldest.enqueued_at,
+                    on_their_way=self._slots.reserved,
+                    max_batch_size=self._max_batch_size,
+                    max_batch_delay_s=self._max_batch_delay_s,
+                    dispatch_when_idle=self._dispatch_when_idle,
+                    draining=self._refusing,
+                )
+                if delay > 0:
+                    wake_at = oldest.enqueued_at + self._max_batch_delay_s
                     break
+                self._dispatch(loop)
             if wake_at is None:
                 await self._wakeup.wait()
             else:
@@ -556,7 +584,10 @@ class Batcher(Generic[T, R]):
                 if not entry.future.done():
                     entry.future.set_exception(failure)
         self._in_flight -= 1
-        self._release(size)
+        held = sum(entry.holds_slot for entry in batch.entries)
+        for entry in batch.entries:
+            entry.holds_slot = False
+        self._slots.free(held)
         self._observe(lambda: self._observer.on_batch_end(batch.batch_id, size, duration_s, error))
         self._observe(lambda: self._observer.on_in_flight(self._in_flight))
         self._wakeup.set()  # a compute slot is free
@@ -567,7 +598,8 @@ class Batcher(Generic[T, R]):
         if task.cancelled() or task.exception() is None:
             return
         logger.error("batch dispatcher crashed", exc_info=task.exception())
-        self._stopping = True
+        if self._phase is _Phase.RUNNING:
+            self._phase = _Phase.FAILED
         self._fail_queued(BatcherStopped("batch dispatcher crashed"))
 
     def _observe(self, call: Callable[[], None]) -> None:

@@ -1,4 +1,5 @@
-"""The `lungserve` command: serve, plus the model tools (train, evaluate, export, upload).
+"""The `lungserve` command: serve, predict (a bulk client), and the model tools (train, evaluate,
+export, upload).
 
 The model tools need the `export` extra (TensorFlow); they are imported lazily so a
 serving-only install has a working `lungserve serve` and a clear message otherwise.
@@ -27,32 +28,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
     import signal
 
-    import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
+    from service.access import ApiKeysFileError
+    from service.app import GrpcUnavailable, create_app
     from service.logs import configure_logging
-    from service.settings import Settings
+    from service.server import build_server
+    from service.settings import Settings, describe_error
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = Settings(**overrides)  # LUNGSERVE_* from the environment, flags win
     except ValidationError as exc:
-        print(f"lungserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
+    except (ApiKeysFileError, GrpcUnavailable) as exc:
+        print(f"lungserve serve: {exc}", file=sys.stderr)
         return 2
     # JSON lines on stderr (LUNGSERVE_LOG_JSON, LUNGSERVE_LOG_LEVEL) for ours and uvicorn's
     # loggers; uvicorn's own access log is off: RequestContextMiddleware writes one per request.
     configure_logging(settings.log_level, json=settings.log_json)
     logging.getLogger("service.cli").info(
         "serving %s on http://%s:%d with 1 uvicorn worker (one process = one model, one batch queue)",
-        settings.model_uri, settings.host, settings.port,
+        settings.model_uri,
+        settings.host,
+        settings.port,
     )
-    # log_config=None: uvicorn leaves the logging set up above alone.
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, workers=1, lifespan="on",
-        log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )
-    server = uvicorn.Server(config)
+    # Connection guards, timeouts and the shutdown order: service/server.py.
+    server, sockets = build_server(app, settings)
 
     def graceful(signum: int, frame: object) -> None:
         # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
@@ -62,7 +67,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -72,17 +77,53 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Classify files and folders into CSV/JSONL; exit 1 if any file failed, 2 if the run could not."""
+    import asyncio
+
+    from service.bulk import RunOptions, UsageError, run
+    from service.client import RetryPolicy
+
+    # The summary and the progress bar are the output; per-request INFO lines would drown them.
+    logging.getLogger().setLevel(logging.WARNING)
+
+    options = RunOptions(
+        url=args.url,
+        local=args.local,
+        concurrency=args.concurrency,
+        api_key=args.api_key,
+        progress=not args.no_progress,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+    )
+    try:
+        summary = asyncio.run(run(args.paths, args.out, options))
+    except UsageError as exc:
+        print(f"lungserve predict: {exc}", file=sys.stderr)
+        return 2
+    print(summary.text(args.out), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     try:
         from export.train import TrainConfig, train
     except ImportError as exc:
         return _export_extra_missing(exc)
     cfg = TrainConfig(
-        data=args.data, out=args.out, input_size=args.input_size, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-        val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-        allow_image_split=args.allow_image_split, max_steps=args.max_steps,
-        split_from=args.split_from, resume=args.resume, ema_decay=args.ema_decay,
+        data=args.data,
+        out=args.out,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        cache_dir=args.cache_dir,
+        allow_image_split=args.allow_image_split,
+        max_steps=args.max_steps,
+        split_from=args.split_from,
+        resume=args.resume,
+        ema_decay=args.ema_decay,
     )
     train(cfg)
     return 0
@@ -105,13 +146,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if "decision" in part:
             print(json.dumps({"decision": part["decision"]}))
         return 0
-    report = evaluate(args.model, args.data, args.out, validation_groups_only=args.validation_groups,
-                      cache_dir=args.cache_dir)
+    report = evaluate(
+        args.model, args.data, args.out, validation_groups_only=args.validation_groups, cache_dir=args.cache_dir
+    )
     print(json.dumps({k: report[k] for k in ("subset", "n", "accuracy", "balanced_accuracy", "ece")}))
     for name, m in report["per_class"].items():
         print(
-            f"{name:>10}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  "
-            f"f1 {m['f1']:.4f}  n={m['support']}"
+            f"{name:>10}  precision {m['precision']:.4f}  recall {m['recall']:.4f}  f1 {m['f1']:.4f}  n={m['support']}"
         )
     return 0
 
@@ -131,8 +172,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.run is not None:
         from export.bundle import bundle
 
-        manifest = bundle(args.run, args.out, data=args.data, cache_dir=args.cache_dir, weights=args.weights,
-                          version=args.version, docs=args.docs)
+        manifest = bundle(
+            args.run,
+            args.out,
+            data=args.data,
+            cache_dir=args.cache_dir,
+            weights=args.weights,
+            version=args.version,
+            docs=args.docs,
+        )
         print(f"wrote {args.out}/model.onnx and model.json: version {manifest.version}, sha256 {manifest.sha256}")
         return 0
     if args.keras is None:
@@ -149,10 +197,11 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
     from export.upload import upload
     from service.errors import ModelSourceError
+    from service.model_source import S3Options
 
+    s3 = S3Options(endpoint_url=args.endpoint_url, region=args.region)
     try:
-        uris = asyncio.run(upload(args.dir, args.uri, endpoint_url=args.endpoint_url, region=args.region,
-                                  create_bucket=args.create_bucket))
+        uris = asyncio.run(upload(args.dir, args.uri, s3=s3, create_bucket=args.create_bucket))
     except ModelSourceError as exc:
         print(f"lungserve upload: {exc}", file=sys.stderr)
         return 1
@@ -162,13 +211,56 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import os
+
+    from service import __version__
+    from service.settings import describe_settings
+
     parser = argparse.ArgumentParser(prog="lungserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lungserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)",
+        description="Serve the model over HTTP with one uvicorn worker. Every setting is an environment variable.",
+        epilog="settings (environment variables):\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or LUNGSERVE_HOST)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000, or LUNGSERVE_PORT)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files and folders into a CSV or JSONL file (resumable)",
+        description=(
+            "Classify images with a lungserve server (or --local: in this process). Folders are walked "
+            "for .jpg/.jpeg/.png/.tif/.tiff/.bmp files; requests fit the server's limits (GET /model); "
+            "503 answers are retried after Retry-After. Re-running the same command skips files that "
+            "already have a successful row in --out. Exit status: 0 all classified, 1 some file "
+            "failed (see its error column), 2 the run could not start."
+        ),
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders")
+    p.add_argument("--out", type=Path, required=True, help="result file: .csv or .jsonl")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LUNGSERVE_URL", "http://127.0.0.1:8000"),
+        help="server URL (default: $LUNGSERVE_URL or http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--local", action="store_true", help="no server: run the service in this process (LUNGSERVE_* settings)"
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("LUNGSERVE_API_KEY"), help="API key (default: $LUNGSERVE_API_KEY)"
+    )
+    p.add_argument(
+        "--max-attempts", type=int, default=8, help="tries per request when the server sheds load (default 8)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("train", help="train the CNN on a folder-per-class image set, split by group")
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class (+ groups.csv)")
@@ -177,16 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=22)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each class's groups held out, then halved into select and test")
-    p.add_argument("--split-from", type=Path, default=None,
-                   help="hold out the `validation_groups` of this model.json instead (keeps that model comparable)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of each class's groups held out, then halved into select and test",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="hold out the `validation_groups` of this model.json instead (keeps that model comparable)",
+    )
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", type=Path, default=None, help="decoded-array cache (default: OUT/cache)")
-    p.add_argument("--allow-image-split", action="store_true",
-                   help="permit an image-level split when there is no groups.csv (leaks near-copies)")
+    p.add_argument(
+        "--allow-image-split",
+        action="store_true",
+        help="permit an image-level split when there is no groups.csv (leaks near-copies)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
@@ -194,28 +297,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model.onnx (with model.json beside it) or a .keras file")
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     p.add_argument("--out", type=Path, default=None, help="write evaluation.json and PNG plots here")
-    p.add_argument("--validation-groups", action="store_true",
-                   help="only the tissue groups the model was validated on (from its manifest)")
-    p.add_argument("--split", choices=("select", "test"), default=None,
-                   help="one part of the 3-way group split, with group-bootstrap 95%% intervals")
-    p.add_argument("--split-from", type=Path, default=None,
-                   help="model.json whose split to use (default: the model's own; judges models on the same groups)")
+    p.add_argument(
+        "--split",
+        choices=("select", "test"),
+        default=None,
+        help="one part of the 3-way group split, with group-bootstrap 95%% intervals",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="model.json whose split to use (default: the model's own; judges models on the same groups)",
+    )
+    p.add_argument(
+        "--validation-groups",
+        action="store_true",
+        help="only the tissue groups the model was validated on (from its manifest)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="convert a Keras checkpoint to ONNX + model.json, with a parity check")
     p.add_argument("--keras", type=Path, default=None, help="a single-output checkpoint, e.g. RUN/calibrated.keras")
-    p.add_argument("--run", type=Path, default=None,
-                   help="a `lungserve train` run folder: the full v2 graph (ood_score, feature_maps, cam_weights) "
-                        "+ decision fitted on the select groups")
-    p.add_argument("--weights", choices=("best", "ema", "online"), default="best",
-                   help="with --run: best EMA checkpoint on select (default), latest EMA, or latest raw weights")
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a `lungserve train` run folder: the full v2 graph (ood_score, feature_maps, cam_weights) "
+        "+ decision fitted on the select groups",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("best", "ema", "online"),
+        default="best",
+        help="with --run: best EMA checkpoint on select (default), latest EMA, or latest raw weights",
+    )
     p.add_argument("--data", type=Path, default=None, help="with --run: data folder (default: the run's)")
     p.add_argument("--cache-dir", type=Path, default=None, help="with --run: decoded-array cache")
     p.add_argument("--docs", type=Path, default=None, help="with --run: write risk_coverage.png here")
     p.add_argument("--out", type=Path, required=True, help="folder for model.onnx and model.json")
-    p.add_argument("--parity-images", type=Path, default=None,
-                   help="folder of real images (default: RUN/parity_images.npy written by train)")
+    p.add_argument(
+        "--parity-images",
+        type=Path,
+        default=None,
+        help="folder of real images (default: RUN/parity_images.npy written by train)",
+    )
     p.add_argument("--version", default=None, help="default: DATE-<checkpoint sha256 prefix>")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("upload", help="put model.onnx + model.json under an S3 prefix (model first, manifest last)")

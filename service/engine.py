@@ -1,8 +1,9 @@
-"""ONNX Runtime inference: one session per model, provider policy, warm-up, `run(batch)`.
+"""ONNX Runtime inference: one session per model, provider policy, warm-up, `infer(batch)`.
 
 The engine knows nothing about HTTP, batching or where the model bytes came from: it is
 given an `.onnx` path and the manifest that describes it, checks that they agree, and
-turns a uint8 batch (N, S, S, 3) into float32 probabilities (N, C).
+turns a uint8 batch (N, S, S, 3) into float32 probabilities (N, C), plus the model's
+out-of-distribution score (N,) when the manifest's `outputs` lists one.
 
 Provider policy (`auto | cuda | cpu`) is decided by two pure functions so it can be tested
 on a machine without a GPU: `choose_providers` (what to ask ORT for) and `check_active`
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -21,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.errors import ModelSourceError
+from service.errors import ModelSourceError, one_line
 from service.manifest import Manifest
 from service.preprocess import RESIZE
 from service.settings import ProviderPolicy
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 CUDA: Final = "CUDAExecutionProvider"
 CPU: Final = "CPUExecutionProvider"
+
+# Roles of graph outputs in the manifest's `outputs` (the model v2 contract).
+PROBABILITIES: Final = "probabilities"
+OOD_SCORE: Final = "ood_score"
 
 # Warm-up probabilities must sum to 1 within this: a model exporting logits would
 # otherwise be served with meaningless "confidence" values.
@@ -131,6 +137,24 @@ def validate_signature(manifest: Manifest, inputs: Sequence[_NodeArg], outputs: 
     n_classes = len(manifest.classes)
     if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != n_classes):
         raise fail(f"graph output shape is {oshape}, expected [batch, {n_classes}] ({n_classes} classes)")
+    roles = manifest.outputs or {}
+    if roles.get(PROBABILITIES, manifest.output_name) != manifest.output_name:
+        raise fail(f"outputs.{PROBABILITIES} is {roles[PROBABILITIES]!r} but output_name is {manifest.output_name!r}")
+    ood_name = roles.get(OOD_SCORE)
+    if ood_name is not None:
+        ood = by_name.get(ood_name)
+        if ood is None:
+            raise fail(f"manifest lists ood_score output {ood_name!r}; the graph has {sorted(by_name)}")
+        if ood.type != "tensor(float)" or len(list(ood.shape)) != 1:
+            raise fail(f"graph output {ood_name!r} is {ood.type} {list(ood.shape)}, expected float [batch]")
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What the serving hot path fetches from the graph for a batch of N images."""
+
+    probabilities: NDArray[np.float32]  # (N, C), manifest class order
+    ood_score: NDArray[np.float32] | None  # (N,), larger = further from the training data; None: no such output
 
 
 class Engine:
@@ -166,27 +190,24 @@ class Engine:
         try:
             self._session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=requested)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise ModelSourceError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+            raise ModelSourceError(
+                f"not a loadable ONNX model: {onnx_path.name}: onnxruntime cannot load it: {one_line(exc, 200)}"
+            ) from exc
 
+        ood_name = (manifest.outputs or {}).get(OOD_SCORE)
+        self._fetch = [manifest.output_name] + ([ood_name] if ood_name is not None else [])
         self._provider = check_active(provider, self._session.get_providers())
-        validate_signature(manifest, self._session.get_inputs(), self._session.get_outputs())
+        try:
+            validate_signature(manifest, self._session.get_inputs(), self._session.get_outputs())
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"manifest does not fit the model: {one_line(exc)}") from exc
         if provider == "auto" and CUDA in requested and self._provider != CUDA:
             log.warning("CUDA provider is installed but not active; running on %s", self._provider)
-        log.info(
-            "model %s %s loaded on %s (requested %s)", manifest.name, manifest.version, self._provider, requested
-        )
+        log.info("model %s %s loaded on %s (requested %s)", manifest.name, manifest.version, self._provider, requested)
 
     @property
     def manifest(self) -> Manifest:
         return self._manifest
-
-    @property
-    def version(self) -> str:
-        return self._manifest.version
-
-    @property
-    def name(self) -> str:
-        return self._manifest.name
 
     @property
     def provider(self) -> str:
@@ -194,29 +215,44 @@ class Engine:
         return self._provider
 
     @property
+    def has_ood_score(self) -> bool:
+        """The graph's ood_score output is fetched with every batch."""
+        return len(self._fetch) > 1
+
+    @property
     def input_size(self) -> int:
         return self._manifest.input_size
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self._manifest.classes)
-
     def run(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
         """uint8 (N, S, S, 3) -> float32 probabilities (N, C), in manifest class order."""
+        return self.infer(batch).probabilities
+
+    def infer(self, batch: NDArray[np.uint8]) -> ModelOutputs:
+        """uint8 (N, S, S, 3) -> probabilities, and the ood_score when the manifest lists one.
+
+        Only these two: the graph's other outputs (feature maps, Grad-CAM weights) cost memory
+        and copies that the hot path does not need.
+        """
         size = self._manifest.input_size
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
             raise ValueError(f"batch must be uint8 (N, {size}, {size}, 3), got {batch.dtype} {batch.shape}")
-        (out,) = self._session.run([self._manifest.output_name], {self._manifest.input_name: batch})
-        probs = np.asarray(out, dtype=np.float32)
-        if probs.shape != (batch.shape[0], len(self._manifest.classes)):
-            raise ValueError(f"model returned shape {probs.shape} for a batch of {batch.shape[0]}")
-        return probs
+        n = batch.shape[0]
+        outs = self._session.run(self._fetch, {self._manifest.input_name: batch})
+        probs = np.asarray(outs[0], dtype=np.float32)
+        if probs.shape != (n, len(self._manifest.classes)):
+            raise ValueError(f"model returned shape {probs.shape} for a batch of {n}")
+        ood = None
+        if len(outs) > 1:
+            ood = np.asarray(outs[1], dtype=np.float32)
+            if ood.shape != (n,):
+                raise ValueError(f"model returned ood_score shape {ood.shape} for a batch of {n}")
+        return ModelOutputs(probs, ood)
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every batch shape once, so no request pays for lazy allocation or kernel tuning.
 
-        Also the last line of defence for the manifest contract: the output must be a
-        probability row per image.
+        Together with `__init__` this is the model's one verification (ONNX Runtime loads it, its
+        signature fits the manifest, every batch shape yields a probability row per image).
         """
         size = self._manifest.input_size
         sizes = list(batch_sizes)
@@ -224,13 +260,16 @@ class Engine:
             # Mid-grey rather than zeros: closer to real input for any data-dependent path.
             batch = np.full((n, size, size, 3), 128, dtype=np.uint8)
             try:
-                probs = self.run(batch)
+                outputs = self.infer(batch)
             except ValueError as exc:
                 raise ModelSourceError(f"warm-up with batch {n} failed: {exc}") from exc
+            probs = outputs.probabilities
+            if outputs.ood_score is not None and not np.all(np.isfinite(outputs.ood_score)):
+                raise ModelSourceError(f"warm-up with batch {n}: ood_score is not finite")
             if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
                 raise ModelSourceError(f"warm-up with batch {n}: output is not probabilities in [0, 1]")
             if np.max(np.abs(probs.sum(axis=1) - 1.0)) > _PROB_SUM_TOLERANCE:
-                raise ModelSourceError(f"warm-up with batch {n}: output rows do not sum to 1")
+                raise ModelSourceError(f"warm-up with batch {n}: output rows do not sum to 1 (not probabilities)")
         log.info("warm-up done for batch sizes %s", _describe(sizes))
 
 

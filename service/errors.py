@@ -56,6 +56,13 @@ class UnsupportedMediaType(BadRequest):
     status = 415
 
 
+class UploadTooSlow(BadRequest):
+    """The body arrived slower than the minimum upload rate: its slot goes to someone else."""
+
+    code = "upload_too_slow"
+    status = 408
+
+
 class TooManyFiles(LungserveError):
     code = "too_many_files"
     status = 413
@@ -77,9 +84,27 @@ class Overloaded(LungserveError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRequests(LungserveError):
+    """Too many failed attempts from one client (admin authentication): wait before retrying."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(LungserveError):
     code = "deadline_exceeded"
     status = 504
+
+
+class ClientGone(LungserveError):
+    """The client disconnected while its images were waiting; nobody reads this answer."""
+
+    code = "client_closed_request"
+    status = 499  # nginx's convention; only ever seen in logs and metrics
 
 
 class ModelNotReady(LungserveError):
@@ -120,6 +145,12 @@ class ModelRejected(LungserveError):
     status = 409
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """Collapse whitespace (multi-line library errors) and cap the length: one log line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class HttpError:
     status: int
@@ -127,14 +158,40 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def http_error(exc: LungserveError, request_id: str | None = None) -> HttpError:
-    """The one place where a domain error becomes an HTTP answer."""
+def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool = False) -> HttpError:
+    """The one place where a domain error becomes an HTTP answer.
+
+    `oip`: the Open Inference Protocol's shape, `{"error": "message"}` (routes under /v2);
+    same status and headers.
+    """
     error: dict[str, Any] = {"code": exc.code, "message": exc.message}
     if request_id is not None:
         error["request_id"] = request_id
     headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, TooManyRequests)):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return HttpError(status=exc.status, body={"error": error}, headers=headers)
+    body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
+    return HttpError(status=exc.status, body=body, headers=headers)
+
+
+# gRPC status code names (grpc.StatusCode members) by HTTP status: the OIP gRPC door's side
+# of the same mapping. Names, not grpc objects: this module imports no framework.
+_GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_status(exc: LungserveError) -> str:
+    """The gRPC status of a domain error (its message goes in the status details)."""
+    return _GRPC_STATUS.get(exc.status, "INTERNAL")

@@ -15,7 +15,7 @@
   model version.
 
 Nothing here ever logs image content, file names or raw paths: they may hold patient
-identifiers. Routes are logged as their template (`/v1/predict`), never the URL.
+identifiers. Routes are logged as their template (`/predict`), never the URL.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ access_logger = logging.getLogger("lungserve.access")
 
 # --- request ids ------------------------------------------------------------------------
 
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -62,6 +63,7 @@ def accept_request_id(value: str | None) -> str:
 
 
 # --- the per-request record the API fills ------------------------------------------------
+
 
 @dataclass
 class RequestTiming:
@@ -105,6 +107,7 @@ class RequestContext:
     timing: RequestTiming = field(default_factory=RequestTiming)
     model_version: str | None = None
     images: int = 0
+    api_key: str | None = None  # the caller's key *name* (service.access); never the key
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("lungserve_request", default=None)
@@ -138,12 +141,13 @@ def request_context_from_scope(scope: Scope) -> RequestContext | None:
 
 
 def route_template(scope: Scope) -> str:
-    """`/v1/models/{name}` rather than the URL: bounded, and free of user data."""
+    """The route's template (a path with `{parameters}`), not the URL: bounded, free of user data."""
     path = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) and path else UNMATCHED_ROUTE
 
 
 # --- middleware ----------------------------------------------------------------------------
+
 
 class RequestObserver(Protocol):
     """What the middleware needs from `service.metrics.Metrics`."""
@@ -208,9 +212,7 @@ class RequestContextMiddleware:
             )
 
 
-def _access_fields(
-    ctx: RequestContext, method: str, route: str, status: int, duration: float
-) -> dict[str, Any]:
+def _access_fields(ctx: RequestContext, method: str, route: str, status: int, duration: float) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "request_id": ctx.request_id,
         "method": method,
@@ -230,6 +232,8 @@ def _access_fields(
         fields["inference_s"] = round(t.inference_s, 6)
     if ctx.model_version is not None:
         fields["model_version"] = ctx.model_version
+    if ctx.api_key is not None:
+        fields["api_key"] = ctx.api_key
     return fields
 
 
@@ -237,7 +241,8 @@ def _access_fields(
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime",
+    "message",
+    "asctime",
     "color_message",  # uvicorn's copy of the message with ANSI colour codes
 }
 

@@ -42,7 +42,7 @@ across instances in queries. This is Triton's model too: one server per GPU, its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
@@ -55,7 +55,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 from service.errors import (
+    ClientGone,
     DeadlineExceeded,
     ImageTooLarge,
     InferenceFailed,
@@ -69,6 +71,7 @@ from service.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
     from service.batcher import BatchInfo
+    from service.model_source import ModelIdentity
     from service.runtime import Classified
 
 PREFIX: Final = "lungserve"
@@ -79,15 +82,22 @@ API reports it: ok: classified; invalid: not a decodable image; too_large: over 
 pixel limit; rejected: refused before compute (queue full, deadline, shutting down);
 error: its batch's model run failed.
 
-The sixth outcome, "cancelled" (the client went away before compute), is counted by the
-batcher observer (`on_dropped_cancelled`), the only place that knows; the API never
-reports it, so nothing is counted twice.
+The sixth outcome, "cancelled": the image's request was cancelled before its answer (the
+client went away, or the request deadline passed while it was decoding, queued or computing);
+counted by `PredictionMetrics.on_image_abandoned`. Every admitted image ends in exactly one
+outcome.
 """
 IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
 
 RejectReason = Literal["queue_full", "deadline", "bad_input", "shutting_down", "not_ready"]
 """Why a request was refused (label `reason` of `lungserve_rejected_total`)."""
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(RejectReason)
+
+# `reason` label of lungserve_decisions_total for an accepted image (a label cannot be null).
+NO_REASON: Final = "none"
+DECISION_LABELS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (d.decision, d.reason or NO_REASON) for d in (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
+)
 
 # Latency buckets for ms-scale work: decode and queue waits are usually 0.5-50 ms, a CPU
 # batch of 32 tiles can take a second, a whole request under overload several seconds.
@@ -129,62 +139,109 @@ class Metrics:
         r = registry
 
         self.requests = Counter(
-            f"{PREFIX}_requests", "HTTP requests by route template and status class.",
-            ["route", "status"], registry=r,
+            f"{PREFIX}_requests",
+            "HTTP requests by route template and status class.",
+            ["route", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Time from receiving a request to the end of its response, by route template.",
-            ["route"], buckets=REQUEST_BUCKETS, registry=r,
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self.images = Counter(
-            f"{PREFIX}_images", "Uploaded images by outcome.", ["outcome"], registry=r,
+            f"{PREFIX}_images",
+            "Uploaded images by outcome.",
+            ["outcome"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Time each image waited in the batcher's queue before its batch started.",
-            buckets=QUEUE_BUCKETS, registry=r,
+            buckets=QUEUE_BUCKETS,
+            registry=r,
         )
         self.decode = Histogram(
-            f"{PREFIX}_decode_seconds", "Time to decode and resize one image.",
-            buckets=DECODE_BUCKETS, registry=r,
+            f"{PREFIX}_decode_seconds",
+            "Time to decode and resize one image.",
+            buckets=DECODE_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
             f"{PREFIX}_inference_seconds",
             "Model run time per batch (successful or failed).",
-            buckets=INFERENCE_BUCKETS, registry=r,
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Images per batch sent to the model.",
-            buckets=batch_size_buckets(max_batch_size), registry=r,
+            f"{PREFIX}_batch_size",
+            "Images per batch sent to the model.",
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
         )
         self.batch_failures = Counter(
-            f"{PREFIX}_batch_failures", "Batches whose model run raised an error.", registry=r,
+            f"{PREFIX}_batch_failures",
+            "Batches whose model run raised an error.",
+            registry=r,
         )
         self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Images waiting in the batcher's queue.", registry=r,
+            f"{PREFIX}_queue_depth",
+            "Images waiting in the batcher's queue.",
+            registry=r,
         )
         self.batches_in_flight = Gauge(
-            f"{PREFIX}_batches_in_flight", "Batches currently running in the model.", registry=r,
+            f"{PREFIX}_batches_in_flight",
+            "Batches currently running in the model.",
+            registry=r,
+        )
+        self.uploads_in_flight = Gauge(
+            f"{PREFIX}_uploads_in_flight", "Request bodies being received (upload slots taken).", registry=r
+        )
+        self.body_bytes_in_flight = Gauge(
+            f"{PREFIX}_body_bytes_in_flight", "Request body bytes admitted and held in memory.", registry=r
         )
         self.rejected_requests = Counter(
-            f"{PREFIX}_rejected", "Requests refused before compute, by reason.", ["reason"], registry=r,
+            f"{PREFIX}_rejected",
+            "Requests refused before compute, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.predictions = Counter(
-            f"{PREFIX}_predictions", "Predicted class of each classified image (watch for drift).",
-            ["label"], registry=r,
+            f"{PREFIX}_predictions",
+            "Predicted class of each classified image (watch for drift).",
+            ["label"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            f"{PREFIX}_decisions",
+            "Refer decision of each classified image: accept, or refer with its reason (none when accepted).",
+            ["decision", "reason"],
+            registry=r,
         )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The model being served: always 1, the information is in the labels.",
-            ["name", "version", "sha256", "provider"], registry=r,
+            ["name", "version", "sha256", "provider"],
+            registry=r,
         )
         self.model_ready = Gauge(
-            f"{PREFIX}_model_ready", "1 when a verified, warmed-up model is accepting requests.", registry=r,
+            f"{PREFIX}_model_ready",
+            "1 when a verified, warmed-up model is accepting requests.",
+            registry=r,
         )
         self.cancelled = Counter(
             f"{PREFIX}_cancelled",
-            "Images dropped before compute because their client went away.", registry=r,
+            "Images dropped before compute because their client went away.",
+            registry=r,
+        )
+        # Only with LUNGSERVE_API_KEYS_FILE: the key's *name* (bounded by the file), never the key.
+        self.api_key_requests = Counter(
+            f"{PREFIX}_api_key_requests",
+            "Requests to key-protected routes by API key name (none: no or an unknown key) and outcome.",
+            ["key", "outcome"],
+            registry=r,
         )
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds... under their
         # standard names (no prefix) so stock dashboards work. Linux /proc; empty elsewhere.
@@ -198,8 +255,14 @@ class Metrics:
             self.images.labels(outcome=outcome)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason=reason)
+        for d in DECISION_LABELS:
+            self.decisions.labels(*d)
 
     # --- called by the request middleware and the API ---------------------------------
+
+    def api_key_request(self, name: str | None, outcome: str) -> None:
+        """outcome: ok | missing | invalid (service.access)."""
+        self.api_key_requests.labels(key=name or "none", outcome=outcome).inc()
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route=route, status=status_class(status)).inc()
@@ -222,14 +285,23 @@ class Metrics:
         """`label` is one of the served model's classes: bounded by the manifest."""
         self.predictions.labels(label=label).inc()
 
-    def set_model(self, name: str, version: str, sha256: str, provider: str) -> None:
+    def decision(self, decision: Decision) -> None:
+        """One image's refer decision; the label sets are the three of DECISION_LABELS."""
+        self.decisions.labels(decision=decision.decision, reason=decision.reason or NO_REASON).inc()
+
+    def set_model(self, identity: ModelIdentity, provider: str) -> None:
         """Publish the served model; a previous model's label set is removed, so exactly
         one `lungserve_model_info` series is 1 at any time."""
-        labels = (name, version, sha256[:SHA256_PREFIX_LEN], provider)
+        labels = (identity.name, identity.version, identity.sha256[:SHA256_PREFIX_LEN], provider)
         if self._model_labels is not None and self._model_labels != labels:
             self.model_info.remove(*self._model_labels)
         self._model_labels = labels
         self.model_info.labels(*labels).set(1)
+
+    def watch_uploads(self, uploads: Callable[[], float], body_bytes: Callable[[], float]) -> None:
+        """Read the upload gate's counts at scrape time."""
+        self.uploads_in_flight.set_function(uploads)
+        self.body_bytes_in_flight.set_function(body_bytes)
 
     def set_ready(self, ready: bool) -> None:
         self.model_ready.set(1 if ready else 0)
@@ -296,18 +368,14 @@ class BatcherMetrics:
         self._in_flight = batches
 
     def on_dropped_cancelled(self, count: int) -> None:
+        # images_total{outcome="cancelled"} is counted per request (`on_image_abandoned`), which
+        # also sees images abandoned while decoding or computing; here only the queue's view.
         self.metrics.cancelled.inc(count)
-        self.metrics.images.labels(outcome="cancelled").inc(count)
-
-
-# The runtime's `ClientGone` (status 499) is matched by code: importing service.runtime here
-# would pull ONNX Runtime into every importer of this module.
-_CLIENT_GONE_CODE: Final = "client_closed_request"
 
 
 def image_outcome_for(error: LungserveError) -> ImageOutcome | None:
     """The `images_total` outcome of an image that got `error` (None: counted elsewhere)."""
-    if error.code == _CLIENT_GONE_CODE:
+    if isinstance(error, ClientGone):
         return None  # dropped in the queue: the batcher observer counts it as "cancelled"
     if isinstance(error, ImageTooLarge):
         return "too_large"
@@ -333,7 +401,7 @@ def reject_reason_for(error: LungserveError) -> RejectReason | None:
         return "shutting_down"
     if isinstance(error, ModelNotReady):
         return "not_ready"
-    if error.code == _CLIENT_GONE_CODE or isinstance(error, (InvalidImage, ImageTooLarge)):
+    if isinstance(error, (ClientGone, InvalidImage, ImageTooLarge)):
         return None
     if 400 <= error.status < 500:
         return "bad_input"  # the request itself: not multipart, missing field, too many files...
@@ -360,6 +428,7 @@ class PredictionMetrics:
     def on_classified(self, result: Classified, info: BatchInfo) -> None:
         self.metrics.image_outcome("ok")
         self.metrics.prediction(result.label)
+        self.metrics.decision(result.decision)
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1
@@ -370,6 +439,12 @@ class PredictionMetrics:
         outcome = image_outcome_for(error)
         if outcome is not None:
             self.metrics.image_outcome(outcome)
+        ctx = current_request()
+        if ctx is not None:
+            ctx.images += 1
+
+    def on_image_abandoned(self) -> None:
+        self.metrics.images.labels(outcome="cancelled").inc()
         ctx = current_request()
         if ctx is not None:
             ctx.images += 1

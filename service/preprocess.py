@@ -9,7 +9,10 @@ Pure functions, no I/O beyond the bytes given: safe to run in a thread pool.
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -34,43 +37,126 @@ _BACKGROUND: Final = (255, 255, 255)
 # A truncated upload must be an error, never a half-grey image classified as tissue.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Exactly the documented formats, handed to `Image.open(formats=...)`: Pillow then never runs
+# another plugin's parser on an upload (GIF, WebP, ICO, PCX, PPM ... and EPS, whose loader
+# would start Ghostscript). MPO is how Pillow names a JPEG carrying a second (preview) picture.
+ALLOWED_FORMATS: Final = ("JPEG", "PNG", "TIFF", "BMP")
+_ACCEPTED: Final = frozenset((*ALLOWED_FORMATS, "MPO"))
+_JPEG_FAMILY: Final = frozenset(("JPEG", "MPO"))
+NOT_AN_IMAGE: Final = "not a decodable image (expected JPEG, PNG, TIFF or BMP)"
 
-def load_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: bool = True) -> NDArray[np.uint8]:
-    """Decode `data` and return a C-contiguous (size, size, 3) uint8 RGB array.
+# libjpeg meets an end-of-image marker before the last scan line (a truncated file with EOI
+# appended, or a header edited to claim more lines) with a warning only, and fills the missing
+# blocks with zero coefficients: mid-grey 128 in every channel. Pillow does not surface that
+# warning, so the fill itself is the evidence: a decoded JPEG whose last pixel row is exactly
+# this grey is refused. (A JPEG that is a uniform 128 grey everywhere is refused too: it is no
+# tissue image either.)
+_JPEG_FILL: Final = 128
+_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 
-    Raises InvalidImage for anything that is not a complete, decodable image and
-    ImageTooLarge when the declared pixel count exceeds `max_pixels` (checked from the
-    header, before the pixels are decoded).
-    """
+
+@dataclass(frozen=True)
+class Probe:
+    """What the header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    # Pixels the decoder will produce: fewer than width x height when a JPEG is decoded
+    # DCT-reduced (draft), the same otherwise (PNG, TIFF and BMP have no reduced decode).
+    decode_pixels: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise InvalidImage("the file is empty")
     try:
         with warnings.catch_warnings():
-            # Our own max_pixels check below is the policy; Pillow's global bomb
-            # warning would otherwise escape as a warning (an error under pytest).
+            # Our own max_pixels check is the policy; Pillow's global bomb warning would
+            # otherwise escape as a warning (an error under pytest).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image has too many pixels: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage("not a decodable image (expected JPEG, PNG, TIFF or BMP)") from exc
-    with img:
+        # Pillow refuses far beyond our limit by itself (2 x its MAX_IMAGE_PIXELS); quote ours.
+        found = _BOMB_SIZE.search(str(exc))
+        size = f"{found.group(1)} pixels" if found else "more pixels than Pillow will open"
+        raise ImageTooLarge(f"image is {size}; the limit is LUNGSERVE_MAX_IMAGE_PIXELS = {max_pixels}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise InvalidImage(NOT_AN_IMAGE) from exc
+    if img.format not in _ACCEPTED:  # defence in depth: a plugin registered under another name
+        img.close()
+        raise InvalidImage(NOT_AN_IMAGE)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise InvalidImage("image has no pixels")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; "
+            f"the limit is LUNGSERVE_MAX_IMAGE_PIXELS = {max_pixels}"
+        )
+    return img
+
+
+def _draft_scale(img: Image.Image, size: int, draft: bool) -> int:
+    """The DCT reduction (1, 2, 4 or 8) Pillow's draft mode will use for this JPEG."""
+    if not draft or img.format not in _JPEG_FAMILY:
+        return 1
+    width, height = img.size
+    if min(width, height) < 2 * size:
+        return 1
+    scale = 1
+    while scale < 8 and min(width, height) // (scale * 2) >= size:
+        scale *= 2
+    return scale
+
+
+def probe_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: bool = True) -> Probe:
+    """Read the header only: format, size and decode cost; the same refusals as `load_image`."""
+    with _open(data, max_pixels) as img:
+        scale = _draft_scale(img, size, draft)
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage("image has no pixels")
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        fmt = str(img.format)
+    return Probe(fmt, width, height, -(-width // scale) * -(-height // scale))
+
+
+def load_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: bool = True) -> NDArray[np.uint8]:
+    """Decode `data` and return a C-contiguous (size, size, 3) uint8 RGB array.
+
+    Raises InvalidImage for anything that is not a complete, decodable JPEG, PNG, TIFF or BMP
+    and ImageTooLarge when the declared pixel count exceeds `max_pixels` (checked from the
+    header, before the pixels are decoded).
+    """
+    with _open(data, max_pixels) as img:
         try:
-            if draft and img.format == "JPEG" and min(width, height) >= 2 * size:
+            if _draft_scale(img, size, draft) > 1:
                 # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= size:
                 # several times cheaper than a full decode of a 768 px original.
                 img.draft("RGB", (size, size))
             img.load()
+            if img.format in _JPEG_FAMILY:
+                _refuse_grey_fill(img)
             rgb = _to_rgb(ImageOps.exif_transpose(img))
             resized = rgb.resize((size, size), _FILTER)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def _refuse_grey_fill(img: Image.Image) -> None:
+    if img.mode not in ("L", "RGB", "YCbCr"):
+        return  # CMYK / Adobe JPEGs fill with another value; Pillow's own errors still apply
+    last_row = np.asarray(img.crop((0, img.height - 1, img.width, img.height)))
+    if bool((last_row == _JPEG_FILL).all()):
+        raise InvalidImage(
+            "image data is truncated or corrupt: the JPEG ends before its last scan line "
+            "(the decoder filled the rest with grey)"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -2,11 +2,10 @@
 
 `ModelReloader.reload()` (behind `POST /admin/reload`, and the optional ETag poller):
 
-1. `fetch_configured_model` downloads and verifies the model at `settings.model_uri` (checksum, ONNX
-   Runtime load, signature, test inference). A failure is a `ModelRejected` naming the cause;
-   the serving model is untouched.
-2. `build` turns it into a started `ModelRuntime` (engine + warm-up of every batch shape + its
-   own batcher), still beside the old one.
+1. `fetch_configured_model` downloads the model at `settings.model_uri` and checks its sha256.
+2. `build` turns it into a started `ModelRuntime` (engine + warm-up of every batch shape, which
+   is the model's verification, + its own batcher), still beside the old one. A failure in 1 or
+   2 is a `ModelRejected` naming the cause; the serving model is untouched.
 3. `ServiceState.replace_runtime` swaps the pointer: one assignment on the event loop, so
    every request that starts afterwards uses the new model. Requests that already hold the
    old runtime (reserved, queued or computing) finish on it while it drains; each answer
@@ -23,8 +22,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service.errors import LungserveError, ModelRejected, ModelSourceError, ShuttingDown
-from service.model_source import ModelArtifact, current_etag, fetch_configured_model, one_line
+from service.errors import LungserveError, ModelRejected, ModelSourceError, ShuttingDown, one_line
+from service.model_source import ModelArtifact, ModelIdentity, S3Options, current_etag, fetch_configured_model
 from service.runtime import ModelRuntime, Phase, ServiceState
 from service.settings import Settings
 
@@ -36,15 +35,8 @@ BuildRuntime = Callable[[ModelArtifact], Awaitable[ModelRuntime]]
 @dataclass(frozen=True)
 class ReloadResult:
     changed: bool
-    previous: dict[str, str | None]
-    current: dict[str, str | None]
-
-
-def _identity(runtime: ModelRuntime) -> dict[str, str | None]:
-    if runtime.artifact is not None:
-        return runtime.artifact.describe()
-    manifest = runtime.engine.manifest
-    return {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256}
+    previous: ModelIdentity
+    current: ModelIdentity
 
 
 class ModelReloader:
@@ -91,30 +83,30 @@ class ModelReloader:
 
     async def _reload(self) -> ReloadResult:
         old = self._state.current()
-        previous = _identity(old)
+        previous = old.identity
         s = self._settings
         try:
             artifact = await fetch_configured_model(s)
         except ModelSourceError as exc:
-            log.warning("reload refused, still serving %s: %s", previous["version"], exc)
-            raise ModelRejected(f"new model refused, still serving version {previous['version']}: {exc}") from exc
+            log.warning("reload refused, still serving %s: %s", previous.version, exc)
+            raise ModelRejected(f"new model refused, still serving version {previous.version}: {exc}") from exc
 
-        if old.artifact is not None and artifact.manifest == old.artifact.manifest:
+        if artifact.manifest == old.engine.manifest:
             # Same model (maybe the manifest was re-uploaded unchanged): keep the warm runtime,
             # but remember the new ETag so the poller does not try again.
-            old.artifact = artifact
-            log.info("reload: model %s %s unchanged", artifact.manifest.name, artifact.version)
-            return ReloadResult(changed=False, previous=previous, current=_identity(old))
+            old.identity = artifact.identity
+            log.info("reload: model %s %s unchanged", artifact.manifest.name, artifact.manifest.version)
+            return ReloadResult(changed=False, previous=previous, current=old.identity)
 
         try:
             new = await self._build(artifact)
         except LungserveError:
             raise
         except Exception as exc:  # engine refused it, warm-up failed, provider policy not met...
-            log.warning("reload refused, still serving %s: %s", previous["version"], one_line(exc))
+            log.warning("reload refused, still serving %s: %s", previous.version, one_line(exc))
             raise ModelRejected(
-                f"new model {artifact.version} failed to load or warm up, still serving version "
-                f"{previous['version']}: {one_line(exc)}"
+                f"new model {artifact.manifest.version} failed to load or warm up, still serving version "
+                f"{previous.version}: {one_line(exc)}"
             ) from exc
 
         if self._state.phase is not Phase.READY:
@@ -123,7 +115,9 @@ class ModelReloader:
         displaced = self._state.replace_runtime(new)  # the swap: atomic on the event loop
         if self._on_swap is not None:
             self._on_swap(new)
-        log.info("reload: now serving %s %s (was %s)", artifact.manifest.name, artifact.version, previous["version"])
+        log.info(
+            "reload: now serving %s %s (was %s)", artifact.manifest.name, artifact.manifest.version, previous.version
+        )
         if displaced is not None:
             # In-flight and queued requests of the old model finish on it; then it is released.
             # Its own task, so that even a shutdown that cancels this reload lets it drain.
@@ -131,7 +125,7 @@ class ModelReloader:
             self._drains.add(drain)
             drain.add_done_callback(self._drains.discard)
             await asyncio.shield(drain)
-        return ReloadResult(changed=True, previous=previous, current=_identity(new))
+        return ReloadResult(changed=True, previous=previous, current=new.identity)
 
     # -- polling -----------------------------------------------------------------------------
 
@@ -150,13 +144,11 @@ class ModelReloader:
             if runtime is None or self._state.phase is not Phase.READY:
                 continue
             try:
-                etag = await current_etag(
-                    s.model_uri, endpoint_url=s.s3_endpoint_url, region=s.s3_region, max_attempts=s.s3_max_attempts
-                )
+                etag = await current_etag(s.model_uri, s3=S3Options.from_settings(s))
             except ModelSourceError as exc:
                 log.warning("model poll failed (still serving the current model): %s", exc)
                 continue
-            known = runtime.artifact.etag if runtime.artifact is not None else None
+            known = runtime.identity.etag
             if etag is None or etag in (known, self._rejected_etag):
                 continue
             log.info("manifest ETag changed (%s -> %s): reloading", known, etag)

@@ -4,34 +4,32 @@
   feeds it. The batcher's handler closes over *this* engine, so a result always carries the
   manifest of the model that computed it.
 * `ServiceState`: what an app instance holds on `app.state.service`: settings, the decode
-  pool, the current `ModelRuntime` and the lifecycle phase. A future hot reload builds and
-  warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops (drains) the
-  old one; requests already holding the old runtime finish on it.
+  pool, the current `ModelRuntime` and the lifecycle phase. A hot reload (`service.reload`)
+  builds and warms a new `ModelRuntime`, swaps it in with `replace_runtime`, then stops
+  (drains) the old one; requests already holding the old runtime finish on it.
 * `PredictionObserver`: where per-image statistics leave the request path (metrics and
   request logs plug in here; the default does nothing).
 
-Framework-free apart from reading the ASGI `receive` callable for client disconnects.
+Framework-free: the HTTP side (deadline, client disconnects) is in `service.http_guards`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from service.admission import UploadGate
 from service.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.decision import Decision, Thresholds, decide_batch
+from service.decoder import Decoder, PixelAllowance
 from service.engine import Engine
 from service.errors import (
-    DeadlineExceeded,
     InferenceFailed,
     LungserveError,
     ModelNotReady,
@@ -39,29 +37,23 @@ from service.errors import (
     ShuttingDown,
 )
 from service.manifest import Manifest
-from service.model_source import ModelArtifact
-from service.preprocess import load_image
+from service.model_source import ModelIdentity
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-X = TypeVar("X")
 Image = NDArray[np.uint8]
-
-
-class ClientGone(LungserveError):
-    """The client disconnected while its images were waiting; nobody reads this answer."""
-
-    code = "client_closed_request"
-    status = 499  # nginx's convention; only ever seen in logs and metrics
 
 
 @dataclass(frozen=True)
 class Classified:
-    """One image's model output, with the manifest of the model that produced it."""
+    """One image's answer: the model's output, the refer decision made beside it, and the
+    manifest of the model that produced it. Every door reports `decision` from here."""
 
     probabilities: NDArray[np.float32]  # (C,), manifest class order
     manifest: Manifest
+    decision: Decision
+    ood_score: float | None = None  # the model's out-of-distribution score, when it has one
 
     @property
     def label(self) -> str:
@@ -91,6 +83,9 @@ class PredictionObserver(Protocol):
     def on_image_failed(self, error: LungserveError) -> None:
         """One image got its own error (invalid, too large, its batch failed, ...)."""
 
+    def on_image_abandoned(self) -> None:
+        """One admitted image's work was cancelled (client gone, deadline) before its answer."""
+
     def on_rejected(self, error: LungserveError) -> None:
         """A whole request refused before compute (overload, deadline, not ready, shutting down)."""
 
@@ -105,6 +100,9 @@ class NullPredictionObserver:
     def on_image_failed(self, error: LungserveError) -> None:
         pass
 
+    def on_image_abandoned(self) -> None:
+        pass
+
     def on_rejected(self, error: LungserveError) -> None:
         pass
 
@@ -117,26 +115,45 @@ class ModelRuntime:
         engine: Engine,
         settings: Settings,
         *,
-        artifact: ModelArtifact | None = None,
+        identity: ModelIdentity | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self.engine = engine
-        self.artifact = artifact  # where the model came from (source, etag), for /model
+        # Which model and where it came from (source, etag): /model, reload, logs, metrics.
+        self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self.retry_after_s = settings.retry_after_s
+        # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
+        self.thresholds = Thresholds.resolve(
+            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+        )
+        log.info(
+            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            engine.manifest.name,
+            engine.manifest.version,
+            self.thresholds.refer_below,
+            self.thresholds.ood_above,
+        )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_s,
-            max_queue=settings.queue_limit,
-            max_in_flight=settings.max_in_flight_batches,
+            max_batch_delay_s=settings.max_batch_delay_s,
+            queue_limit=settings.queue_limit,
+            max_in_flight_batches=settings.max_in_flight_batches,
             observer=observer,  # HOOK(metrics): `Metrics` implements BatchObserver
         )
 
     def _infer(self, images: Sequence[Image]) -> list[Classified]:
-        """The batch handler: runs in the batcher's worker thread."""
-        probs = self.engine.run(np.stack(images))
+        """The batch handler: runs in the batcher's worker thread. The refer decision is made
+        here, once, beside the model's output (service.decision)."""
+        batch = np.stack(images)
+        out = self.engine.infer(batch)
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self.engine.manifest
-        return [Classified(row, manifest) for row in probs]
+        scores: list[float | None] = [None] * len(decisions) if out.ood_score is None else out.ood_score.tolist()
+        return [
+            Classified(row, manifest, decision, score)
+            for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
+        ]
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -150,7 +167,7 @@ class ModelRuntime:
             return self.batcher.reserve(n)
         except QueueFull as exc:
             raise Overloaded(
-                f"the server is at capacity ({exc.capacity} images admitted); retry shortly",
+                f"the server is at capacity ({exc.queue_limit} images admitted); retry shortly",
                 retry_after_s=self.retry_after_s,
             ) from exc
         except BatcherStopped as exc:
@@ -176,6 +193,7 @@ class ModelRuntime:
 class Phase(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    DRAINING = "draining"  # shutdown begun: /health/ready says 503, requests are still served
     STOPPING = "stopping"
 
 
@@ -185,7 +203,8 @@ class ServiceState:
 
     settings: Settings
     observer: PredictionObserver = field(default_factory=NullPredictionObserver)
-    decode_pool: ThreadPoolExecutor | None = None
+    decoder: Decoder | None = None
+    upload_gate: UploadGate | None = None
     runtime: ModelRuntime | None = None
     phase: Phase = Phase.STARTING
 
@@ -193,78 +212,26 @@ class ServiceState:
         """The runtime to serve this request with, or the 503 that explains why there is none."""
         if self.phase is Phase.STOPPING:
             raise ShuttingDown("the server is shutting down")
-        if self.phase is not Phase.READY or self.runtime is None:
+        if self.phase not in (Phase.READY, Phase.DRAINING) or self.runtime is None:
             raise ModelNotReady("the model is still loading or warming up")
         return self.runtime
+
+    def ready(self) -> ModelRuntime:
+        """`current()` for readiness probes: 503 as soon as shutdown has begun (load balancers
+        stop sending while the listener still accepts)."""
+        if self.phase is Phase.DRAINING:
+            raise ShuttingDown("the server is shutting down")
+        return self.current()
 
     def replace_runtime(self, new: ModelRuntime) -> ModelRuntime | None:
         """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
         old, self.runtime = self.runtime, new
         return old
 
-    async def decode(self, data: bytes, size: int) -> Image:
-        """`load_image` in the decode pool: the event loop never decodes."""
-        if self.decode_pool is None:
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Image:
+        """Decode off the event loop, within the request's pixel allowance (`service.decoder`)."""
+        if self.decoder is None:
             raise ModelNotReady("the server is not started")
-        loop = asyncio.get_running_loop()
-        image, seconds = await loop.run_in_executor(
-            self.decode_pool, _timed_load, data, size, self.settings.max_image_pixels
-        )
+        image, seconds = await self.decoder.decode(data, size, allowance)
         self.observer.on_decoded(seconds)
         return image
-
-
-def _timed_load(data: bytes, size: int, max_pixels: int) -> tuple[Image, float]:
-    started = time.perf_counter()
-    image = load_image(data, size, max_pixels=max_pixels)
-    return image, time.perf_counter() - started
-
-
-@asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """`asyncio.timeout` that reports as 504: cancelling the wait cancels the batcher futures."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as exc:
-        if timeout.expired():
-            raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
-        raise
-
-
-Receive = Callable[[], Awaitable[Mapping[str, Any]]]
-
-
-async def _disconnected(receive: Receive) -> None:
-    # After the body has been read, the server's receive() only returns once the client
-    # has gone (or the response is complete, which cannot happen while we wait here).
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def unless_disconnected(work: Awaitable[X], receive: Receive) -> X:
-    """Await `work`, but cancel it (and with it the queued batcher futures) if the client leaves.
-
-    Call only once the request body has been consumed.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done and watcher.exception() is not None:
-            # receive() itself failed: we cannot watch, so just wait for the work.
-            await asyncio.wait({task})
-        if task.done():
-            return task.result()
-        raise ClientGone("the client disconnected before its answer was ready")
-    finally:
-        watcher.cancel()
-        task.cancel()
-        # Let both finish their cancellation, so nothing is left running or unretrieved.
-        await asyncio.wait({task, watcher})
-        for finished in (task, watcher):
-            if not finished.cancelled():
-                finished.exception()

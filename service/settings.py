@@ -6,12 +6,13 @@ builds one), so tests construct their own and nothing reads the environment at i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ProviderPolicy = Literal["auto", "cuda", "cpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     # --- HTTP server (used by `lungserve serve`; the app itself does not bind) ---
     host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve the Open Inference Protocol over gRPC here (grpc extra)"
+    )
 
     # --- batching ---
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="images per ORT run")
@@ -95,17 +99,87 @@ class Settings(BaseSettings):
     # --- upload limits (all refused with 413 / 422 JSON, never 500) ---
     max_file_bytes: int = Field(default=20 * MiB, ge=1, description="bytes per uploaded file")
     max_files_per_request: int = Field(default=64, ge=1, le=10_000, description="files per /predict-many")
-    max_request_bytes: int = Field(
-        default=128 * MiB, ge=1, description="whole multipart body of /predict-many"
+    max_request_bytes: int = Field(default=128 * MiB, ge=1, description="whole multipart body of /predict-many")
+    # Pillow itself refuses above 2 x its own MAX_IMAGE_PIXELS (178,956,970) before our check runs.
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
     )
-    max_image_pixels: int = Field(default=50_000_000, ge=1, description="width x height per decoded image")
+
+    # --- hostile clients (docs/reliability.md) ---
+    max_request_pixels: int = Field(
+        default=256_000_000, ge=1, description="decoded pixels per request (JPEG counted at its draft size), else 413"
+    )
+    large_image_pixels: int = Field(
+        default=4_000_000,
+        ge=1,
+        description="decoded pixels from which an image goes to the one-thread large-image lane",
+    )
+    max_uploads_in_flight: int = Field(
+        default=1024, ge=1, description="request bodies being received at once, else 503"
+    )
+    max_body_bytes_in_flight: int = Field(
+        default=256 * MiB, ge=1, description="request body bytes held at once (declared or the route's limit), else 503"
+    )
+    min_upload_rate_bytes_s: float = Field(
+        default=16 * 1024, ge=0.0, description="average body rate after the grace period, else 408; 0: off"
+    )
+    upload_rate_grace_s: float = Field(default=5.0, ge=0.0, le=3600.0, description="before the upload rate applies")
+    max_connections: int = Field(default=2048, ge=1, description="open connections; beyond, JSON 503 and close")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="request line + headers, else 431")
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0, description="to receive the headers, else 408")
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0, description="idle keep-alive connections")
+    shutdown_delay_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=3600.0,
+        description="after SIGTERM: /health/ready answers 503 this long before the listener closes",
+    )
+
+    # --- the refer decision (service.decision; docs/decision.md) ---
+    refer_below: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="refer when the calibrated max probability is below this; None: the manifest's",
+    )
+    ood_above: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
+    )
 
     # --- admin ---
     admin_token: SecretStr | None = Field(default=None, description="bearer token for admin endpoints")
+    admin_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve /admin and /metrics only on this port (same host)"
+    )
+    admin_auth_failures_per_minute: int = Field(
+        default=10, ge=1, description="401s per client address and minute before admin answers 429"
+    )
+
+    # --- client access (see service/access.py) ---
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="file of NAME:KEY lines; when set, prediction routes need one of the keys; unset: open",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='origins allowed to call the API from a browser: JSON list or comma-separated; "*" any',
+    )
 
     # --- logs (read by `lungserve serve`; see service.logs) ---
     log_json: bool = Field(default=True, description="one JSON object per log line on stderr; false: plain text")
     log_level: LogLevel = Field(default="INFO", description="DEBUG also logs /metrics scrapes and health probes")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # NoDecode: the raw environment string arrives here, JSON or comma-separated.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -114,18 +188,71 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        # Messages name the variables an operator sets, as every other settings error does.
         if self.max_batch_size > self.queue_limit:
             raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) must not exceed queue_limit ({self.queue_limit})"
+                f"LUNGSERVE_MAX_BATCH_SIZE ({self.max_batch_size}) must not exceed "
+                f"LUNGSERVE_QUEUE_LIMIT ({self.queue_limit})"
             )
         if self.max_files_per_request > self.queue_limit:
             # A /predict-many that can never be admitted would be refused forever.
             raise ValueError(
-                f"max_files_per_request ({self.max_files_per_request}) must not exceed "
-                f"queue_limit ({self.queue_limit})"
+                f"LUNGSERVE_MAX_FILES_PER_REQUEST ({self.max_files_per_request}) must not exceed "
+                f"LUNGSERVE_QUEUE_LIMIT ({self.queue_limit})"
             )
+        if self.max_body_bytes_in_flight < self.max_request_bytes:
+            raise ValueError(
+                f"LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) must be >= "
+                f"LUNGSERVE_MAX_REQUEST_BYTES ({self.max_request_bytes}), or a full /predict-many could never be read"
+            )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"LUNGSERVE_MAX_REQUEST_PIXELS ({self.max_request_pixels}) must be >= "
+                f"LUNGSERVE_MAX_IMAGE_PIXELS ({self.max_image_pixels})"
+            )
+        if self.admin_port is not None and self.admin_port == self.port and self.port != 0:
+            raise ValueError(f"LUNGSERVE_ADMIN_PORT ({self.admin_port}) must differ from LUNGSERVE_PORT ({self.port})")
         if self.max_request_bytes < self.max_file_bytes:
             raise ValueError(
-                f"max_request_bytes ({self.max_request_bytes}) must be >= max_file_bytes ({self.max_file_bytes})"
+                f"LUNGSERVE_MAX_REQUEST_BYTES ({self.max_request_bytes}) must be >= "
+                f"LUNGSERVE_MAX_FILE_BYTES ({self.max_file_bytes})"
             )
         return self
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: `max_batch_size` -> `LUNGSERVE_MAX_BATCH_SIZE`."""
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line per problem, naming the variable (as the README says), never the field."""
+    lines = []
+    for error in exc.errors():
+        loc = error.get("loc", ())
+        message = str(error.get("msg", "invalid"))
+        if loc and isinstance(loc[0], str) and loc[0] in Settings.model_fields:
+            value = error.get("input")
+            shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+            lines.append(f"{env_name(loc[0])}: {message}{shown}")
+        else:
+            lines.append(message.removeprefix("Value error, "))
+    return "\n".join(lines)
+
+
+def describe_settings() -> str:
+    """Every setting as `lungserve serve --help` lists it: variable, default, meaning."""
+    lines = []
+    for name, info in Settings.model_fields.items():
+        if name == "model_uri":
+            default = "the bundled model"
+        elif info.default_factory is not None:
+            default = "computed"
+        elif info.default is None:
+            default = "unset"
+        else:
+            default = str(info.default)
+        lines.append(f"  {env_name(name)} (default: {default})")
+        if info.description:
+            lines.append(f"      {info.description}")
+    return "\n".join(lines)

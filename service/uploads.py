@@ -13,6 +13,10 @@ every limit give the right JSON error at the moment it is crossed:
 * a body larger than `max_body_bytes` (declared or streamed) -> 413
 * not multipart                                        -> 415; malformed multipart -> 400
 * no part with the expected field name                 -> 422 missing_field (naming what was sent)
+* a body arriving slower than `min_rate_bytes_s` (after `rate_grace_s`) -> 408 upload_too_slow
+
+A preamble before the first boundary (RFC 2046 5.1.1; some clients write one) is skipped:
+python-multipart's parser insists on the boundary at the first byte.
 
 Files are kept in memory (bounded by `max_body_bytes`): the images are small and about to
 be decoded, so a temporary file would only add I/O.
@@ -20,6 +24,7 @@ be decoded, so a temporary file would only add I/O.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -36,15 +41,20 @@ from service.errors import (
     RequestTooLarge,
     TooManyFiles,
     UnsupportedMediaType,
+    UploadTooSlow,
 )
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
+    from service.settings import Settings
+
 # Room for multipart boundaries and part headers around one file in /predict.
 MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
 # How many unexpected field names to quote back in a missing_field message.
 _MAX_NAMES_REPORTED: Final = 5
+# Longest preamble skipped before the first boundary; beyond it the body is malformed.
+MAX_PREAMBLE_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,42 @@ class UploadLimits:
     # True for /predict: a too-large file fails the request at once (no point reading on).
     # False for /predict-many: it becomes that file's error and the others go on.
     fail_fast: bool
+    # A body must arrive at this average rate once `rate_grace_s` has passed (None: no floor).
+    # One rule covers both a stalled client and one trickling bytes to hold a slot.
+    min_rate_bytes_s: float | None = None
+    rate_grace_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """The upload limits of each route, built once per app from its settings."""
+
+    predict: UploadLimits
+    predict_many: UploadLimits
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RouteLimits:
+        rate = settings.min_upload_rate_bytes_s or None  # 0: no minimum rate
+        return cls(
+            predict=UploadLimits(
+                field="file",
+                max_files=1,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES,
+                fail_fast=True,
+                min_rate_bytes_s=rate,
+                rate_grace_s=settings.upload_rate_grace_s,
+            ),
+            predict_many=UploadLimits(
+                field="files",
+                max_files=settings.max_files_per_request,
+                max_file_bytes=settings.max_file_bytes,
+                max_body_bytes=settings.max_request_bytes,
+                fail_fast=False,
+                min_rate_bytes_s=rate,
+                rate_grace_s=settings.upload_rate_grace_s,
+            ),
+        )
 
 
 @dataclass
@@ -92,6 +138,49 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def _first_boundary(buffer: bytearray, boundary: bytes) -> int | None:
+    """Offset of the first delimiter line in `buffer`; None while more bytes are needed."""
+    delimiter = b"--" + boundary
+    if buffer.startswith(delimiter):
+        return 0
+    found = buffer.find(b"\r\n" + delimiter)
+    if found >= 0:
+        return found + 2
+    if len(buffer) > MAX_PREAMBLE_BYTES:
+        raise BadRequest(f"malformed multipart body: no boundary within its first {MAX_PREAMBLE_BYTES} bytes")
+    return None
+
+
+async def paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408)."""
+    rate = limits.min_rate_bytes_s
+    if rate is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = 0
+    iterator = aiter(stream)
+    while True:
+        # The next byte is due when the average would drop below the floor.
+        timeout = asyncio.timeout_at(started + limits.rate_grace_s + received / rate)
+        try:
+            async with timeout:
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # an outer deadline, not ours
+            raise UploadTooSlow(
+                f"the request body arrived slower than LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S = {rate:g} bytes/s "
+                f"({received} bytes after {loop.time() - started:.1f} s)"
+            ) from None
+        received += len(chunk)
+        yield chunk
+
+
 def check_declared_size(content_length: str | None, limits: UploadLimits) -> None:
     """Refuse a body whose Content-Length is already over the limit, before reading it."""
     length = declared_length(content_length)
@@ -106,9 +195,7 @@ def _body_too_large(limits: UploadLimits, length: int | None) -> LungserveError:
     return RequestTooLarge(f"request body is {size}; the limit is {limits.max_body_bytes} bytes")
 
 
-async def read_uploads(
-    content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits
-) -> list[Upload]:
+async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits) -> list[Upload]:
     """Parse a multipart body, keeping only the parts named `limits.field`."""
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
@@ -194,11 +281,20 @@ async def read_uploads(
     try:
         parser = MultipartParser(boundary, callbacks)
         received = 0
-        async for chunk in stream:
+        preamble: bytearray | None = bytearray()  # None once the first boundary was found
+        async for chunk in paced(stream, limits):
             received += len(chunk)
             if received > limits.max_body_bytes:
                 raise _body_too_large(limits, None)
+            if preamble is not None:
+                preamble.extend(chunk)
+                start = _first_boundary(preamble, boundary)
+                if start is None:
+                    continue
+                chunk, preamble = bytes(preamble[start:]), None
             parser.write(chunk)
+        if preamble is not None:
+            raise BadRequest("malformed multipart body: no boundary line found")
         parser.finalize()
     except FormParserError as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from exc

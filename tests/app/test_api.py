@@ -58,7 +58,9 @@ async def test_predict_equals_direct_inference(served: Served, real_images: list
         r = await served.client.post("/predict", files={"file": (path.name, data, "image/jpeg")})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"label", "confidence", "probabilities", "model"}
+        assert set(body) == {"label", "confidence", "probabilities", "decision", "reason", "model"}
+        # The bundled model has no decision section: a real tile passes the tissue check and is accepted.
+        assert (body["decision"], body["reason"]) == ("accept", None)
         assert list(body["probabilities"]) == MANIFEST.classes
         expected = direct(data)
         np.testing.assert_allclose([body["probabilities"][c] for c in MANIFEST.classes], expected, atol=1e-6)
@@ -104,6 +106,7 @@ async def test_predict_many_mixed_good_and_bad_in_upload_order(served: Served, r
     for x, data in ((results[0], good[0]), (results[3], good[1])):
         np.testing.assert_allclose([x["probabilities"][c] for c in MANIFEST.classes], direct(data), atol=1e-5)
         assert x["model"]["version"] == MANIFEST.version
+        assert (x["decision"], x["reason"]) == ("accept", None)
     # Every reserved slot came back: the failed files' slots too.
     assert served.state.current().batcher.available == served.state.settings.queue_limit
 

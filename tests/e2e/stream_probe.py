@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aioboto3
 
-from service.model_source import download_object, s3_client_config
+from service.model_source.s3 import download_object, s3_client_config
 
 
 def _status_kib(field: str) -> int:
@@ -52,9 +52,18 @@ async def main(endpoint: str, bucket: str, warm_key: str, warm_sha: str, key: st
         async with body:
             data = await body.read()
         control = peak_kib()
-    print(json.dumps({"size": size, "before_kib": before, "after_kib": after, "control_base_kib": control_base,
-                      "control_kib": control,
-                      "control_len": len(data)}))
+    print(
+        json.dumps(
+            {
+                "size": size,
+                "before_kib": before,
+                "after_kib": after,
+                "control_base_kib": control_base,
+                "control_kib": control,
+                "control_len": len(data),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

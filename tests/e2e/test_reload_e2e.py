@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from export.upload import upload
-from service.model_source import current_etag
+from service.model_source import S3Options, current_etag
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import LoggedProcess, MotoServer, boto3_client
 
@@ -46,7 +46,7 @@ def png(seed: int) -> bytes:
 
 async def publish(moto: MotoServer, tmp_path: Path, uri: str, version: str) -> None:
     write_model_dir(tmp_path / version, version=version, bias=BIAS[version])
-    await upload(tmp_path / version, uri, endpoint_url=moto.url)
+    await upload(tmp_path / version, uri, s3=S3Options(endpoint_url=moto.url))
 
 
 def server_env(moto: MotoServer, uri: str, cache: Path, **extra: str) -> dict[str, str]:
@@ -88,9 +88,7 @@ async def ready_version(client: httpx.AsyncClient) -> str:
     return version
 
 
-async def test_reload_under_concurrent_load(
-    moto: MotoServer, bucket: str, tmp_path: Path, start_server: Any
-) -> None:
+async def test_reload_under_concurrent_load(moto: MotoServer, bucket: str, tmp_path: Path, start_server: Any) -> None:
     uri = f"s3://{bucket}/lung/"
     await publish(moto, tmp_path, uri, "v1")
     proc, url = start_server(server_env(moto, uri, tmp_path / "cache"))
@@ -99,7 +97,7 @@ async def test_reload_under_concurrent_load(
         assert await ready_version(client) == "v1"  # listening implies the lifespan finished
         model = (await client.get("/model")).json()
         assert model["source"]["source"] == uri
-        assert model["source"]["etag"] == await current_etag(uri, endpoint_url=moto.url)
+        assert model["source"]["etag"] == await current_etag(uri, s3=S3Options(endpoint_url=moto.url))
 
         answers: list[tuple[int, bool, int, str | None, str | None]] = []  # client, after, status, version, label
         v1_seen = asyncio.Event()
@@ -146,7 +144,7 @@ async def test_reload_under_concurrent_load(
         # /model names the new version and its ETag.
         model = (await client.get("/model")).json()
         assert model["manifest"]["version"] == "v2"
-        assert model["source"]["etag"] == await current_etag(uri, endpoint_url=moto.url)
+        assert model["source"]["etag"] == await current_etag(uri, s3=S3Options(endpoint_url=moto.url))
 
         # A new manifest whose model does not match it is refused; v2 keeps serving.
         s3 = boto3_client("s3", moto.url)

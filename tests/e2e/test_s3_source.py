@@ -23,9 +23,10 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from export.upload import upload
+from service.engine import Engine
 from service.errors import ModelSourceError
 from service.manifest import MANIFEST_NAME
-from service.model_source import ModelArtifact, current_etag, fetch_model
+from service.model_source import ModelArtifact, S3Options, current_etag, fetch_model
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import Gate, MotoServer, boto3_client, moto_server, refusing_socket, set_dummy_aws_env
 
@@ -39,9 +40,12 @@ def put(moto: MotoServer, bucket: str, key: str, body: bytes) -> None:
 
 
 async def fetch(moto: MotoServer, uri: str, cache: Path, **kwargs: Any) -> ModelArtifact:
+    """What start-up does: fetch (sha256 checked), then build the Engine (the model's verification)."""
     kwargs.setdefault("max_attempts", 2)
     kwargs.setdefault("timeout_s", 120)
-    return await fetch_model(uri, cache_dir=cache, endpoint_url=moto.url, **kwargs)
+    artifact = await fetch_model(uri, cache_dir=cache, s3=S3Options(endpoint_url=moto.url, **kwargs))
+    Engine(artifact.onnx_path, artifact.manifest, provider="cpu").warm_up([1, 2])
+    return artifact
 
 
 def model_gets(lines: list[str], bucket: str, key: str = "model.onnx") -> list[str]:
@@ -57,19 +61,19 @@ def leftovers(folder: Path) -> list[str]:
 
 async def test_fetch_success_then_cache_hit_downloads_nothing(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     manifest = write_model_dir(tmp_path / "export", version="2026.1")
-    uris = await upload(tmp_path / "export", f"s3://{bucket}/lung/", endpoint_url=moto.url)
+    uris = await upload(tmp_path / "export", f"s3://{bucket}/lung/", s3=S3Options(endpoint_url=moto.url))
     assert uris == [f"s3://{bucket}/lung/model.onnx", f"s3://{bucket}/lung/model.json"]
     cache = tmp_path / "cache"
 
     start = moto.log_position()
     first = await fetch(moto, f"s3://{bucket}/lung/", cache)
-    assert first.version == "2026.1"
+    assert first.identity.version == "2026.1"
     assert first.manifest == manifest
     assert first.downloaded_bytes == (tmp_path / "export" / "model.onnx").stat().st_size
     assert first.onnx_path.read_bytes() == (tmp_path / "export" / "model.onnx").read_bytes()
     assert first.onnx_path.is_relative_to(cache)
-    assert first.etag is not None
-    assert first.etag == await current_etag(f"s3://{bucket}/lung/", endpoint_url=moto.url)
+    assert first.identity.etag is not None
+    assert first.identity.etag == await current_etag(f"s3://{bucket}/lung/", s3=S3Options(endpoint_url=moto.url))
     assert len(model_gets(moto.requests_since(start), bucket)) == 1
 
     # A restart: same cache, same manifest -> the manifest is read, the model is not.
@@ -85,11 +89,11 @@ async def test_fetch_success_then_cache_hit_downloads_nothing(moto: MotoServer, 
 
 async def test_tampered_cache_file_is_downloaded_again(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     write_model_dir(tmp_path / "export")
-    await upload(tmp_path / "export", f"s3://{bucket}/m/", endpoint_url=moto.url)
+    await upload(tmp_path / "export", f"s3://{bucket}/m/", s3=S3Options(endpoint_url=moto.url))
     first = await fetch(moto, f"s3://{bucket}/m/", tmp_path / "cache")
     first.onnx_path.write_bytes(b"bit rot")
     again = await fetch(moto, f"s3://{bucket}/m/", tmp_path / "cache")
-    assert again.downloaded
+    assert again.downloaded_bytes
     assert again.onnx_path.read_bytes() == (tmp_path / "export" / "model.onnx").read_bytes()
 
 
@@ -98,28 +102,28 @@ async def test_direct_onnx_key_with_manifest_beside_it(moto: MotoServer, bucket:
     put(moto, bucket, "flat/v3.onnx", data)
     put(moto, bucket, "flat/model.json", json.dumps(manifest_for(data, version="3", file="v3.onnx")).encode())
     artifact = await fetch(moto, f"s3://{bucket}/flat/v3.onnx", tmp_path / "cache")
-    assert artifact.version == "3"
-    assert artifact.source == f"s3://{bucket}/flat/v3.onnx"
+    assert artifact.identity.version == "3"
+    assert artifact.identity.source == f"s3://{bucket}/flat/v3.onnx"
 
 
 async def test_new_upload_changes_the_etag(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/lung/"
     write_model_dir(tmp_path / "v1", version="1")
     write_model_dir(tmp_path / "v2", version="2", bias=[0.0, 3.0, 0.0])
-    await upload(tmp_path / "v1", uri, endpoint_url=moto.url)
-    etag1 = await current_etag(uri, endpoint_url=moto.url)
-    await upload(tmp_path / "v2", uri, endpoint_url=moto.url)
-    etag2 = await current_etag(uri, endpoint_url=moto.url)
+    await upload(tmp_path / "v1", uri, s3=S3Options(endpoint_url=moto.url))
+    etag1 = await current_etag(uri, s3=S3Options(endpoint_url=moto.url))
+    await upload(tmp_path / "v2", uri, s3=S3Options(endpoint_url=moto.url))
+    etag2 = await current_etag(uri, s3=S3Options(endpoint_url=moto.url))
     assert etag1 != etag2
     artifact = await fetch(moto, uri, tmp_path / "cache")
-    assert (artifact.version, artifact.etag) == ("2", etag2)
+    assert (artifact.identity.version, artifact.identity.etag) == ("2", etag2)
     assert await current_etag(str(tmp_path / "v1")) is None  # local models are not polled
 
     # The cache keeps the current model and the one before it (a quick roll-back), no more.
     write_model_dir(tmp_path / "v3", version="3", bias=[0.0, 0.0, 3.0])
-    await upload(tmp_path / "v3", uri, endpoint_url=moto.url)
+    await upload(tmp_path / "v3", uri, s3=S3Options(endpoint_url=moto.url))
     await fetch(moto, uri, tmp_path / "cache")
-    await upload(tmp_path / "v1", uri, endpoint_url=moto.url)
+    await upload(tmp_path / "v1", uri, s3=S3Options(endpoint_url=moto.url))
     latest = await fetch(moto, uri, tmp_path / "cache")
     kept = sorted(p.name for p in latest.onnx_path.parent.glob("*.onnx"))
     assert len(kept) == 2
@@ -140,17 +144,25 @@ async def expect_failure(coro: Any, pattern: str) -> str:
 async def test_missing_bucket(moto: MotoServer, aws_env: None, tmp_path: Path) -> None:
     uri = "s3://no-such-bucket-lungserve/lung/"
     await expect_failure(fetch(moto, uri, tmp_path), r"^bucket 'no-such-bucket-lungserve' does not exist")
-    await expect_failure(current_etag(uri, endpoint_url=moto.url), r"^bucket 'no-such-bucket-lungserve' does not")
+    await expect_failure(
+        current_etag(uri, s3=S3Options(endpoint_url=moto.url)), r"^bucket 'no-such-bucket-lungserve' does not"
+    )
 
 
 async def test_missing_manifest_key(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
-    await expect_failure(fetch(moto, f"s3://{bucket}/nothing/", tmp_path), rf"^manifest not found: s3://{bucket}/nothing/model.json")
-    await expect_failure(current_etag(f"s3://{bucket}/nothing/", endpoint_url=moto.url), "^manifest not found")
+    await expect_failure(
+        fetch(moto, f"s3://{bucket}/nothing/", tmp_path), rf"^manifest not found: s3://{bucket}/nothing/model.json"
+    )
+    await expect_failure(
+        current_etag(f"s3://{bucket}/nothing/", s3=S3Options(endpoint_url=moto.url)), "^manifest not found"
+    )
 
 
 async def test_missing_model_key(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     put(moto, bucket, "half/model.json", json.dumps(manifest_for(model_bytes())).encode())
-    await expect_failure(fetch(moto, f"s3://{bucket}/half/", tmp_path), rf"^model not found: s3://{bucket}/half/model.onnx")
+    await expect_failure(
+        fetch(moto, f"s3://{bucket}/half/", tmp_path), rf"^model not found: s3://{bucket}/half/model.onnx"
+    )
 
 
 async def test_checksum_mismatch_leaves_nothing_in_the_cache(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
@@ -185,7 +197,9 @@ async def test_manifest_does_not_fit_model(
 
 async def test_invalid_manifest(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     put(moto, bucket, "broken/model.json", b'{"name": "x"}')
-    await expect_failure(fetch(moto, f"s3://{bucket}/broken/", tmp_path), r"^invalid manifest s3://.*/broken/model.json")
+    await expect_failure(
+        fetch(moto, f"s3://{bucket}/broken/", tmp_path), r"^invalid manifest s3://.*/broken/model.json"
+    )
 
 
 async def test_access_denied_and_rejected_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -195,7 +209,7 @@ async def test_access_denied_and_rejected_credentials(monkeypatch: pytest.Monkey
         s3 = boto3_client("s3", server.url)
         s3.create_bucket(Bucket="locked")
         write_model_dir(tmp_path / "m")
-        await upload(tmp_path / "m", "s3://locked/lung/", endpoint_url=server.url)
+        await upload(tmp_path / "m", "s3://locked/lung/", s3=S3Options(endpoint_url=server.url))
         iam = boto3_client("iam", server.url)
         iam.create_user(UserName="lister")
         iam.put_user_policy(
@@ -215,7 +229,8 @@ async def test_access_denied_and_rejected_credentials(monkeypatch: pytest.Monkey
 
         set_dummy_aws_env(monkeypatch, key=key["AccessKeyId"], secret=key["SecretAccessKey"])
         message = await expect_failure(
-            fetch(server, "s3://locked/lung/", tmp_path / "cache"), r"^access denied reading manifest s3://locked/lung/model.json"
+            fetch(server, "s3://locked/lung/", tmp_path / "cache"),
+            r"^access denied reading manifest s3://locked/lung/model.json",
         )
         assert "s3:GetObject" in message
 
@@ -252,7 +267,10 @@ async def test_unreachable_endpoint_after_retries(aws_env: None, tmp_path: Path)
         session, sends = counting_session("before-send.s3.GetObject")
         message = await expect_failure(
             fetch_model(
-                "s3://bucket/lung/", cache_dir=tmp_path, endpoint_url=url, max_attempts=3, timeout_s=60, session=session
+                "s3://bucket/lung/",
+                cache_dir=tmp_path,
+                s3=S3Options(endpoint_url=url, max_attempts=3, timeout_s=60),
+                session=session,
             ),
             rf"^S3 endpoint {url} unreachable after 3 attempt\(s\) reading manifest",
         )
@@ -264,7 +282,7 @@ async def test_unreachable_endpoint_after_retries(aws_env: None, tmp_path: Path)
 
 async def test_endpoint_that_refuses_then_comes_up(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     write_model_dir(tmp_path / "export", version="late")
-    await upload(tmp_path / "export", f"s3://{bucket}/lung/", endpoint_url=moto.url)
+    await upload(tmp_path / "export", f"s3://{bucket}/lung/", s3=S3Options(endpoint_url=moto.url))
     gate = Gate()
     refused = asyncio.Event()
     refusals: list[BaseException] = []
@@ -279,8 +297,12 @@ async def test_endpoint_that_refuses_then_comes_up(moto: MotoServer, bucket: str
     session.events.register("needs-retry.s3.GetObject", on_needs_retry)
     try:
         task = asyncio.create_task(
-            fetch_model(f"s3://{bucket}/lung/", cache_dir=tmp_path / "cache", endpoint_url=gate.url,
-                        max_attempts=10, timeout_s=120, session=session)
+            fetch_model(
+                f"s3://{bucket}/lung/",
+                cache_dir=tmp_path / "cache",
+                s3=S3Options(endpoint_url=gate.url, max_attempts=10, timeout_s=120),
+                session=session,
+            )
         )
         with anyio.fail_after(60):
             await refused.wait()  # the first attempt hit a closed port...
@@ -288,7 +310,7 @@ async def test_endpoint_that_refuses_then_comes_up(moto: MotoServer, bucket: str
         artifact = await task
     finally:
         await gate.close()
-    assert artifact.version == "late"
+    assert artifact.identity.version == "late"
     assert len(refusals) >= 1
 
 
@@ -299,7 +321,9 @@ async def test_startup_timeout_bounds_a_hanging_endpoint(aws_env: None, tmp_path
         listener.listen(8)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         await expect_failure(
-            fetch_model("s3://bucket/lung/", cache_dir=tmp_path, endpoint_url=url, read_timeout_s=600, timeout_s=1),
+            fetch_model(
+                "s3://bucket/lung/", cache_dir=tmp_path, s3=S3Options(endpoint_url=url, read_timeout_s=600, timeout_s=1)
+            ),
             r"^fetching the model from s3://bucket/lung/ did not finish within 1 s",
         )
 
@@ -335,20 +359,28 @@ async def test_upload_cli_round_trip(moto: MotoServer, aws_env: None, tmp_path: 
     lungserve = Path(sys.executable).with_name("lungserve")
     start = moto.log_position()
     result = await anyio.run_process(
-        [str(lungserve), "upload", str(tmp_path / "export"), "s3://cli-bucket/lung/v1/",
-         "--endpoint-url", moto.url, "--create-bucket"],
+        [
+            str(lungserve),
+            "upload",
+            str(tmp_path / "export"),
+            "s3://cli-bucket/lung/v1/",
+            "--endpoint-url",
+            moto.url,
+            "--create-bucket",
+        ],
         check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().splitlines() == [
-        "uploaded s3://cli-bucket/lung/v1/model.onnx", "uploaded s3://cli-bucket/lung/v1/model.json"
+        "uploaded s3://cli-bucket/lung/v1/model.onnx",
+        "uploaded s3://cli-bucket/lung/v1/model.json",
     ]
     puts = [x for x in moto.requests_since(start) if '"PUT /cli-bucket/lung/v1/' in x]
     assert [("model.json" in x) for x in puts] == [False, True]  # model first, manifest last
 
     artifact = await fetch(moto, "s3://cli-bucket/lung/v1/", tmp_path / "cache")
-    assert artifact.version == "cli"
-    assert artifact.downloaded
+    assert artifact.identity.version == "cli"
+    assert artifact.downloaded_bytes
 
     # A folder whose manifest does not describe its model is refused before anything is sent.
     (tmp_path / "export" / "model.onnx").write_bytes(b"edited by hand")
@@ -365,6 +397,6 @@ async def test_upload_cli_round_trip(moto: MotoServer, aws_env: None, tmp_path: 
 async def test_upload_to_a_missing_bucket_names_it(moto: MotoServer, aws_env: None, tmp_path: Path) -> None:
     write_model_dir(tmp_path / "export")
     await expect_failure(
-        upload(tmp_path / "export", "s3://absent-bucket-lungserve/x/", endpoint_url=moto.url),
+        upload(tmp_path / "export", "s3://absent-bucket-lungserve/x/", s3=S3Options(endpoint_url=moto.url)),
         r"^bucket 'absent-bucket-lungserve' does not exist .* writing upload",
     )

@@ -6,8 +6,10 @@ while it queues more. Delays are either very long (a test finishing proves the d
 waited for) or tiny with nothing else to wait for. `asyncio.timeout(SAFETY_S)` only turns a
 hang into a failure; nothing asserts durations.
 
-Most tests set `dispatch_when_idle=False` to check the full-or-delay rules on their own; the
-idle rule (dispatch early when no reservation is open) has its own tests at the end.
+Every batcher comes from `make_batcher(handler, **overrides)`. Its default
+`dispatch_when_idle=False` checks the full-or-delay rules on their own; the idle rule (dispatch
+early when no reservation is open) has its own tests at the end, and the pure rule
+`dispatch_delay` is tested without a batcher.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from service.batcher import (
     BatchInfo,
     HandlerResultError,
     QueueFull,
+    dispatch_delay,
 )
 
 T = TypeVar("T")
@@ -39,6 +42,37 @@ SHORT_DELAY_S = 0.005
 
 def double(items: Sequence[int]) -> list[int]:
     return [2 * x for x in items]
+
+
+def make_batcher(handler: Callable[[Sequence[T]], Sequence[R]], **overrides: Any) -> Batcher[T, R]:
+    """The one constructor call: a small bound, an hour of delay and no idle rule, unless overridden."""
+    settings: dict[str, Any] = {
+        "max_batch_size": 4,
+        "max_batch_delay_s": LONG_DELAY_S,
+        "queue_limit": 16,
+        "dispatch_when_idle": False,
+    }
+    return Batcher(handler, **(settings | overrides))
+
+
+# -- the batch rule, pure -----------------------------------------------------------------------
+
+RULE: dict[str, Any] = {"max_batch_size": 4, "max_batch_delay_s": 0.005, "dispatch_when_idle": True, "draining": False}
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"queued": 4, "oldest_wait_s": 0.0, "on_their_way": 9}, 0.0),  # full
+        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 0}, 0.0),  # nothing more is coming
+        ({"queued": 1, "oldest_wait_s": 0.002, "on_their_way": 2}, 0.003),  # wait for the rest of the delay
+        ({"queued": 1, "oldest_wait_s": 0.009, "on_their_way": 2}, 0.0),  # the delay is over
+        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 2, "draining": True}, 0.0),
+        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 0, "dispatch_when_idle": False}, 0.005),
+    ],
+)
+def test_dispatch_delay(state: dict[str, Any], expected: float) -> None:
+    assert dispatch_delay(**(RULE | state)) == pytest.approx(expected)
 
 
 class Recording(Generic[T, R]):
@@ -146,7 +180,7 @@ async def results(futures: Sequence[asyncio.Future[tuple[R, BatchInfo]]]) -> lis
 @pytest.mark.anyio
 async def test_full_batch_dispatches_without_waiting_for_the_delay() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher = make_batcher(handler, max_batch_size=4)
     async with running(batcher):
         assert await results(submit_all(batcher, [1, 2, 3, 4])) == [2, 4, 6, 8]
     assert handler.batches == [[1, 2, 3, 4]]
@@ -155,7 +189,7 @@ async def test_full_batch_dispatches_without_waiting_for_the_delay() -> None:
 @pytest.mark.anyio
 async def test_partial_batch_dispatches_after_the_delay() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher = make_batcher(handler, max_batch_size=8, max_batch_delay_s=SHORT_DELAY_S)
     async with running(batcher):
         assert await results(submit_all(batcher, [21])) == [42]
     assert handler.batches == [[21]]
@@ -164,9 +198,7 @@ async def test_partial_batch_dispatches_after_the_delay() -> None:
 @pytest.mark.anyio
 async def test_backlog_is_split_into_batches_no_larger_than_the_max() -> None:
     handler: Recording[int, str] = Recording(lambda batch: [f"r{x}" for x in batch])
-    batcher: Batcher[int, str] = Batcher(
-        handler, max_batch_size=3, max_delay_s=SHORT_DELAY_S, max_queue=16, dispatch_when_idle=False
-    )
+    batcher: Batcher[int, str] = make_batcher(handler, max_batch_size=3, max_batch_delay_s=SHORT_DELAY_S)
     async with running(batcher):
         # All ten are queued before the dispatcher runs once (no await in between).
         futures = submit_all(batcher, list(range(10)))
@@ -179,20 +211,20 @@ async def test_backlog_is_split_into_batches_no_larger_than_the_max() -> None:
     assert [info.batch_id for info in infos] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
     assert [info.size for info in infos] == [3, 3, 3, 3, 3, 3, 3, 3, 3, 1]
     assert all(info.queue_wait_s >= 0 and info.compute_s >= 0 for info in infos)
-    assert batcher.available == batcher.capacity
+    assert batcher.available == batcher.queue_limit
 
 
 @pytest.mark.anyio
 async def test_next_batch_is_gathered_while_one_computes_and_dispatched_after(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher = make_batcher(handler, max_batch_size=2)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]  # batch 1 is now blocked in compute
         second = submit_all(batcher, [3, 4])
         assert batcher.queue_depth == 2
         assert batcher.in_flight == 1
-        assert handler.started.empty()  # max_in_flight=1: batch 2 waits for the handler
+        assert handler.started.empty()  # max_in_flight_batches=1: batch 2 waits for the handler
         handler.gate.set()
         assert await handler.started.get() == [3, 4]
         assert await results(first) == [2, 4]
@@ -202,9 +234,7 @@ async def test_next_batch_is_gathered_while_one_computes_and_dispatched_after(ga
 @pytest.mark.anyio
 async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(
-        handler, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2
-    )
+    batcher = make_batcher(handler, max_batch_size=1, max_in_flight_batches=2)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3])
         # Both compute slots are taken while the gate is closed; the third item waits.
@@ -222,9 +252,7 @@ async def test_max_in_flight_runs_batches_concurrently(gated: GatedFactory) -> N
 async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(
-        handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, observer=observer
-    )
+    batcher = make_batcher(handler, max_batch_size=2, observer=observer)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -238,16 +266,14 @@ async def test_cancelled_futures_are_dropped_before_compute(gated: GatedFactory)
     assert d.cancelled()
     assert observer.dropped == [1]
     assert [size for _, size, _ in observer.starts] == [2, 2]
-    assert batcher.available == batcher.capacity
+    assert batcher.available == batcher.queue_limit
 
 
 @pytest.mark.anyio
 async def test_cancelled_slot_is_returned_at_once(gated: GatedFactory) -> None:
     handler = gated(double)
     observer = RecordingObserver()
-    batcher = Batcher(
-        handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False, observer=observer
-    )
+    batcher = make_batcher(handler, max_batch_size=8, queue_limit=4, observer=observer)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2, 3, 4])
         assert batcher.available == 0
@@ -267,7 +293,7 @@ async def test_cancelled_slot_is_returned_at_once(gated: GatedFactory) -> None:
 @pytest.mark.anyio
 async def test_future_cancelled_during_compute_does_not_break_the_batch(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher = make_batcher(handler, max_batch_size=2)
     async with running(batcher):
         a, b = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -276,6 +302,27 @@ async def test_future_cancelled_during_compute_does_not_break_the_batch(gated: G
         assert await results([b]) == [4]
         assert await results(submit_all(batcher, [3, 4])) == [6, 8]  # and the batcher keeps going
     assert a.cancelled()
+
+
+@pytest.mark.anyio
+async def test_future_cancelled_during_compute_frees_its_slot_at_once(gated: GatedFactory) -> None:
+    # Issue 10, row 13: a request that timed out mid-compute must not hold its slot until the
+    # batch ends, or a deadline storm refuses clients that would fit.
+    handler = gated(double)
+    batcher = make_batcher(handler, max_batch_size=2, queue_limit=2)
+    async with running(batcher):
+        a, b = submit_all(batcher, [1, 2])
+        assert await handler.started.get() == [1, 2]
+        assert batcher.available == 0
+        a.cancel()
+        await asyncio.sleep(0)  # one loop turn: the done-callback runs
+        assert batcher.available == 1
+        a.cancel()  # idempotent: nothing freed twice
+        await asyncio.sleep(0)
+        assert batcher.available == 1
+        handler.gate.set()
+        assert await results([b]) == [4]
+    assert batcher.available == batcher.queue_limit
 
 
 # -- handler failures -------------------------------------------------------------------------
@@ -290,14 +337,7 @@ def fail_on_negative(items: Sequence[int]) -> list[int]:
 @pytest.mark.anyio
 async def test_handler_exception_fails_only_its_own_batch() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(
-        fail_on_negative,
-        max_batch_size=2,
-        max_delay_s=LONG_DELAY_S,
-        max_queue=16,
-        dispatch_when_idle=False,
-        observer=observer,
-    )
+    batcher = make_batcher(fail_on_negative, max_batch_size=2, observer=observer)
     async with running(batcher):
         bad = submit_all(batcher, [-1, 5])
         good = submit_all(batcher, [6, 7])
@@ -316,7 +356,7 @@ async def test_wrong_number_of_results_fails_the_batch_with_a_clear_error() -> N
     def drop_last(items: Sequence[int]) -> list[int]:
         return double(items)[:-1] if items[0] == 1 else double(items)
 
-    batcher = Batcher(drop_last, max_batch_size=3, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False)
+    batcher = make_batcher(drop_last, max_batch_size=3)
     async with running(batcher):
         for future in submit_all(batcher, [1, 2, 3]):
             with pytest.raises(HandlerResultError, match="returned 2 result"):
@@ -329,7 +369,7 @@ async def test_handler_raising_stop_iteration_still_fails_the_futures() -> None:
     def stop(items: Sequence[int]) -> list[int]:
         raise StopIteration
 
-    batcher = Batcher(stop, max_batch_size=1, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
+    batcher = make_batcher(stop, max_batch_size=1, queue_limit=4)
     async with running(batcher):
         (future,) = submit_all(batcher, [1])
         with pytest.raises(RuntimeError, match="StopIteration"):
@@ -342,9 +382,7 @@ async def test_handler_raising_stop_iteration_still_fails_the_futures() -> None:
 @pytest.mark.anyio
 async def test_stop_drains_queued_and_in_flight_work(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(
-        handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=16, dispatch_when_idle=False, max_in_flight=2
-    )
+    batcher = make_batcher(handler, max_batch_size=2, max_in_flight_batches=2)
     async with running(batcher):
         first = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -377,14 +415,7 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
     # An injected executor, so the test can wait for the stuck thread after opening the gate.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
-        batcher = Batcher(
-            never_finishes,
-            max_batch_size=2,
-            max_delay_s=LONG_DELAY_S,
-            max_queue=16,
-            dispatch_when_idle=False,
-            executor=executor,
-        )
+        batcher = make_batcher(never_finishes, max_batch_size=2, executor=executor)
         await batcher.start()
         in_compute = submit_all(batcher, [1, 2])
         assert await started.get() == [1, 2]
@@ -394,7 +425,7 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
         for future in in_compute + queued:
             with pytest.raises(BatcherStopped):
                 await future
-        assert batcher.available == batcher.capacity
+        assert batcher.available == batcher.queue_limit
         # An injected executor belongs to the caller: still usable (its second thread is free).
         assert await asyncio.wrap_future(executor.submit(int, "7")) == 7
     finally:
@@ -404,7 +435,7 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout() -> None:
 
 @pytest.mark.anyio
 async def test_reserve_and_submit_after_stop_raise_batcher_stopped() -> None:
-    batcher = Batcher(double, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
+    batcher = make_batcher(double, max_batch_size=2, queue_limit=4)
     await batcher.start()
     early = batcher.reserve(2)
     await batcher.stop(drain_timeout_s=0)
@@ -414,14 +445,14 @@ async def test_reserve_and_submit_after_stop_raise_batcher_stopped() -> None:
     with pytest.raises(BatcherStopped):
         early.submit(1)
     early.release()
-    assert batcher.available == batcher.capacity
+    assert batcher.available == batcher.queue_limit
     with pytest.raises(RuntimeError):
         await batcher.start()
 
 
 @pytest.mark.anyio
 async def test_stop_waits_for_outstanding_reservations() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
+    batcher = make_batcher(double, max_batch_size=4, queue_limit=4)
     async with running(batcher):
         reservation = batcher.reserve(2)  # a request still decoding its files when stop() begins
         (queued,) = submit_all(batcher, [1])
@@ -438,7 +469,7 @@ async def test_stop_waits_for_outstanding_reservations() -> None:
 
 @pytest.mark.anyio
 async def test_stop_before_start_fails_queued_items() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
+    batcher = make_batcher(double, max_batch_size=4, queue_limit=4)
     (future,) = submit_all(batcher, [1])
     await batcher.stop()
     with pytest.raises(BatcherStopped):
@@ -450,13 +481,13 @@ async def test_stop_before_start_fails_queued_items() -> None:
 
 @pytest.mark.anyio
 async def test_reservations_are_all_or_nothing_and_release_returns_slots() -> None:
-    batcher = Batcher(double, max_batch_size=4, max_delay_s=LONG_DELAY_S, max_queue=4, dispatch_when_idle=False)
+    batcher = make_batcher(double, max_batch_size=4, queue_limit=4)
     async with running(batcher):
         three = batcher.reserve(3)
         assert (batcher.available, batcher.reserved) == (1, 3)
         with pytest.raises(QueueFull) as full:
             batcher.reserve(2)
-        assert (full.value.requested, full.value.available, full.value.capacity) == (2, 1, 4)
+        assert (full.value.requested, full.value.available, full.value.queue_limit) == (2, 1, 4)
         assert batcher.available == 1  # the failed reservation took nothing
         three.release()
         three.release()  # idempotent
@@ -483,7 +514,7 @@ async def test_reservations_are_all_or_nothing_and_release_returns_slots() -> No
 @pytest.mark.anyio
 async def test_items_in_compute_count_against_the_bound(gated: GatedFactory) -> None:
     handler = gated(double)
-    batcher = Batcher(handler, max_batch_size=2, max_delay_s=LONG_DELAY_S, max_queue=3, dispatch_when_idle=False)
+    batcher = make_batcher(handler, max_batch_size=2, queue_limit=3)
     async with running(batcher):
         futures = submit_all(batcher, [1, 2])
         assert await handler.started.get() == [1, 2]
@@ -501,14 +532,7 @@ async def test_items_in_compute_count_against_the_bound(gated: GatedFactory) -> 
 @pytest.mark.anyio
 async def test_observer_sees_queue_batches_and_in_flight() -> None:
     observer = RecordingObserver()
-    batcher = Batcher(
-        fail_on_negative,
-        max_batch_size=2,
-        max_delay_s=LONG_DELAY_S,
-        max_queue=8,
-        dispatch_when_idle=False,
-        observer=observer,
-    )
+    batcher = make_batcher(fail_on_negative, max_batch_size=2, queue_limit=8, observer=observer)
     async with running(batcher):
         good = submit_all(batcher, [1, 2])
         bad = submit_all(batcher, [-3, 4])
@@ -528,14 +552,7 @@ async def test_observer_sees_queue_batches_and_in_flight() -> None:
 
 @pytest.mark.anyio
 async def test_a_failing_observer_loses_no_result(caplog: pytest.LogCaptureFixture) -> None:
-    batcher = Batcher(
-        double,
-        max_batch_size=2,
-        max_delay_s=LONG_DELAY_S,
-        max_queue=8,
-        dispatch_when_idle=False,
-        observer=BrokenObserver(),
-    )
+    batcher = make_batcher(double, max_batch_size=2, queue_limit=8, observer=BrokenObserver())
     async with running(batcher):
         assert await results(submit_all(batcher, [1, 2])) == [2, 4]
     assert "batch observer failed" in caplog.text
@@ -548,15 +565,14 @@ async def test_a_failing_observer_loses_no_result(caplog: pytest.LogCaptureFixtu
     "kwargs",
     [
         {"max_batch_size": 0},
-        {"max_delay_s": -1.0},
-        {"max_queue": 0},
-        {"max_in_flight": 0},
+        {"max_batch_delay_s": -1.0},
+        {"queue_limit": 0},
+        {"max_in_flight_batches": 0},
     ],
 )
 def test_invalid_settings_are_refused(kwargs: dict[str, Any]) -> None:
-    settings: dict[str, Any] = {"max_batch_size": 2, "max_delay_s": 0.01, "max_queue": 4} | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        Batcher(double, **settings)
+        make_batcher(double, **kwargs)
 
 
 # -- dispatch when nothing more is on its way ---------------------------------------------------
@@ -565,7 +581,7 @@ def test_invalid_settings_are_refused(kwargs: dict[str, Any]) -> None:
 @pytest.mark.anyio
 async def test_lone_item_goes_at_once_when_no_reservation_is_open() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = make_batcher(handler, max_batch_size=8, dispatch_when_idle=True)
     await batcher.start()
     try:
         with batcher.reserve(1) as r:
@@ -581,7 +597,7 @@ async def test_lone_item_goes_at_once_when_no_reservation_is_open() -> None:
 @pytest.mark.anyio
 async def test_batch_waits_for_items_still_on_their_way() -> None:
     handler = Recording(double)
-    batcher = Batcher(handler, max_batch_size=8, max_delay_s=LONG_DELAY_S, max_queue=16)
+    batcher = make_batcher(handler, max_batch_size=8, dispatch_when_idle=True)
     await batcher.start()
     try:
         decoding = batcher.reserve(2)  # another request, admitted and still decoding

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import Metrics
+from service.model_source import ModelIdentity
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "lungserve.json"
 METRIC_RE = re.compile(r"\b((?:lungserve|process)_[a-z0-9_]+)\b")
@@ -50,7 +51,7 @@ def exposed() -> dict[str, set[str]]:
     m.image_outcome("ok")
     m.rejected("queue_full")
     m.prediction("lung_n")
-    m.set_model("lungcnn", "1", "0" * 64, "CPUExecutionProvider")
+    m.set_model(ModelIdentity("lungcnn", "1", "0" * 64), "CPUExecutionProvider")
     m.set_ready(True)
     m.on_queue_depth(1)
     m.on_batch_start(1, 1, [0.001])
@@ -95,15 +96,17 @@ def test_every_label_used_exists(dashboard: dict[str, Any], exposed: dict[str, s
 def test_the_panels_an_operator_needs_are_there(dashboard: dict[str, Any]) -> None:
     exprs = "\n".join(expressions(dashboard))
     for needle in (
-        "rate(lungserve_requests_total",                        # request rate by route/status
+        "rate(lungserve_requests_total",  # request rate by route/status
         "histogram_quantile(0.99, sum by (le, route) (rate(lungserve_request_duration_seconds_bucket",
         "histogram_quantile(0.5, sum by (le) (rate(lungserve_queue_wait_seconds_bucket",
-        "lungserve_batch_size_bucket",                          # batch size distribution
-        "lungserve_batch_size_sum",                             # mean batch size
-        "lungserve_queue_depth", "lungserve_batches_in_flight",
+        "lungserve_batch_size_bucket",  # batch size distribution
+        "lungserve_batch_size_sum",  # mean batch size
+        "lungserve_queue_depth",
+        "lungserve_batches_in_flight",
         "sum by (reason) (rate(lungserve_rejected_total",
-        "sum by (label) (rate(lungserve_predictions_total",     # class mix
-        "lungserve_model_info", "lungserve_model_ready",
+        "sum by (label) (rate(lungserve_predictions_total",  # class mix
+        "lungserve_model_info",
+        "lungserve_model_ready",
     ):
         assert needle in exprs, needle
     heatmaps = [p for p in panels(dashboard) if p["type"] == "heatmap"]

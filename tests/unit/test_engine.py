@@ -23,6 +23,7 @@ ALL_PROVIDERS = ["TensorrtExecutionProvider", CUDA, CPU]
 
 # --- provider policy: pure ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("policy", "available", "expected"),
     [
@@ -66,6 +67,7 @@ def test_check_active_refuses_an_empty_provider_list() -> None:
 
 
 # --- graph vs manifest: pure, with fake node args ------------------------------------------
+
 
 @dataclass(frozen=True)
 class FakeArg:
@@ -118,6 +120,7 @@ def test_validate_signature_refuses_another_resize(tmp_path: Path) -> None:
 
 # --- real CPU sessions ----------------------------------------------------------------------
 
+
 def _expected(batch: np.ndarray) -> np.ndarray:
     """What tests/onnx_models.py's graph computes: softmax(mean colour @ 0.001)."""
     z = batch.astype(np.float32).mean(axis=(1, 2)) @ np.full((3, 3), 0.001, dtype=np.float32)
@@ -129,7 +132,7 @@ def test_cpu_engine_runs_and_reports_its_provider(tmp_path: Path) -> None:
     manifest = write_model_dir(tmp_path / "m")
     engine = Engine(tmp_path / "m" / "model.onnx", manifest, provider="cpu", intra_op_threads=1, inter_op_threads=1)
     assert engine.provider == CPU
-    assert (engine.name, engine.version, engine.input_size) == ("tiny", "1", 8)
+    assert (engine.manifest.name, engine.manifest.version, engine.input_size) == ("tiny", "1", 8)
     batch = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
     probs = engine.run(batch)
     assert probs.dtype == np.float32
@@ -195,7 +198,7 @@ def test_bundled_model_loads_and_warms_up() -> None:
     engine = Engine(artifact.onnx_path, artifact.manifest, provider="cpu")
     engine.warm_up([1, 3])
     probs = engine.run(np.full((3, engine.input_size, engine.input_size, 3), 200, dtype=np.uint8))
-    assert probs.shape == (3, len(engine.classes))
+    assert probs.shape == (3, len(engine.manifest.classes))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 

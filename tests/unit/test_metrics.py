@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.batcher import Batcher, BatchInfo, BatchObserver
+from service.decision import ACCEPT
 from service.errors import (
+    ClientGone,
     DeadlineExceeded,
     ImageTooLarge,
     InferenceFailed,
@@ -32,8 +34,9 @@ from service.metrics import (
     reject_reason_for,
     status_class,
 )
+from service.model_source import ModelIdentity
 from service.preprocess import RESIZE
-from service.runtime import Classified, ClientGone, PredictionObserver
+from service.runtime import Classified, PredictionObserver
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -53,9 +56,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
-def test_requests_are_counted_by_route_and_status_class(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
+def test_requests_are_counted_by_route_and_status_class(metrics: Metrics, registry: CollectorRegistry) -> None:
     # Binary fractions, so the histogram sum is exact.
     metrics.observe_request("/v1/predict", 200, 0.25)
     metrics.observe_request("/v1/predict", 201, 0.5)
@@ -72,10 +73,20 @@ def test_requests_are_counted_by_route_and_status_class(
     assert value(registry, "lungserve_request_duration_seconds_bucket", route="/v1/predict", le="0.25") == 3
 
 
-@pytest.mark.parametrize(("status", "cls"), [
-    (100, "1xx"), (200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (500, "5xx"), (599, "5xx"),
-    (0, "5xx"), (700, "5xx"),
-])
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (100, "1xx"),
+        (200, "2xx"),
+        (304, "3xx"),
+        (404, "4xx"),
+        (499, "4xx"),
+        (500, "5xx"),
+        (599, "5xx"),
+        (0, "5xx"),
+        (700, "5xx"),
+    ],
+)
 def test_status_class(status: int, cls: str) -> None:
     assert status_class(status) == cls
 
@@ -115,14 +126,12 @@ def test_images_rejections_predictions_and_decode(metrics: Metrics, registry: Co
     assert value(registry, "lungserve_decode_seconds_bucket", le="0.005") == 1
 
 
-def test_unknown_outcome_or_reason_is_refused_not_minted(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
+def test_unknown_outcome_or_reason_is_refused_not_minted(metrics: Metrics, registry: CollectorRegistry) -> None:
     with pytest.raises(ValueError, match="outcome"):
         metrics.image_outcome("patient_1234.jpeg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reason"):
         metrics.rejected("because")  # type: ignore[arg-type]
-    # The API never reports "cancelled": the batcher observer owns that outcome.
+    # "cancelled" has its own hook (on_image_abandoned), never a plain outcome call.
     with pytest.raises(ValueError, match="outcome"):
         metrics.image_outcome("cancelled")  # type: ignore[arg-type]
     assert value(registry, "lungserve_images_total", outcome="patient_1234.jpeg") is None
@@ -152,7 +161,8 @@ def test_batch_observer_calls(metrics: Metrics, registry: CollectorRegistry) -> 
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
     assert value(registry, "lungserve_cancelled_total") == 2
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 2
+    # The image outcome is counted per request (on_image_abandoned), never twice.
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 0
 
 
 def test_gauges_follow_the_last_value(metrics: Metrics, registry: CollectorRegistry) -> None:
@@ -162,12 +172,15 @@ def test_gauges_follow_the_last_value(metrics: Metrics, registry: CollectorRegis
     assert value(registry, "lungserve_batches_in_flight") == 2
 
 
-@pytest.mark.parametrize(("max_batch", "expected"), [
-    (1, ["1.0"]),
-    (2, ["1.0", "2.0"]),
-    (32, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]),
-    (48, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "48.0"]),
-])
+@pytest.mark.parametrize(
+    ("max_batch", "expected"),
+    [
+        (1, ["1.0"]),
+        (2, ["1.0", "2.0"]),
+        (32, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0"]),
+        (48, ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "48.0"]),
+    ],
+)
 def test_batch_size_buckets_end_at_max_batch_size(max_batch: int, expected: list[str]) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_batch_size=max_batch)
@@ -184,15 +197,13 @@ def test_batch_size_buckets_refuse_nonsense() -> None:
         batch_size_buckets(0)
 
 
-def test_model_info_is_relabelled_when_the_model_changes(
-    metrics: Metrics, registry: CollectorRegistry
-) -> None:
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")  # idempotent
+def test_model_info_is_relabelled_when_the_model_changes(metrics: Metrics, registry: CollectorRegistry) -> None:
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")  # idempotent
     old = {"name": "lungcnn", "version": "1", "sha256": "a" * 12, "provider": "CPUExecutionProvider"}
     assert registry.get_sample_value("lungserve_model_info", old) == 1
 
-    metrics.set_model("lungcnn", "2", SHA_B, "CUDAExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "2", SHA_B), "CUDAExecutionProvider")
     new = {"name": "lungcnn", "version": "2", "sha256": "b" * 12, "provider": "CUDAExecutionProvider"}
     assert registry.get_sample_value("lungserve_model_info", old) is None
     assert registry.get_sample_value("lungserve_model_info", new) == 1
@@ -213,19 +224,32 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
     metrics.image_outcome("ok")
     metrics.on_batch_start(1, 1, [0.001])
     metrics.on_batch_end(1, 1, 0.002, None)
-    metrics.set_model("lungcnn", "1", SHA_A, "CPUExecutionProvider")
+    metrics.set_model(ModelIdentity("lungcnn", "1", SHA_A), "CPUExecutionProvider")
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     # The classic text format has no `_created` concept: the client emits those as gauges.
-    ours = {name: f for name, f in families.items()
-            if name.startswith("lungserve_") and not name.endswith("_created")}
+    ours = {name: f for name, f in families.items() if name.startswith("lungserve_") and not name.endswith("_created")}
     assert set(ours) == {
-        "lungserve_requests", "lungserve_request_duration_seconds", "lungserve_images",
-        "lungserve_queue_wait_seconds", "lungserve_decode_seconds", "lungserve_inference_seconds",
-        "lungserve_batch_size", "lungserve_batch_failures", "lungserve_queue_depth",
-        "lungserve_batches_in_flight", "lungserve_rejected", "lungserve_predictions",
-        "lungserve_model_info", "lungserve_model_ready", "lungserve_cancelled",
+        "lungserve_requests",
+        "lungserve_request_duration_seconds",
+        "lungserve_images",
+        "lungserve_queue_wait_seconds",
+        "lungserve_decode_seconds",
+        "lungserve_inference_seconds",
+        "lungserve_batch_size",
+        "lungserve_batch_failures",
+        "lungserve_decisions",
+        "lungserve_queue_depth",
+        "lungserve_batches_in_flight",
+        "lungserve_rejected",
+        "lungserve_predictions",
+        "lungserve_model_info",
+        "lungserve_model_ready",
+        "lungserve_cancelled",
+        "lungserve_api_key_requests",
+        "lungserve_uploads_in_flight",
+        "lungserve_body_bytes_in_flight",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
@@ -234,8 +258,21 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
             assert name.endswith("_seconds")
     # Labels are the bounded ones, never ids or file names.
     labels = {key for f in ours.values() for s in f.samples for key in s.labels}
-    assert labels <= {"route", "status", "outcome", "reason", "label", "name", "version", "sha256",
-                      "provider", "le"}
+    allowed = {
+        "route",
+        "status",
+        "outcome",
+        "reason",
+        "decision",
+        "label",
+        "name",
+        "version",
+        "sha256",
+        "provider",
+        "le",
+        "key",
+    }
+    assert labels <= allowed  # `key` is an API key's name from the keys file, never the key
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -256,7 +293,11 @@ def test_metrics_is_the_batchers_observer(metrics: Metrics) -> None:
 async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) -> None:
     metrics = Metrics(registry, max_batch_size=4)
     batcher: Batcher[int, int] = Batcher(
-        lambda items: [i * 2 for i in items], max_batch_size=4, max_delay_s=0.0, max_queue=16, observer=metrics,
+        lambda items: [i * 2 for i in items],
+        max_batch_size=4,
+        max_batch_delay_s=0.0,
+        queue_limit=16,
+        observer=metrics,
     )
     await batcher.start()
     try:
@@ -272,21 +313,27 @@ async def test_a_real_batcher_reports_exact_counts(registry: CollectorRegistry) 
     assert value(registry, "lungserve_inference_seconds_count") == value(registry, "lungserve_batch_size_count")
     assert value(registry, "lungserve_batch_failures_total") == 0
     assert value(registry, "lungserve_cancelled_total") == 1
-    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
     assert value(registry, "lungserve_queue_depth") == 0
     assert value(registry, "lungserve_batches_in_flight") == 0
 
 
 # --- the runtime's PredictionObserver ------------------------------------------------------
 
+
 def _classified(label_index: int) -> Classified:
     manifest = Manifest(
-        name="lungcnn", version="7", classes=["lung_aca", "lung_n", "lung_scc"], input_name="image",
-        output_name="probs", input_size=32, resize=RESIZE, sha256="0" * 64,
+        name="lungcnn",
+        version="7",
+        classes=["lung_aca", "lung_n", "lung_scc"],
+        input_name="image",
+        output_name="probs",
+        input_size=32,
+        resize=RESIZE,
+        sha256="0" * 64,
     )
     probs = np.full(3, 0.1, dtype=np.float32)
     probs[label_index] = 0.8
-    return Classified(probs, manifest)
+    return Classified(probs, manifest, ACCEPT)
 
 
 def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRegistry) -> None:
@@ -296,6 +343,8 @@ def test_prediction_observer_outside_a_request_only_counts(registry: CollectorRe
     assert value(registry, "lungserve_decode_seconds_count") == 1
     assert value(registry, "lungserve_images_total", outcome="ok") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_n") == 1
+    assert value(registry, "lungserve_decisions_total", decision="accept", reason="none") == 1
+    assert value(registry, "lungserve_decisions_total", decision="refer", reason="low_confidence") == 0
 
 
 def test_prediction_observer_fills_the_request_context(registry: CollectorRegistry) -> None:
@@ -307,27 +356,32 @@ def test_prediction_observer_fills_the_request_context(registry: CollectorRegist
         observer.on_classified(_classified(0), BatchInfo(batch_id=3, size=2, queue_wait_s=0.001, compute_s=0.01))
         observer.on_classified(_classified(2), BatchInfo(batch_id=3, size=2, queue_wait_s=0.002, compute_s=0.01))
         observer.on_image_failed(InvalidImage("not an image"))
-    assert ctx.images == 3
+        observer.on_image_abandoned()
+    assert ctx.images == 4
     assert ctx.model_version == "7"
     assert ctx.timing.batches == {3: 2}
     assert server_timing(ctx.timing) == "queue;dur=2.000, decode;dur=6.000, infer;dur=10.000"
     assert value(registry, "lungserve_predictions_total", label="lung_aca") == 1
     assert value(registry, "lungserve_predictions_total", label="lung_scc") == 1
     assert value(registry, "lungserve_images_total", outcome="invalid") == 1
+    assert value(registry, "lungserve_images_total", outcome="cancelled") == 1
 
 
-@pytest.mark.parametrize(("error", "outcome", "reason"), [
-    (InvalidImage("x"), "invalid", None),
-    (ImageTooLarge("x"), "too_large", None),
-    (MissingField("x"), "invalid", "bad_input"),
-    (TooManyFiles("x"), "invalid", "bad_input"),
-    (Overloaded("x"), "rejected", "queue_full"),
-    (DeadlineExceeded("x"), "rejected", "deadline"),
-    (ShuttingDown("x"), "rejected", "shutting_down"),
-    (ModelNotReady("x"), "rejected", "not_ready"),
-    (InferenceFailed("x"), "error", None),
-    (ClientGone("x"), None, None),
-])
+@pytest.mark.parametrize(
+    ("error", "outcome", "reason"),
+    [
+        (InvalidImage("x"), "invalid", None),
+        (ImageTooLarge("x"), "too_large", None),
+        (MissingField("x"), "invalid", "bad_input"),
+        (TooManyFiles("x"), "invalid", "bad_input"),
+        (Overloaded("x"), "rejected", "queue_full"),
+        (DeadlineExceeded("x"), "rejected", "deadline"),
+        (ShuttingDown("x"), "rejected", "shutting_down"),
+        (ModelNotReady("x"), "rejected", "not_ready"),
+        (InferenceFailed("x"), "error", None),
+        (ClientGone("x"), None, None),
+    ],
+)
 def test_errors_map_to_bounded_outcomes_and_reasons(
     error: LungserveError, outcome: str | None, reason: str | None
 ) -> None:

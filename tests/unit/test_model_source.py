@@ -10,22 +10,30 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from export.upload import upload, upload_location
-from service.errors import ModelSourceError
-from service.manifest import MANIFEST_NAME
+from service.engine import Engine
+from service.errors import ModelSourceError, one_line
+from service.manifest import MANIFEST_NAME, parse_manifest
 from service.model_source import (
     LocalLocation,
+    ModelArtifact,
     S3Location,
-    cache_subdir,
-    describe_s3_error,
+    S3Options,
     fetch_model,
     load_local_model,
-    one_line,
-    parse_manifest,
     parse_model_uri,
 )
+from service.model_source.cache import cache_subdir
+from service.model_source.s3 import describe_s3_error
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 
 BUNDLED = Path(__file__).resolve().parents[2] / "service" / "bundled_model"
+
+
+def load_verified(path: Path) -> ModelArtifact:
+    """What start-up does with a local model: the source checks the sha256, the Engine the rest."""
+    artifact = load_local_model(path)
+    Engine(artifact.onnx_path, artifact.manifest, provider="cpu").warm_up([1, 2])
+    return artifact
 
 
 # --------------------------------------------------------------------------- URIs
@@ -101,8 +109,11 @@ def test_parse_manifest_refuses_paths_as_file_name(name: str) -> None:
 
 
 def _client_error(code: str, status: int, op: str = "GetObject") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "msg\nsecond line"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)  # type: ignore[typeddict-item]
+    response: Any = {
+        "Error": {"Code": code, "Message": "msg\nsecond line"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, op)
 
 
 @pytest.mark.parametrize(
@@ -140,9 +151,9 @@ def test_load_local_model_dir_file_and_manifest(tmp_path: Path) -> None:
         artifact = load_local_model(path)
         assert artifact.onnx_path == tmp_path / "model.onnx"
         assert artifact.manifest == manifest
-        assert artifact.version == "1"
-        assert artifact.etag is None
-        assert not artifact.downloaded
+        assert artifact.identity.version == "1"
+        assert artifact.identity.etag is None
+        assert not artifact.downloaded_bytes
 
 
 def test_bundled_model_loads() -> None:
@@ -155,7 +166,7 @@ async def test_fetch_model_dispatches_local_paths(tmp_path: Path) -> None:
     write_model_dir(tmp_path / "m", version="7")
     for uri in (str(tmp_path / "m"), (tmp_path / "m").as_uri()):
         artifact = await fetch_model(uri, cache_dir=tmp_path / "cache")
-        assert artifact.version == "7"
+        assert artifact.identity.version == "7"
     assert not (tmp_path / "cache").exists()  # local models are used in place
 
 
@@ -168,7 +179,7 @@ def test_local_checksum_mismatch(tmp_path: Path) -> None:
 def test_local_not_onnx(tmp_path: Path) -> None:
     write_model_dir(tmp_path, data=b"\x00\x01 definitely not a protobuf")
     with pytest.raises(ModelSourceError, match=r"^not a loadable ONNX model: model.onnx"):
-        load_local_model(tmp_path)
+        load_verified(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -185,14 +196,14 @@ def test_local_not_onnx(tmp_path: Path) -> None:
 def test_local_manifest_does_not_fit(tmp_path: Path, overrides: dict[str, Any], cause: str) -> None:
     write_model_dir(tmp_path, **overrides)
     with pytest.raises(ModelSourceError, match=f"^manifest does not fit the model: .*{cause}"):
-        load_local_model(tmp_path)
+        load_verified(tmp_path)
 
 
 def test_local_model_outputs_must_be_probabilities(tmp_path: Path) -> None:
     # Right signature, but logits instead of a softmax: not confidences the service may serve.
     write_model_dir(tmp_path, data=model_bytes(softmax=False, bias=[5.0, 0.0, 0.0]))
     with pytest.raises(ModelSourceError, match="not probabilities"):
-        load_local_model(tmp_path)
+        load_verified(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +244,7 @@ async def test_upload_refuses_inconsistent_folder_before_any_request(tmp_path: P
     write_model_dir(tmp_path, sha256="1" * 64)
     # Port 9 on loopback: were a request attempted, this would fail differently.
     with pytest.raises(ModelSourceError, match=r"^checksum mismatch: .*re-export"):
-        await upload(tmp_path, "s3://bucket/prefix/", endpoint_url="http://127.0.0.1:9")
+        await upload(tmp_path, "s3://bucket/prefix/", s3=S3Options(endpoint_url="http://127.0.0.1:9"))
     (tmp_path / MANIFEST_NAME).unlink()
     with pytest.raises(ModelSourceError, match="cannot read manifest"):
-        await upload(tmp_path, "s3://bucket/prefix/", endpoint_url="http://127.0.0.1:9")
+        await upload(tmp_path, "s3://bucket/prefix/", s3=S3Options(endpoint_url="http://127.0.0.1:9"))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.preprocess import load_image
+from service.preprocess import load_image, probe_image
 
 SIZE = 32
 
@@ -165,3 +165,87 @@ def test_decompression_bomb_is_too_large_not_a_crash() -> None:
         load_image(_png_header_only(20_000, 20_000), SIZE)
     with pytest.raises(ImageTooLarge):
         load_image(_png_header_only(10_000, 6_000), SIZE, max_pixels=50_000_000)
+
+
+# --- hostile inputs (issue 10, rows 1-4 and the bomb message) ---------------------------------
+
+
+def _noise_jpeg(size: int = 224, seed: int = 2) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"), "JPEG", quality=90)
+
+
+def jpeg_with_declared_size(data: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its SOF header edited to claim width x height."""
+    sof = data.find(b"\xff\xc0")
+    assert sof > 0
+    edited = bytearray(data)
+    edited[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(edited)
+
+
+def test_jpeg_header_claiming_more_lines_is_invalid_not_grey() -> None:
+    # Row 1: libjpeg would fill 99 % of a 7000x7000 canvas with grey and report no error.
+    with pytest.raises(InvalidImage, match="truncated"):
+        load_image(jpeg_with_declared_size(_noise_jpeg(), 7000, 7000), SIZE)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_truncated_jpeg_with_end_marker_is_invalid(keep: float) -> None:
+    # Row 2: a cut file with EOI appended decodes "successfully" with a grey bottom.
+    data = _noise_jpeg()
+    with pytest.raises(InvalidImage, match="truncated"):
+        load_image(data[: int(len(data) * keep)] + b"\xff\xd9", SIZE)
+    with pytest.raises(InvalidImage, match="truncated"):
+        load_image(data[: int(len(data) * keep)] + b"\xff\xd9", 64, draft=True)
+
+
+def test_real_tile_cut_and_closed_is_invalid(real_images: list[Path]) -> None:
+    data = real_images[0].read_bytes()
+    with pytest.raises(InvalidImage):
+        load_image(data[: len(data) // 2] + b"\xff\xd9", 128)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "ICO", "PCX", "PPM", "TGA", "SGI", "DDS"])
+def test_formats_outside_the_allow_list_are_refused(fmt: str) -> None:
+    # Row 3: Pillow decodes all of these; the documented contract is JPEG, PNG, TIFF or BMP.
+    data = encode(halves(), fmt)
+    with pytest.raises(InvalidImage, match="expected JPEG, PNG, TIFF or BMP"):
+        load_image(data, SIZE)
+
+
+def test_animated_gif_is_refused() -> None:
+    frames = [Image.new("P", (16, 16), i % 256) for i in range(200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidImage):
+        load_image(buf.getvalue(), SIZE)
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Row 4: the EPS plugin would run `gs` on load. With the allow-list its parser never runs:
+    # a `gs` that records its own start proves it.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    from PIL import EpsImagePlugin
+
+    called: list[object] = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    with pytest.raises(InvalidImage):
+        load_image(eps, SIZE)
+    assert called == []
+
+
+def test_bomb_message_quotes_our_setting() -> None:
+    with pytest.raises(ImageTooLarge, match="LUNGSERVE_MAX_IMAGE_PIXELS = 50000000") as info:
+        load_image(_png_header_only(20_000, 20_000), SIZE)
+    assert "400000000" in str(info.value)
+
+
+def test_probe_reports_the_reduced_decode_cost_of_large_jpegs() -> None:
+    rng = np.random.default_rng(3)
+    big = encode(Image.fromarray(rng.integers(0, 256, (1024, 2048, 3), dtype=np.uint8), "RGB"), "JPEG")
+    probe = probe_image(big, 128)
+    assert (probe.format, probe.width, probe.height, probe.pixels) == ("JPEG", 2048, 1024, 2048 * 1024)
+    assert probe.decode_pixels == 2048 * 1024 // 64  # 1/8 DCT scale
+    png = probe_image(encode(halves(2048, 1024), "PNG"), 128)
+    assert png.decode_pixels == png.pixels  # PNG has no reduced decode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,8 +14,10 @@ from service.errors import (
     RequestTooLarge,
     TooManyFiles,
     UnsupportedMediaType,
+    UploadTooSlow,
 )
 from service.uploads import (
+    MAX_PREAMBLE_BYTES,
     Upload,
     UploadLimits,
     check_declared_size,
@@ -30,8 +33,12 @@ CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
 def part(name: str, data: bytes, filename: str | None = "x.jpeg") -> bytes:
     disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
     return (
-        f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + b"\r\n"
+        (
+            f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+    )
 
 
 def body(*parts: bytes) -> bytes:
@@ -133,3 +140,62 @@ async def test_part_without_name() -> None:
     data = f"--{BOUNDARY}\r\nContent-Disposition: form-data\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode()
     with pytest.raises(BadRequest, match="no name"):
         await read(data, limits())
+
+
+# --- issue 10: preamble, slow bodies --------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 100_000])
+async def test_a_preamble_before_the_first_boundary_is_skipped(chunk: int) -> None:
+    # RFC 2046 5.1.1 allows text before the first delimiter line; it is not a part.
+    data = b"This is a multi-part message in MIME format.\r\n" + body(part("files", b"payload", "a.png"))
+    (upload,) = await read(data, limits(), chunk=chunk)
+    assert (upload.filename, upload.data) == ("a.png", b"payload")
+
+
+async def test_a_body_without_any_boundary_line_is_bad_request() -> None:
+    with pytest.raises(BadRequest, match="no boundary"):
+        await read(b"x" * 100, limits())
+    with pytest.raises(BadRequest, match="no boundary within"):
+        await read(b"y" * (MAX_PREAMBLE_BYTES + 10), limits(max_body_bytes=10 * MAX_PREAMBLE_BYTES))
+
+
+async def test_a_stalled_body_is_refused_as_too_slow() -> None:
+    stalled = asyncio.Event()  # never set: the client sent one chunk, then nothing
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield f"--{BOUNDARY}\r\n".encode()
+        await stalled.wait()
+        yield b"never"
+
+    slow = UploadLimits(
+        field="files",
+        max_files=1,
+        max_file_bytes=100,
+        max_body_bytes=1000,
+        fail_fast=True,
+        min_rate_bytes_s=1000.0,
+        rate_grace_s=0.05,
+    )
+    with pytest.raises(UploadTooSlow) as info:
+        await read_uploads(CTYPE, trickle(), slow)
+    assert info.value.status == 408
+
+
+async def test_an_outer_timeout_is_not_reported_as_a_slow_upload() -> None:
+    async def forever() -> AsyncIterator[bytes]:
+        await asyncio.Event().wait()
+        yield b""
+
+    patient = UploadLimits(
+        field="files",
+        max_files=1,
+        max_file_bytes=100,
+        max_body_bytes=1000,
+        fail_fast=True,
+        min_rate_bytes_s=1.0,
+        rate_grace_s=3600.0,
+    )
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await read_uploads(CTYPE, forever(), patient)

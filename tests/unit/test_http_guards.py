@@ -1,4 +1,4 @@
-"""Request-path helpers: client-disconnect cancellation and the request deadline."""
+"""HTTP guards: client-disconnect cancellation and the request deadline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.errors import DeadlineExceeded
-from service.runtime import ClientGone, deadline, unless_disconnected
+from service.errors import ClientGone, DeadlineExceeded
+from service.http_guards import deadline, unless_disconnected
 
 pytestmark = pytest.mark.anyio
 

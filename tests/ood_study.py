@@ -1,0 +1,247 @@
+"""The out-of-distribution study behind docs/model/ood.md: fit check of the tissue limits, the
+OOD image set per category, and the share of real held-out tiles referred.
+
+    python -m tests.ood_study --data ../shared/data/lc25000-lung --model service/bundled_model \
+        --out docs/model/ood.md
+
+It runs the service's own code: `service.preprocess.load_image` (the decode every upload gets),
+`Engine.infer` (probabilities + ood_score when the model has one) and `decide_batch` (the tissue
+check and the decision, exactly as the runtime makes it). Thresholds are the manifest's, as served
+with no LUNGSERVE_REFER_BELOW / LUNGSERVE_OOD_ABOVE set.
+
+Groups: the tissue limits were fitted on the model's *train* groups (`split.train_groups` in a v2
+manifest, else every group not in `validation_groups`); the held-out share is measured on groups
+never used for any choice (`split.test_groups`, else `validation_groups`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.decision import Decision, Thresholds, decide_batch
+from service.engine import Engine
+from service.manifest import MANIFEST_NAME, Manifest
+from service.preprocess import load_image
+from service.tissue import LIMITS, TissueMeasures, judge, measure_batch
+from tests.ood_images import CATEGORIES, OTHER_STAIN, OodImage, ood_images
+
+BATCH = 32
+RESTAINED_PER_CLASS = 20
+QUANTILES = (0.0, 0.05, 0.5, 50.0, 99.5, 99.95, 100.0)  # percent
+
+
+@dataclass(frozen=True)
+class Tile:
+    path: Path
+    group: str  # "lung_aca/12"
+
+
+def read_groups(root: Path) -> list[Tile]:
+    with (root / "groups.csv").open(newline="") as fh:
+        return [Tile(root / r["file"], f"{r['class']}/{r['group']}") for r in csv.DictReader(fh)]
+
+
+def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[str], str]:
+    """(train groups, held-out groups, how the held-out groups were named)."""
+    extra: dict[str, Any] = manifest.model_extra or {}
+    split = extra.get("split")
+    every = {t.group for t in tiles}
+    if isinstance(split, dict) and split.get("test_groups"):
+        held = set(split["test_groups"])
+        train = set(split.get("train_groups") or []) or every - held - set(split.get("select_groups") or [])
+        return train, held, "split.test_groups"
+    held = set(extra.get("validation_groups") or [])
+    return every - held, held, "validation_groups"
+
+
+def decode(paths: Iterable[Path], size: int) -> NDArray[np.uint8]:
+    return np.stack([load_image(p.read_bytes(), size) for p in paths])
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pct(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {100 * k / n:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}%)"
+
+
+def measures_of(tiles: Sequence[Tile], size: int) -> list[TissueMeasures]:
+    out: list[TissueMeasures] = []
+    for start in range(0, len(tiles), BATCH):
+        out.extend(measure_batch(decode((t.path for t in tiles[start : start + BATCH]), size)))
+    return out
+
+
+def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list[str]:
+    names = [f.name for f in fields(TissueMeasures)]
+    table = np.array([astuple(m) for m in train], dtype=np.float64)
+    lines = [
+        "## The tissue check's limits (service/tissue.py)",
+        "",
+        f"Quantiles of each feature over the {len(train)} train-group tiles (percent), and the limit in code:",
+        "",
+        "| feature | " + " | ".join(f"q{q:g}" for q in QUANTILES) + " | limit |",
+        "|---|" + "---|" * (len(QUANTILES) + 1),
+    ]
+    limit_of = {
+        "background": f"> {LIMITS.max_background:g}",
+        "chroma": f"< {LIMITS.min_chroma:g}",
+        "blue_over_green": f"> {LIMITS.max_blue_over_green:g}",
+        "red_over_green": f"< {LIMITS.min_red_over_green:g} or > {LIMITS.max_red_over_green:g}",
+        "off_palette": f"> {LIMITS.max_off_palette:g}",
+        "texture": f"< {LIMITS.min_texture:g}",
+        "roughness": f"> {LIMITS.max_roughness:g}",
+        "mean_density": f"> {LIMITS.max_mean_density:g}",
+    }
+    for j, name in enumerate(names):
+        qs = np.nanpercentile(table[:, j], QUANTILES)
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in qs) + f" | {limit_of[name]} |")
+    lines.append("")
+    for label, ms in (("train-group", train), ("held-out", held)):
+        failures = [judge(m) for m in ms]
+        flagged = sum(1 for f in failures if f)
+        by = Counter(x.value for f in failures for x in f)
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "none"
+        lines.append(f"- {label} tiles failing the tissue check: {pct(flagged, len(ms))}; by limit: {detail}")
+    return [*lines, ""]
+
+
+def run_images(engine: Engine, thresholds: Thresholds, images: NDArray[np.uint8]) -> list[Decision]:
+    decisions: list[Decision] = []
+    for start in range(0, len(images), BATCH):
+        batch = np.ascontiguousarray(images[start : start + BATCH])
+        out = engine.infer(batch)
+        decisions.extend(decide_batch(batch, out.probabilities, out.ood_score, thresholds))
+    return decisions
+
+
+def ood_section(engine: Engine, thresholds: Thresholds, items: Sequence[OodImage]) -> tuple[list[str], int]:
+    size = engine.input_size
+    decisions = run_images(engine, thresholds, np.stack([load_image(i.data, size) for i in items]))
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    missed: list[str] = []
+    for item, d in zip(items, decisions, strict=True):
+        per[item.category][d.reason or "accepted"] += 1
+        if not d.referred:
+            missed.append(item.id)
+    lines = [
+        "## The out-of-distribution set (tests/ood_images.py)",
+        "",
+        "| category | images | referred | out_of_distribution | low_confidence | accepted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cat in CATEGORIES:
+        c = per.get(cat, Counter())
+        n = sum(c.values())
+        if n:
+            lines.append(
+                f"| {cat} | {n} | {n - c['accepted']} | {c['out_of_distribution']} | {c['low_confidence']} "
+                f"| {c['accepted']} |"
+            )
+    total = len(items)
+    lines += ["", f"Referred: {total - len(missed)} of {total}."]
+    if missed:
+        lines += ["", "Accepted (not referred):", *[f"- {m}" for m in missed]]
+    return [*lines, ""], len(missed)
+
+
+def held_out_section(
+    engine: Engine, thresholds: Thresholds, tiles: Sequence[Tile], named: str
+) -> tuple[list[str], float]:
+    counts: Counter[str] = Counter()
+    for start in range(0, len(tiles), 256):
+        chunk = tiles[start : start + 256]
+        for d in run_images(engine, thresholds, decode((t.path for t in chunk), engine.input_size)):
+            counts[d.reason or "accepted"] += 1
+    n = sum(counts.values())
+    ood = counts["out_of_distribution"]
+    lines = [
+        f"## Real held-out tiles ({named}: {len({t.group for t in tiles})} groups, {n} tiles)",
+        "",
+        f"- referred as out_of_distribution: {pct(ood, n)}",
+        f"- referred as low_confidence: {pct(counts['low_confidence'], n)}",
+        f"- accepted: {pct(counts['accepted'], n)}",
+        "",
+    ]
+    return lines, ood / n if n else 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="lc25000-lung folder (with groups.csv)")
+    ap.add_argument("--model", type=Path, default=Path("service/bundled_model"))
+    ap.add_argument("--out", type=Path, help="write the markdown here (default: stdout)")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    manifest = Manifest.read(args.model / MANIFEST_NAME)
+    engine = Engine(args.model / manifest.file, manifest, provider="cpu")
+    thresholds = Thresholds.resolve(manifest, refer_below=None, ood_above=None)
+    tiles = read_groups(args.data)
+    train_groups, held_groups, named = split_of(manifest, tiles)
+    train = [t for t in tiles if t.group in train_groups]
+    held = [t for t in tiles if t.group in held_groups]
+
+    fit = fit_section(measures_of(train, engine.input_size), measures_of(held, engine.input_size))
+    by_class: dict[str, list[Tile]] = defaultdict(list)
+    for t in held:
+        by_class[t.group.split("/")[0]].append(t)
+    # Re-stained versions of held-out tiles (every n-th of each class): other stains on real tissue.
+    real = [
+        load_image(t.path.read_bytes(), 256)
+        for _, ts in sorted(by_class.items())
+        for t in sorted(ts, key=lambda t: t.path.name)[:: max(1, len(ts) // RESTAINED_PER_CLASS)][:RESTAINED_PER_CLASS]
+    ]
+    ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
+    held_lines, ood_rate = held_out_section(engine, thresholds, held, named)
+
+    doc = [
+        "# Out-of-distribution inputs: the tissue check and the refer decision",
+        "",
+        "Generated by `python -m tests.ood_study --data ../shared/data/lc25000-lung --model service/bundled_model "
+        "--out docs/model/ood.md` (do not edit by hand). How the decision works: docs/decision.md.",
+        "",
+        f"- model: {manifest.name} {manifest.version}; ood_score output: {'yes' if engine.has_ood_score else 'no'}",
+        f"- thresholds (manifest, no overrides): refer_below={thresholds.refer_below}, "
+        f"ood_above={thresholds.ood_above}",
+        f"- data: LC25000 lung tiles, {len(train_groups & {t.group for t in tiles})} train groups "
+        f"({len(train)} tiles), {len(held_groups)} held-out groups ({len(held)} tiles)",
+        f"- {OTHER_STAIN}: includes re-stained copies of {len(real)} held-out tiles",
+        f"- run: Python {platform.python_version()}, {time.perf_counter() - started:.0f} s",
+        "",
+        *fit,
+        *ood_lines,
+        *held_lines,
+    ]
+    text = "\n".join(doc)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    print(f"missed OOD images: {missed}; held-out OOD rate: {100 * ood_rate:.2f}%", file=sys.stderr)
+    return 0 if missed == 0 and ood_rate <= 0.01 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
