@@ -47,7 +47,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
+    MALLOC_ARENA_MAX=2
 RUN groupadd --system --gid 10001 lungserve \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/lungserve lungserve
 COPY --from=builder /opt/venv /opt/venv

@@ -13,7 +13,7 @@
 # re-run skips an up-to-date install and a changed lock reinstalls.
 #
 # Supported: CPython 3.11, 3.12 and 3.13 (requires-python in pyproject.toml). The locks are
-# universal (markers where a version needs another pin), so every version installs the same files.
+# universal (markers where a version needs another pin): every version reads the same lock files.
 
 SUPPORTED := 3.11 3.12 3.13
 _is_supported = import sys; sys.exit("%d.%d" % sys.version_info[:2] not in "$(SUPPORTED)".split())
@@ -43,8 +43,9 @@ MATRIX ?= auto
 
 help:
 	@echo "make serve   install the serving lock into .venv and serve the bundled model on $(HOST):$(PORT)"
-	@echo "make test    install the full dev lock into .venv and run ruff, mypy and pytest"
+	@echo "make test    install the full dev lock into .venv, run ruff, mypy, the matrix and pytest"
 	@echo "make dev     only install the full dev lock into .venv"
+	@echo "make matrix  only the other-version part of make test (MATRIX=3.13 for one version)"
 	@echo "make wheel   build the wheel (and sdist) into dist/ from the hashed build lock"
 	@echo "make lock    regenerate requirements/*.txt with uv and check wheels for Python $(SUPPORTED)"
 	@echo "make s3-demo local S3 (moto) on 127.0.0.1:$(S3_DEMO_PORT), upload the bundled model, serve it from there"

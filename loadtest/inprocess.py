@@ -13,15 +13,20 @@ Prints one JSON object:
 - `variants`: images/s over both cores, each for `--duration` seconds after a warm-up:
   - `pool2-single`: a pool of 2 threads, each `load_image` + `session.run` of one image
     (one shared session, 1 intra-op thread: each worker owns one core);
-  - `pool2-decode-batch16`: the server's shape without HTTP: 2 decode threads feed one
+  - `pool2-decode-batch`: the server's shape without HTTP: 2 decode threads feed one
     inference thread that runs batches of up to 16 (ORT's default threads).
   The ceiling is the best of them.
+- `many`: the median time to classify the whole file list once with the pool of 2 threads (the
+  in-process counterpart of one `/predict-many` of the same files).
+- `physical_bound_images_per_s`: cores / (decode + batched inference CPU time per image), both
+  measured one thread at a time: what the machine could do with zero overhead of any kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import resource
 import statistics
@@ -111,7 +116,11 @@ def run_pool2_single(
 
 
 def run_pool2_decode_batch(
-    images: list[bytes], size: int, sess: ort.InferenceSession, names: tuple[str, str], seconds: float,
+    images: list[bytes],
+    size: int,
+    sess: ort.InferenceSession,
+    names: tuple[str, str],
+    seconds: float,
     max_batch: int = 16,
 ) -> int:
     """2 decode threads -> bounded queue -> 1 inference thread taking whatever is ready (<= max_batch)."""
@@ -156,12 +165,53 @@ def run_pool2_decode_batch(
     return done[0]
 
 
+def run_many(images: list[bytes], size: int, sess: ort.InferenceSession, names: tuple[str, str], repeats: int) -> float:
+    """Median seconds to decode + classify every image once, on a pool of 2 threads."""
+    in_name, out_name = names
+
+    def one(data: bytes) -> None:
+        sess.run([out_name], {in_name: load_image(data, size)[np.newaxis]})
+
+    times: list[float] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(one, images))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def physical_bound(
+    images: list[bytes], size: int, sess: ort.InferenceSession, names: tuple[str, str], max_batch: int
+) -> dict[str, float]:
+    """CPU milliseconds per image of decode and of batched inference (1 thread), and cores / their sum."""
+    in_name, out_name = names
+    t0 = time.process_time()
+    arrays = [load_image(images[i % len(images)], size) for i in range(max(64, len(images)))]
+    decode_ms = (time.process_time() - t0) / len(arrays) * 1e3
+    batch = np.stack(arrays[:max_batch])
+    sess.run([out_name], {in_name: batch})
+    t0 = time.process_time()
+    runs = 20
+    for _ in range(runs):
+        sess.run([out_name], {in_name: batch})
+    infer_ms = (time.process_time() - t0) / (runs * len(batch)) * 1e3
+    cores = len(os.sched_getaffinity(0))
+    return {
+        "decode_cpu_ms": decode_ms,
+        "infer_cpu_ms": infer_ms,
+        "cores": cores,
+        "images_per_s": cores * 1e3 / (decode_ms + infer_ms),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="folder with model.json + model.onnx")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per throughput variant")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--many-repeats", type=int, default=5, help="repeats of the whole-list `many` timing")
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
 
@@ -180,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict[str, float]] = {}
     runs: dict[str, Callable[[float], int]] = {
         "pool2-single": lambda s: run_pool2_single(images, size, one_thread_sess, names, s),
-        "pool2-decode-batch16": lambda s: run_pool2_decode_batch(
+        "pool2-decode-batch": lambda s: run_pool2_decode_batch(
             images, size, default_sess, names, s, max_batch=args.max_batch
         ),
     }
@@ -192,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         variants[name] = {"images": n, "seconds": wall, "images_per_s": n / wall}
 
     best = max(variants, key=lambda k: variants[k]["images_per_s"])
+    run_many(images, size, one_thread_sess, names, 1)
+    many_s = run_many(images, size, one_thread_sess, names, args.many_repeats)
+    bound = physical_bound(images, size, one_thread_sess, names, args.max_batch)
     out = {
         "images": len(images),
         "input_size": size,
@@ -199,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants": variants,
         "ceiling_variant": best,
         "ceiling_images_per_s": variants[best]["images_per_s"],
+        "many": {"images": len(images), "median_s": many_s},
+        "physical_bound": bound,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "onnxruntime": ort.__version__,
     }

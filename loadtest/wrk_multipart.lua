@@ -2,6 +2,10 @@
 --
 --   wrk -t1 -c32 -d20s --timeout 60s -s loadtest/wrk_multipart.lua URL -- PATH FIELD FILE...
 --
+-- FIELD "@oip:NAME" sends instead an Open Inference Protocol v2 request with the binary data
+-- extension (Triton's): a JSON header naming the BYTES input NAME of shape [1, 1], then the
+-- image as one length-prefixed BYTES element; an answer counts when it holds "outputs".
+--
 -- Each connection sends one request and waits for its answer (closed loop, concurrency =
 -- connections). Requests rotate over the given image files; the bodies are built once, in
 -- init(), so the generator spends its CPU on sockets only. A 2xx answer without a "label" in
@@ -33,16 +37,33 @@ function init(args)
    bad = 0
    ok = 0
    local boundary = "lungservebench" .. tostring(id) .. "x7MA4YWxkTrZu0gW"
+   local oip_input = field:match("^@oip:(.+)$")
+   marker = oip_input and '"outputs"' or '"label"'
    for i = 3, #args do
-      local file = args[i]
-      local ctype = "image/jpeg"
-      if file:match("%.png$") then ctype = "image/png" end
-      local body = "--" .. boundary .. "\r\n"
-         .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="' .. basename(file) .. '"\r\n'
-         .. "Content-Type: " .. ctype .. "\r\n\r\n"
-         .. read_file(file) .. "\r\n--" .. boundary .. "--\r\n"
-      local headers = { ["Content-Type"] = "multipart/form-data; boundary=" .. boundary }
-      table.insert(requests_list, wrk.format("POST", path, headers, body))
+      if oip_input then
+         local data = read_file(args[i])
+         local n = #data
+         local element = string.char(n % 256, math.floor(n / 256) % 256, math.floor(n / 65536) % 256,
+            math.floor(n / 16777216) % 256) .. data
+         local header = '{"inputs":[{"name":"' .. oip_input .. '","shape":[1,1],"datatype":"BYTES",'
+            .. '"parameters":{"binary_data_size":' .. #element .. '}}],'
+            .. '"outputs":[{"name":"probabilities","parameters":{"binary_data":false}}]}'
+         local headers = {
+            ["Content-Type"] = "application/octet-stream",
+            ["Inference-Header-Content-Length"] = tostring(#header),
+         }
+         table.insert(requests_list, wrk.format("POST", path, headers, header .. element))
+      else
+         local file = args[i]
+         local ctype = "image/jpeg"
+         if file:match("%.png$") then ctype = "image/png" end
+         local body = "--" .. boundary .. "\r\n"
+            .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="' .. basename(file) .. '"\r\n'
+            .. "Content-Type: " .. ctype .. "\r\n\r\n"
+            .. read_file(file) .. "\r\n--" .. boundary .. "--\r\n"
+         local headers = { ["Content-Type"] = "multipart/form-data; boundary=" .. boundary }
+         table.insert(requests_list, wrk.format("POST", path, headers, body))
+      end
    end
    assert(#requests_list > 0, "no image files given")
    -- Start each thread at a different image so that threads do not move in lockstep.
@@ -56,7 +77,7 @@ end
 
 function response(status, headers, body)
    if status >= 200 and status < 300 then
-      if body ~= nil and body:find('"label"', 1, true) then
+      if body ~= nil and body:find(marker, 1, true) then
          ok = ok + 1
       else
          bad = bad + 1

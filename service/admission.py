@@ -18,10 +18,10 @@ slot; the reverse proxy in front (docs/reliability.md) is the first line against
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from service import memory
 from service.errors import ModelNotReady, Overloaded
@@ -55,8 +55,8 @@ class BodyTicket:
         if self._open:
             self._open = False
             self._gate.body_bytes -= self.charge
-            if self.charge >= _TRIM_AFTER_BYTES:
-                memory.trim()
+            if self.charge >= _TRIM_AFTER_BYTES and self._gate.trimmer is not None:
+                self._gate.trimmer.mark()
 
     def __enter__(self) -> BodyTicket:
         return self
@@ -70,7 +70,10 @@ class BodyTicket:
 class UploadGate:
     """Counts bodies being uploaded and body bytes held; refuses (503) rather than queue."""
 
-    def __init__(self, max_uploads: int, max_body_bytes: int, retry_after_s: int) -> None:
+    def __init__(
+        self, max_uploads: int, max_body_bytes: int, retry_after_s: int, trimmer: memory.Trimmer | None = None
+    ) -> None:
+        self.trimmer = trimmer  # heap trim once a large body's request is gone (service.memory)
         self.max_uploads = max_uploads
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
@@ -102,6 +105,7 @@ async def admitted_uploads(
     content_length: str | None,
     stream: AsyncIterator[bytes],
     limits: UploadLimits,
+    spool: Callable[[], BinaryIO] | None = None,
 ) -> AsyncIterator[list[Upload]]:
     """Every upload route's way in: the checks that cost nothing, the gate, then the body.
 
@@ -118,7 +122,9 @@ async def admitted_uploads(
     if gate is None:
         raise ModelNotReady("the server is not started")
     declared = declared_length(content_length)
-    with gate.admit(declared if declared is not None else limits.max_body_bytes) as ticket:
-        uploads = await read_uploads(content_type, stream, limits)
+    # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
+    charge = 0 if spool is not None else (declared if declared is not None else limits.max_body_bytes)
+    with gate.admit(charge) as ticket:
+        uploads = await read_uploads(content_type, stream, limits, spool)
         ticket.body_read()
         yield uploads

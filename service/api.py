@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
 
@@ -20,6 +19,7 @@ from service.http_guards import deadline, unless_disconnected
 from service.metrics import Metrics
 from service.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
 from service.schemas import (
+    ERROR_RESPONSES,
     BatchingInfo,
     DecisionInfo,
     ErrorResponse,
@@ -32,9 +32,9 @@ from service.schemas import (
     PredictManyResponse,
     ReadyResponse,
     UploadLimitsInfo,
-    error_examples,
     file_error,
     file_prediction,
+    multipart_body,
     prediction,
 )
 from service.uploads import RouteLimits, Upload, UploadLimits
@@ -61,24 +61,8 @@ async def _classify_upload(
     upload: Upload,
     allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One file -> its result, or its own error *returned* (so one bad file never fails others).
-
-    Every admitted image leaves here counted in exactly one outcome: classified, its own
-    error, or abandoned (the request was cancelled: client gone, deadline, shutdown).
-    """
-    try:
-        if upload.error is not None:
-            raise upload.error
-        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
-        result, info = await runtime.classify(reservation, image)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
-        return exc
-    except asyncio.CancelledError:
-        service.observer.on_image_abandoned()
-        raise
-    service.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
-    return result
+    image = upload.error if upload.error is not None else upload.data
+    return await service.classify_image(runtime, reservation, image, allowance)
 
 
 def _uploads(
@@ -94,81 +78,6 @@ def _allowance(service: ServiceState) -> PixelAllowance:
     return PixelAllowance(service.settings.max_request_pixels)
 
 
-def _multipart_body(field: str, many: bool) -> dict[str, Any]:
-    # minLength: an empty file is never an image (422), so the schema says so.
-    binary: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
-    schema = {"type": "array", "items": binary} if many else binary
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
-                }
-            },
-        }
-    }
-
-
-_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
-    400: {
-        "model": ErrorResponse,
-        "description": "malformed multipart body or HTTP framing",
-        "content": error_examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
-    },
-    408: {
-        "model": ErrorResponse,
-        "description": "the body arrived below the minimum upload rate",
-        "content": error_examples(
-            ("upload_too_slow", "the request body arrived at under 16384 bytes/s (LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S)")
-        ),
-    },
-    401: {
-        "model": ErrorResponse,
-        "description": "no valid API key (only when LUNGSERVE_API_KEYS_FILE is set)",
-        "content": error_examples(("unauthorized", "the API key is not valid")),
-    },
-    413: {
-        "model": ErrorResponse,
-        "description": "file, image or request too large; too many files",
-        "content": error_examples(
-            ("image_too_large", "image is 12000x9000 = 108000000 pixels; the limit is 50000000"),
-            ("too_many_files", "more than 64 file(s) in field 'files'"),
-            ("request_too_large", "the request body is over 134217728 bytes"),
-        ),
-    },
-    415: {
-        "model": ErrorResponse,
-        "description": "not a multipart/form-data body",
-        "content": error_examples(
-            ("unsupported_media_type", "expected a multipart/form-data body with field 'file', got application/json")
-        ),
-    },
-    422: {
-        "model": ErrorResponse,
-        "description": "missing field, or not a decodable image",
-        "content": error_examples(
-            ("missing_field", "no file in multipart field 'file' (sent: 'image')"),
-            ("invalid_image", "not a decodable image (expected JPEG, PNG, TIFF or BMP)"),
-        ),
-    },
-    503: {
-        "model": ErrorResponse,
-        "description": "overloaded (with Retry-After), loading or shutting down",
-        "content": error_examples(
-            ("overloaded", "the server is at capacity (256 images admitted); retry shortly"),
-            ("model_not_ready", "the model is still loading or warming up"),
-            ("shutting_down", "the server is shutting down"),
-        ),
-    },
-    504: {
-        "model": ErrorResponse,
-        "description": "no answer within the request deadline",
-        "content": error_examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
-    },
-}
-
-
 # --- routes ---------------------------------------------------------------------------------
 
 
@@ -176,10 +85,11 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "/predict",
     summary="Classify one image",
     description="Multipart field `file`: a JPEG, PNG, TIFF or BMP image.",
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("file", many=False),
+    response_model=PredictionResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("file", many=False),
 )
-async def predict(request: Request) -> PredictionResponse:
+async def predict(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict
@@ -200,7 +110,8 @@ async def predict(request: Request) -> PredictionResponse:
         raise
     if isinstance(outcome, LungserveError):
         raise outcome
-    return prediction(outcome)
+    # Serialised once, by pydantic's compiled encoder, rather than validated again by FastAPI.
+    return Response(prediction(outcome).model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -210,10 +121,11 @@ async def predict(request: Request) -> PredictionResponse:
         "Repeated multipart field `files`. Answers in upload order; a file that cannot be "
         "classified gets its own `error` and does not fail the others."
     ),
-    responses=_ERRORS,
-    openapi_extra=_multipart_body("files", many=True),
+    response_model=PredictManyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("files", many=True),
 )
-async def predict_many(request: Request) -> PredictManyResponse:
+async def predict_many(request: Request) -> Response:
     service = _service(request)
     settings = service.settings
     limits = _limits(request).predict_many
@@ -238,7 +150,7 @@ async def predict_many(request: Request) -> PredictManyResponse:
         else file_prediction(upload.filename, outcome)
         for upload, outcome in zip(uploads, outcomes, strict=True)
     ]
-    return PredictManyResponse(results=results)
+    return Response(PredictManyResponse(results=results).model_dump_json(), media_type="application/json")
 
 
 @router.get(
@@ -300,6 +212,6 @@ async def model_info(request: Request) -> ModelInfoResponse:
             refer_below=runtime.thresholds.refer_below,
             ood_above=runtime.thresholds.ood_above,
             ood_score=runtime.engine.has_ood_score,
-            tissue_check=True,
+            tissue_check=runtime.thresholds.tissue_check,
         ),
     )

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 import service
-from service import admin, api
+from service import admin, analyze, api, explain, webpage
 from service import oip as oip_door
 from service.access import ApiKeys, api_key_guard
 from service.admin import AuthFailures
@@ -38,6 +38,7 @@ from service.docs import install_docs
 from service.engine import Engine
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.logs import RequestContextMiddleware, request_context_from_scope
+from service.memory import Trimmer
 from service.metrics import Metrics, PredictionMetrics
 from service.middleware import AdminPortSplit, CloseUnreadBody
 from service.model_source import ModelArtifact, fetch_configured_model
@@ -110,8 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_image_pixels=settings.max_image_pixels,
             large_image_pixels=settings.large_image_pixels,
         )
+        trimmer = Trimmer()
+        trimming = asyncio.ensure_future(trimmer.run())
         gate = state.upload_gate = UploadGate(
-            settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s
+            settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s, trimmer
         )
         metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
         try:
@@ -154,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await shutdown.drain()  # usually already done by `lungserve serve` (service.server)
             state.decoder.shutdown()
+            trimming.cancel()
+            await asyncio.gather(trimming, return_exceptions=True)
             log.info("stopped")
 
     # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
@@ -175,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.upload_limits = RouteLimits.from_settings(settings)
     app.state.shutdown = shutdown
+    app.state.shed_at_headers = lambda method, path: _shed(state, metrics, method, path)
     app.state.admin_auth_failures = AuthFailures(settings.admin_auth_failures_per_minute)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
@@ -198,10 +204,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(api.router)
     app.include_router(oip_door.router)
+    app.include_router(explain.router)
+    app.include_router(analyze.router)
     app.include_router(admin.router)
     install_docs(app, api_keys=keys is not None)
+    webpage.install(app)  # GET / and /page/*
     _install_error_handlers(app)
     return app
+
+
+def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> bool:
+    """True when a POST to a door (anything but /admin) would only get 503 for a full queue:
+    `lungserve serve` then answers it from the headers (service.server), the cheapest answer."""
+    if method != b"POST" or path.startswith(b"/admin") or state.phase is not Phase.READY:
+        return False
+    runtime = state.runtime
+    if runtime is None or runtime.batcher.available > 0:
+        return False
+    metrics.rejected("queue_full")
+    return True
 
 
 def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:

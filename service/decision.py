@@ -52,18 +52,22 @@ OUT_OF_DISTRIBUTION: Final = Decision("refer", "out_of_distribution")
 
 @dataclass(frozen=True)
 class Thresholds:
-    """None: that test is off (no threshold in the manifest and none in the settings)."""
+    """What the decision tests. None: that test is off (no threshold in the manifest, none set)."""
 
     refer_below: float | None = None  # refer when the calibrated max probability is below this
     ood_above: float | None = None  # refer when the model's ood_score is above this
+    tissue_check: bool = True  # refer images that fail service.tissue (LUNGSERVE_TISSUE_CHECK)
 
     @classmethod
-    def resolve(cls, manifest: Manifest, *, refer_below: float | None, ood_above: float | None) -> Thresholds:
+    def resolve(
+        cls, manifest: Manifest, *, refer_below: float | None, ood_above: float | None, tissue_check: bool = True
+    ) -> Thresholds:
         """The manifest's thresholds, each replaced by its setting when that is set."""
         section = manifest.decision
         return cls(
             refer_below=refer_below if refer_below is not None else (section.refer_below if section else None),
             ood_above=ood_above if ood_above is not None else (section.ood_above if section else None),
+            tissue_check=tissue_check,
         )
 
 
@@ -99,8 +103,9 @@ def decide_batch(
 ) -> list[Decision]:
     """`decide` for each image of a batch: the tissue check on the (N, S, S, 3) input the model
     saw, beside the model's outputs for it. The serving runtime and the OOD study both call this."""
-    checks = check_batch(images, limits)
+    n = len(probabilities)
+    plausible = [c.plausible for c in check_batch(images, limits)] if thresholds.tissue_check else [True] * n
     return [
-        decide(probabilities[i], None if ood_scores is None else float(ood_scores[i]), checks[i].plausible, thresholds)
-        for i in range(len(checks))
+        decide(probabilities[i], None if ood_scores is None else float(ood_scores[i]), plausible[i], thresholds)
+        for i in range(n)
     ]

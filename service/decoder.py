@@ -18,9 +18,10 @@ level before the burst.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,14 +39,16 @@ class PixelAllowance:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._lock = threading.Lock()  # charged from decode threads: a request's images in parallel
 
     def charge(self, probe: Probe) -> None:
-        if self.used + probe.decode_pixels > self.limit:
-            raise ImageTooLarge(
-                f"this image ({probe.width}x{probe.height}) would take the request's images over "
-                f"LUNGSERVE_MAX_REQUEST_PIXELS = {self.limit} decoded pixels"
-            )
-        self.used += probe.decode_pixels
+        with self._lock:
+            if self.used + probe.decode_pixels > self.limit:
+                raise ImageTooLarge(
+                    f"this image ({probe.width}x{probe.height}) would take the request's images over "
+                    f"LUNGSERVE_MAX_REQUEST_PIXELS = {self.limit} decoded pixels"
+                )
+            self.used += probe.decode_pixels
 
 
 class Decoder:
@@ -68,15 +71,23 @@ class Decoder:
     async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Image, float]:
         """The (size, size, 3) image and the seconds of decode it took; domain errors as raised."""
         loop = asyncio.get_running_loop()
-        probe = await loop.run_in_executor(self._pool, self._probe, data, size)
+        # One thread hop for the common case: probe, charge and decode in the same pool task.
+        # Only an image whose decode cost is large moves on, to the large-image lane.
+        outcome = await loop.run_in_executor(self._pool, self._probe_then_decode, data, size, allowance)
+        if isinstance(outcome, Probe):
+            return await loop.run_in_executor(self._large, self._decode_large, data, size)
+        return outcome
+
+    def _probe_then_decode(
+        self, data: bytes, size: int, allowance: PixelAllowance | None
+    ) -> Probe | tuple[Image, float]:
+        """The decoded image, or the probe of an image too large for the shared pool."""
+        probe = probe_image(data, size, max_pixels=self.max_image_pixels)
         if allowance is not None:
             allowance.charge(probe)
         if probe.decode_pixels >= self.large_image_pixels:
-            return await loop.run_in_executor(self._large, self._decode_large, data, size)
-        return await loop.run_in_executor(self._pool, self._decode, data, size)
-
-    def _probe(self, data: bytes, size: int) -> Probe:
-        return probe_image(data, size, max_pixels=self.max_image_pixels)
+            return probe
+        return self._decode(data, size)
 
     def _decode(self, data: bytes, size: int) -> tuple[Image, float]:
         started = time.perf_counter()
@@ -88,6 +99,17 @@ class Decoder:
             return self._decode(data, size)
         finally:
             self._trim()
+
+    @property
+    def pool(self) -> Executor:
+        """The shared decode threads: decode-side work of other doors (a large image's tiles,
+        Grad-CAM pictures) runs here too, so it shares the same bound on CPU."""
+        return self._pool
+
+    @property
+    def large_lane(self) -> Executor:
+        """The one-thread lane for decodes of large images (a plain image given to /analyze)."""
+        return self._large
 
     def shutdown(self) -> None:
         for pool in (self._pool, self._large):

@@ -248,6 +248,19 @@ class Engine:
                 raise ValueError(f"model returned ood_score shape {ood.shape} for a batch of {n}")
         return ModelOutputs(probs, ood)
 
+    @property
+    def output_names(self) -> list[str]:
+        """Every output of the graph (the hot path fetches only the probabilities)."""
+        return [o.name for o in self._session.get_outputs()]
+
+    def run_outputs(self, batch: NDArray[np.uint8], names: list[str]) -> list[NDArray[np.float32]]:
+        """The named outputs for a uint8 batch (N, S, S, 3): /explain's one ORT run."""
+        size = self._manifest.input_size
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+            raise ValueError(f"batch must be uint8 (N, {size}, {size}, 3), got {batch.dtype} {batch.shape}")
+        outputs = self._session.run(names, {self._manifest.input_name: batch})
+        return [np.asarray(out, dtype=np.float32) for out in outputs]
+
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every batch shape once, so no request pays for lazy allocation or kernel tuning.
 

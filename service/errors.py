@@ -134,6 +134,31 @@ class NotFound(LungserveError):
     status = 404
 
 
+class UnknownClass(BadRequest):
+    """`/explain?class=` names a class the model does not have."""
+
+    code = "unknown_class"
+    status = 422
+
+
+class ExplainUnavailable(LungserveError):
+    """The model being served has no Grad-CAM outputs (feature_maps, cam_weights).
+
+    A 4xx, not 501: the server implements /explain, the current model (a state that a reload
+    changes) cannot be explained, and no answer of lungserve is a 5xx unless it is a fault.
+    """
+
+    code = "explain_unavailable"
+    status = 409
+
+
+class TooManyTiles(LungserveError):
+    """A large image has more tiles than the server can admit at once."""
+
+    code = "too_many_tiles"
+    status = 413
+
+
 class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 

@@ -11,10 +11,12 @@ additionally bounds the number of arenas the decode threads spread over.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
 import sys
+from collections.abc import Callable
 
 
 @functools.cache
@@ -35,3 +37,26 @@ def trim() -> bool:
     """Release free heap memory to the OS; True when some was released."""
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+class Trimmer:
+    """`trim()` once after large work, off the event loop and at most every `interval_s`.
+
+    Marked when a large body is released; trimming later rather than at once lets the request's
+    last references (its response, its decoded images) go first.
+    """
+
+    def __init__(self, interval_s: float = 1.0, trim_heap: Callable[[], object] = trim) -> None:
+        self.interval_s = interval_s
+        self._trim = trim_heap
+        self._pending = False
+
+    def mark(self) -> None:
+        self._pending = True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if self._pending:
+                self._pending = False
+                await asyncio.to_thread(self._trim)

@@ -21,23 +21,7 @@ image failed, request rejected): it turns those events into image outcomes, pred
 label and rejections by reason, and records decode / queue / inference time and batch ids
 in the current request's `service.logs.RequestContext` for Server-Timing and the access log.
 
-One worker per device (no multiprocess mode)
---------------------------------------------
-Each process owns one ONNX Runtime session and one batcher. `lungserve serve` runs a
-single uvicorn worker; scale out with more processes or containers (one per GPU, or a few
-per CPU host) behind a load balancer, each scraped separately by Prometheus, which sums
-across instances in queries. This is Triton's model too: one server per GPU, its own
-`/metrics`. The reasons:
-
-* Batching needs one queue. N workers would split the traffic into N queues, each with
-  its own batches, so batches are smaller and the accelerator is less utilised -- the
-  opposite of what the batcher is for. N workers would also load N copies of the model
-  and create N CUDA contexts on the same device.
-* prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) cannot do what this
-  module needs: per-app registries are not used as normal (every metric in the directory
-  is exported), `remove()` of a label set is unsupported (the model-info relabel below
-  relies on it), gauges need a per-metric aggregation mode, and the directory must be
-  wiped between runs. Per-process `/metrics` keeps every number exact and simple.
+One worker per device, not prometheus-client's multiprocess mode: docs/observability.md says why.
 """
 
 from __future__ import annotations

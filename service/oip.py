@@ -11,7 +11,6 @@ mapping (`service.errors.http_error`) renders them so for paths under `/v2`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -46,10 +45,9 @@ from service.uploads import RouteLimits, declared_length, paced
 
 PREFIX: Final = "/v2"
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
-# The refer decision (service.decision), where the core makes one: every prediction carries it,
-# so OIP answers do too, as two more BYTES outputs ("reason" is "" when there is none).
-DECISIONS: Final = "decision" in {f.name for f in dataclasses.fields(Classified)}
-OUTPUTS: Final = ("probabilities", "label", "decision", "reason") if DECISIONS else ("probabilities", "label")
+# The refer decision (service.decision): every prediction carries it, so OIP answers do too, as
+# two more BYTES outputs ("reason" is "" when there is none).
+OUTPUTS: Final = ("probabilities", "label", "decision", "reason")
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
 
@@ -184,18 +182,9 @@ async def _classify(
     image: bytes | Image,
     allowance: PixelAllowance,
 ) -> Classified | LungserveError:
-    """One row: decoded (unless already pixels), then batched like any /predict image."""
-    try:
-        if isinstance(image, bytes):
-            pixels = await service.decode(image, runtime.engine.input_size, allowance)
-        else:
-            pixels = image
-        result, info = await runtime.classify(reservation, pixels)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)
-        return exc  # returned, so one bad row never leaves the others unawaited
-    service.observer.on_classified(result, info)
-    return result
+    """One row: decoded (unless already pixels), then batched like any /predict image (the one
+    per-image path, `ServiceState.classify_image`, which counts every admitted image once)."""
+    return await service.classify_image(runtime, reservation, image, allowance)
 
 
 def _rows(pixels: Image | None) -> list[Image]:
@@ -206,15 +195,12 @@ def _rows(pixels: Image | None) -> list[Image]:
 def outputs_of(results: Sequence[Classified]) -> list[OutputTensor]:
     n = len(results)
     probabilities = np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
-    tensors = [
+    return [
         OutputTensor("probabilities", "FP32", list(probabilities.shape), probabilities),
         OutputTensor("label", "BYTES", [n], [r.label.encode() for r in results]),
+        OutputTensor("decision", "BYTES", [n], [r.decision.decision.encode() for r in results]),
+        OutputTensor("reason", "BYTES", [n], [(r.decision.reason or "").encode() for r in results]),
     ]
-    if DECISIONS:
-        decided = [getattr(r, "decision") for r in results]  # noqa: B009 (absent before service.decision)
-        tensors.append(OutputTensor("decision", "BYTES", [n], [str(d.decision).encode() for d in decided]))
-        tensors.append(OutputTensor("reason", "BYTES", [n], [str(d.reason or "").encode() for d in decided]))
-    return tensors
 
 
 # --- routes -----------------------------------------------------------------------------------

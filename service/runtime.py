@@ -15,6 +15,7 @@ Framework-free: the HTTP side (deadline, client disconnects) is in `service.http
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Sequence
@@ -124,14 +125,18 @@ class ModelRuntime:
         self.retry_after_s = settings.retry_after_s
         # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
         self.thresholds = Thresholds.resolve(
-            engine.manifest, refer_below=settings.refer_below, ood_above=settings.ood_above
+            engine.manifest,
+            refer_below=settings.refer_below,
+            ood_above=settings.ood_above,
+            tissue_check=settings.tissue_check,
         )
         log.info(
-            "refer decision for %s %s: refer_below=%s ood_above=%s, tissue check on",
+            "refer decision for %s %s: refer_below=%s ood_above=%s tissue_check=%s",
             engine.manifest.name,
             engine.manifest.version,
             self.thresholds.refer_below,
             self.thresholds.ood_above,
+            self.thresholds.tissue_check,
         )
         self.batcher: ImageBatcher = Batcher(
             self._infer,
@@ -227,6 +232,34 @@ class ServiceState:
         """Swap in a started, warmed runtime; the caller stops (drains) the returned old one."""
         old, self.runtime = self.runtime, new
         return old
+
+    async def classify_image(
+        self,
+        runtime: ModelRuntime,
+        reservation: ImageReservation,
+        image: bytes | Image | LungserveError,
+        allowance: PixelAllowance | None = None,
+    ) -> Classified | LungserveError:
+        """One admitted image -> its result, or its own error *returned* (so one bad image never
+        fails the others). Every door (/predict, /predict-many, OIP) goes through here, so every
+        admitted image is counted in exactly one outcome: classified, its own error, or abandoned
+        (its request was cancelled: client gone, deadline)."""
+        try:
+            if isinstance(image, LungserveError):
+                raise image  # refused while it was read (e.g. over the byte limit)
+            if isinstance(image, bytes):
+                pixels = await self.decode(image, runtime.engine.input_size, allowance)
+            else:
+                pixels = image
+            result, info = await runtime.classify(reservation, pixels)
+        except LungserveError as exc:
+            self.observer.on_image_failed(exc)  # HOOK(metrics/logs): per-image error
+            return exc
+        except asyncio.CancelledError:
+            self.observer.on_image_abandoned()
+            raise
+        self.observer.on_classified(result, info)  # HOOK(metrics/logs): batch id, queue wait, label
+        return result
 
     async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Image:
         """Decode off the event loop, within the request's pixel allowance (`service.decoder`)."""

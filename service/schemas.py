@@ -74,6 +74,83 @@ def error_examples(*errors: tuple[str, str]) -> dict[str, Any]:
     }
 
 
+def multipart_body(field: str, many: bool) -> dict[str, Any]:
+    """`openapi_extra` describing an upload route's form (the routes parse the body themselves)."""
+    # minLength: an empty file is never an image (422), so the schema says so.
+    binary: dict[str, Any] = {"type": "string", "format": "binary", "minLength": 1}
+    schema = {"type": "array", "items": binary} if many else binary
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [field], "properties": {field: schema}}
+                }
+            },
+        }
+    }
+
+
+# The error answers every upload route documents.
+ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "malformed multipart body or HTTP framing",
+        "content": error_examples(("bad_request", "malformed multipart body: it ends before the closing boundary")),
+    },
+    408: {
+        "model": ErrorResponse,
+        "description": "the body arrived below the minimum upload rate",
+        "content": error_examples(
+            ("upload_too_slow", "the request body arrived at under 16384 bytes/s (LUNGSERVE_MIN_UPLOAD_RATE_BYTES_S)")
+        ),
+    },
+    401: {
+        "model": ErrorResponse,
+        "description": "no valid API key (only when LUNGSERVE_API_KEYS_FILE is set)",
+        "content": error_examples(("unauthorized", "the API key is not valid")),
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "file, image or request too large; too many files",
+        "content": error_examples(
+            ("image_too_large", "image is 12000x9000 = 108000000 pixels; the limit is 50000000"),
+            ("too_many_files", "more than 64 file(s) in field 'files'"),
+            ("request_too_large", "the request body is over 134217728 bytes"),
+        ),
+    },
+    415: {
+        "model": ErrorResponse,
+        "description": "not a multipart/form-data body",
+        "content": error_examples(
+            ("unsupported_media_type", "expected a multipart/form-data body with field 'file', got application/json")
+        ),
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "missing field, or not a decodable image",
+        "content": error_examples(
+            ("missing_field", "no file in multipart field 'file' (sent: 'image')"),
+            ("invalid_image", "not a decodable image (expected JPEG, PNG, TIFF or BMP)"),
+        ),
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded (with Retry-After), loading or shutting down",
+        "content": error_examples(
+            ("overloaded", "the server is at capacity (256 images admitted); retry shortly"),
+            ("model_not_ready", "the model is still loading or warming up"),
+            ("shutting_down", "the server is shutting down"),
+        ),
+    },
+    504: {
+        "model": ErrorResponse,
+        "description": "no answer within the request deadline",
+        "content": error_examples(("deadline_exceeded", "no answer within the request deadline of 30 s")),
+    },
+}
+
+
 class ModelRef(BaseModel):
     name: str
     version: str
@@ -167,7 +244,7 @@ class DecisionInfo(BaseModel):
     refer_below: float | None = Field(description="refer as low_confidence below this confidence; null: off")
     ood_above: float | None = Field(description="refer as out_of_distribution above this ood_score; null: off")
     ood_score: bool = Field(description="whether this model computes an ood_score")
-    tissue_check: bool = Field(description="the image-level H&E tissue check (always on)")
+    tissue_check: bool = Field(description="whether the image-level H&E tissue check refers images (service.tissue)")
 
 
 class ModelInfoResponse(BaseModel):
@@ -186,7 +263,7 @@ class ModelInfoResponse(BaseModel):
                     },
                     "provider": "CPUExecutionProvider",
                     "batching": {
-                        "max_batch_size": 16,
+                        "max_batch_size": 4,
                         "max_batch_delay_s": 0.005,
                         "queue_limit": 256,
                         "max_in_flight_batches": 1,
@@ -237,3 +314,70 @@ def _prediction_fields(result: Classified) -> dict[str, Any]:
         "reason": result.decision.reason,
         "model": ModelRef(name=manifest.name, version=manifest.version),
     }
+
+
+# --- /explain and /analyze ------------------------------------------------------------------
+
+
+class ExplanationInfo(BaseModel):
+    method: Literal["grad-cam"] = "grad-cam"
+    layer: str = Field(description="the model output holding the last conv block's activations")
+    class_name: str = Field(
+        serialization_alias="class", description="the class explained (asked for, else the predicted one)"
+    )
+    grid: list[list[float]] = Field(
+        description="the Grad-CAM map at feature-map resolution (rows of columns), divided by its peak: 0..1"
+    )
+    grid_peak: float = Field(description="the map's maximum before normalisation (0: no positive evidence)")
+    overlay_png: str = Field(description="base64 PNG: the map upsampled over the uploaded image (viridis)")
+    media_type: Literal["image/png"] = "image/png"
+    overlay_width: int
+    overlay_height: int
+
+
+class ExplainResponse(PredictionResponse):
+    explanation: ExplanationInfo
+
+
+class TileAnswer(BaseModel):
+    x: int = Field(description="left edge in source pixels")
+    y: int = Field(description="top edge in source pixels")
+    width: int
+    height: int
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    decision: str = Field(default="accept", description="accept | refer")
+    reason: str | None = Field(default=None, description="why a tile is referred, else null")
+
+
+class AnalysisSummary(BaseModel):
+    tiles: int = Field(description="tiles in the grid")
+    tissue_tiles: int = Field(description="tiles classified")
+    background_tiles: int = Field(description="mostly white tiles, skipped")
+    referred_tiles: int = Field(description="tissue tiles whose decision is refer")
+    tissue_tiles_by_class: dict[str, int]
+    tissue_share: dict[str, float] = Field(description="share of tissue tiles per predicted class (sums to 1)")
+
+
+class SourceInfo(BaseModel):
+    reader: str = Field(description="pillow (plain images) or openslide (pyramidal TIFF, slide formats)")
+    format: str
+    mpp: float | None = Field(default=None, description="microns per pixel at full resolution, when the file says")
+    levels: int = Field(default=1, description="pyramid levels in the file")
+
+
+class AnalyzeResponse(BaseModel):
+    width: int = Field(description="image width in source pixels")
+    height: int
+    tile_source_px: int = Field(description="tile side in source pixels (the model's training scale)")
+    input_size: int = Field(description="model input side each tile is resized to")
+    source: SourceInfo
+    tiles: list[TileAnswer] = Field(description="every classified (tissue) tile, row by row")
+    summary: AnalysisSummary
+    colours: dict[str, str] = Field(description="the class colours of the overlay")
+    overlay_png: str = Field(description="base64 PNG: the class map over a thumbnail of the image")
+    thumbnail_png: str = Field(description="base64 PNG: the same thumbnail without the map")
+    overlay_width: int
+    overlay_height: int
+    model: ModelRef

@@ -36,6 +36,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -50,19 +51,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# How long a refused connection is kept half-closed, reading and discarding, before it is closed.
+_LINGER_S = 2.0
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int
     max_header_bytes: int
     header_timeout_s: float
+    retry_after_s: int = 1
+    # (method, path) -> True: refuse with 503 now, from the headers, without running the app.
+    # Under overload this is the cheap path: no ASGI task, no routing, no middleware.
+    shed: Callable[[bytes, bytes], bool] | None = None
 
 
-def raw_json_response(status: int, code: str, message: str, reason: str) -> bytes:
+def raw_json_response(status: int, code: str, message: str, reason: str, retry_after_s: int | None = None) -> bytes:
     """A complete HTTP/1.1 response with our error body; the connection closes after it."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
@@ -71,6 +81,23 @@ try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # pragma: no cover - httptools is a serving dependency; h11 is the fallback
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+
+class _LingeringClose:
+    """The transport a request's response is written to: when the app answered before the body
+    was received (an early 413 or 503 with `Connection: close`), closing at once would reset the
+    connection while the client is still sending, and the reset can destroy the answer before
+    the client reads it. Then: half-close, discard the rest, close after a short linger."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol._linger()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 if HttpToolsProtocol is not None:
@@ -87,6 +114,8 @@ if HttpToolsProtocol is not None:
             self._header_bytes = 0  # request line and headers, as parsed
             self._headers_done = False
             self._too_large = False
+            self._skip_message = False  # refused from its headers: the rest of it is discarded
+            self._message_complete = False
             self._refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -120,6 +149,7 @@ if HttpToolsProtocol is not None:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._message_complete = False
             self._header_bytes = 0
             self._raw_header_bytes = 0
             self._headers_done = False
@@ -136,17 +166,34 @@ if HttpToolsProtocol is not None:
             self._disarm_header_timer()
             self._headers_done = True
             if self._header_bytes > self.limits.max_header_bytes:
-                self._too_large = True  # no request task: data_received answers 431
+                self._too_large = self._skip_message = True  # no request task: data_received answers 431
+                return
+            shed = self.limits.shed
+            if shed is not None and shed(self.parser.get_method(), self.url.partition(b"?")[0]):
+                self._skip_message = True
+                self._refuse(503, "overloaded", "the server is at capacity; retry shortly", "Service Unavailable")
                 return
             super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = _LingeringClose(self.transport, self)  # type: ignore[assignment]
 
         def on_body(self, body: bytes) -> None:
-            if not self._too_large:
+            if not self._skip_message:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            if not self._too_large:
+            self._message_complete = True
+            if not self._skip_message:
                 super().on_message_complete()
+
+        def shutdown(self) -> None:
+            # uvicorn closes a connection whose request it has not parsed yet: the client, whose
+            # request may already be on its way, sees the connection drop. Answer it instead.
+            if self.cycle is None or (self.cycle.response_complete and not self._headers_done):
+                if not self._refused:
+                    self._refuse(503, "shutting_down", "the server is shutting down", "Service Unavailable")
+                return
+            super().shutdown()
 
         def send_400_response(self, msg: str) -> None:
             self._refuse(400, "bad_request", f"malformed HTTP request: {msg}", "Bad Request")
@@ -168,12 +215,32 @@ if HttpToolsProtocol is not None:
                 "Request Timeout",
             )
 
+        def _linger(self) -> None:
+            transport = self.transport
+            if self._message_complete or transport.is_closing() or not transport.can_write_eof():
+                transport.close()  # the whole request was read: an ordinary close
+                return
+            self._refused = True  # data_received discards the rest of the body from now on
+            transport.write_eof()
+            self.loop.call_later(_LINGER_S, transport.close)
+
         def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
             self._refused = True
             self._disarm_header_timer()
-            if not self.transport.is_closing():
-                self.transport.write(raw_json_response(status, code, message, reason))
-                self.transport.close()
+            transport = self.transport
+            if transport.is_closing():
+                return
+            retry = self.limits.retry_after_s if status == 503 else None
+            transport.write(raw_json_response(status, code, message, reason, retry))
+            # Lingering close (as nginx does): closing now, with the client's request bytes still
+            # arriving, would send a reset that can destroy this answer before the client reads
+            # it. Half-close instead, discard what still comes (data_received ignores it), and
+            # close for good after a short linger.
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.loop.call_later(_LINGER_S, transport.close)
+            else:  # pragma: no cover - TCP transports can always half-close
+                transport.close()
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol] | None:
@@ -234,7 +301,13 @@ def graceful_timeout_s(drain_timeout_s: float, request_deadline_s: float) -> int
 def build_server(app: FastAPI, settings: Settings) -> tuple[LungserveServer, list[socket.socket] | None]:
     """The uvicorn server `lungserve serve` runs, and its listening sockets when there are two
     (public and `LUNGSERVE_ADMIN_PORT`; None: uvicorn binds host:port itself)."""
-    limits = ConnectionLimits(settings.max_connections, settings.max_header_bytes, settings.header_timeout_s)
+    limits = ConnectionLimits(
+        settings.max_connections,
+        settings.max_header_bytes,
+        settings.header_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        shed=app.state.shed_at_headers,
+    )
     protocol = guarded_protocol(limits)
     config = uvicorn.Config(
         app,

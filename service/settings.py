@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     )
 
     # --- batching ---
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="images per ORT run")
+    # 4 on CPU (docs/benchmarks/PROFILE.md): ORT's CPU time per image grows with the batch, and two
+    # runs of 16 in flight grow its arena by ~70 MiB. With CUDA, raise it (16-64).
+    max_batch_size: int = Field(
+        default=4, ge=1, le=1024, description="images per ORT run (4 suits CPU; raise to 16-64 with CUDA)"
+    )
     max_batch_delay_s: float = Field(
         default=0.005, ge=0.0, le=1.0, description="longest wait for a batch to fill after its first image"
     )
@@ -103,6 +107,9 @@ class Settings(BaseSettings):
     # Pillow itself refuses above 2 x its own MAX_IMAGE_PIXELS (178,956,970) before our check runs.
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
+    )
+    max_slide_bytes: int = Field(
+        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
     )
 
     # --- hostile clients (docs/reliability.md) ---
@@ -146,6 +153,10 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="refer as out of distribution when the model's ood_score is above this; None: the manifest's",
+    )
+    tissue_check: bool = Field(
+        default=True,
+        description="refer images that are not plausible H&E tiles (service.tissue); false: only the model decides",
     )
 
     # --- admin ---

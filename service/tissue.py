@@ -20,8 +20,10 @@ colours. It looks at the uint8 (S, S, 3) array the model sees, with numpy only:
 Every limit (`LIMITS`) was fitted on the train-group tiles of LC25000 (the groups not in the
 bundled manifest's `validation_groups`; 9,930 tiles): each one-sided limit is its feature's
 0.05% (or 99.95%) quantile over those tiles, rounded outward, so each flags at most ~0.05% of
-real tiles and all nine together at most ~0.5% (measured: 0.09% of train tiles, 0.25% of the
-held-out ones). Figures and the command: docs/model/ood.md (`python -m tests.ood_study`).
+real tiles. One exception: the background limit is 0.85 (a tile needs 15% tissue to be judged),
+well above every train tile (at most 0.75 glass), because glass-rich lung_n tiles are real
+tissue the model was trained on. Measured: 0.06% of train tiles and none of the 2,447 held-out
+tiles fail. Figures and the command: docs/model/ood.md (`python -m tests.ood_study`).
 """
 
 from __future__ import annotations
@@ -37,11 +39,10 @@ from numpy.typing import NDArray
 _OD: Final = (-np.log10((np.arange(256, dtype=np.float32) + 1.0) / 256.0)).astype(np.float32)
 # A pixel whose R+G+B optical density is below this is background (glass, empty lumen).
 TISSUE_OD: Final = 0.3
-# Grey = ITU-R BT.601 luma.
-_LUMA: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# Colour statistics use every second pixel in each direction: a quarter of the work, and
-# at 128 px the tile still contributes ~4,000 pixels.
+# Texture uses every second pixel in each direction, colour statistics every fourth: at 128 px
+# that is ~4,000 and ~1,000 pixels per tile, plenty for shares and means, at a fraction of the work.
 _STRIDE: Final = 2
+_COLOUR_STRIDE: Final = 4
 # Fewer tissue pixels than this share of the (subsampled) image: colour ratios are not measured.
 _MIN_TISSUE_SHARE: Final = 0.02
 
@@ -97,7 +98,7 @@ class TissueLimits:
 
 # Fitted on LC25000 train-group tiles (see the module docstring and docs/model/ood.md).
 LIMITS: Final = TissueLimits(
-    max_background=0.72,
+    max_background=0.85,
     min_chroma=31.0,
     max_blue_over_green=0.90,
     max_red_over_green=1.00,
@@ -139,7 +140,8 @@ def measure_batch(images: NDArray[np.uint8]) -> list[TissueMeasures]:
         raise ValueError(f"expected uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
     n = images.shape[0]
     small = images[:, ::_STRIDE, ::_STRIDE]
-    od = _OD[small]  # (N, h, w, 3)
+    sparse = images[:, ::_COLOUR_STRIDE, ::_COLOUR_STRIDE]  # colour shares and means need fewer pixels
+    od = _OD[sparse]  # (N, h, w, 3)
     # Channel by channel: numpy reduces a length-3 last axis several times slower.
     total = od[..., 0] + od[..., 1] + od[..., 2]
     tissue = total >= TISSUE_OD
@@ -148,7 +150,7 @@ def measure_batch(images: NDArray[np.uint8]) -> list[TissueMeasures]:
     background = 1.0 - counts / pixels
 
     od_sums = np.einsum("nhwc,nhw->nc", od, tissue.astype(np.float32))  # per-channel density of tissue
-    r8, g8, b8 = small[..., 0], small[..., 1], small[..., 2]
+    r8, g8, b8 = sparse[..., 0], sparse[..., 1], sparse[..., 2]
     spread = np.maximum(np.maximum(r8, g8), b8) - np.minimum(np.minimum(r8, g8), b8)  # uint8, no overflow
     chroma_sum = np.where(tissue, spread, 0).sum(axis=(1, 2), dtype=np.float64)
 
@@ -158,7 +160,10 @@ def measure_batch(images: NDArray[np.uint8]) -> list[TissueMeasures]:
     col = np.minimum((od[..., 2] * scale).astype(np.intp), _PALETTE_BINS - 1)
     off_palette = (tissue & ~_PALETTE[row * _PALETTE_BINS + col]).sum(axis=(1, 2))
 
-    grey = small.astype(np.float32) @ _LUMA  # (N, S/2, S/2)
+    # Integer BT.601 luma (77, 150, 29) / 256: several times cheaper than a float matmul.
+    wide = small.astype(np.uint16)  # 255 * 256 fits; uint8 arithmetic would wrap
+    luma = 77 * wide[..., 0] + 150 * wide[..., 1] + 29 * wide[..., 2]
+    grey = luma.astype(np.float32) * np.float32(1.0 / 256.0)  # (N, S/2, S/2)
     d1 = _neighbour_difference(grey, 1)
     d3 = _neighbour_difference(grey, 3)
 

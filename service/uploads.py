@@ -25,9 +25,9 @@ be decoded, so a temporary file would only add I/O.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -111,6 +111,8 @@ class Upload:
     filename: str | None
     data: bytes = b""
     error: LungserveError | None = None
+    # With `read_uploads(..., spool=...)` the bytes went to this file instead of `data`.
+    file: BinaryIO | None = None
 
 
 @dataclass
@@ -152,7 +154,8 @@ def _first_boundary(buffer: bytearray, boundary: bytes) -> int | None:
 
 
 async def paced(stream: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
-    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408)."""
+    """`stream`, refusing a body that falls behind `limits.min_rate_bytes_s` (408). Every door
+    reads its body through this."""
     rate = limits.min_rate_bytes_s
     if rate is None:
         async for chunk in stream:
@@ -195,8 +198,17 @@ def _body_too_large(limits: UploadLimits, length: int | None) -> LungserveError:
     return RequestTooLarge(f"request body is {size}; the limit is {limits.max_body_bytes} bytes")
 
 
-async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], limits: UploadLimits) -> list[Upload]:
-    """Parse a multipart body, keeping only the parts named `limits.field`."""
+async def read_uploads(
+    content_type: str | None,
+    stream: AsyncIterator[bytes],
+    limits: UploadLimits,
+    spool: Callable[[], BinaryIO] | None = None,
+) -> list[Upload]:
+    """Parse a multipart body, keeping only the parts named `limits.field`.
+
+    With `spool`, each kept file is written to a new file from `spool()` rather than held in
+    memory (large images for /analyze: a slide can be gigabytes).
+    """
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
         raise UnsupportedMediaType(
@@ -243,6 +255,8 @@ async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], l
             raise TooManyFiles(f"more than {limits.max_files} file(s) in field {limits.field!r}")
         raw_filename = options.get(b"filename")
         part.upload = Upload(filename=_decode(raw_filename) if raw_filename is not None else None)
+        if spool is not None:
+            part.upload.file = spool()
         uploads.append(part.upload)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -257,7 +271,10 @@ async def read_uploads(content_type: str | None, stream: AsyncIterator[bytes], l
             upload.error = error
             part.buffer = bytearray()
             return
-        part.buffer.extend(data[start:end])
+        if upload.file is not None:
+            upload.file.write(data[start:end])
+        else:
+            part.buffer.extend(data[start:end])
 
     def on_part_end() -> None:
         if part.upload is not None and part.upload.error is None:

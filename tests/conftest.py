@@ -23,6 +23,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture
+def no_lungserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's LUNGSERVE_* variables must not change what the tests see."""
+    for name in list(os.environ):
+        if name.startswith("LUNGSERVE_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def lc25000() -> Path:
     if not (LC25000 / "groups.csv").exists():
@@ -37,10 +45,15 @@ def lc25000_768() -> Path:
     return LC25000_768
 
 
+def lc25000_tiles(lc25000: Path, per_class: int) -> list[Path]:
+    """The first `per_class` tiles of each class (by name), one class after another."""
+    return [p for c in ("lung_aca", "lung_n", "lung_scc") for p in sorted((lc25000 / c).glob("*.jpeg"))[:per_class]]
+
+
 @pytest.fixture(scope="session")
 def real_images(lc25000: Path) -> list[Path]:
     """A few real 224 px tiles, one class after another."""
-    return [next(iter(sorted((lc25000 / c).glob("*.jpeg")))) for c in ("lung_aca", "lung_n", "lung_scc")]
+    return lc25000_tiles(lc25000, per_class=1)
 
 
 def _server_side(record: logging.LogRecord) -> bool:

@@ -35,7 +35,7 @@ from service.decision import Decision, Thresholds, decide_batch
 from service.engine import Engine
 from service.manifest import MANIFEST_NAME, Manifest
 from service.preprocess import load_image
-from service.tissue import LIMITS, TissueMeasures, judge, measure_batch
+from service.tissue import LIMITS, TissueMeasures, check_batch, judge, measure_batch
 from tests.ood_images import CATEGORIES, OTHER_STAIN, OodImage, ood_images
 
 BATCH = 32
@@ -61,7 +61,8 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     every = {t.group for t in tiles}
     if isinstance(split, dict) and split.get("test_groups"):
         held = set(split["test_groups"])
-        train = set(split.get("train_groups") or []) or every - held - set(split.get("select_groups") or [])
+        listed = split.get("train_groups")  # a list of groups, or only their number
+        train = set(listed) if isinstance(listed, list) else every - held - set(split.get("select_groups") or [])
         return train, held, "split.test_groups"
     held = set(extra.get("validation_groups") or [])
     return every - held, held, "validation_groups"
@@ -127,37 +128,98 @@ def fit_section(train: list[TissueMeasures], held: list[TissueMeasures]) -> list
     return [*lines, ""]
 
 
-def run_images(engine: Engine, thresholds: Thresholds, images: NDArray[np.uint8]) -> list[Decision]:
-    decisions: list[Decision] = []
+@dataclass(frozen=True)
+class Outcome:
+    decision: Decision
+    tissue_ok: bool  # the tissue check alone
+    score_ok: bool  # the model's ood_score alone (True when it has none or no threshold)
+
+
+# Ruifrok & Johnston's stain vectors (as export/augment.py, where training jitters stains the same way).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED[2] = np.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+JITTERS = ((0.1, 0.05), (0.2, 0.1))  # (gain, shift): training's strength, and twice it
+
+
+def hed_jitter(x: NDArray[np.uint8], rng: np.random.Generator, gain: float, shift: float) -> NDArray[np.uint8]:
+    """Tellez et al.'s HED stain jitter, per image: another lab's staining, roughly."""
+    od = -np.log(np.maximum(x.astype(np.float64), 1.0) / 255.0)
+    conc = od @ _HED_FROM_RGB
+    alpha = rng.uniform(1 - gain, 1 + gain, (x.shape[0], 1, 1, 3))
+    beta = rng.uniform(-shift, shift, (x.shape[0], 1, 1, 3))
+    rgb = 255.0 * np.exp(-((conc * alpha + beta) @ _RGB_FROM_HED))
+    return np.asarray(np.clip(rgb, 0, 255), dtype=np.uint8)
+
+
+def stain_section(tiles: Sequence[Tile], size: int) -> list[str]:
+    lines = [
+        "## Stain variation (held-out tiles, HED jitter)",
+        "",
+        "How often the tissue check refers real held-out tiles whose stain concentrations were jittered",
+        "(per image, per stain: gain U(1-a, 1+a), shift U(-b, b) in optical density; seed 0). Training",
+        "augments with a=0.1, b=0.05. Another lab's H&E may differ more: the check was fitted on",
+        "LC25000 alone and would refer more of it.",
+        "",
+        "| jitter (a, b) | failing the tissue check | by limit |",
+        "|---|---|---|",
+    ]
+    for gain, shift in JITTERS:
+        rng = np.random.default_rng(0)
+        failed = 0
+        by: Counter[str] = Counter()
+        for start in range(0, len(tiles), 256):
+            batch = hed_jitter(decode((t.path for t in tiles[start : start + 256]), size), rng, gain, shift)
+            for c in check_batch(batch):
+                failed += not c.plausible
+                by.update(f.value for f in c.failures)
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "none"
+        lines.append(f"| ({gain:g}, {shift:g}) | {pct(failed, len(tiles))} | {detail} |")
+    return [*lines, ""]
+
+
+def run_images(engine: Engine, thresholds: Thresholds, images: NDArray[np.uint8]) -> list[Outcome]:
+    outcomes: list[Outcome] = []
     for start in range(0, len(images), BATCH):
         batch = np.ascontiguousarray(images[start : start + BATCH])
         out = engine.infer(batch)
-        decisions.extend(decide_batch(batch, out.probabilities, out.ood_score, thresholds))
-    return decisions
+        decisions = decide_batch(batch, out.probabilities, out.ood_score, thresholds)
+        checks = check_batch(batch)
+        for i, d in enumerate(decisions):
+            score_ok = out.ood_score is None or thresholds.ood_above is None
+            score_ok = score_ok or bool(out.ood_score is not None and out.ood_score[i] <= thresholds.ood_above)
+            outcomes.append(Outcome(d, checks[i].plausible, score_ok))
+    return outcomes
 
 
 def ood_section(engine: Engine, thresholds: Thresholds, items: Sequence[OodImage]) -> tuple[list[str], int]:
     size = engine.input_size
-    decisions = run_images(engine, thresholds, np.stack([load_image(i.data, size) for i in items]))
+    outcomes = run_images(engine, thresholds, np.stack([load_image(i.data, size) for i in items]))
     per: dict[str, Counter[str]] = defaultdict(Counter)
     missed: list[str] = []
-    for item, d in zip(items, decisions, strict=True):
-        per[item.category][d.reason or "accepted"] += 1
-        if not d.referred:
+    for item, o in zip(items, outcomes, strict=True):
+        c = per[item.category]
+        c[o.decision.reason or "accepted"] += 1
+        c["tissue"] += not o.tissue_ok
+        c["score"] += not o.score_ok
+        if not o.decision.referred:
             missed.append(item.id)
     lines = [
         "## The out-of-distribution set (tests/ood_images.py)",
         "",
-        "| category | images | referred | out_of_distribution | low_confidence | accepted |",
-        "|---|---|---|---|---|---|",
+        "The last two columns say which gate alone would have caught how many (an image may fail both).",
+        "",
+        "| category | images | referred | out_of_distribution | low_confidence | accepted | tissue check | ood_score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cat in CATEGORIES:
         c = per.get(cat, Counter())
-        n = sum(c.values())
+        n = sum(c[k] for k in ("accepted", "out_of_distribution", "low_confidence"))
         if n:
+            score = str(c["score"]) if engine.has_ood_score else "-"
             lines.append(
                 f"| {cat} | {n} | {n - c['accepted']} | {c['out_of_distribution']} | {c['low_confidence']} "
-                f"| {c['accepted']} |"
+                f"| {c['accepted']} | {c['tissue']} | {score} |"
             )
     total = len(items)
     lines += ["", f"Referred: {total - len(missed)} of {total}."]
@@ -172,14 +234,18 @@ def held_out_section(
     counts: Counter[str] = Counter()
     for start in range(0, len(tiles), 256):
         chunk = tiles[start : start + 256]
-        for d in run_images(engine, thresholds, decode((t.path for t in chunk), engine.input_size)):
-            counts[d.reason or "accepted"] += 1
-    n = sum(counts.values())
+        for o in run_images(engine, thresholds, decode((t.path for t in chunk), engine.input_size)):
+            counts[o.decision.reason or "accepted"] += 1
+            counts["tissue"] += not o.tissue_ok
+            counts["score"] += not o.score_ok
+    n = counts["accepted"] + counts["out_of_distribution"] + counts["low_confidence"]
     ood = counts["out_of_distribution"]
     lines = [
         f"## Real held-out tiles ({named}: {len({t.group for t in tiles})} groups, {n} tiles)",
         "",
         f"- referred as out_of_distribution: {pct(ood, n)}",
+        f"  - failing the tissue check: {pct(counts['tissue'], n)}",
+        f"  - ood_score above ood_above: {pct(counts['score'], n) if engine.has_ood_score else 'no ood_score'}",
         f"- referred as low_confidence: {pct(counts['low_confidence'], n)}",
         f"- accepted: {pct(counts['accepted'], n)}",
         "",
@@ -215,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
     held_lines, ood_rate = held_out_section(engine, thresholds, held, named)
+    stain_lines = stain_section(held, engine.input_size)
 
     doc = [
         "# Out-of-distribution inputs: the tissue check and the refer decision",
@@ -233,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *fit,
         *ood_lines,
         *held_lines,
+        *stain_lines,
     ]
     text = "\n".join(doc)
     if args.out:

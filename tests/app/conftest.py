@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from PIL import Image
 
 from service.app import create_app
 from service.runtime import ServiceState
@@ -26,11 +22,8 @@ LIFESPAN_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
-def _no_lungserve_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's LUNGSERVE_* variables must not change what the tests see."""
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+def _no_lungserve_env(no_lungserve_env: None) -> None:
+    """Every app test runs without the developer's LUNGSERVE_* variables."""
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -75,17 +68,6 @@ async def served() -> AsyncIterator[Served]:
         yield s
 
 
-
-
-def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def noise_jpeg(size: int = 224, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"))
 
 
 async def post_stalled_upload(client: httpx.AsyncClient, never: asyncio.Event) -> httpx.Response:

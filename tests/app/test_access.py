@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.app.conftest import Served, make_settings, noise_jpeg, serve
+from tests.app.conftest import Served, make_settings, serve
+from tests.images import noise_jpeg
 
 pytestmark = pytest.mark.anyio
 

@@ -18,8 +18,9 @@ from service.engine import ProviderUnavailable
 from service.errors import ModelSourceError
 from service.manifest import Manifest
 from service.preprocess import load_image
-from tests.app.conftest import LIFESPAN_TIMEOUT_S, Served, encode, make_settings, noise_jpeg, post_stalled_upload, serve
+from tests.app.conftest import LIFESPAN_TIMEOUT_S, Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
+from tests.images import encode, noise_jpeg
 
 pytestmark = pytest.mark.anyio
 

@@ -81,6 +81,16 @@ async def test_lungserve_ood_above_overrides_the_manifest(model_dir: Path, monke
         assert (body["decision"], body["reason"]) == ("refer", "out_of_distribution")
 
 
+async def test_lungserve_tissue_check_false_leaves_the_decision_to_the_model(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LUNGSERVE_TISSUE_CHECK", "false")
+    async with serving(model_dir) as served:
+        # Glass passes now: confident enough for refer_below=0.25, and near enough for ood_above=1000.
+        assert (await predict(served, WHITE))["decision"] == "accept"
+        assert (await served.client.get("/model")).json()["decision"]["tissue_check"] is False
+
+
 async def test_a_model_without_decision_section_refers_only_what_the_tissue_check_rejects(tmp_path: Path) -> None:
     write_model_v2_dir(tmp_path / "m")  # no "decision" in its manifest
     async with serving(tmp_path / "m") as served:

@@ -18,8 +18,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import CPU, CUDA
-from service.metrics import REJECT_REASONS, status_class
-from tests.app.conftest import Served, noise_jpeg
+from service.metrics import DECISION_LABELS, REJECT_REASONS, status_class
+from tests.app.conftest import Served
+from tests.images import noise_jpeg
 
 pytestmark = pytest.mark.anyio
 
@@ -100,7 +101,9 @@ async def test_every_metric_and_label_the_deployment_queries_is_exposed(served: 
 
 def test_label_values_the_rules_match_are_values_the_service_emits() -> None:
     allowed = {
-        "reason": set(REJECT_REASONS),
+        # `reason` of lungserve_rejected_total and of lungserve_decisions_total
+        "reason": set(REJECT_REASONS) | {reason for _, reason in DECISION_LABELS},
+        "decision": {decision for decision, _ in DECISION_LABELS},
         "status": {status_class(s) for s in (100, 200, 300, 400, 500)},
         "provider": {CPU, CUDA},
         "accelerator": {"cpu", "gpu"},

@@ -85,9 +85,9 @@ async def test_openapi_declares_admin_bearer_and_per_status_error_examples(serve
     }
     assert admin_codes == {
         "401": {"unauthorized"},
+        "429": {"too_many_requests"},
         "404": {"not_found"},
         "409": {"model_rejected"},
-        "429": {"too_many_requests"},
         "503": {"model_not_ready", "shutting_down"},
     }
 

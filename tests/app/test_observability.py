@@ -23,8 +23,9 @@ from prometheus_client.samples import Sample
 from service.app import create_app
 from service.manifest import Manifest
 from service.metrics import Metrics
-from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
+from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
+from tests.images import noise_jpeg
 from tests.onnx_models import write_model_dir
 
 pytestmark = pytest.mark.anyio

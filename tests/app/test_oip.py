@@ -17,10 +17,11 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from service.manifest import Manifest
-from service.oip import DECISIONS, OUTPUTS
+from service.oip import OUTPUTS
 from service.preprocess import load_image
-from tests.app.conftest import Served, make_settings, noise_jpeg, post_stalled_upload, serve
+from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
+from tests.images import noise_jpeg
 
 pytestmark = pytest.mark.anyio
 
@@ -71,12 +72,12 @@ async def test_infer_equals_predict(served: Served, real_images: list[Path], bin
         single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
         np.testing.assert_allclose(row, [single["probabilities"][c] for c in MANIFEST.classes], rtol=0, atol=1e-5)
         assert label == single["label"]
-    if DECISIONS:  # the refer decision travels as two BYTES outputs, equal to /predict's
-        decided = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("decision").tolist()]
-        reasons = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("reason").tolist()]
-        for data, decision, reason in zip(datas, decided, reasons, strict=True):
-            single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
-            assert (decision, reason or None) == (single["decision"], single["reason"])
+    # The refer decision travels as two BYTES outputs, equal to /predict's.
+    decided = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("decision").tolist()]
+    reasons = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("reason").tolist()]
+    for data, decision, reason in zip(datas, decided, reasons, strict=True):
+        single = (await served.client.post("/predict", files={"file": ("t.jpeg", data)})).json()
+        assert (decision, reason or None) == (single["decision"], single["reason"])
     assert result.get_response()["model_version"] == MANIFEST.version
 
 
@@ -105,7 +106,7 @@ async def test_metadata_health_and_readiness(served: Served) -> None:
     meta = (await client.get(f"/v2/models/{MANIFEST.name}")).json()
     assert meta["versions"] == [MANIFEST.version]
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"image_bytes": "BYTES", "image": "UINT8"}
-    decisions = {"decision": [-1], "reason": [-1]} if DECISIONS else {}
+    decisions = {"decision": [-1], "reason": [-1]}
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
         "probabilities": [-1, len(MANIFEST.classes)],
         "label": [-1],

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.app.conftest import make_settings, noise_jpeg, serve
+from tests.app.conftest import make_settings, serve
+from tests.images import noise_jpeg
 from tests.onnx_models import model_bytes, write_model_dir
 
 pytestmark = pytest.mark.anyio

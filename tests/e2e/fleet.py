@@ -29,12 +29,6 @@ T = TypeVar("T")
 _POLL_INTERVAL_S = 0.2
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def poll(check: Callable[[], T | None], *, timeout_s: float, what: str) -> T:
     """Call `check` until it returns something other than None (or False); fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

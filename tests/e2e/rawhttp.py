@@ -122,17 +122,6 @@ def _recv(sock: socket.socket, deadline: float) -> bytes:
         return b""
 
 
-def peer_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the server closes the connection within `timeout` (EOF or reset)."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def exchange(port: int, data: bytes, timeout: float = TIMEOUT_S) -> RawResponse:
     with connect(port, timeout) as sock:
         send_all(sock, data)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.test_serve import EXIT_TIMEOUT_S, Server, start_server, wait_ready
+from tests.e2e.server import EXIT_TIMEOUT_S, Server, start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 

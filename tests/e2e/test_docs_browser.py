@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_serve import EXIT_TIMEOUT_S, Server, start_server, wait_ready
+from tests.e2e.chromium import OFFLINE_FLAGS
+from tests.e2e.server import EXIT_TIMEOUT_S, Server, start_server, wait_ready
 from tests.system_tools import require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -19,11 +20,8 @@ async def rendered_dom(chromium: str, url: str, profile: Path) -> str:
     """The page's DOM after its scripts ran, fetched with every host but loopback unresolvable."""
     proc = await asyncio.create_subprocess_exec(
         chromium,
-        "--headless",
-        "--no-sandbox",  # CI runs as root
-        "--disable-gpu",
+        *OFFLINE_FLAGS,
         f"--user-data-dir={profile}",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--virtual-time-budget=20000",
         "--dump-dom",
         url,

@@ -24,7 +24,6 @@ SIGTERM phase fails: 2-3 requests lost per run when this was tried.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -39,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from tests.e2e.fleet import (
     HAPROXY_CFG,
     RULE_FILES,
     PrometheusAPI,
-    free_port,
     haproxy_servers,
     poll,
     predictions_served,
@@ -56,6 +52,8 @@ from tests.e2e.fleet import (
     render_haproxy_cfg,
     render_rules,
 )
+from tests.e2e.server import free_port
+from tests.images import noise_png
 from tests.s3fixtures import LoggedProcess, MotoServer
 from tests.system_tools import require_tool
 
@@ -198,26 +196,26 @@ def lungserve_upload(folder: Path, uri: str, endpoint: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
 def processes() -> Iterator[list[LoggedProcess]]:
     """Every process the test starts; all stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[LoggedProcess] = []
     yield started
+    for proc in started:  # all at once: each server spends its shutdown delay in parallel
+        if proc.proc.poll() is None:
+            proc.proc.terminate()
     for proc in reversed(started):
         proc.stop()
 
 
-def start_instance(name: str, port: int, env: dict[str, str], tmp: Path, processes: list[LoggedProcess]) -> Instance:
+def launch(name: str, port: int, env: dict[str, str], tmp: Path, processes: list[LoggedProcess]) -> LoggedProcess:
     argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = LoggedProcess(argv, env={**env, "LUNGSERVE_MODEL_CACHE_DIR": str(tmp / f"cache-{name}")}, cwd=ROOT)
     processes.append(proc)
+    return proc
+
+
+def listening(name: str, proc: LoggedProcess) -> Instance:
     match = _LISTENING.search(proc.wait_for_line(_LISTENING, timeout_s=STARTUP_TIMEOUT_S))
     assert match is not None
     return Instance(name, proc, int(match.group(1)))  # listening: its lifespan (load + warm-up) is done
@@ -249,7 +247,8 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         "LUNGSERVE_MAX_IN_FLIGHT_BATCHES": "1",
         "LUNGSERVE_DRAIN_TIMEOUT_S": "10",
     }
-    instances = {n: start_instance(n, 0, env, tmp_path, processes) for n in NAMES}
+    launched = {n: launch(n, 0, env, tmp_path, processes) for n in NAMES}  # they load and warm up at once
+    instances = {n: listening(n, proc) for n, proc in launched.items()}
 
     # --- HAProxy: the shipped config, on loopback ---
     stats = tmp_path / "haproxy.sock"
@@ -319,13 +318,13 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
     print(f"SIGTERM phase: {requests} requests through HAProxy, {failures} failed")  # shown with -rP
 
     # s0 comes back on the address HAProxy knows; HAProxy and Prometheus see it again.
-    instances["s0"] = start_instance("s0", victim.port, env, tmp_path, processes)
+    instances["s0"] = listening("s0", launch("s0", victim.port, env, tmp_path, processes))
     poll(lambda: haproxy_servers(stats).get("s0") == "UP", timeout_s=EVENT_TIMEOUT_S, what="HAProxy to see s0 UP")
     poll(lambda: not firing(prom, "LungserveInstanceDown", victim.target), timeout_s=EVENT_TIMEOUT_S,
          what="LungserveInstanceDown to clear")  # fmt: skip
 
     # === 2. Roll a new model out, instance by instance, under load ===
-    tracker = VersionTracker(lb, png(7))
+    tracker = VersionTracker(lb, noise_png(96, 7))
     locust = LocustRun(lb, tmp_path / "locust-rollout")
     reloads: dict[str, tuple[float, float]] = {}
     try:

@@ -9,20 +9,18 @@ RSS has grown by less than `RSS_GROWTH_BOUND_MIB` over its level before the cata
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 import psutil  # type: ignore[import-untyped]  # no stubs; only memory_info()
 import pytest
 from PIL import Image
 
 from tests.e2e import rawhttp
 from tests.e2e.rawhttp import Multipart, RawResponse, exchange, request
-from tests.e2e.test_serve import Server, start_server, wait_ready
+from tests.e2e.server import Server, start_server, wait_ready
+from tests.images import encode, jpeg_with_declared_size, noise, png_header_only
 
 pytestmark = [pytest.mark.e2e]
 
@@ -51,33 +49,7 @@ SETTINGS = {
 # --- payloads ---------------------------------------------------------------------------------
 
 
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
-def noise(size: int = 224, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
-
-
 JPEG = encode(noise(), "JPEG", quality=90)
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    sof = JPEG.find(b"\xff\xc0")
-    edited = bytearray(JPEG)
-    edited[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(edited)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
 def animated_gif(frames: int) -> bytes:
@@ -131,10 +103,6 @@ def _quotes_our_pixel_limit(r: RawResponse) -> None:
     assert "LUNGSERVE_MAX_IMAGE_PIXELS" in r.json()["error"]["message"]
 
 
-def _retry_after(r: RawResponse) -> None:
-    assert "retry-after" in r.headers
-
-
 def _many_results(*codes: str | None) -> Callable[[RawResponse], None]:
     def check(r: RawResponse) -> None:
         got = [x.get("error", {}).get("code") for x in r.json()["results"]]
@@ -163,7 +131,7 @@ CASES = [
     Case("zeros", lambda: predict(bytes(4096)), 422, "invalid_image"),
     Case("empty-file", lambda: predict(b""), 422, "invalid_image"),
     # Truncated and corrupt data is never classified (rows 1, 2).
-    Case("jpeg-header-4000x4000", lambda: predict(jpeg_claiming(4000, 4000)), 422, "invalid_image"),
+    Case("jpeg-header-4000x4000", lambda: predict(jpeg_with_declared_size(JPEG, 4000, 4000)), 422, "invalid_image"),
     Case("jpeg-cut-plus-eoi", lambda: predict(JPEG[: len(JPEG) // 3] + b"\xff\xd9"), 422, "invalid_image"),
     Case("jpeg-cut", lambda: predict(JPEG[: len(JPEG) // 2]), 422, "invalid_image"),
     Case("jpeg-header-only", lambda: predict(JPEG[:400]), 422, "invalid_image"),

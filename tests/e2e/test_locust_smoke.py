@@ -7,33 +7,26 @@ must succeed. It asserts no timings: speed is measured by loadtest/bench.py.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+from tests.e2e.server import EXIT_TIMEOUT_S, start_server, wait_ready
+
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
-READY_TIMEOUT_S = 60.0
 LOCUST_RUN_TIME_S = 15
 LOCUST_TIMEOUT_S = LOCUST_RUN_TIME_S + 45.0
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _clean_env() -> dict[str, str]:
@@ -41,46 +34,14 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("LUNGSERVE_", "LOADTEST_", "LOCUST_"))}
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
 @pytest.fixture
 def server_url(tmp_path: Path) -> Iterator[str]:
     """`lungserve serve` (bundled model, default settings) on a free loopback port, once ready."""
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode} before ready:\n{_tail(log_path)}")
-                try:
-                    if client.get(f"{url}/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not ready within {READY_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-                time.sleep(0.1)  # poll interval of the readiness endpoint, not a synchronisation
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with start_server(tmp_path) as server:
+        asyncio.run(wait_ready(server))
+        yield server.url
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(EXIT_TIMEOUT_S)
 
 
 def test_locust_headless_run_has_no_failures(server_url: str, tmp_path: Path) -> None:
@@ -89,7 +50,7 @@ def test_locust_headless_run_has_no_failures(server_url: str, tmp_path: Path) ->
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", "8", "-r", "8", "-t", f"{LOCUST_RUN_TIME_S}s", "--stop-timeout", "10",
         "--host", server_url, "--csv", str(csv_prefix), "--only-summary", "--loglevel", "WARNING",
-    ]
+    ]  # fmt: skip
     env = _clean_env()  # no LOADTEST_IMAGES: the locustfile's small synthetic image set
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LOCUST_TIMEOUT_S)
     output = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"

@@ -4,7 +4,6 @@ the requests and images sent, and its JSON log lines never hold an uploaded file
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import signal
 from collections import Counter
@@ -12,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LC25000
-from tests.e2e.test_serve import EXIT_TIMEOUT_S, start_server, wait_ready
+from tests.e2e.server import EXIT_TIMEOUT_S, start_server, wait_ready
+from tests.images import noise_jpeg
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -34,13 +32,7 @@ def upload_images() -> list[bytes]:
     real = sorted(p for c in ("lung_aca", "lung_n", "lung_scc") for p in (LC25000 / c).glob("*.jpeg"))
     if len(real) >= N:
         return [p.read_bytes() for p in real[:: max(1, len(real) // N)][:N]]
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(N):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), "RGB").save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
+    return [noise_jpeg(128, seed) for seed in range(N)]
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

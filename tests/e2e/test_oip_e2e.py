@@ -17,8 +17,8 @@ from tritonclient.utils import InferenceServerException
 from service.client import ClientError, LungserveClient
 from service.manifest import Manifest
 from service.preprocess import load_image
-from tests.conftest import BUNDLED_MODEL
-from tests.e2e.test_serve import images, start_server, wait_ready
+from tests.conftest import BUNDLED_MODEL, lc25000_tiles
+from tests.e2e.server import start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -38,7 +38,7 @@ def labels_of(result: httpclient.InferResult) -> list[str]:
 
 
 async def test_tritonclient_answers_equal_predict(tmp_path: Path, lc25000: Path) -> None:
-    paths = images(lc25000, per_class=2)
+    paths = lc25000_tiles(lc25000, per_class=2)
     datas = [p.read_bytes() for p in paths]
     with start_server(tmp_path, LUNGSERVE_PROVIDER="cpu") as server:
         await wait_ready(server)
@@ -89,7 +89,7 @@ async def test_tritonclient_answers_equal_predict(tmp_path: Path, lc25000: Path)
 
 
 async def test_python_client_sync_against_a_real_server(tmp_path: Path, lc25000: Path) -> None:
-    paths = images(lc25000, per_class=1)
+    paths = lc25000_tiles(lc25000, per_class=1)
     with start_server(tmp_path, LUNGSERVE_PROVIDER="cpu") as server:
         await wait_ready(server)
 

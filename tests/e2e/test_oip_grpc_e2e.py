@@ -15,8 +15,8 @@ from tritonclient.utils import InferenceServerException
 from service.manifest import Manifest
 from service.oip import OUTPUTS
 from service.preprocess import load_image
-from tests.conftest import BUNDLED_MODEL
-from tests.e2e.test_serve import free_port, images, start_server, wait_ready
+from tests.conftest import BUNDLED_MODEL, lc25000_tiles
+from tests.e2e.server import free_port, start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -29,7 +29,7 @@ def text(values: np.ndarray) -> list[str]:
 
 
 async def test_tritonclient_grpc_answers_equal_predict(tmp_path: Path, lc25000: Path) -> None:
-    paths = images(lc25000, per_class=2)
+    paths = lc25000_tiles(lc25000, per_class=2)
     datas = [p.read_bytes() for p in paths]
     keys = tmp_path / "keys"
     keys.write_text(f"grpc-test:{KEY}\n")

@@ -7,7 +7,6 @@ endpoint, answers observed by the clients, and log lines.
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 import signal
 import sys
@@ -17,12 +16,11 @@ from typing import Any
 
 import anyio
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from export.upload import upload
 from service.model_source import S3Options, current_etag
+from tests.images import noise_png
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import LoggedProcess, MotoServer, boto3_client
 
@@ -35,13 +33,6 @@ BIAS = {"v1": [3.0, 0.0, 0.0], "v2": [0.0, 3.0, 0.0]}
 LABEL = {"v1": "lung_aca", "v2": "lung_n"}
 _LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 STARTUP_TIMEOUT_S = 120.0
-
-
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def publish(moto: MotoServer, tmp_path: Path, uri: str, version: str) -> None:
@@ -110,7 +101,7 @@ async def test_reload_under_concurrent_load(moto: MotoServer, bucket: str, tmp_p
             seed = 0
             while True:
                 after = reloaded.is_set()
-                r = await client.post("/predict", files={"file": (f"{i}.png", png(seed), "image/png")})
+                r = await client.post("/predict", files={"file": (f"{i}.png", noise_png(24, seed), "image/png")})
                 seed += 1
                 body = r.json() if r.status_code == 200 else {}
                 version = body.get("model", {}).get("version")

@@ -4,15 +4,7 @@ that ONNX Runtime gives for each image alone, and SIGTERM is a clean exit."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,81 +14,10 @@ import pytest
 
 from service.manifest import Manifest
 from service.preprocess import load_image
-from tests.conftest import BUNDLED_MODEL, ROOT
+from tests.conftest import BUNDLED_MODEL, lc25000_tiles
+from tests.e2e.server import EXIT_TIMEOUT_S, start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
-
-READY_TIMEOUT_S = 120.0
-EXIT_TIMEOUT_S = 60.0
-
-
-def lungserve_executable() -> Path:
-    venv = ROOT / ".venv" / "bin" / "lungserve"
-    return venv if venv.exists() else Path(sys.executable).parent / "lungserve"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_server(tmp_path: Path, **env: str) -> AbstractContextManager[Server]:
-    """This checkout's `lungserve serve`, in this environment less LUNGSERVE_*, plus env."""
-    return run_server(tmp_path, lungserve_executable(), os.environ, env)
-
-
-@contextmanager
-def run_server(
-    tmp_path: Path, executable: Path, environ: Mapping[str, str], env: Mapping[str, str]
-) -> Iterator[Server]:
-    """`executable serve` on a free loopback port, cwd tmp_path, in `environ` less LUNGSERVE_*, plus env."""
-    port = free_port()
-    environment = {k: v for k, v in environ.items() if not k.startswith("LUNGSERVE_")}
-    environment.update(env)
-    log = tmp_path / f"serve-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(executable), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=tmp_path,  # the bundled model must be found from the package, not the cwd
-        )
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(EXIT_TIMEOUT_S)
-
-
-async def wait_ready(server: Server) -> None:
-    """Poll /health/ready (the readiness event) with a bounded number of attempts."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                pytest.fail(f"server exited with {server.proc.returncode}:\n{server.output()}")
-            try:
-                if (await client.get("/health/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.1)
-    pytest.fail(f"server not ready within {READY_TIMEOUT_S} s:\n{server.output()}")
 
 
 def reference(datas: list[bytes]) -> list[np.ndarray]:
@@ -111,13 +32,9 @@ def reference(datas: list[bytes]) -> list[np.ndarray]:
     return out
 
 
-def images(lc25000: Path, per_class: int) -> list[Path]:
-    return [p for c in ("lung_aca", "lung_n", "lung_scc") for p in sorted((lc25000 / c).glob("*.jpeg"))[:per_class]]
-
-
 async def test_concurrent_answers_equal_direct_inference_and_sigterm_exits_0(tmp_path: Path, lc25000: Path) -> None:
     manifest = Manifest.read(BUNDLED_MODEL / "model.json")
-    paths = images(lc25000, per_class=8)
+    paths = lc25000_tiles(lc25000, per_class=8)
     datas = [p.read_bytes() for p in paths]
     expected = reference(datas)
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -13,24 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.e2e import rawhttp
 from tests.e2e.rawhttp import Multipart, exchange, request
-from tests.e2e.test_serve import EXIT_TIMEOUT_S, Server, free_port, start_server, wait_ready
+from tests.e2e.server import EXIT_TIMEOUT_S, Server, free_port, start_server, wait_ready
+from tests.images import noise_jpeg
 
 pytestmark = [pytest.mark.e2e]
 
 WAIT_S = 60.0
-
-
-def tile(seed: int, size: int = 224) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def port_of(server: Server) -> int:
@@ -89,7 +80,7 @@ def test_sigterm_answers_every_admitted_request_with_its_result_or_json_503(tmp_
         "LUNGSERVE_MAX_IN_FLIGHT_BATCHES": "1",
         "LUNGSERVE_MAX_BATCH_SIZE": "4",
     }
-    files = [tile(i, 512) for i in range(8)]
+    files = [noise_jpeg(512, i, quality=90) for i in range(8)]
 
     async def scenario(server: Server) -> list[httpx.Response | Exception]:
         async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S, limits=httpx.Limits(max_connections=64)) as c:
@@ -129,7 +120,11 @@ def test_readiness_is_503_before_the_listener_closes_and_requests_are_still_serv
         server.proc.send_signal(signal.SIGTERM)
         until(lambda: httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 503, "readiness 503")
         ready = httpx.get(f"{server.url}/health/ready", timeout=5)
-        predicted = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile(1), "image/jpeg")}, timeout=30)
+        predicted = httpx.post(
+            f"{server.url}/predict",
+            files={"file": ("t.jpeg", noise_jpeg(seed=1, quality=90), "image/jpeg")},
+            timeout=30,
+        )
         live = httpx.get(f"{server.url}/health/live", timeout=5)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(EXIT_TIMEOUT_S) == 0, server.output()
@@ -148,7 +143,7 @@ def test_slow_uploads_hold_no_queue_slot(tmp_path: Path) -> None:
         "LUNGSERVE_MAX_FILES_PER_REQUEST": "4",
         "LUNGSERVE_UPLOAD_RATE_GRACE_S": "60",
     }
-    form = Multipart().add("file", tile(2))
+    form = Multipart().add("file", noise_jpeg(seed=2, quality=90))
     body = form.body()
     head = request("POST", "/predict", b"", [("Content-Type", form.content_type), ("Content-Length", str(len(body)))])
     with started(tmp_path, **env) as server:
@@ -192,8 +187,8 @@ def test_a_big_body_is_refused_before_it_is_read_when_the_byte_budget_is_taken(t
 
 def test_clients_leaving_mid_queue_are_counted_once(tmp_path: Path) -> None:
     env = {"LUNGSERVE_MAX_BATCH_SIZE": "2", "LUNGSERVE_MAX_IN_FLIGHT_BATCHES": "1", "LUNGSERVE_QUEUE_LIMIT": "256"}
-    busy_files = [tile(i, 512) for i in range(8)]
-    single = Multipart().add("file", tile(99))
+    busy_files = [noise_jpeg(512, i, quality=90) for i in range(8)]
+    single = Multipart().add("file", noise_jpeg(seed=99, quality=90))
     leave = request("POST", "/predict", single.body(), [("Content-Type", single.content_type)])
 
     async def scenario(url: str, port: int) -> int:
@@ -237,9 +232,15 @@ def test_admin_and_metrics_only_on_the_admin_port(tmp_path: Path) -> None:
         public_metrics = httpx.get(f"{server.url}/metrics", timeout=5)
         public_admin = httpx.post(f"{server.url}/admin/reload", timeout=5)
         admin_metrics = httpx.get(f"{admin}/metrics", timeout=5)
-        admin_predict = httpx.post(f"{admin}/predict", files={"file": ("t.jpeg", tile(3), "image/jpeg")}, timeout=5)
+        admin_predict = httpx.post(
+            f"{admin}/predict", files={"file": ("t.jpeg", noise_jpeg(seed=3, quality=90), "image/jpeg")}, timeout=5
+        )
         admin_ready = httpx.get(f"{admin}/health/ready", timeout=5)
-        predicted = httpx.post(f"{server.url}/predict", files={"file": ("t.jpeg", tile(3), "image/jpeg")}, timeout=30)
+        predicted = httpx.post(
+            f"{server.url}/predict",
+            files={"file": ("t.jpeg", noise_jpeg(seed=3, quality=90), "image/jpeg")},
+            timeout=30,
+        )
     assert (public_metrics.status_code, public_metrics.json()["error"]["code"]) == (404, "not_found")
     assert public_admin.status_code == 404
     assert admin_metrics.status_code == 200

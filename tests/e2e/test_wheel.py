@@ -21,7 +21,7 @@ from packaging.specifiers import SpecifierSet
 
 from service.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL, ROOT
-from tests.e2e.test_serve import run_server, wait_ready
+from tests.e2e.server import run_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,7 @@ import service
 from service.cli import build_parser, main
 from service.settings import Settings, describe_error, env_name
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_lungserve_env")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,7 +27,7 @@ def test_serve_help_lists_every_setting_by_its_variable(capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     for field in Settings.model_fields:
         assert env_name(field) in text
-    assert "LUNGSERVE_MAX_BATCH_SIZE (default: 16)" in text
+    assert "LUNGSERVE_MAX_BATCH_SIZE (default: 4)" in text
     assert "LUNGSERVE_API_KEYS_FILE (default: unset)" in text
 
 

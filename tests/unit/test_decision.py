@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.decision import (
@@ -16,6 +17,7 @@ from service.decision import (
     Decision,
     Thresholds,
     decide,
+    decide_batch,
 )
 from service.manifest import Manifest
 from tests.onnx_models import write_model_dir
@@ -78,3 +80,13 @@ def test_a_manifest_without_decision_section_has_no_thresholds(tmp_path: Path) -
     assert "decision" not in m.dump()  # not written back as null
     assert Thresholds.resolve(m, refer_below=None, ood_above=None) == Thresholds(None, None)
     assert Thresholds.resolve(m, refer_below=0.8, ood_above=None) == Thresholds(0.8, None)
+
+
+def test_decide_batch_runs_the_tissue_check_unless_it_is_off() -> None:
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)  # black: not tissue
+    probabilities = np.array([SURE, SURE], dtype=np.float32)
+    assert decide_batch(images, probabilities, None, Thresholds()) == [OUT_OF_DISTRIBUTION] * 2
+    assert decide_batch(images, probabilities, None, Thresholds(tissue_check=False)) == [ACCEPT] * 2
+    scores = np.array([1.0, 99.0], dtype=np.float32)
+    off = Thresholds(refer_below=0.9, ood_above=40.0, tissue_check=False)
+    assert decide_batch(images, probabilities, scores, off) == [ACCEPT, OUT_OF_DISTRIBUTION]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterator
 
@@ -71,3 +72,15 @@ def test_decoded_jpeg_cost_is_the_draft_size() -> None:
 
     allowance.charge(probe_image(buf.getvalue(), 128))  # 2048^2 / 64 = 65,536 decoded pixels
     assert allowance.used == 65_536
+
+
+async def test_one_request_charges_its_allowance_from_parallel_decodes(decoder: Decoder) -> None:
+    # Probe, charge and decode run in one pool task, so a /predict-many's images charge the same
+    # allowance from two threads at once: exactly as many fit as the budget allows, never more.
+    allowance = PixelAllowance(5 * 100 * 100)
+    outcomes = await asyncio.gather(
+        *(decoder.decode(png(100, 100), 32, allowance) for _ in range(8)), return_exceptions=True
+    )
+    assert sum(1 for o in outcomes if isinstance(o, ImageTooLarge)) == 3
+    assert sum(1 for o in outcomes if isinstance(o, tuple)) == 5
+    assert allowance.used == 5 * 100 * 100

@@ -26,6 +26,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # no stubs; offline 
 import pytest
 import yaml
 
+from service.access import OPEN_ROUTES
 from service.app import create_app
 from service.settings import Settings
 from tests.system_tools import require_tool
@@ -200,6 +201,7 @@ def test_probe_paths_are_routes_of_the_app(rendered: dict[str, list[dict[str, An
         assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["httpGet"]["path"] in routes
+            assert c[probe]["httpGet"]["path"] in OPEN_ROUTES  # probes need no API key
             port = c[probe]["httpGet"]["port"]
             assert port in {p.get("name") for p in c["ports"]} | {p["containerPort"] for p in c["ports"]}
 

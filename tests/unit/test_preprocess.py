@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +11,9 @@ from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
 from service.preprocess import load_image, probe_image
+from tests.images import encode, jpeg_with_declared_size, noise_jpeg, png_header_only
 
 SIZE = 32
-
-
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 def halves(width: int = 64, height: int = 32) -> Image.Image:
@@ -149,51 +142,27 @@ def test_too_many_pixels_is_refused_from_the_header() -> None:
     check(load_image(data, SIZE, max_pixels=2_000_000))
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that *declares* width x height (and holds almost no data): a decompression bomb."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_too_large_not_a_crash() -> None:
     # 400 M pixels: beyond Pillow's own bomb limit, refused before any pixel is decoded.
     with pytest.raises(ImageTooLarge):
-        load_image(_png_header_only(20_000, 20_000), SIZE)
+        load_image(png_header_only(20_000, 20_000), SIZE)
     with pytest.raises(ImageTooLarge):
-        load_image(_png_header_only(10_000, 6_000), SIZE, max_pixels=50_000_000)
+        load_image(png_header_only(10_000, 6_000), SIZE, max_pixels=50_000_000)
 
 
 # --- hostile inputs (issue 10, rows 1-4 and the bomb message) ---------------------------------
 
 
-def _noise_jpeg(size: int = 224, seed: int = 2) -> bytes:
-    rng = np.random.default_rng(seed)
-    return encode(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB"), "JPEG", quality=90)
-
-
-def jpeg_with_declared_size(data: bytes, width: int, height: int) -> bytes:
-    """The same JPEG with its SOF header edited to claim width x height."""
-    sof = data.find(b"\xff\xc0")
-    assert sof > 0
-    edited = bytearray(data)
-    edited[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(edited)
-
-
 def test_jpeg_header_claiming_more_lines_is_invalid_not_grey() -> None:
     # Row 1: libjpeg would fill 99 % of a 7000x7000 canvas with grey and report no error.
     with pytest.raises(InvalidImage, match="truncated"):
-        load_image(jpeg_with_declared_size(_noise_jpeg(), 7000, 7000), SIZE)
+        load_image(jpeg_with_declared_size(noise_jpeg(seed=2, quality=90), 7000, 7000), SIZE)
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
 def test_truncated_jpeg_with_end_marker_is_invalid(keep: float) -> None:
     # Row 2: a cut file with EOI appended decodes "successfully" with a grey bottom.
-    data = _noise_jpeg()
+    data = noise_jpeg(seed=2, quality=90)
     with pytest.raises(InvalidImage, match="truncated"):
         load_image(data[: int(len(data) * keep)] + b"\xff\xd9", SIZE)
     with pytest.raises(InvalidImage, match="truncated"):
@@ -237,7 +206,7 @@ def test_eps_never_reaches_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bomb_message_quotes_our_setting() -> None:
     with pytest.raises(ImageTooLarge, match="LUNGSERVE_MAX_IMAGE_PIXELS = 50000000") as info:
-        load_image(_png_header_only(20_000, 20_000), SIZE)
+        load_image(png_header_only(20_000, 20_000), SIZE)
     assert "400000000" in str(info.value)
 
 

@@ -10,14 +10,7 @@ from pydantic import ValidationError
 
 from service.settings import BUNDLED_MODEL_DIR, Settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("LUNGSERVE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_lungserve_env")
 
 
 def test_defaults() -> None:
@@ -26,7 +19,7 @@ def test_defaults() -> None:
     assert (BUNDLED_MODEL_DIR / "model.json").is_file()
     assert (s.host, s.port) == ("127.0.0.1", 8000)
     assert s.provider == "auto"
-    assert s.max_batch_size == 16
+    assert s.max_batch_size == 4
     assert s.max_files_per_request == 64
     assert s.ort_intra_op_threads is None
     assert s.ort_inter_op_threads is None

@@ -26,6 +26,15 @@ def test_real_tiles_pass(real_images: list[Path]) -> None:
         assert result.plausible, (path.name, result)
 
 
+def test_full_size_originals_pass_through_the_draft_decode(lc25000_768: Path) -> None:
+    # 768 px LC25000 originals, as a client would send them (JPEG draft-mode downscaling).
+    paths = sorted(lc25000_768.glob("*/*.jp*g"))
+    assert paths
+    for path in paths:
+        result = check(load_image(path.read_bytes(), S))
+        assert result.plausible, (path.name, result)
+
+
 def test_synthetic_he_like_tile_passes() -> None:
     assert check(load_image(encode(he_like_tile(0)), S)).plausible
 

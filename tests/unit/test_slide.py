@@ -1,0 +1,99 @@
+"""Large-image readers: Pillow for plain images, OpenSlide for a pyramidal TIFF made here."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.preprocess import load_image
+from service.slide import OpenSlideSlide, PillowSlide, open_slide
+from service.tiling import Tile, tile_grid
+
+
+def _rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def write_pyramid(path: Path, image: np.ndarray, levels: int = 3) -> None:
+    """A tiled TIFF with half-size pyramid levels (what scanners and libvips write)."""
+    with tifffile.TiffWriter(path) as tif:
+        level = image
+        for i in range(levels):
+            tif.write(level, tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=0 if i == 0 else 1)
+            level = np.asarray(Image.fromarray(level).reduce(2))
+
+
+def test_a_plain_png_tile_reads_like_that_tile_uploaded_alone(tmp_path: Path) -> None:
+    pixels = _rgb(2000, 900)
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    slide = open_slide(path, max_pixels=10_000_000, tile_px=768, size=64)
+    assert isinstance(slide, PillowSlide)
+    assert (slide.width, slide.height) == (2000, 900)
+    for tile in tile_grid(2000, 900, 768):
+        alone = io.BytesIO()
+        Image.fromarray(pixels[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]).save(alone, "PNG")
+        np.testing.assert_array_equal(slide.read_tile(tile, 64), load_image(alone.getvalue(), 64))
+    assert max(slide.thumbnail(256).size) == 256
+
+
+def test_a_large_jpeg_is_decoded_at_the_dct_scale_of_its_tiles(lc25000_768: Path, tmp_path: Path) -> None:
+    """A 2x1 mosaic JPEG: each tile comes out close to its original through load_image."""
+    originals = sorted(lc25000_768.glob("*/*.jpeg"))[:2]
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in originals]
+    path = tmp_path / "pair.jpeg"
+    Image.fromarray(np.concatenate(arrays, axis=1)).save(path, quality=95)
+    slide = open_slide(path, max_pixels=10_000_000, tile_px=768, size=128)
+    assert isinstance(slide, PillowSlide)
+    for i, original in enumerate(originals):
+        tile = slide.read_tile(Tile(768 * i, 0, 768, 768), 128).astype(np.int16)
+        direct = load_image(original.read_bytes(), 128).astype(np.int16)
+        assert np.abs(tile - direct).mean() < 3.0
+    # The picture is decoded again at its own scale: sharper than the tiles' 1/4 scale allows.
+    assert slide.thumbnail(1024).size == (1024, 512)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (3000, 3000)).save(path)
+    with pytest.raises(ImageTooLarge, match="9000000 pixels"):
+        open_slide(path, max_pixels=1_000_000, tile_px=768, size=64)
+
+
+def test_garbage_is_an_invalid_image(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(InvalidImage):
+        open_slide(path, max_pixels=1_000_000, tile_px=768, size=64)
+
+
+def test_a_pyramidal_tiff_is_read_through_openslide_level_by_level(tmp_path: Path) -> None:
+    pixels = _rgb(3072, 1536, seed=3)
+    path = tmp_path / "slide.tif"
+    write_pyramid(path, pixels)
+    # The pixel limit of plain images does not apply: a slide is read tile by tile.
+    slide = open_slide(path, max_pixels=1_000, tile_px=768, size=128)
+    assert isinstance(slide, OpenSlideSlide)
+    assert (slide.width, slide.height) == (3072, 1536)
+    assert slide.describe()["levels"] == 3
+    for tile in tile_grid(3072, 1536, 768):
+        expected = np.asarray(
+            Image.fromarray(pixels[tile.y : tile.y + 768, tile.x : tile.x + 768]).resize(
+                (128, 128), Image.Resampling.BILINEAR
+            )
+        ).astype(np.int16)
+        got = slide.read_tile(tile, 128).astype(np.int16)
+        assert got.shape == (128, 128, 3)
+        assert np.abs(got - expected).mean() < 4.0  # read from the 4x level, not the full one
+    thumb = slide.thumbnail(300)
+    assert thumb.mode == "RGB"
+    assert max(thumb.size) == 300
+    slide.close()
