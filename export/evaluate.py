@@ -95,8 +95,9 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
     for i in range(arr.shape[0]):
         for j in range(arr.shape[1]):
-            ax.text(j, i, str(arr[i, j]), ha="center", va="center",
-                    color="white" if arr[i, j] > arr.max() / 2 else "black")
+            ax.text(
+                j, i, str(arr[i, j]), ha="center", va="center", color="white" if arr[i, j] > arr.max() / 2 else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -119,3 +120,69 @@ def plot_reliability(bins: list[dict[str, float]], ece: float, path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_outputs(model_dir: Path, images: NDArray[np.uint8], batch_size: int = 64) -> dict[str, NDArray[Any]]:
+    """probabilities (and ood_score when the model has it) from ONNX Runtime, as the service fetches them."""
+    import onnxruntime as ort
+
+    manifest = Manifest.read(model_dir / MANIFEST_NAME)
+    sess = ort.InferenceSession(str(model_dir / manifest.file), providers=["CPUExecutionProvider"])
+    present = {o.name for o in sess.get_outputs()}
+    names = [manifest.output_name] + (["ood_score"] if "ood_score" in present else [])
+    parts = [
+        sess.run(names, {manifest.input_name: np.ascontiguousarray(images[i : i + batch_size])})
+        for i in range(0, len(images), batch_size)
+    ]
+    out = {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+    out["probabilities"] = out.pop(manifest.output_name).astype(np.float64)
+    return out
+
+
+def split_of(manifest: dict[str, Any], ds: data_mod.Dataset, seed: int = 1337) -> data_mod.Split:
+    """The 3-way split a manifest records, or (for a model that predates it: v1) its
+    `validation_groups` halved with `seed`, which is how model v2's split was made."""
+    if "split" in manifest:
+        sp = manifest["split"]
+        select, test = set(sp["select_groups"]), set(sp["test_groups"])
+        return data_mod.Split(
+            [s for s in ds.samples if s.group not in select | test],
+            [s for s in ds.samples if s.group in select],
+            [s for s in ds.samples if s.group in test],
+        )
+    if not manifest.get("validation_groups"):
+        raise data_mod.DataError("the manifest records neither a split nor validation groups")
+    return data_mod.split_three_way(ds, manifest["validation_groups"], seed)
+
+
+def evaluate_part(
+    model_dir: Path,
+    data: Path,
+    part: str,
+    *,
+    split_manifest: Path | None = None,
+    cache_dir: Path | None = None,
+    n_resamples: int = 2000,
+) -> dict[str, Any]:
+    """Metrics with group-bootstrap intervals on one part ("select" or "test") of the 3-way split.
+
+    The split comes from `split_manifest` (default: the model's own manifest), so several
+    models are judged on exactly the same groups. The model's decision section, if any, is
+    applied as fitted (its coverage and accepted accuracy on this part are reported).
+    """
+    from export.decision_fit import evaluate_decision
+    from export.metrics import report_with_intervals
+
+    ds = data_mod.scan(data)
+    manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+    ref = json.loads(split_manifest.read_text()) if split_manifest else manifest
+    samples = getattr(split_of(ref, ds), part)
+    images, labels = data_mod.load_arrays(samples, int(manifest["input_size"]), cache_dir)
+    out = run_outputs(model_dir, np.asarray(images))
+    report = report_with_intervals(labels, out["probabilities"], [s.group for s in samples], ds.classes, n_resamples)
+    report.pop("reliability_bins")
+    report["part"] = part
+    report["model"] = manifest.get("version")
+    if "decision" in manifest:
+        report["decision"] = evaluate_decision(out["probabilities"], labels, out.get("ood_score"), manifest["decision"])
+    return report

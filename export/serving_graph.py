@@ -153,12 +153,9 @@ def build_serving_model(model: Any, temperature: float, stats: MahalanobisStats 
         class OodScore(layers.Layer):  # type: ignore[misc]
             def call(self, g: Any) -> Any:
                 z = ops.matmul(g, ops.convert_to_tensor(chol))  # [N, K]
-                m = ops.convert_to_tensor(centres)
-                d2 = (
-                    ops.sum(z * z, axis=1, keepdims=True)
-                    - 2.0 * ops.matmul(z, ops.transpose(m))
-                    + ops.sum(m * m, axis=1)[None, :]
-                )
+                # the difference itself, not |z|^2 - 2 z.m + |m|^2: no cancellation in float32
+                diff = z[:, None, :] - ops.convert_to_tensor(centres)[None, :, :]  # [N, C, K]
+                d2 = ops.sum(diff * diff, axis=2)
                 return ops.sqrt(ops.maximum(ops.min(d2, axis=1), 0.0))
 
         outputs.append(OodScore(name="ood_score")(gap))

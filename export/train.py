@@ -183,6 +183,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = json.loads(state_path.read_text())
         model = keras.models.load_model(cfg.out / LAST)
         ema = WeightEMA.load(cfg.out / EMA, cfg.ema_decay)
+        if int(state["config"]["epochs"]) != cfg.epochs:
+            # A new length (e.g. the machine is slower than planned): the cosine continues from
+            # the optimizer's step counter over the new total, so the LR ends at its floor on time.
+            log.info("schedule: %s -> %d epochs", state["config"]["epochs"], cfg.epochs)
+            model.optimizer.learning_rate = _schedule(cfg, steps)
         log.info(
             "resuming after epoch %d of %d (best so far: epoch %s)", state["epoch"], cfg.epochs, state.get("best_epoch")
         )
@@ -191,15 +196,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise FileExistsError(f"{cfg.out} holds a run (state.json): pass --resume or choose another --out")
         keras.utils.set_random_seed(cfg.seed)
         model = build_model(n_classes, cfg.input_size)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=cfg.learning_rate * 0.1,
-            decay_steps=max(1, steps * cfg.epochs - steps),
-            warmup_target=cfg.learning_rate,
-            warmup_steps=steps,
-            alpha=0.01,
-        )
         model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+            optimizer=keras.optimizers.AdamW(_schedule(cfg, steps), weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(),
             metrics=["accuracy"],
         )
@@ -326,6 +324,19 @@ def finish(
         result["train_seconds"],
     )
     return result
+
+
+def _schedule(cfg: TrainConfig, steps: int) -> Any:
+    """Linear warm-up over the first epoch to the peak, then cosine to 1% of it at the last step."""
+    import keras
+
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=cfg.learning_rate * 0.1,
+        decay_steps=max(1, steps * cfg.epochs - steps),
+        warmup_target=cfg.learning_rate,
+        warmup_steps=steps,
+        alpha=0.01,
+    )
 
 
 def _config_json(cfg: TrainConfig) -> dict[str, Any]:

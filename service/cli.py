@@ -134,6 +134,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from export.evaluate import evaluate
     except ImportError as exc:
         return _export_extra_missing(exc)
+    if args.split is not None:
+        from export.evaluate import evaluate_part
+
+        model_dir = args.model if args.model.is_dir() else args.model.parent
+        part = evaluate_part(model_dir, args.data, args.split, split_manifest=args.split_from, cache_dir=args.cache_dir)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"evaluation-{args.split}.json").write_text(json.dumps(part, indent=1))
+        print(json.dumps({k: part[k] for k in ("part", "model", "n", "groups", "accuracy", "ece", "ci95")}))
+        if "decision" in part:
+            print(json.dumps({"decision": part["decision"]}))
+        return 0
     report = evaluate(
         args.model, args.data, args.out, validation_groups_only=args.validation_groups, cache_dir=args.cache_dir
     )
@@ -157,6 +169,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         size = int(keras.models.load_model(args.keras).input_shape[1])
         images = parity_images_from_dir(args.parity_images, size)
+    if args.run is not None:
+        from export.bundle import bundle
+
+        manifest = bundle(
+            args.run,
+            args.out,
+            data=args.data,
+            cache_dir=args.cache_dir,
+            weights=args.weights,
+            version=args.version,
+            docs=args.docs,
+        )
+        print(f"wrote {args.out}/model.onnx and model.json: version {manifest.version}, sha256 {manifest.sha256}")
+        return 0
+    if args.keras is None:
+        print("lungserve export: pass --run RUN (model v2) or --keras FILE", file=sys.stderr)
+        return 2
     manifest = export(args.keras, args.out, parity_images=images, version=args.version)
     print(f"wrote {args.out}/model.onnx and model.json: version {manifest.version}, sha256 {manifest.sha256}")
     return 0
@@ -269,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
     p.add_argument("--out", type=Path, default=None, help="write evaluation.json and PNG plots here")
     p.add_argument(
+        "--split",
+        choices=("select", "test"),
+        default=None,
+        help="one part of the 3-way group split, with group-bootstrap 95%% intervals",
+    )
+    p.add_argument(
+        "--split-from",
+        type=Path,
+        default=None,
+        help="model.json whose split to use (default: the model's own; judges models on the same groups)",
+    )
+    p.add_argument(
         "--validation-groups",
         action="store_true",
         help="only the tissue groups the model was validated on (from its manifest)",
@@ -277,7 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="convert a Keras checkpoint to ONNX + model.json, with a parity check")
-    p.add_argument("--keras", type=Path, required=True, help="e.g. RUN/calibrated.keras from `lungserve train`")
+    p.add_argument("--keras", type=Path, default=None, help="a single-output checkpoint, e.g. RUN/calibrated.keras")
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a `lungserve train` run folder: the full v2 graph (ood_score, feature_maps, cam_weights) "
+        "+ decision fitted on the select groups",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("best", "ema", "online"),
+        default="best",
+        help="with --run: best EMA checkpoint on select (default), latest EMA, or latest raw weights",
+    )
+    p.add_argument("--data", type=Path, default=None, help="with --run: data folder (default: the run's)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="with --run: decoded-array cache")
+    p.add_argument("--docs", type=Path, default=None, help="with --run: write risk_coverage.png here")
     p.add_argument("--out", type=Path, required=True, help="folder for model.onnx and model.json")
     p.add_argument(
         "--parity-images",

@@ -14,8 +14,14 @@ from export.data import DataError, scan, split_by_group
 from export.metrics import classification_report, expected_calibration_error
 
 
-def make_dataset(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), groups: int = 10, per_group: int = 3,
-                 grouped: bool = True, size: int = 40) -> Path:
+def make_dataset(
+    root: Path,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    groups: int = 10,
+    per_group: int = 3,
+    grouped: bool = True,
+    size: int = 40,
+) -> Path:
     rng = np.random.default_rng(0)
     rows = []
     for ci, cls in enumerate(classes):
@@ -93,3 +99,52 @@ def test_temperature_scaling_recovers_the_generating_temperature() -> None:
     t = fit_temperature(overconfident, labels)
     assert t == pytest.approx(2.5, rel=0.05)
     assert nll(overconfident, labels, t) < nll(overconfident, labels, 1.0)
+
+
+def test_three_way_split_keeps_the_holdout_apart_and_halves_it_by_class(tmp_path: Path) -> None:
+    from export.data import split_three_way
+
+    ds = scan(make_dataset(tmp_path))
+    holdout = [f"{c}/{g}" for c in ("a", "b", "c") for g in (0, 1, 2, 3)]
+    sp = split_three_way(ds, holdout, seed=5)
+    train, select, test = ({s.group for s in part} for part in (sp.train, sp.select, sp.test))
+    assert train == {s.group for s in ds.samples} - set(holdout)  # train = everything not held out
+    assert not select & test
+    assert select | test == set(holdout)
+    # stratified: 2 of each class's 4 holdout groups on each side
+    assert sorted(np.bincount([s.label for s in sp.select]).tolist()) == [6, 6, 6]
+    assert split_three_way(ds, holdout, seed=5) == sp
+    with pytest.raises(DataError, match="not in"):
+        split_three_way(ds, ["a/99"], seed=5)
+
+
+def test_group_bootstrap_interval_covers_the_estimate_and_widens_with_group_effects() -> None:
+    from export.metrics import group_bootstrap
+
+    classes = ["x", "y"]
+    groups = [f"{c}/{g}" for c in classes for g in range(30) for _ in range(10)]
+    labels = np.array([classes.index(g.split("/")[0]) for g in groups])
+    # errors concentrated in whole groups (as in LC25000): groups 0-2 of class x all wrong
+    wrong = np.array([g in {"x/0", "x/1", "x/2"} for g in groups])
+    pred = np.where(wrong, 1 - labels, labels)
+    probs = np.eye(2)[pred] * 0.9 + 0.05
+    r = group_bootstrap(labels, probs, groups, classes, n_resamples=500, seed=1)
+    acc = 1 - wrong.mean()
+    assert r["accuracy"][0] < acc < r["accuracy"][1]
+    assert r["recall"]["y"] == [1.0, 1.0]
+    lo, hi = r["recall"]["x"]
+    assert lo < 0.9 < hi
+    assert hi - lo > 0.1  # 3 wrong groups of 30: far wider than an image-level interval would be
+
+
+def test_group_bootstrap_ece_matches_the_point_estimate_when_nothing_varies() -> None:
+    from export.metrics import group_bootstrap
+
+    groups = [f"x/{g}" for g in range(5) for _ in range(4)]
+    labels = np.zeros(20, dtype=np.int64)
+    probs = np.tile([0.8, 0.2], (20, 1))
+    probs[::4] = [0.2, 0.8]  # one error per group: every resample has accuracy 0.75
+    r = group_bootstrap(labels, probs, groups, ["x", "y"], n_resamples=50)
+    ece, _ = expected_calibration_error(labels, probs)
+    assert r["ece"] == pytest.approx([ece, ece])
+    assert r["accuracy"] == pytest.approx([0.75, 0.75])

@@ -80,18 +80,36 @@ def test_parity_check_fails_loudly_on_a_different_model(tiny_model: Any, tmp_pat
         check_parity(other, tmp_path / "out" / "model.onnx", images)
 
 
-def test_two_training_steps_then_export(tmp_path: Path) -> None:
+def test_training_checkpoints_resumes_longer_then_bundles_the_v2_graph(tmp_path: Path) -> None:
+    from export.bundle import bundle
     from export.train import TrainConfig, train
 
-    data = make_dataset(tmp_path / "data", groups=5, per_group=4)
+    # 8 groups per class: 2 held out per class, halved into 1 select + 1 test group
+    data = make_dataset(tmp_path / "data", groups=8, per_group=3)
     out = tmp_path / "run"
-    result = train(TrainConfig(data=data, out=out, input_size=32, epochs=1, batch_size=8, max_steps=2))
-    for name in ("best.keras", "calibrated.keras", "training.json", "history.json", "training_curves.png",
-                 "parity_images.npy"):
+    cfg = TrainConfig(data=data, out=out, input_size=32, epochs=1, batch_size=8, max_steps=2)
+    train(cfg)
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 1
+    with pytest.raises(FileExistsError):
+        train(cfg)  # a finished run is never overwritten silently
+    cfg.epochs, cfg.resume = 2, True
+    result = train(cfg)  # continues from the checkpoint, with a longer schedule
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    for name in ("best.keras", "calibrated.keras", "training.json", "training_curves.png", "parity_images.npy"):
         assert (out / name).exists(), name
     assert result["classes"] == ["a", "b", "c"]
-    assert result["validation"]["temperature"] > 0
-    assert len(result["validation_groups"]) == 3  # 1 of 5 groups per class
-    manifest = export(out / "calibrated.keras", tmp_path / "model")
-    assert manifest.classes == ["a", "b", "c"]
-    assert manifest.dump()["validation_groups"] == result["validation_groups"]
+    assert result["select"]["temperature"] > 0
+    split = result["split"]
+    assert len(split["select_groups"]) == len(split["test_groups"]) == 3
+    assert not set(split["select_groups"]) & set(split["test_groups"])
+
+    manifest = bundle(out, tmp_path / "model", data=data).dump()
+    assert manifest["outputs"] == {n: n for n in ("probabilities", "ood_score", "feature_maps", "cam_weights")}
+    assert manifest["split"]["select_groups"] == split["select_groups"]
+    assert manifest["split"]["test_groups"] == split["test_groups"]
+    assert manifest["tile_source_px"] == 768
+    assert "select groups (3 groups" in manifest["decision"]["chosen_on"]
+    assert manifest["parity"]["max_abs_diff"]["argmax_flips"] == 0
+    sess = ort.InferenceSession(str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == list(manifest["outputs"])
