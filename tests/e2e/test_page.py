@@ -34,7 +34,6 @@ from service.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL
 from tests.e2e.chromium import OFFLINE_FLAGS
 from tests.e2e.server import start_server, wait_ready
-from tests.onnx_models import write_cam_model_dir
 from tests.system_tools import require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -51,18 +50,21 @@ CHROMIUM_FLAGS = (
 )
 
 
-def _model_dir(tmp_path: Path) -> Path:
-    """LUNGSERVE_PAGE_TEST_MODEL if set; else the bundled model when it has the Grad-CAM outputs
-    (model contract v2); else a tiny model that has them."""
+def _model_dir() -> Path:
+    """LUNGSERVE_PAGE_TEST_MODEL if set, else the bundled model, which must have the Grad-CAM outputs:
+    the page is tested with the model users get, so a model without them fails here."""
     chosen = os.environ.get("LUNGSERVE_PAGE_TEST_MODEL")
-    if chosen:
-        return Path(chosen)
-    manifest = Manifest.read(BUNDLED_MODEL / "model.json")
-    outputs = [o.name for o in onnx.load(str(BUNDLED_MODEL / manifest.file), load_external_data=False).graph.output]
-    if cam_output_names(manifest, outputs) is not None:
-        return BUNDLED_MODEL
-    write_cam_model_dir(tmp_path / "cam-model", input_size=32)
-    return tmp_path / "cam-model"
+    model = Path(chosen) if chosen else BUNDLED_MODEL
+    manifest = Manifest.read(model / "model.json")
+    outputs = [o.name for o in onnx.load(str(model / manifest.file), load_external_data=False).graph.output]
+    assert cam_output_names(manifest, outputs) is not None, f"{model} has no Grad-CAM outputs: /explain is off"
+    return model
+
+
+def _blank_slide(out: Path) -> Path:
+    """Background glass only: the refer decision must be shown, not a confident label."""
+    Image.new("RGB", (224, 224), (242, 240, 244)).save(out, quality=92)
+    return out
 
 
 @pytest.fixture
@@ -104,7 +106,8 @@ async def test_the_page_classifies_explains_and_maps_real_images(
     originals = _originals(lc25000_768)
     tiles = originals[:2]
     large = _mosaic(originals, tmp_path / "mosaic.jpeg")
-    model = _model_dir(tmp_path)
+    blank = _blank_slide(tmp_path / "blank.jpeg")
+    model = _model_dir()
     with start_server(tmp_path, LUNGSERVE_MODEL_URI=str(model), LUNGSERVE_PROVIDER="cpu") as server:
         await wait_ready(server)
         browser.get(server.url + "/")
@@ -114,8 +117,8 @@ async def test_the_page_classifies_explains_and_maps_real_images(
         browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
         assert browser.switch_to.active_element.get_attribute("id") == "file-input"
 
-        browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in [*tiles, large]))
-        WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: _cards_done(d, 3))
+        browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in [*tiles, blank, large]))
+        WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: _cards_done(d, 4))
 
         cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
         classes = {"lung_aca", "lung_n", "lung_scc"}
@@ -127,8 +130,15 @@ async def test_the_page_classifies_explains_and_maps_real_images(
             total = sum(float(m.get_attribute("aria-valuenow") or "nan") for m in meters)
             assert total == pytest.approx(100.0, abs=0.5)
 
+        # The blank slide is referred, and the page highlights it instead of showing a confident label.
+        blank_card = cards[2]
+        assert not blank_card.find_elements(By.CSS_SELECTOR, ".error"), blank_card.text
+        assert "refer" in (blank_card.get_attribute("class") or "").split()
+        assert blank_card.find_element(By.CSS_SELECTOR, ".decision.refer").is_displayed()
+        assert "Refer" in blank_card.find_element(By.CSS_SELECTOR, ".decision.refer").text
+
         # The large image went to /analyze: its class map rendered, with 4 tiles in the summary.
-        mosaic_card = cards[2]
+        mosaic_card = cards[3]
         assert "large" in (mosaic_card.get_attribute("class") or "")
         class_map = mosaic_card.find_element(By.CSS_SELECTOR, "img.class-map")
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", class_map) > 0
@@ -148,12 +158,13 @@ async def test_the_page_classifies_explains_and_maps_real_images(
 
         # CSV export: one row per file, probabilities and the class shares of the large image.
         rows = list(csv.DictReader(io.StringIO(browser.execute_script("return window.lungserve.toCsv()"))))
-        assert [r["file"] for r in rows] == [p.name for p in [*tiles, large]]
-        assert [r["kind"] for r in rows] == ["tile", "tile", "large image"]
-        for row in rows[:2]:
+        assert [r["file"] for r in rows] == [p.name for p in [*tiles, blank, large]]
+        assert [r["kind"] for r in rows] == ["tile", "tile", "tile", "large image"]
+        for row in rows[:3]:
             assert sum(float(row[f"p_{c}"]) for c in classes) == pytest.approx(1.0, abs=1e-3)
-        assert rows[2]["tiles"] == "4"
-        assert sum(float(rows[2][f"tissue_share_{c}"]) for c in classes) == pytest.approx(1.0, abs=1e-3)
+        assert rows[2]["decision"] == "refer"
+        assert rows[3]["tiles"] == "4"
+        assert sum(float(rows[3][f"tissue_share_{c}"]) for c in classes) == pytest.approx(1.0, abs=1e-3)
 
         # Offline: every resource the page loaded came from lungserve itself.
         resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
