@@ -61,10 +61,12 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     split = extra.get("split")
     every = {t.group for t in tiles}
     if isinstance(split, dict) and split.get("test_groups"):
-        held = set(split["test_groups"])
+        # Held out = every group the model never trained on: select (thresholds were chosen there)
+        # and test (never used for a choice); the study reports the two halves apart.
+        held = set(split["test_groups"]) | set(split.get("select_groups") or [])
         listed = split.get("train_groups")  # a list of groups, or only their number
-        train = set(listed) if isinstance(listed, list) else every - held - set(split.get("select_groups") or [])
-        return train, held, "split.test_groups"
+        train = set(listed) if isinstance(listed, list) else every - held
+        return train, held, "split.select_groups + split.test_groups"
     held = set(extra.get("validation_groups") or [])
     return every - held, held, "validation_groups"
 
