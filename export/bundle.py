@@ -21,6 +21,7 @@ import numpy as np
 
 from export import data as data_mod
 from export.calibrate import fit_temperature
+from export.convert import stamp
 from export.decision_fit import fit_decision, plot_risk_coverage
 from export.metrics import classification_report
 from export.model import INPUT_NAME, OUTPUT_NAME, logits_model
@@ -120,13 +121,7 @@ def bundle(
         "outputs": json.dumps(names),
         "resize": json.dumps(RESIZE),
     }
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "lungserve"
-    proto.doc_string = "Lung histopathology CNN (LC25000 classes); research use only, not a diagnostic device."
-    onnx.checker.check_model(proto)
+    stamp(proto, meta)
 
     rng = np.random.default_rng(cfg.seed)
     parity_images = x_sel[np.sort(rng.choice(len(x_sel), size=min(64, len(x_sel)), replace=False))]

@@ -94,13 +94,7 @@ def export(
             "output_name": OUTPUT_NAME,
             "resize": json.dumps(RESIZE),
         }
-        del proto.metadata_props[:]
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "lungserve"
-        proto.doc_string = "Lung histopathology CNN (LC25000 classes); research use only, not a diagnostic device."
-        onnx.checker.check_model(proto)
+        stamp(proto, meta)
         onnx.save(proto, tmp_model)
         sha = sha256_file(tmp_model)
         manifest_data: dict[str, Any] = {
@@ -141,6 +135,19 @@ def export(
         shutil.copyfile(tmp_model, out_dir / MODEL_NAME)
         shutil.copyfile(Path(tmp) / MANIFEST_NAME, out_dir / MANIFEST_NAME)
     return manifest
+
+
+def stamp(proto: Any, meta: dict[str, str]) -> None:
+    """The metadata every exported graph carries (read by Netron, ORT and `lungserve`), then a check."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "lungserve"
+    proto.doc_string = "Lung histopathology CNN (LC25000 classes); research use only, not a diagnostic device."
+    onnx.checker.check_model(proto)
 
 
 def check_parity(model: Any, onnx_path: Path, images: NDArray[np.uint8]) -> float:

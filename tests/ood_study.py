@@ -61,12 +61,10 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     split = extra.get("split")
     every = {t.group for t in tiles}
     if isinstance(split, dict) and split.get("test_groups"):
-        # Held out = every group the model never trained on: select (thresholds were chosen there)
-        # and test (never used for a choice); the study reports the two halves apart.
-        held = set(split["test_groups"]) | set(split.get("select_groups") or [])
+        held = set(split["test_groups"])
         listed = split.get("train_groups")  # a list of groups, or only their number
-        train = set(listed) if isinstance(listed, list) else every - held
-        return train, held, "split.select_groups + split.test_groups"
+        train = set(listed) if isinstance(listed, list) else every - held - set(split.get("select_groups") or [])
+        return train, held, "split.test_groups"
     held = set(extra.get("validation_groups") or [])
     return every - held, held, "validation_groups"
 
@@ -315,10 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = [t for t in tiles if t.group in train_groups]
     held = [t for t in tiles if t.group in held_groups]
 
-    select_groups = select_groups_of(manifest, tiles) & held_groups
+    # v1 manifests: select is half of the held-out groups; v2 manifests name it beside test.
+    select_groups = select_groups_of(manifest, tiles) - train_groups
     fit = fit_section(
         measures_of(train, engine.input_size),
-        measures_of([t for t in held if t.group in select_groups], engine.input_size),
+        measures_of([t for t in tiles if t.group in select_groups], engine.input_size),
         measures_of([t for t in held if t.group not in select_groups], engine.input_size),
     )
     by_class: dict[str, list[Tile]] = defaultdict(list)
@@ -334,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_lines, ood_rate = held_out_section(engine, thresholds, held, named)
     stain_lines = stain_section(held, engine.input_size)
 
+    held_which = "the test half only" if named.startswith("split.") else "select and test together"
     doc = [
         "# Out-of-distribution inputs: the tissue check and the refer decision",
         "",
@@ -347,9 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({len(train)} tiles), {len(held_groups)} held-out groups ({len(held)} tiles)",
         f"- {OTHER_STAIN} and {MISCOLOURED}: re-stained and re-coloured copies of {len(real)} held-out tiles",
         f"- splits: the tissue check's limits were fitted on the train groups only and checked on the select "
-        f"groups ({len(select_groups)} of the held-out groups); the OOD set's real-tile copies and the held-out "
-        f"share below use every held-out group ({named}: select and test together); no figure from the test "
-        f"groups was used to choose anything",
+        f"groups ({len(select_groups)} groups); the OOD set's real-tile copies and the held-out share below use "
+        f"the held-out groups named by {named} ({held_which}); "
+        f"no figure from the test groups was used to choose anything",
         f"- run: Python {platform.python_version()}, {time.perf_counter() - started:.0f} s",
         "",
         *fit,
