@@ -64,6 +64,32 @@ def model_bytes(
     return _serialized(graph)
 
 
+def pixel_model_bytes(input_size: int = 128, n_classes: int = 3) -> bytes:
+    """The cheapest graph with the service's signature: it reads one pixel per image (a slice),
+    so ONNX Runtime's time is nearly nothing and loadtest/feed.py measures the path around it."""
+    weight = np.full((3, n_classes), 0.001, dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["p"]),
+            helper.make_node("Cast", ["p"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["x", "shape"], ["m"]),
+            helper.make_node("MatMul", ["m", "w"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probabilities"], axis=1),
+        ],
+        "pixel",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", input_size, input_size, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_classes])],
+        initializer=[
+            numpy_helper.from_array(np.asarray([0, 0], dtype=np.int64), "starts"),
+            numpy_helper.from_array(np.asarray([1, 1], dtype=np.int64), "ends"),
+            numpy_helper.from_array(np.asarray([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(np.asarray([-1, 3], dtype=np.int64), "shape"),
+            numpy_helper.from_array(weight, "w"),
+        ],
+    )
+    return _serialized(graph)
+
+
 def manifest_for(data: bytes, **overrides: Any) -> dict[str, Any]:
     import hashlib
 

@@ -1,0 +1,415 @@
+"""The model process: one per device, the only owner of the ONNX Runtime session(s).
+
+It serves every front over `service.core.transport`: images arrive as slots of each front's
+shared-memory arena, go through the one `Batcher` of the current `ModelRuntime` (so batches span
+fronts), and leave as result records carrying the refer decision made beside the model output.
+It never sees HTTP. Hot reload (`ModelReloader`: CALL "reload", SIGHUP, the ETag poller) swaps
+the runtime here; every front is told the new model (a MODEL frame) before any result of it.
+
+Run as `python -m service.core.model_process --socket PATH` by the supervisor (settings from the
+environment, as every process of `lungserve serve`), or in-process by tests and loadtest/feed.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import weakref
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core import transport as wire
+from service.core.batcher import BatcherStopped, BatchInfo, BatchObserver
+from service.core.engine import Engine
+from service.core.reload import ModelReloader
+from service.core.runtime import Classified, ModelRuntime, Phase, ServiceState
+from service.errors import LungserveError, ModelSourceError
+from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+from service.model.source import ModelArtifact, fetch_configured_model
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DECISIONS: tuple[Decision, ...] = (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
+_DECISION_CODE = {d: i for i, d in enumerate(DECISIONS)}
+_HELLO_TIMEOUT_S = 5.0
+
+
+async def build_runtime(artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None) -> ModelRuntime:
+    """Engine -> warm-up of every batch size -> started runtime (what the app's lifespan does)."""
+    engine = await asyncio.to_thread(
+        Engine,
+        artifact.onnx_path,
+        artifact.manifest,
+        provider=settings.provider,
+        intra_op_threads=settings.ort_intra_op_threads,
+        inter_op_threads=settings.ort_inter_op_threads,
+    )
+    await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
+    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
+    await runtime.start()
+    return runtime
+
+
+def model_message(runtime: ModelRuntime, generation: int, settings: Settings) -> dict[str, Any]:
+    engine = runtime.engine
+    return {
+        "generation": generation,
+        "manifest": engine.manifest.model_dump(mode="json"),
+        "identity": runtime.identity.as_dict(),
+        "provider": engine.provider,
+        "input_size": engine.input_size,
+        "output_names": engine.output_names,
+        "max_batch_size": settings.max_batch_size,
+        "queue_limit": settings.queue_limit,
+        "retry_after_s": settings.retry_after_s,
+    }
+
+
+def error_header(exc: BaseException) -> dict[str, Any]:
+    """A domain error as a CALL reply; the front raises the same class (`service.errors`)."""
+    if isinstance(exc, LungserveError):
+        return {"error": type(exc).__name__, "message": exc.message, "retry_after_s": getattr(exc, "retry_after_s", 1)}
+    return {"error": "InferenceFailed", "message": f"the model process failed: {type(exc).__name__}"}
+
+
+class ModelServer:
+    """The model process's core: runtime + reloader + the fronts' sessions."""
+
+    def __init__(self, settings: Settings, observer: Callable[[], BatchObserver] | None = None) -> None:
+        self.settings = settings
+        self.state = ServiceState(settings=settings)
+        self._observer = observer
+        self.reloader = ModelReloader(self.state, settings, self._build, on_swap=self._on_swap)
+        self.sessions: set[FrontSession] = set()
+        self._generations: weakref.WeakKeyDictionary[ModelRuntime, int] = weakref.WeakKeyDictionary()
+        self._next_generation = 1
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+
+    async def _build(self, artifact: ModelArtifact) -> ModelRuntime:
+        runtime = await build_runtime(artifact, self.settings, self._observer() if self._observer else None)
+        self._generations[runtime] = self._next_generation
+        self._next_generation += 1
+        return runtime
+
+    def _on_swap(self, runtime: ModelRuntime) -> None:
+        for session in list(self.sessions):
+            session.announce(runtime)
+
+    def generation(self, runtime: ModelRuntime) -> int:
+        return self._generations[runtime]
+
+    async def start(self, socket_path: Path) -> None:
+        """Fetch, build and warm the model, then listen: a front that connects is served at once."""
+        artifact = await fetch_configured_model(self.settings)
+        self.state.replace_runtime(await self._build(artifact))
+        self.state.phase = Phase.READY
+        # Bound under a temporary name and renamed: a front never connects to a half-ready one.
+        tmp = socket_path.with_name(socket_path.name + f".{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp))
+        listener.listen(256)
+        listener.setblocking(False)
+        os.replace(tmp, socket_path)
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener), name="model-accept")
+        self.reloader.start_polling()
+        runtime = self.state.current()
+        log.info(
+            "model process ready: %s %s on %s, batches of up to %d",
+            runtime.identity.name,
+            runtime.identity.version,
+            runtime.engine.provider,
+            self.settings.max_batch_size,
+            extra={**runtime.identity.log_fields(), "provider": runtime.engine.provider},
+        )
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        opening: set[asyncio.Task[None]] = set()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = loop.create_task(self._open_session(conn))
+            opening.add(task)
+            task.add_done_callback(opening.discard)
+
+    async def _open_session(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            conn.settimeout(_HELLO_TIMEOUT_S)
+            runtime = self.state.current()
+            offer = {"input_size": runtime.engine.input_size, "queue_limit": self.settings.queue_limit}
+            hello, fd = await asyncio.to_thread(self._handshake, conn, offer)
+            conn.setblocking(False)
+            arena = wire.TensorArena(fd, int(hello["slots"]), int(hello["slot_bytes"]), owner=False)
+        except (OSError, ValueError, KeyError, LungserveError) as exc:
+            log.warning("front connection refused: %s", exc)
+            conn.close()
+            return
+        session = FrontSession(self, arena, int(hello.get("front", -1)))
+        await loop.connect_accepted_socket(lambda: session.protocol, conn)
+        if self.state.phase is not Phase.READY:
+            session.protocol.close()
+            return
+        self.sessions.add(session)
+        session.announce(self.state.current())
+        log.info("front %s connected", session.front, extra={"front": session.front})
+
+    @staticmethod
+    def _handshake(conn: socket.socket, offer: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        wire.send_frame(conn, wire.Kind.OFFER, offer)
+        return wire.receive_hello(conn)
+
+    async def stop(self) -> None:
+        """Drain: refuse new images, answer every admitted one (or 503 after the drain timeout)."""
+        if self.state.phase is Phase.STOPPING:
+            return
+        self.state.phase = Phase.STOPPING
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        await self.reloader.stop()
+        runtime = self.state.runtime
+        if runtime is not None:
+            await runtime.stop(self.settings.drain_timeout_s)
+        await asyncio.sleep(0)  # the last results' flush is scheduled for the next tick
+        await asyncio.gather(*(s.close() for s in list(self.sessions)), return_exceptions=True)
+        log.info("model process stopped")
+
+
+class FrontSession:
+    """One front's connection: its arena, the images it has in flight here, their answers."""
+
+    def __init__(self, server: ModelServer, arena: wire.TensorArena, front: int) -> None:
+        self.server = server
+        self.arena = arena
+        self.front = front
+        self.protocol = wire.FrameProtocol(self._on_frame, self._on_lost)
+        self._pending: dict[int, asyncio.Future[tuple[Classified, BatchInfo]]] = {}
+        self._out: dict[int, _Rows] = {}  # generation -> answers not sent yet
+        self._n_classes: dict[int, int] = {}
+        self._flush_scheduled = False
+        self._lost = asyncio.get_running_loop().create_future()
+
+    def announce(self, runtime: ModelRuntime) -> None:
+        generation = self.server.generation(runtime)
+        self._n_classes[generation] = len(runtime.engine.manifest.classes)
+        message = model_message(runtime, generation, self.server.settings)
+        self.protocol.send(wire.Kind.MODEL, wire.json_bytes(message))
+
+    def _on_frame(self, kind: wire.Kind, body: memoryview) -> None:
+        if kind is wire.Kind.SUBMIT:
+            self._submit(np.frombuffer(body, dtype=wire.SUBMIT_RECORD))
+        elif kind is wire.Kind.CANCEL:
+            for tag in np.frombuffer(body, dtype="<u4").tolist():
+                future = self._pending.get(tag)
+                if future is not None:
+                    future.cancel()
+        elif kind is wire.Kind.CALL:
+            call_id, header, payload = wire.parse_call(body)
+            asyncio.get_running_loop().create_task(self._call(call_id, header, payload))
+        else:
+            log.warning("front %s sent an unexpected %s frame", self.front, kind.name)
+
+    def _submit(self, records: np.ndarray[Any, Any]) -> None:
+        state = self.server.state
+        try:
+            if state.phase is not Phase.READY:
+                raise BatcherStopped("draining")
+            runtime = state.current()
+            reservation = runtime.batcher.reserve(len(records))
+        except (LungserveError, BatcherStopped) as exc:
+            status = wire.Status.SHUTTING_DOWN if state.phase is not Phase.READY else wire.Status.OVERLOADED
+            log.debug("images refused: %s", exc)
+            for tag in records["tag"].tolist():
+                self._answer(0, tag, status)
+            return
+        except Exception as exc:  # QueueFull: a front admitted more than the bound (never expected)
+            log.error("model queue refused %d image(s) the fronts admitted: %s", len(records), exc)
+            for tag in records["tag"].tolist():
+                self._answer(0, tag, wire.Status.OVERLOADED)
+            return
+        generation = self.server.generation(runtime)
+        arena = self.arena
+        with reservation:
+            for tag, slot, side in records.tolist():
+                future = reservation.submit(arena.view(slot, side))
+                self._pending[tag] = future
+                future.add_done_callback(partial(self._done, generation, tag))
+
+    def _done(self, generation: int, tag: int, future: asyncio.Future[tuple[Classified, BatchInfo]]) -> None:
+        self._pending.pop(tag, None)
+        if future.cancelled():
+            self._answer(generation, tag, wire.Status.CANCELLED)
+            return
+        exc = future.exception()
+        if exc is not None:
+            status = wire.Status.SHUTTING_DOWN if isinstance(exc, BatcherStopped) else wire.Status.FAILED
+            if status is wire.Status.FAILED:
+                log.error("model run failed for a batch: %s", exc, exc_info=exc)
+            self._answer(generation, tag, status)
+            return
+        result, info = future.result()
+        self._rows(generation).add(tag, wire.Status.OK, result, info)
+
+    def _answer(self, generation: int, tag: int, status: wire.Status) -> None:
+        self._rows(generation).add(tag, status, None, None)
+
+    def _rows(self, generation: int) -> _Rows:
+        rows = self._out.get(generation)
+        if rows is None:
+            rows = self._out[generation] = _Rows(self._n_classes.get(generation, 0))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return rows
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, {}
+        for generation, rows in out.items():
+            self.protocol.send(wire.Kind.RESULTS, wire.results_body(generation, rows.n_classes, rows.records()))
+
+    async def _call(self, call_id: int, header: dict[str, Any], payload: memoryview) -> None:
+        reply: dict[str, Any]
+        data = b""
+        try:
+            reply, data = await self._run_call(header, payload)
+        except Exception as exc:
+            reply = error_header(exc)
+        self.protocol.send(wire.Kind.REPLY, wire.call_body(call_id, reply, data))
+
+    async def _run_call(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], bytes]:
+        op = header.get("op")
+        if op == "run_outputs":
+            runtime = self.server.state.current()
+            batch = np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"])
+            outputs = await asyncio.to_thread(runtime.engine.run_outputs, batch, list(header["names"]))
+            arrays = [np.ascontiguousarray(o, dtype=np.float32) for o in outputs]
+            shapes = [list(a.shape) for a in arrays]
+            return {"shapes": shapes}, b"".join(a.tobytes() for a in arrays)
+        if op == "reload":
+            result = await self.server.reloader.reload()
+            return {
+                "changed": result.changed,
+                "previous": result.previous.as_dict(),
+                "current": result.current.as_dict(),
+            }, b""
+        raise ValueError(f"unknown call {op!r}")
+
+    def _on_lost(self) -> None:
+        # The front is gone (or we closed it): nothing it submitted needs computing any more.
+        for future in list(self._pending.values()):
+            future.cancel()
+        self._pending.clear()
+        self.server.sessions.discard(self)
+        self.arena.close()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    async def close(self) -> None:
+        self.protocol.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
+
+
+class _Rows:
+    """Answers of one generation gathered column by column, sent as one RESULTS frame."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self.columns: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        self.probabilities: list[Any] = []
+
+    def add(self, tag: int, status: wire.Status, result: Classified | None, info: BatchInfo | None) -> None:
+        tags, statuses, decisions, has_ood, sizes, ids, waits, computes, oods = self.columns
+        tags.append(tag)
+        statuses.append(status)
+        if result is None or info is None:
+            decisions.append(0)
+            has_ood.append(0)
+            sizes.append(0)
+            ids.append(0)
+            waits.append(0.0)
+            computes.append(0.0)
+            oods.append(0.0)
+            self.probabilities.append(np.zeros(self.n_classes, np.float32))
+            return
+        decisions.append(_DECISION_CODE[result.decision])
+        has_ood.append(result.ood_score is not None)
+        sizes.append(info.size)
+        ids.append(info.batch_id)
+        waits.append(info.queue_wait_s)
+        computes.append(info.compute_s)
+        oods.append(result.ood_score if result.ood_score is not None else 0.0)
+        self.probabilities.append(result.probabilities)
+
+    def records(self) -> np.ndarray[Any, Any]:
+        names = ["tag", "status", "decision", "has_ood", "batch_size", "batch_id", "queue_wait_s", "compute_s"]
+        names.append("ood_score")
+        records = np.zeros(len(self.columns[0]), dtype=wire.result_record(self.n_classes))
+        for name, column in zip(names, self.columns, strict=True):
+            records[name] = column
+        if self.probabilities:
+            records["probabilities"] = np.stack(self.probabilities)
+        return records
+
+
+async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awaitable[None]]) -> int:
+    """Start, serve until `stopping()` returns, drain. 0, or 3 when the model could not load."""
+    server = ModelServer(settings)
+    try:
+        await server.start(socket_path)
+    except ModelSourceError as exc:
+        log.error("model not loaded from %s: %s", settings.model_uri, exc)
+        return 3
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
+    await stopping()
+    await server.stop()
+    return 0
+
+
+async def _reload_on_signal(server: ModelServer) -> None:
+    try:
+        await server.reloader.reload()
+    except LungserveError as exc:
+        log.warning("SIGHUP reload: %s", exc.message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lungserve-model")
+    parser.add_argument("--socket", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from service.core.proctitle import set_title
+    from service.observability.logs import configure_logging
+
+    set_title("lungserve: model")
+    settings = Settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown
+
+    async def until_sigterm() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    return asyncio.run(run(args.socket, settings, until_sigterm))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
