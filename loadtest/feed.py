@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from service.core.remote_client import RemoteModelClient  # noqa: E402
 
 async def _feed(
     index: int, socket_path: Path, bound_path: Path, args: argparse.Namespace, start_at: float
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     client = RemoteModelClient(socket_path, QueueBound(bound_path, index, args.queue_limit), front=index)
     await client.start()
     rng = np.random.default_rng(index)
@@ -62,9 +63,19 @@ async def _feed(
             if now >= start_at + args.warm_up:
                 counted += len(images)
 
+    async def cpu_window() -> float:
+        # This process's CPU seconds inside the measured window.
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, start_at + args.warm_up - loop.time()))
+        begun = time.process_time()
+        await asyncio.sleep(max(0.0, stop_at - loop.time()))
+        return time.process_time() - begun
+
+    cpu = asyncio.ensure_future(cpu_window())
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    cpu_s = await cpu
     await client.stop(5.0)
-    return counted, refused
+    return counted, refused, cpu_s
 
 
 def _feeder(
@@ -79,6 +90,12 @@ def _feeder(
     out.put(asyncio.run(_feed(index, socket_path, bound_path, args, start_at)))
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a child process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--feeders", type=int, default=len(os.sched_getaffinity(0)))
@@ -89,6 +106,7 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--queue-limit", type=int, default=1024)
+    parser.add_argument("--in-flight", type=int, default=2, help="LUNGSERVE_MAX_IN_FLIGHT_BATCHES")
     parser.add_argument("--tissue-check", choices=("true", "false"), default="true")
     args = parser.parse_args()
 
@@ -106,6 +124,7 @@ def main() -> int:
             "LUNGSERVE_MODEL_URI": str(folder / "model"),
             "LUNGSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
             "LUNGSERVE_QUEUE_LIMIT": str(args.queue_limit),
+            "LUNGSERVE_MAX_IN_FLIGHT_BATCHES": str(args.in_flight),
             "LUNGSERVE_TISSUE_CHECK": args.tissue_check,
             "LUNGSERVE_LOG_JSON": "true",
         }
@@ -123,6 +142,8 @@ def main() -> int:
             else:
                 print("the model process exited before it was ready", file=sys.stderr)
                 return 1
+            # Keep reading its log: a full pipe would stop the model process mid-run.
+            threading.Thread(target=model.stderr.read, daemon=True).start()
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
             start_at = time.monotonic() + 3.0  # the feeders' interpreters start meanwhile
@@ -132,6 +153,10 @@ def main() -> int:
             ]
             for p in feeders:
                 p.start()
+            time.sleep(max(0.0, start_at + args.warm_up - time.monotonic()))
+            model_cpu = _cpu_s(model.pid)
+            time.sleep(max(0.0, start_at + args.warm_up + args.duration - time.monotonic()))
+            model_cpu = _cpu_s(model.pid) - model_cpu
             results = [out.get() for _ in feeders]
             for p in feeders:
                 p.join()
@@ -140,9 +165,19 @@ def main() -> int:
             model.wait()
     images = sum(r[0] for r in results)
     refused = sum(r[1] for r in results)
+    feeders_cpu = sum(r[2] for r in results)
     rate = images / args.duration
-    report = {k: v for k, v in vars(args).items()}
-    print(json.dumps({**report, "images": images, "refused_requests": refused}))
+    report = {
+        **vars(args),
+        "images": images,
+        "refused_requests": refused,
+        # CPU per image, so that a busy machine's figure can be read too: at 100% of every core,
+        # the path would carry cores / (model + feeders CPU per image).
+        "model_cpu_us_per_image": round(model_cpu / max(images, 1) * 1e6, 1),
+        "feeders_cpu_us_per_image": round(feeders_cpu / max(images, 1) * 1e6, 1),
+        "cpu_bound_images_per_s": round(len(os.sched_getaffinity(0)) * images / max(model_cpu + feeders_cpu, 1e-9)),
+    }
+    print(json.dumps(report))
     print(f"images_per_s={rate:.0f}")
     return 0
 
