@@ -139,6 +139,10 @@ class RemoteModelClient:
         self._connector = asyncio.get_running_loop().create_task(self._keep_connected(), name="model-connector")
         await self._connected.wait()
 
+    async def until_ready(self) -> None:
+        """Wait until connected to a (warm) model process."""
+        await self._connected.wait()
+
     async def warm_up(self) -> None:
         """The model process warmed its engine before it listened: nothing to do here."""
 

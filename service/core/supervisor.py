@@ -1,0 +1,238 @@
+"""`lungserve serve` with LUNGSERVE_WORKERS > 1: the supervisor of fronts and the model process.
+
+The supervisor binds the listening socket(s) once and starts:
+
+* one **model process** (`service.core.model_process`) when inference is remote: it owns the
+  device, and the fronts reach it through `service.core.transport`;
+* N **fronts** (`service.http.front`), each the whole FastAPI app on uvicorn, sharing the socket
+  (the kernel spreads connections over the processes that accept on it).
+
+It holds no request state, so it cannot lose any: it only starts, watches, restarts and stops.
+
+* A front that dies is replaced; its cell of the shared queue bound is zeroed first.
+* The model process dying is seen by every front at once (its waiting images get JSON 503,
+  readiness turns 503); the supervisor starts a new one, and the fronts reconnect once it is warm.
+* SIGTERM/SIGINT: the fronts get SIGTERM (readiness 503, then they stop accepting and finish
+  what they admitted, served by the model process meanwhile); once every front has exited the
+  model process gets SIGTERM and drains; exit 0. A second signal is passed on (fronts skip their
+  delay). SIGHUP is passed to the model process (hot reload), or to each front that serves its
+  own model.
+* A child that exits with status 2 or 3 (bad settings, model not loadable) before the server has
+  ever been ready ends the supervisor with that status: restarting would fail the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.core.proctitle import set_title
+from service.core.queue_bound import QueueBound
+
+log = logging.getLogger(__name__)
+
+_STARTUP_FAILURES = (2, 3)  # bad settings; the model could not be loaded
+_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # before the n-th quick restart of the same child in a row
+_QUICK_S = 10.0  # a child that lived shorter than this counts as a quick failure
+
+
+@dataclass
+class _Child:
+    role: str  # "model" or "front"
+    index: int
+    argv: list[str]
+    pass_fds: tuple[int, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int = -1
+    started_at: float = 0.0
+    quick_failures: int = 0
+    restart_at: float | None = None  # waiting out a back-off
+    stop_sent: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "model process" if self.role == "model" else f"front {self.index}"
+
+
+class Supervisor:
+    def __init__(self, *, workers: int, remote_model: bool, sockets: list[socket.socket]) -> None:
+        self.workers = workers
+        self.remote_model = remote_model
+        self.sockets = sockets
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="lungserve-"))
+        self.model_socket = self.runtime_dir / "model.sock"
+        self.queue_bound = self.runtime_dir / "queue"
+        QueueBound.create(self.queue_bound)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signals: list[int] = []
+        self._stopping = False
+        self._ever_ready = False
+        self._exit_status = 0
+        self._children: list[_Child] = []
+
+    # -- children ----------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        python = sys.executable
+        if self.remote_model:
+            self._children.append(
+                _Child("model", 0, [python, "-m", "service.core.model_process", "--socket", str(self.model_socket)])
+            )
+        fds = tuple(s.fileno() for s in self.sockets)
+        for i in range(self.workers):
+            argv = [python, "-m", "service.http.front", "--index", str(i)]
+            argv += [arg for fd in fds for arg in ("--fd", str(fd))]
+            if self.remote_model:
+                argv += ["--model-socket", str(self.model_socket), "--queue-bound", str(self.queue_bound)]
+            self._children.append(_Child("front", i, argv, fds))
+
+    def _start(self, child: _Child) -> None:
+        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds)
+        child.pidfd = os.pidfd_open(child.proc.pid)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        self._selector.register(child.pidfd, selectors.EVENT_READ, child)
+        log.info("started %s (pid %d)", child.name, child.proc.pid, extra={"pid": child.proc.pid, "role": child.role})
+
+    def _reap(self, child: _Child) -> None:
+        assert child.proc is not None
+        self._selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        code = child.proc.wait()
+        child.exit_codes.append(code)
+        lived = time.monotonic() - child.started_at
+        child.proc = None
+        if child.role == "front":
+            QueueBound.reset(self.queue_bound, child.index)  # nothing it admitted waits any more
+        if self._stopping:
+            log.info("%s exited (status %d)", child.name, code)
+            return
+        if child.role == "model" and self.model_socket.exists():
+            self._ever_ready = True
+        if code in _STARTUP_FAILURES and not self._ever_ready:
+            log.error("%s could not start (status %d): stopping", child.name, code)
+            self._exit_status = code
+            self._begin_stop()
+            return
+        child.quick_failures = child.quick_failures + 1 if lived < _QUICK_S else 0
+        delay = _BACKOFF_S[min(child.quick_failures, len(_BACKOFF_S) - 1)]
+        log.warning(
+            "%s exited (status %d) after %.1f s: restarting in %.1f s",
+            child.name,
+            code,
+            lived,
+            delay,
+            extra={"role": child.role, "status": code, "restart_in_s": delay},
+        )
+        child.restart_at = time.monotonic() + delay
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)  # handled in the loop, not in the handler
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _handle(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            targets = [c for c in self._children if c.role == "model"] or [c for c in self._children]
+            for child in targets:
+                self._send(child, signal.SIGHUP)
+            log.info("SIGHUP: model reload requested")
+            return
+        if self._stopping:
+            for child in self._children:
+                if child.role == "front":
+                    self._send(child, signal.SIGTERM)  # a second signal: the fronts skip their delay
+            return
+        self._begin_stop()
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        log.info("stopping: fronts first, then the model process")
+        for child in self._children:
+            child.restart_at = None
+            if child.role == "front":
+                self._send(child, signal.SIGTERM)
+        for sock in self.sockets:
+            sock.close()  # the fronts hold their own copies until they stop accepting
+
+    @staticmethod
+    def _send(child: _Child, signum: int) -> None:
+        if child.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signum)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        set_title("lungserve: supervisor")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            self._plan()
+            for child in self._children:
+                self._start(child)
+            while True:
+                self._step()
+                fronts_alive = any(c.proc is not None for c in self._children if c.role == "front")
+                if self._stopping and not fronts_alive:
+                    model = [c for c in self._children if c.role == "model" and c.proc is not None]
+                    if not model:
+                        break
+                    for child in model:
+                        if not child.stop_sent:
+                            self._send(child, signal.SIGTERM)  # the fronts are done: now drain it
+                            child.stop_sent = True
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for child in self._children:
+                self._send(child, signal.SIGKILL)
+                if child.proc is not None:
+                    child.proc.wait()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        log.info("supervisor stopped (status %d)", self._exit_status)
+        return self._exit_status
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        waits = [c.restart_at - now for c in self._children if c.restart_at is not None]
+        timeout = max(0.0, min(waits)) if waits else None
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                signals, self._signals = self._signals, []
+                for signum in signals:
+                    self._handle(signum)
+            else:
+                self._reap(key.data)
+        now = time.monotonic()
+        for child in self._children:
+            if child.restart_at is not None and child.restart_at <= now and not self._stopping:
+                self._start(child)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The shared listening socket, bound once here and inherited by every front."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
