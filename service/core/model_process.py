@@ -322,6 +322,7 @@ class FrontSession:
             self._lost.set_result(None)
 
     async def close(self) -> None:
+        self.protocol.send(wire.Kind.BYE)
         self.protocol.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._lost), 5.0)

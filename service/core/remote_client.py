@@ -100,6 +100,7 @@ class RemoteModelClient:
         self._connected = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
         self._stopping = False
+        self._model_stopping = False  # it said BYE: an orderly drain, not a crash
 
     # -- what the model is -----------------------------------------------------------------
 
@@ -340,6 +341,8 @@ class RemoteModelClient:
             if not self._connected.is_set():
                 self._connected.set()
                 log.info("connected to the model process: %s %s", model.identity.name, model.identity.version)
+        elif kind is wire.Kind.BYE:
+            self._model_stopping = True  # what it has not answered fails as "shutting down"
         elif kind is wire.Kind.REPLY:
             call_id, header, payload = wire.parse_call(body)
             future = self._calls.get(call_id)
@@ -383,7 +386,11 @@ class RemoteModelClient:
         self._arena = None
         self._submits.clear()
         self._cancels.clear()
-        self._fail_all(ModelNotReady("the model process stopped; retry shortly"))
+        if self._model_stopping:
+            self._fail_all(ShuttingDown("the model process shut down before this image was classified"))
+        else:
+            self._fail_all(ModelNotReady("the model process stopped; retry shortly"))
+        self._model_stopping = False
 
     def _fail_all(self, error: LungserveError) -> None:
         pending, self._pending = self._pending, {}

@@ -44,6 +44,7 @@ class Kind(enum.IntEnum):
     RESULTS = 5  # model -> front: u32 generation, u32 classes, then result records
     CALL = 6  # front -> model: u32 call id, u32 JSON length, JSON, raw bytes (rare: Grad-CAM, reload)
     REPLY = 7  # model -> front: the same layout as CALL
+    BYE = 8  # model -> front: draining; it closes the connection once it has answered
 
 
 class Status(enum.IntEnum):
