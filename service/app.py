@@ -28,21 +28,19 @@ from starlette.middleware.cors import CORSMiddleware
 
 import service
 from service.core.admission import UploadGate
-from service.core.batcher import BatchObserver
 from service.core.decode_pool import Decoder
-from service.core.engine import Engine
 from service.core.memory import Trimmer
 from service.core.reload import ModelReloader
-from service.core.runtime import ModelRuntime, Phase, ServiceState
+from service.core.runtime import open_runtime
+from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, ModelSourceError, http_error
-from service.http import admin, analyze, explain, webpage
-from service.http import predict as api
+from service.http import admin, analyze, explain, predict, status, webpage
 from service.http.access import ApiKeys, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
 from service.http.middleware import AdminPortSplit, CloseUnreadBody
 from service.http.uploads import RouteLimits
-from service.model.source import ModelArtifact, fetch_configured_model
+from service.model.source import fetch_configured_model
 from service.observability.logs import RequestContextMiddleware, request_context_from_scope
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
@@ -62,29 +60,6 @@ _HTTP_CODES = {
 }
 
 
-async def build_runtime(
-    artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None = None
-) -> ModelRuntime:
-    """Engine -> warm-up of every batch size the batcher can form -> started batcher.
-
-    Start-up and hot reload (`service.core.reload`) both build their runtime with this.
-    """
-    # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
-    # /health/live) responsive meanwhile.
-    engine = await asyncio.to_thread(
-        Engine,
-        artifact.onnx_path,
-        artifact.manifest,
-        provider=settings.provider,
-        intra_op_threads=settings.ort_intra_op_threads,
-        inter_op_threads=settings.ort_inter_op_threads,
-    )
-    await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
-    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
-    await runtime.start()
-    return runtime
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     # Each app its own registry: several apps (tests) in one process never share a counter.
@@ -96,8 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     reloader = ModelReloader(
         state,
         settings,
-        lambda artifact: build_runtime(artifact, settings, metrics.batcher_observer()),
-        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
+        lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
+        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
     )
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
@@ -127,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
                 )
                 warm_up_started = time.perf_counter()
-                state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
+                state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)
@@ -135,17 +110,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise ModelSourceError(str(exc)) from None
             state.phase = Phase.READY
             serving = state.current()
-            metrics.set_model(identity, serving.engine.provider)
+            metrics.set_model(identity, serving.provider)
             metrics.set_ready(True)
             log.info(
                 "ready: model %s %s on %s, batches of up to %d",
                 identity.name,
                 identity.version,
-                serving.engine.provider,
+                serving.provider,
                 settings.max_batch_size,
                 extra={
                     **identity.log_fields(),
-                    "provider": serving.engine.provider,
+                    "provider": serving.provider,
                     "max_batch_size": settings.max_batch_size,
                     "load_and_warm_up_s": round(time.perf_counter() - warm_up_started, 3),
                 },
@@ -203,7 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
-    app.include_router(api.router)
+    app.include_router(predict.router)
+    app.include_router(status.router)
     app.include_router(oip_door.router)
     app.include_router(explain.router)
     app.include_router(analyze.router)
@@ -220,7 +196,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     if method != b"POST" or path.startswith(b"/admin") or state.phase is not Phase.READY:
         return False
     runtime = state.runtime
-    if runtime is None or runtime.batcher.available > 0:
+    if runtime is None or runtime.has_room():
         return False
     metrics.rejected("queue_full")
     return True

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from service.errors import ClientGone, DeadlineExceeded
+from service.core.state import ServiceState
+from service.errors import ClientGone, DeadlineExceeded, LungserveError
 
 X = TypeVar("X")
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -27,6 +28,17 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
     except TimeoutError as exc:
         if timeout.expired():
             raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
+        raise
+
+
+@asynccontextmanager
+async def guarded(service: ServiceState) -> AsyncIterator[None]:
+    """A door's request: within its deadline, and counted once if refused as a whole."""
+    try:
+        async with deadline(service.settings.request_deadline_s):
+            yield
+    except LungserveError as exc:
+        service.observer.on_rejected(exc)  # overload, deadline, not ready, shutting down, bad input
         raise
 
 
