@@ -6,7 +6,7 @@ of every batch shape (the model's verification) -> batcher.start() -> ready. Shu
 (a `ServiceState`); nothing is global, so several apps can live in one process (tests).
 
 Every error leaves through one JSON shape, `{"error": {"code", "message", "request_id"?}}`:
-domain errors via `service.errors.http_error`, and FastAPI's validation errors, Starlette's
+domain errors via `service.http.errors.http_error`, and FastAPI's validation errors, Starlette's
 404/405 and unexpected exceptions are converted to domain errors first.
 """
 
@@ -19,11 +19,8 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 import service
@@ -33,15 +30,16 @@ from service.core.memory import Trimmer
 from service.core.reload import ModelReloader
 from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
-from service.errors import LungserveError, ModelSourceError, http_error
+from service.errors import ModelSourceError
 from service.http import admin, analyze, explain, predict, status, webpage
 from service.http.access import ApiKeys, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
+from service.http.errors import install_error_handlers
 from service.http.middleware import AdminPortSplit, CloseUnreadBody
 from service.http.uploads import RouteLimits
 from service.model.source import fetch_configured_model
-from service.observability.logs import RequestContextMiddleware, request_context_from_scope
+from service.observability.logs import RequestContextMiddleware
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
 from service.settings import Settings
@@ -51,13 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
-}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -186,7 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     install_docs(app, api_keys=keys is not None)
     webpage.install(app)  # GET / and /page/*
-    _install_error_handlers(app)
+    install_error_handlers(app)
     return app
 
 
@@ -251,48 +242,3 @@ class Shutdown:
             await runtime.stop(settings.drain_timeout_s)
 
 
-def _request_id(request: Request) -> str | None:
-    ctx = request_context_from_scope(request.scope)
-    return ctx.request_id if ctx is not None else None
-
-
-def _json_error(request: Request, exc: LungserveError) -> JSONResponse:
-    # OIP clients (tritonclient, KServe) read `{"error": "message"}`: every answer under /v2 has it.
-    path = request.url.path.removeprefix(str(request.scope.get("root_path", "")).rstrip("/"))
-    oip = path == oip_door.PREFIX or path.startswith(oip_door.PREFIX + "/")
-    err = http_error(exc, _request_id(request), oip=oip)
-    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, LungserveError)
-        return _json_error(request, exc)
-
-    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
-        )
-        error = LungserveError(f"invalid request: {problems}")
-        error.code, error.status = "validation_error", 422
-        return _json_error(request, error)
-
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        error = LungserveError(str(exc.detail))
-        error.code, error.status = _HTTP_CODES.get(exc.status_code, "http_error"), exc.status_code
-        response = _json_error(request, error)
-        for name, value in (exc.headers or {}).items():  # e.g. Allow on 405
-            response.headers[name] = value
-        return response
-
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette's ServerErrorMiddleware calls this and then re-raises, so the server
-        # still logs the traceback; the client gets the usual JSON shape, without details.
-        return _json_error(request, LungserveError("internal server error"))
-
-    app.add_exception_handler(LungserveError, on_domain_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -71,20 +71,22 @@ class UploadGate:
 
     def admit(self, charge: int) -> BodyTicket:
         """Take an upload slot and `charge` bytes now, or raise Overloaded. No awaits."""
+        refusal = self._refusal(charge)
+        if refusal is None:
+            self.uploads += 1
+            self.body_bytes += charge
+            return BodyTicket(self, charge)
+        raise Overloaded(refusal, retry_after_s=self.retry_after_s)
+
+    def _refusal(self, charge: int) -> str | None:
         if self.uploads >= self.max_uploads:
-            raise Overloaded(
-                f"the server is receiving {self.uploads} uploads (LUNGSERVE_MAX_UPLOADS_IN_FLIGHT); retry shortly",
-                retry_after_s=self.retry_after_s,
-            )
+            return f"the server is receiving {self.uploads} uploads (LUNGSERVE_MAX_UPLOADS_IN_FLIGHT); retry shortly"
         if self.body_bytes + charge > self.max_body_bytes:
-            raise Overloaded(
+            return (
                 f"the server holds {self.body_bytes} bytes of request bodies and this one declares {charge} "
-                f"(LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT = {self.max_body_bytes}); retry shortly",
-                retry_after_s=self.retry_after_s,
+                f"(LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT = {self.max_body_bytes}); retry shortly"
             )
-        self.uploads += 1
-        self.body_bytes += charge
-        return BodyTicket(self, charge)
+        return None
 
 
 class BodyReader(Protocol[T_co]):

@@ -15,7 +15,7 @@ from service.core.batcher import BatchInfo
 from service.core.decode_pool import PixelAllowance
 from service.core.model_client import Classified, ModelClient, Pixels, Slots
 from service.core.state import PredictionObserver, ServiceState
-from service.errors import LungserveError
+from service.errors import LungserveError, ModelNotReady
 
 # An image as a door hands it over: encoded bytes, decoded pixels, or the error it got while read.
 ImageInput = bytes | Pixels | LungserveError
@@ -53,17 +53,26 @@ async def classify_image(
         with Outcome(service.observer) as outcome:
             if isinstance(image, LungserveError):
                 raise image  # refused while it was read (e.g. over the byte limit)
-            pixels = await service.decode(image, model.input_size, allowance) if isinstance(image, bytes) else image
+            pixels = await decode(service, image, model.input_size, allowance) if isinstance(image, bytes) else image
             return outcome.classified(*await model.infer(slots, pixels))
     except LungserveError as exc:
         return exc
+
+
+async def decode(service: ServiceState, data: bytes, size: int, allowance: PixelAllowance) -> Pixels:
+    """Decode off the event loop, within the request's pixel allowance (`service.core.decode_pool`)."""
+    if service.decoder is None:
+        raise ModelNotReady("the server is not started")
+    image, seconds = await service.decoder.decode(data, size, allowance)
+    service.observer.on_decoded(seconds)
+    return image
 
 
 async def classify_all(service: ServiceState, images: Sequence[ImageInput]) -> list[Classified | LungserveError]:
     """A request's images, admitted together into the model serving now (a reload may have
     swapped it while the body came in), under one decode budget."""
     model = service.current()
-    allowance = service.allowance()
+    allowance = PixelAllowance(service.settings.max_request_pixels)  # one decode budget per request
     # Files refused while they were read take no slot; unused slots return when the block ends.
     with model.reserve(sum(not isinstance(image, LungserveError) for image in images)) as slots:
         return list(

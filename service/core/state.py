@@ -11,8 +11,8 @@ from typing import Protocol, TypeVar
 
 from service.core.admission import BodyReader, UploadGate, admit
 from service.core.batcher import BatchInfo
-from service.core.decode_pool import Decoder, PixelAllowance
-from service.core.model_client import Classified, ModelClient, Pixels
+from service.core.decode_pool import Decoder
+from service.core.model_client import Classified, ModelClient
 from service.errors import LungserveError, ModelNotReady, ShuttingDown
 from service.settings import Settings
 
@@ -100,15 +100,3 @@ class ServiceState:
             raise ModelNotReady("the server is not started")
         async with admit(self.current(), self.upload_gate, body) as content:
             yield content
-
-    def allowance(self) -> PixelAllowance:
-        """One request's decode budget (LUNGSERVE_MAX_REQUEST_PIXELS)."""
-        return PixelAllowance(self.settings.max_request_pixels)
-
-    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> Pixels:
-        """Decode off the event loop, within the request's pixel allowance (`service.core.decode_pool`)."""
-        if self.decoder is None:
-            raise ModelNotReady("the server is not started")
-        image, seconds = await self.decoder.decode(data, size, allowance)
-        self.observer.on_decoded(seconds)
-        return image

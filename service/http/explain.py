@@ -13,8 +13,9 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from numpy.typing import NDArray
 
+from service.core.decode_pool import PixelAllowance
 from service.core.model_client import Classified, ModelClient, Slots
-from service.core.pipeline import Outcome
+from service.core.pipeline import Outcome, decode
 from service.core.state import ServiceState
 from service.errors import ModelNotReady
 from service.http.guards import guarded, unless_disconnected
@@ -60,7 +61,8 @@ async def _explain_upload(
     with Outcome(service.observer) as outcome:  # counted as every other admitted image
         if upload.error is not None:
             raise upload.error
-        image = await service.decode(upload.data, model.input_size, service.allowance())
+        allowance = PixelAllowance(service.settings.max_request_pixels)
+        image = await decode(service, upload.data, model.input_size, allowance)
         result = outcome.classified(*await model.infer(slots, image))
     index = class_index(model.manifest, requested_class, result.probabilities)
     decoder = service.decoder

@@ -31,12 +31,20 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
         raise
 
 
+Watch = Callable[[Awaitable[X]], Awaitable[X]]
+
+
 @asynccontextmanager
-async def guarded(service: ServiceState) -> AsyncIterator[None]:
-    """A door's request: within its deadline, and counted once if refused as a whole."""
+async def guarded(service: ServiceState, receive: Receive | None = None) -> AsyncIterator[Watch[Any]]:
+    """A door's request: within its deadline, counted once if refused as a whole; the `watch` it
+    gives cancels awaited work when the client leaves (use it once the body is read)."""
+
+    def watch(work: Awaitable[X]) -> Awaitable[X]:
+        return work if receive is None else unless_disconnected(work, receive)
+
     try:
         async with deadline(service.settings.request_deadline_s):
-            yield
+            yield watch
     except LungserveError as exc:
         service.observer.on_rejected(exc)  # overload, deadline, not ready, shutting down, bad input
         raise

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from service.core.pipeline import classify_all
 from service.core.state import ServiceState
 from service.errors import LungserveError
-from service.http.guards import guarded, unless_disconnected
+from service.http.guards import guarded
 from service.http.schemas import (
     ERROR_RESPONSES,
     FileError,
@@ -39,8 +39,11 @@ router = APIRouter()
 async def predict(request: Request) -> Response:
     service: ServiceState = request.app.state.service
     limits: RouteLimits = request.app.state.upload_limits
-    async with guarded(service), service.admit(MultipartBody.of(request, limits.predict)) as (upload,):
-        (outcome,) = await unless_disconnected(classify_all(service, [upload.image]), request.receive)
+    async with (
+        guarded(service, request.receive) as watch,
+        service.admit(MultipartBody.of(request, limits.predict)) as (upload,),
+    ):
+        (outcome,) = await watch(classify_all(service, [upload.image]))
     if isinstance(outcome, LungserveError):
         raise outcome
     # Serialised once, by pydantic's compiled encoder, rather than validated again by FastAPI.
@@ -61,8 +64,11 @@ async def predict(request: Request) -> Response:
 async def predict_many(request: Request) -> Response:
     service: ServiceState = request.app.state.service
     limits: RouteLimits = request.app.state.upload_limits
-    async with guarded(service), service.admit(MultipartBody.of(request, limits.predict_many)) as uploads:
-        outcomes = await unless_disconnected(classify_all(service, [u.image for u in uploads]), request.receive)
+    async with (
+        guarded(service, request.receive) as watch,
+        service.admit(MultipartBody.of(request, limits.predict_many)) as uploads,
+    ):
+        outcomes = await watch(classify_all(service, [u.image for u in uploads]))
     results: list[FilePrediction | FileError] = [
         file_error(upload.filename, outcome)
         if isinstance(outcome, LungserveError)

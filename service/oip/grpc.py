@@ -2,7 +2,7 @@
 
 A second transport onto the same data plane as REST: `ModelInfer` goes through `service.oip.dataplane.infer`
 (admission, decode, batching, deadline, metrics, decision), its tensors are validated by the
-same codec as REST, errors map to gRPC status codes in `service.errors.grpc_status`, and API
+same codec as REST, errors map to gRPC status codes in `service.http.errors.grpc_status`, and API
 keys (`authorization: Bearer KEY` or `x-api-key` metadata) guard everything but the health
 and readiness calls. On when `LUNGSERVE_GRPC_PORT` is set; needs the `grpc` extra (grpcio, and
 tritonclient[grpc] for the generated service code, which is Triton's superset of KServe's proto).
@@ -22,8 +22,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 import service
 from service.core.model_client import ModelClient
 from service.core.state import Phase, ServiceState
-from service.errors import LungserveError, Unauthorized, grpc_status, http_error
+from service.errors import LungserveError, Unauthorized
 from service.http.access import ApiKeys
+from service.http.errors import grpc_status, http_error
 from service.http.guards import guarded
 from service.observability.logs import RequestContext, new_request_id, use_request
 from service.observability.metrics import Metrics

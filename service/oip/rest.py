@@ -5,7 +5,7 @@ Routes: `/v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}` (and
 parsed and encoded by `service.oip.tensors`; every image is admitted, decoded, batched and
 answered exactly as one of /predict-many (same queue limit, deadline, metrics and model
 version). Errors keep the protocol's shape, `{"error": "message"}`; the app's one error
-mapping (`service.errors.http_error`) renders them so for paths under `/v2`.
+mapping (`service.http.errors.http_error`) renders them so for paths under `/v2`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import service
 from service.core.model_client import ModelClient
 from service.core.state import ServiceState
 from service.errors import BadRequest, RequestTooLarge, UnsupportedMediaType
+from service.http.errors import OIP_PREFIX
 from service.http.guards import guarded, unless_disconnected
 from service.http.uploads import RouteLimits, UploadLimits, declared_length, paced
 from service.oip import dataplane
@@ -30,7 +31,7 @@ from service.oip.dataplane import ModelMetadata, Outcomes, metadata_of, model_na
 from service.oip.tensors import BYTES_INPUT, HEADER_LENGTH, InferRequest, encode_infer_response, parse_infer_request
 from service.settings import Settings
 
-PREFIX: Final = "/v2"
+PREFIX: Final = OIP_PREFIX
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
