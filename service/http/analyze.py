@@ -54,7 +54,7 @@ def decision_of(result: Classified) -> tuple[str, str | None]:
     return result.decision.decision, result.decision.reason
 
 
-async def _classify_tile(service: ServiceState, model: ModelClient, slots: Slots, image: Pixels) -> Classified:
+async def classify_tile(service: ServiceState, model: ModelClient, slots: Slots, image: Pixels) -> Classified:
     with Outcome(service.observer) as outcome:  # a cancelled tile counts as abandoned
         return outcome.classified(*await model.infer(slots, image))
 
@@ -154,7 +154,7 @@ async def analyze(request: Request) -> AnalyzeResponse:
                             tiles,
                             size=size,
                             pool=pool,
-                            classify=partial(_classify_tile, service, model, slots),
+                            classify=partial(classify_tile, service, model, slots),
                             window=settings.max_batch_size * settings.max_in_flight_batches,
                         ),
                         request.receive,
