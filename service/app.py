@@ -27,7 +27,10 @@ import service
 from service.core.admission import UploadGate
 from service.core.decode_pool import Decoder
 from service.core.memory import Trimmer
-from service.core.reload import ModelReloader
+from service.core.queue_bound import QueueBound
+from service.core.reload import ModelReloader, Reloader
+from service.core.remote_client import RemoteModelClient
+from service.core.remote_model import RemoteModel, RemoteReloader
 from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
@@ -50,8 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, remote: RemoteModel | None = None) -> FastAPI:
+    """The whole app. `remote`: the model lives in the model process (a front of `lungserve
+    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it."""
     settings = settings if settings is not None else Settings()
     # Each app its own registry: several apps (tests) in one process never share a counter.
     metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
@@ -59,12 +63,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # POST /admin/reload and the optional ETag poller: new model built beside the old, then swapped.
     # Each runtime's batcher gets its own observer: while the old one drains, the queue gauges
     # show the sum of both.
-    reloader = ModelReloader(
-        state,
-        settings,
-        lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
-        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
-    )
+    reloader: Reloader
+    client: RemoteModelClient | None = None
+    if remote is None:
+        reloader = ModelReloader(
+            state,
+            settings,
+            lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
+            on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
+        )
+    else:
+        client = RemoteModelClient(
+            remote.socket_path,
+            QueueBound(remote.queue_bound, remote.front, settings.queue_limit),
+            front=remote.front,
+            retry_after_s=settings.retry_after_s,
+            on_model=lambda model: metrics.set_model(model.identity, model.provider),
+        )
+        reloader = RemoteReloader(client)
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
@@ -86,14 +102,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
         try:
             try:
-                artifact = await fetch_configured_model(settings)
-                identity = artifact.identity
-                log.info(
-                    "model fetched and verified (sha256)",
-                    extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
-                )
                 warm_up_started = time.perf_counter()
-                state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
+                if client is not None:
+                    await client.start()  # connected to the model process, which is warm
+                    state.replace_runtime(client)
+                    identity = client.identity
+                else:
+                    artifact = await fetch_configured_model(settings)
+                    identity = artifact.identity
+                    log.info(
+                        "model fetched and verified (sha256)",
+                        extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
+                    )
+                    state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)
@@ -211,7 +232,7 @@ class Shutdown:
     """`service.http.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
 
     def __init__(
-        self, state: ServiceState, metrics: Metrics, reloader: ModelReloader, grpc_door: GrpcDoor | None = None
+        self, state: ServiceState, metrics: Metrics, reloader: Reloader, grpc_door: GrpcDoor | None = None
     ) -> None:
         self._state = state
         self._metrics = metrics
@@ -240,5 +261,3 @@ class Shutdown:
         runtime = self._state.runtime
         if runtime is not None:
             await runtime.stop(settings.drain_timeout_s)
-
-

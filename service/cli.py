@@ -13,6 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def _export_extra_missing(exc: ImportError) -> int:
@@ -42,6 +46,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
         return 2
+    if settings.workers > 1 or settings.inference == "model-process":
+        return _serve_supervised(settings, overrides)
     try:
         app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
     except (ApiKeysFileError, GrpcUnavailable) as exc:
@@ -75,6 +81,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("lungserve serve: start-up failed (see the log above)", file=sys.stderr)
         return 3
     return 0
+
+
+def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
+    """Several processes (docs/topology.md): a supervisor, N fronts, maybe one model process."""
+    import os
+
+    from service.core.supervisor import Supervisor, listen, remote_inference
+    from service.observability.logs import configure_logging
+    from service.settings import env_name
+
+    configure_logging(settings.log_level, json=settings.log_json)
+    for name, value in overrides.items():  # the children read their settings from the environment
+        os.environ[env_name(name)] = str(value)
+    remote = remote_inference(settings)
+    sockets = [listen(settings.host, port) for port in (settings.port, settings.admin_port) if port is not None]
+    logging.getLogger("service.cli").info(
+        "serving %s on http://%s:%d with %d front process(es) and %s",
+        settings.model_uri,
+        settings.host,
+        settings.port,
+        settings.workers,
+        "one model process" if remote else "a model in each front",
+        extra={"workers": settings.workers, "inference": "model-process" if remote else "in-front"},
+    )
+    from service.http.server import graceful_timeout_s
+
+    # Above what a front's ordered shutdown can take (service.http.server), plus the model's drain.
+    stop_timeout_s = settings.shutdown_delay_s + graceful_timeout_s(
+        settings.drain_timeout_s, settings.request_deadline_s
+    )
+    stop_timeout_s += settings.drain_timeout_s + 30.0
+    return Supervisor(
+        workers=settings.workers, remote_model=remote, sockets=sockets, stop_timeout_s=stop_timeout_s
+    ).run()
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ProviderPolicy = Literal["auto", "cuda", "cpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+# Where inference runs when LUNGSERVE_WORKERS > 1 (docs/topology.md): one model process for every
+# front, or a model in each front. auto: the model process with CUDA, else in the fronts.
+InferencePlacement = Literal["auto", "model-process", "in-front"]
 
 # Resolved from the installed package, so the default works from any working directory.
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled_model"
@@ -84,6 +87,14 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 503 overload")
     drain_timeout_s: float = Field(
         default=30.0, ge=0.0, le=3600.0, description="at shutdown, how long queued work may finish"
+    )
+
+    # --- processes (docs/topology.md) ---
+    workers: int = Field(
+        default=1, ge=1, le=1024, description="front processes sharing the port; 1: one process, as before"
+    )
+    inference: InferencePlacement = Field(
+        default="auto", description="with several workers: auto, model-process (one per device) or in-front"
     )
 
     # --- ONNX Runtime ---

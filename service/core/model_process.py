@@ -30,9 +30,10 @@ import numpy as np
 
 from service.core import transport as wire
 from service.core.batcher import BatcherStopped, BatchInfo, BatchObserver
-from service.core.engine import Engine
+from service.core.model_client import Classified, ModelClient
 from service.core.reload import ModelReloader
-from service.core.runtime import Classified, ModelRuntime, Phase, ServiceState
+from service.core.runtime import ModelRuntime, open_runtime
+from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, ModelSourceError
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 from service.model.source import ModelArtifact, fetch_configured_model
@@ -45,31 +46,20 @@ _DECISION_CODE = {d: i for i, d in enumerate(DECISIONS)}
 _HELLO_TIMEOUT_S = 5.0
 
 
-async def build_runtime(artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None) -> ModelRuntime:
-    """Engine -> warm-up of every batch size -> started runtime (what the app's lifespan does)."""
-    engine = await asyncio.to_thread(
-        Engine,
-        artifact.onnx_path,
-        artifact.manifest,
-        provider=settings.provider,
-        intra_op_threads=settings.ort_intra_op_threads,
-        inter_op_threads=settings.ort_inter_op_threads,
-    )
-    await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
-    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
-    await runtime.start()
-    return runtime
-
-
-def model_message(runtime: ModelRuntime, generation: int, settings: Settings) -> dict[str, Any]:
-    engine = runtime.engine
+def model_message(runtime: ModelClient, generation: int, settings: Settings) -> dict[str, Any]:
+    thresholds = runtime.thresholds
     return {
         "generation": generation,
-        "manifest": engine.manifest.model_dump(mode="json"),
+        "manifest": runtime.manifest.model_dump(mode="json"),
         "identity": runtime.identity.as_dict(),
-        "provider": engine.provider,
-        "input_size": engine.input_size,
-        "output_names": engine.output_names,
+        "provider": runtime.provider,
+        "input_size": runtime.input_size,
+        "output_names": runtime.output_names,
+        "thresholds": {
+            "refer_below": thresholds.refer_below,
+            "ood_above": thresholds.ood_above,
+            "tissue_check": thresholds.tissue_check,
+        },
         "max_batch_size": settings.max_batch_size,
         "queue_limit": settings.queue_limit,
         "retry_after_s": settings.retry_after_s,
@@ -92,22 +82,22 @@ class ModelServer:
         self._observer = observer
         self.reloader = ModelReloader(self.state, settings, self._build, on_swap=self._on_swap)
         self.sessions: set[FrontSession] = set()
-        self._generations: weakref.WeakKeyDictionary[ModelRuntime, int] = weakref.WeakKeyDictionary()
+        self._generations: weakref.WeakKeyDictionary[ModelClient, int] = weakref.WeakKeyDictionary()
         self._next_generation = 1
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
 
     async def _build(self, artifact: ModelArtifact) -> ModelRuntime:
-        runtime = await build_runtime(artifact, self.settings, self._observer() if self._observer else None)
+        runtime = await open_runtime(artifact, self.settings, self._observer() if self._observer else None)
         self._generations[runtime] = self._next_generation
         self._next_generation += 1
         return runtime
 
-    def _on_swap(self, runtime: ModelRuntime) -> None:
+    def _on_swap(self, runtime: ModelClient) -> None:
         for session in list(self.sessions):
             session.announce(runtime)
 
-    def generation(self, runtime: ModelRuntime) -> int:
+    def generation(self, runtime: ModelClient) -> int:
         return self._generations[runtime]
 
     async def start(self, socket_path: Path) -> None:
@@ -132,9 +122,9 @@ class ModelServer:
             "model process ready: %s %s on %s, batches of up to %d",
             runtime.identity.name,
             runtime.identity.version,
-            runtime.engine.provider,
+            runtime.provider,
             self.settings.max_batch_size,
-            extra={**runtime.identity.log_fields(), "provider": runtime.engine.provider},
+            extra={**runtime.identity.log_fields(), "provider": runtime.provider},
         )
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -151,7 +141,7 @@ class ModelServer:
         try:
             conn.settimeout(_HELLO_TIMEOUT_S)
             runtime = self.state.current()
-            offer = {"input_size": runtime.engine.input_size, "queue_limit": self.settings.queue_limit}
+            offer = {"input_size": runtime.input_size, "queue_limit": self.settings.queue_limit}
             hello, fd = await asyncio.to_thread(self._handshake, conn, offer)
             conn.setblocking(False)
             arena = wire.TensorArena(fd, int(hello["slots"]), int(hello["slot_bytes"]), owner=False)
@@ -205,9 +195,9 @@ class FrontSession:
         self._flush_scheduled = False
         self._lost = asyncio.get_running_loop().create_future()
 
-    def announce(self, runtime: ModelRuntime) -> None:
+    def announce(self, runtime: ModelClient) -> None:
         generation = self.server.generation(runtime)
-        self._n_classes[generation] = len(runtime.engine.manifest.classes)
+        self._n_classes[generation] = len(runtime.manifest.classes)
         message = model_message(runtime, generation, self.server.settings)
         self.protocol.send(wire.Kind.MODEL, wire.json_bytes(message))
 
@@ -231,17 +221,15 @@ class FrontSession:
             if state.phase is not Phase.READY:
                 raise BatcherStopped("draining")
             runtime = state.current()
-            reservation = runtime.batcher.reserve(len(records))
+            if not isinstance(runtime, ModelRuntime):
+                raise TypeError("the model process serves a ModelRuntime")
+            reservation = runtime.reserve(len(records))
         except (LungserveError, BatcherStopped) as exc:
+            # Overloaded means the fronts admitted more than the bound: never expected.
             status = wire.Status.SHUTTING_DOWN if state.phase is not Phase.READY else wire.Status.OVERLOADED
-            log.debug("images refused: %s", exc)
+            log.warning("model process refused %d image(s): %s", len(records), exc)
             for tag in records["tag"].tolist():
                 self._answer(0, tag, status)
-            return
-        except Exception as exc:  # QueueFull: a front admitted more than the bound (never expected)
-            log.error("model queue refused %d image(s) the fronts admitted: %s", len(records), exc)
-            for tag in records["tag"].tolist():
-                self._answer(0, tag, wire.Status.OVERLOADED)
             return
         generation = self.server.generation(runtime)
         arena = self.arena
@@ -298,7 +286,7 @@ class FrontSession:
         if op == "run_outputs":
             runtime = self.server.state.current()
             batch = np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"])
-            outputs = await asyncio.to_thread(runtime.engine.run_outputs, batch, list(header["names"]))
+            outputs = await runtime.run_outputs(batch, list(header["names"]))
             arrays = [np.ascontiguousarray(o, dtype=np.float32) for o in outputs]
             shapes = [list(a.shape) for a in arrays]
             return {"shapes": shapes}, b"".join(a.tobytes() for a in arrays)
@@ -395,11 +383,14 @@ async def _reload_on_signal(server: ModelServer) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lungserve-model")
     parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--supervised", action="store_true", help="exit when the parent does")
     args = parser.parse_args(argv)
-    from service.core.proctitle import set_title
+    from service.core.proctitle import die_with_parent, set_title
     from service.observability.logs import configure_logging
 
     set_title("lungserve: model")
+    if args.supervised:
+        die_with_parent()
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown

@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from service.core.model_client import ModelClient
 from service.core.state import Phase, ServiceState
@@ -38,6 +39,17 @@ class ReloadResult:
     changed: bool
     previous: ModelIdentity
     current: ModelIdentity
+
+
+class Reloader(Protocol):
+    """What the admin route, the app's lifespan and its shutdown use: `ModelReloader` here, or a
+    front's `RemoteReloader` (the reload runs in the model process)."""
+
+    async def reload(self) -> ReloadResult: ...
+
+    def start_polling(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ModelReloader:

@@ -16,21 +16,20 @@ import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service import errors
 from service.core import transport as wire
 from service.core.batcher import BatchInfo
+from service.core.model_client import Classified, ModelClient, Slots
 from service.core.queue_bound import QueueBound
-from service.core.runtime import Classified
+from service.core.remote_model import ModelInfo, RemoteReservation, call_error, status_error
 from service.errors import LungserveError, ModelNotReady, Overloaded, ShuttingDown
-from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision, Thresholds
 from service.model.manifest import Manifest
 from service.model.source import ModelIdentity
 
@@ -41,54 +40,24 @@ _RECONNECT_S = (0.02, 0.05, 0.1, 0.2, 0.5)  # back-off while the supervisor rest
 _TAGS = 1 << 32
 
 
-class RemoteReservation:
-    """`n` admitted images of one request: slots of the shared bound until each is answered."""
-
-    def __init__(self, give: Callable[[int], None], n: int) -> None:
-        self._give = give
-        self.remaining = n
-
-    def take_one(self) -> None:
-        if self.remaining <= 0:
-            raise RuntimeError("reservation has no slot left: reserve one slot per item")
-        self.remaining -= 1  # the slot now travels with the image; its answer gives it back
-
-    def release(self) -> None:
-        if self.remaining:
-            n, self.remaining = self.remaining, 0
-            self._give(n)
-
-    def __enter__(self) -> RemoteReservation:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-
-class _Model:
-    """What the model process said it serves (one MODEL frame)."""
-
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.generation = int(doc["generation"])
-        self.manifest = Manifest.model_validate(doc["manifest"])
-        self.identity = ModelIdentity(**doc["identity"])
-        self.provider = str(doc["provider"])
-        self.input_size = int(doc["input_size"])
-        self.output_names = [str(n) for n in doc["output_names"]]
-        self.max_batch_size = int(doc["max_batch_size"])
-
-
 class RemoteModelClient:
-    def __init__(self, socket_path: Path, bound: QueueBound, *, front: int = 0, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        bound: QueueBound,
+        *,
+        front: int = 0,
+        retry_after_s: int = 1,
+        on_model: Callable[[ModelInfo], None] | None = None,
+    ) -> None:
+        self._on_model = on_model  # each model the model process serves (start-up, every swap)
         self._socket_path = socket_path
         self._bound = bound
         self.front = front
         self.queue_limit = bound.limit
         self.retry_after_s = retry_after_s
-        self._models: dict[int, _Model] = {}
-        self._current: _Model | None = None
+        self._models: dict[int, ModelInfo] = {}
+        self._current: ModelInfo | None = None
         self._protocol: wire.FrameProtocol | None = None
         self._arena: wire.TensorArena | None = None
         self._tags = itertools.count(1)
@@ -104,7 +73,7 @@ class RemoteModelClient:
 
     # -- what the model is -----------------------------------------------------------------
 
-    def _model(self) -> _Model:
+    def _model(self) -> ModelInfo:
         if self._current is None or not self._connected.is_set():
             raise ModelNotReady("the model process is starting or restarting; retry shortly")
         return self._current
@@ -116,6 +85,10 @@ class RemoteModelClient:
     @property
     def identity(self) -> ModelIdentity:
         return self._model().identity
+
+    @identity.setter
+    def identity(self, value: ModelIdentity) -> None:
+        self._model().identity = value
 
     @property
     def manifest(self) -> Manifest:
@@ -132,6 +105,14 @@ class RemoteModelClient:
     @property
     def output_names(self) -> list[str]:
         return self._model().output_names
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self._model().thresholds
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.queue_limit - self._bound.used)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -235,8 +216,10 @@ class RemoteModelClient:
             )
         return RemoteReservation(self._give, n)
 
-    async def infer(self, reservation: RemoteReservation, image: NDArray[np.uint8]) -> tuple[Classified, BatchInfo]:
-        reservation.take_one()
+    async def infer(self, slots: Slots, image: NDArray[np.uint8]) -> tuple[Classified, BatchInfo]:
+        if not isinstance(slots, RemoteReservation):
+            raise TypeError("slots must come from this client's reserve()")
+        slots.take_one()
         arena = self._arena
         if arena is None or not self._connected.is_set():
             self._give(1)
@@ -265,15 +248,16 @@ class RemoteModelClient:
     def _classified(self, generation: int, row: tuple[Any, ...]) -> tuple[Classified, BatchInfo]:
         status, decision, has_ood, batch_size, batch_id, wait, compute, ood, probabilities = row
         if status != wire.Status.OK:
-            raise _status_error(wire.Status(status), self.retry_after_s)
+            raise status_error(wire.Status(status), self.retry_after_s)
         manifest = self._models[generation].manifest
         result = Classified(probabilities, manifest, DECISIONS[decision], ood if has_ood else None)
         return result, BatchInfo(batch_id, batch_size, wait, compute)
 
-    async def run_outputs(self, batch: NDArray[np.uint8], names: list[str]) -> list[NDArray[np.float32]]:
+    async def run_outputs(self, batch: NDArray[np.uint8], names: Sequence[str]) -> list[NDArray[np.float32]]:
         """Grad-CAM's outputs: a rare, larger call; its bytes ride in the control frame."""
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        header, payload = await self._call({"op": "run_outputs", "names": names, "shape": list(batch.shape)}, batch)
+        call = {"op": "run_outputs", "names": list(names), "shape": list(batch.shape)}
+        header, payload = await self._call(call, batch)
         arrays: list[NDArray[np.float32]] = []
         offset = 0
         for shape in header["shapes"]:
@@ -302,7 +286,7 @@ class RemoteModelClient:
         finally:
             self._calls.pop(call_id, None)
         if "error" in reply:
-            raise _call_error(reply)
+            raise call_error(reply)
         return reply, data
 
     # -- the wire ----------------------------------------------------------------------------
@@ -330,9 +314,11 @@ class RemoteModelClient:
         if kind is wire.Kind.RESULTS:
             self._on_results(*wire.parse_results(body))
         elif kind is wire.Kind.MODEL:
-            model = _Model(wire.json_doc(body))
+            model = ModelInfo(wire.json_doc(body))
             self._models[model.generation] = model
             self._current = model
+            if self._on_model is not None:
+                self._on_model(model)
             arena = self._arena
             if arena is not None and model.input_size**2 * 3 > arena.slot_bytes and self._protocol is not None:
                 log.warning("the new model's images are larger than this front's slots: reconnecting")
@@ -403,24 +389,5 @@ class RemoteModelClient:
                 call.set_exception(error)
 
 
-def _status_error(status: wire.Status, retry_after_s: int) -> LungserveError:
-    if status is wire.Status.OVERLOADED:
-        return Overloaded("the server is at capacity; retry shortly", retry_after_s=retry_after_s)
-    if status is wire.Status.SHUTTING_DOWN or status is wire.Status.CANCELLED:
-        return ShuttingDown("the server shut down before this image was classified")
-    if status is wire.Status.NOT_READY:
-        return ModelNotReady("the model is not ready; retry shortly")
-    return errors.InferenceFailed("the model run for this image's batch failed")
-
-
-def _call_error(reply: dict[str, Any]) -> LungserveError:
-    cls = getattr(errors, str(reply["error"]), None)
-    message = str(reply.get("message", "the model process refused the call"))
-    if cls is Overloaded:
-        return Overloaded(message, retry_after_s=int(reply.get("retry_after_s", 1)))
-    if isinstance(cls, type) and issubclass(cls, LungserveError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return errors.InferenceFailed(message)
+def _conforms(client: RemoteModelClient) -> ModelClient:
+    return client  # mypy checks here that the remote client has the whole ModelClient surface

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from service.core.proctitle import set_title
 from service.core.queue_bound import QueueBound
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,14 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, *, workers: int, remote_model: bool, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, *, workers: int, remote_model: bool, sockets: list[socket.socket], stop_timeout_s: float = 120.0
+    ) -> None:
         self.workers = workers
+        # After SIGTERM, how long the children may take before they are killed (a front stuck
+        # starting up -- e.g. waiting for a model that never loads -- must not hang the exit).
+        self.stop_timeout_s = stop_timeout_s
+        self._kill_at: float | None = None
         self.remote_model = remote_model
         self.sockets = sockets
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="lungserve-"))
@@ -89,7 +96,11 @@ class Supervisor:
         python = sys.executable
         if self.remote_model:
             self._children.append(
-                _Child("model", 0, [python, "-m", "service.core.model_process", "--socket", str(self.model_socket)])
+                _Child(
+                    "model",
+                    0,
+                    [python, "-m", "service.core.model_process", "--supervised", "--socket", str(self.model_socket)],
+                )
             )
         fds = tuple(s.fileno() for s in self.sockets)
         for i in range(self.workers):
@@ -100,7 +111,9 @@ class Supervisor:
             self._children.append(_Child("front", i, argv, fds))
 
     def _start(self, child: _Child) -> None:
-        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds)
+        # Its own process group: a terminal's Ctrl-C reaches only the supervisor, which keeps the
+        # order (fronts, then the model process). Children exit with it (die_with_parent).
+        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, process_group=0)
         child.pidfd = os.pidfd_open(child.proc.pid)
         child.started_at = time.monotonic()
         child.restart_at = None
@@ -162,6 +175,7 @@ class Supervisor:
 
     def _begin_stop(self) -> None:
         self._stopping = True
+        self._kill_at = time.monotonic() + self.stop_timeout_s
         log.info("stopping: fronts first, then the model process")
         for child in self._children:
             child.restart_at = None
@@ -211,6 +225,15 @@ class Supervisor:
     def _step(self) -> None:
         now = time.monotonic()
         waits = [c.restart_at - now for c in self._children if c.restart_at is not None]
+        if self._kill_at is not None:
+            waits.append(self._kill_at - now)
+            if now >= self._kill_at:
+                log.error("children still running %.0f s after SIGTERM: killing them", self.stop_timeout_s)
+                self._exit_status = self._exit_status or 1
+                for child in self._children:
+                    self._send(child, signal.SIGKILL)
+                self._kill_at = None
+                waits.pop()
         timeout = max(0.0, min(waits)) if waits else None
         for key, _ in self._selector.select(timeout):
             if key.data is None:
@@ -225,6 +248,23 @@ class Supervisor:
         for child in self._children:
             if child.restart_at is not None and child.restart_at <= now and not self._stopping:
                 self._start(child)
+
+
+def remote_inference(settings: Settings) -> bool:
+    """Whether the fronts use one model process (else each front runs its own model).
+
+    auto: the model process when ONNX Runtime can use CUDA (the GPU must have one owner, and
+    batches spanning every front keep it busy); on CPU, a model in each front, which measured
+    faster on two cores (docs/topology.md: no transport, and ORT's one thread per run scales
+    with the fronts).
+    """
+    if settings.inference != "auto":
+        return settings.inference == "model-process"
+    if settings.provider == "cpu":
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def listen(host: str, port: int) -> socket.socket:

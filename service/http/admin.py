@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.reload import ModelReloader
+from service.core.reload import Reloader
 from service.errors import NotFound, TooManyRequests, Unauthorized
 from service.http.schemas import ErrorResponse, error_examples
 from service.settings import Settings
@@ -156,7 +156,7 @@ async def reload_model(
     request: Request, _token: Annotated[HTTPAuthorizationCredentials | None, Security(_ADMIN_BEARER)]
 ) -> ReloadResponse:
     _authorize(request)
-    reloader: ModelReloader = request.app.state.reloader
+    reloader: Reloader = request.app.state.reloader
     result = await reloader.reload()
     return ReloadResponse(
         status="reloaded" if result.changed else "unchanged",

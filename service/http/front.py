@@ -1,0 +1,64 @@
+"""A front process of `lungserve serve` (LUNGSERVE_WORKERS > 1): the whole app on uvicorn, on the
+listening socket(s) the supervisor bound and passed down (docs/topology.md).
+
+    python -m service.http.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
+
+With `--model-socket`, the app's model is the model process (`RemoteModelClient`); without, the
+front loads its own (inference in the front). Settings come from the environment, as for every
+process of the server. The shutdown order is the single process's (service.http.server): on
+SIGTERM, readiness 503, then the listener closes and what was admitted finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from service.app import create_app
+from service.core.proctitle import die_with_parent, set_title
+from service.core.remote_model import RemoteModel
+from service.http.server import build_server
+from service.observability.logs import configure_logging
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lungserve-front")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--fd", type=int, action="append", required=True, help="an inherited listening socket")
+    parser.add_argument("--model-socket", type=Path)
+    parser.add_argument("--queue-bound", type=Path)
+    args = parser.parse_args(argv)
+    set_title(f"lungserve: front {args.index}")
+    die_with_parent()
+    settings = Settings()
+    remote = None
+    if args.model_socket is not None and args.queue_bound is not None:
+        remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
+    app = create_app(settings, remote=remote)
+    configure_logging(settings.log_level, json=settings.log_json)
+    server, _ = build_server(app, settings)
+    sockets = [socket.socket(fileno=fd) for fd in args.fd]
+
+    def graceful(signum: int, frame: object) -> None:
+        pass  # as in `lungserve serve`: exit 0 after uvicorn's graceful shutdown
+
+    previous = signal.signal(signal.SIGTERM, graceful)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        log.error("front %d: start-up failed", args.index)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
