@@ -1,0 +1,137 @@
+"""One contract, two `ModelClient`s: `ModelRuntime` (in this process) and `RemoteModelClient`
+(a real model process over the real transport). Same model, same images, same answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.model_client import ModelClient
+from service.core.runtime import open_runtime
+from service.errors import Overloaded, ShuttingDown
+from service.model.source import fetch_configured_model
+from service.settings import Settings
+from tests.model_process import ModelProcess, model_process
+from tests.onnx_models import write_model_v2_dir
+
+pytestmark = pytest.mark.anyio
+
+QUEUE_LIMIT = 8
+ENV = {"LUNGSERVE_MAX_BATCH_SIZE": "4", "LUNGSERVE_MAX_FILES_PER_REQUEST": "8", "LUNGSERVE_REFER_BELOW": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("contract")
+    write_model_v2_dir(folder / "model", decision={"refer_below": 0.5, "ood_above": 60.0})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def remote(folder: Path) -> Iterator[ModelProcess]:
+    with model_process(folder, queue_limit=QUEUE_LIMIT, **ENV) as mp:
+        yield mp
+
+
+@asynccontextmanager
+async def opened(kind: str, folder: Path, remote: ModelProcess) -> AsyncIterator[ModelClient]:
+    client: ModelClient
+    if kind == "in-process":
+        settings = Settings(
+            model_uri=str(folder / "model"),
+            queue_limit=QUEUE_LIMIT,
+            max_batch_size=4,
+            max_files_per_request=8,
+            refer_below=0.5,
+        )
+        client = await open_runtime(await fetch_configured_model(settings), settings)
+    else:
+        client = remote.client()
+        await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop(5.0)
+
+
+@pytest.fixture(params=["in-process", "remote"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(n)]
+
+
+async def test_it_describes_the_model(kind: str, folder: Path, remote: ModelProcess) -> None:
+    async with opened(kind, folder, remote) as client:
+        assert client.identity.version == "2"
+        assert client.manifest.classes == ["lung_aca", "lung_n", "lung_scc"]
+        assert client.provider == "CPUExecutionProvider"
+        assert client.input_size == 128
+        assert "ood_score" in client.output_names
+        assert client.queue_limit == QUEUE_LIMIT
+        assert client.thresholds.refer_below == 0.5
+        assert client.free_slots == QUEUE_LIMIT
+
+
+async def test_answers_are_the_same_wherever_the_model_runs(folder: Path, remote: ModelProcess) -> None:
+    images = _images(6)
+    answers = {}
+    for kind in ("in-process", "remote"):
+        async with opened(kind, folder, remote) as client:
+            with client.reserve(len(images)) as slots:
+                answers[kind] = await asyncio.gather(*(client.infer(slots, image) for image in images))
+    for (a, info_a), (b, info_b) in zip(answers["in-process"], answers["remote"], strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-6)
+        assert a.decision == b.decision
+        assert a.ood_score == pytest.approx(b.ood_score)
+        assert a.manifest == b.manifest
+        assert 1 <= info_a.size <= 4
+        assert 1 <= info_b.size <= 4
+
+
+async def test_the_queue_limit_is_all_or_nothing(kind: str, folder: Path, remote: ModelProcess) -> None:
+    async with opened(kind, folder, remote) as client:
+        held = client.reserve(QUEUE_LIMIT - 1)
+        with pytest.raises(Overloaded) as refused:
+            client.reserve(2)
+        assert refused.value.status == 503
+        assert client.has_room()
+        last = client.reserve(1)
+        assert not client.has_room()
+        assert client.free_slots == 0
+        held.release()
+        held.release()  # idempotent
+        last.release()
+        assert client.free_slots == QUEUE_LIMIT
+
+
+async def test_grad_cam_outputs_match(folder: Path, remote: ModelProcess) -> None:
+    batch = np.stack(_images(2))
+    outputs = {}
+    for kind in ("in-process", "remote"):
+        async with opened(kind, folder, remote) as client:
+            outputs[kind] = await client.run_outputs(batch, ["feature_maps", "cam_weights"])
+    for a, b in zip(outputs["in-process"], outputs["remote"], strict=True):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
+async def test_stop_finishes_what_was_admitted_and_refuses_the_rest(
+    kind: str, folder: Path, remote: ModelProcess
+) -> None:
+    async with opened(kind, folder, remote) as client:
+        slots = client.reserve(3)
+        work = [asyncio.ensure_future(client.infer(slots, image)) for image in _images(3)]
+        await client.stop(5.0)
+        answers = await asyncio.gather(*work)
+        assert all(result.manifest.version == "2" for result, _ in answers)
+        with pytest.raises(ShuttingDown):
+            client.reserve(1)
