@@ -14,13 +14,15 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """SIGTERM this process when its parent dies (Linux prctl): a SIGKILLed supervisor must not
-    leave fronts serving a port nobody watches. Its own drain still runs."""
+    """SIGKILL this process when its parent dies (Linux prctl): a SIGKILLed supervisor must not
+    leave fronts serving a port nobody watches. SIGKILL, not SIGTERM: a front still starting up
+    (waiting for a model process that died with the supervisor) would never act on a SIGTERM.
+    The orderly way out is the supervisor's SIGTERM, which keeps the drain order."""
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def set_title(title: str) -> None:

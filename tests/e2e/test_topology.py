@@ -1,0 +1,135 @@
+"""`lungserve serve` with several processes (docs/topology.md): a supervisor, fronts sharing the
+port, one model process. Real processes, real ONNX Runtime; synchronised on readiness and on the
+process table, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import psutil  # type: ignore[import-untyped]  # no stubs
+import pytest
+
+from tests.e2e.server import Server, start_server, wait_ready
+from tests.images import noise_jpeg
+
+pytestmark = pytest.mark.anyio
+
+TOPOLOGY = {"LUNGSERVE_WORKERS": "2", "LUNGSERVE_INFERENCE": "model-process", "LUNGSERVE_LOG_JSON": "true"}
+TIMEOUT_S = 60.0
+
+
+def children(server: Server) -> dict[str, int]:
+    """Title -> pid of the supervisor's children (setproctitle)."""
+    found = {}
+    for child in psutil.Process(server.proc.pid).children():
+        try:
+            found[child.cmdline()[0]] = child.pid  # the title, padded with empty arguments
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+async def until(predicate: object, what: str) -> None:
+    """Poll a condition on the process table or an endpoint, with a bound."""
+    assert callable(predicate)
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"not within {TIMEOUT_S} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Path) -> None:
+    with start_server(tmp_path, **TOPOLOGY) as server:
+        await wait_ready(server)
+        titles = set(children(server))
+        assert {"lungserve: model", "lungserve: front 0", "lungserve: front 1"} <= titles
+        assert psutil.Process(server.proc.pid).cmdline()[0] == "lungserve: supervisor"
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+            image = noise_jpeg(256)
+            one = await client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})
+            assert one.status_code == 200, one.text
+            assert one.json()["model"]["name"]
+            many = await client.post(
+                "/predict-many", files=[("files", (f"{i}.jpg", image, "image/jpeg")) for i in range(3)]
+            )
+            assert many.status_code == 200, many.text
+            assert len(many.json()["results"]) == 3
+            explained = await client.post("/explain", files={"file": ("a.jpg", image, "image/jpeg")})
+            assert explained.status_code == 200, explained.text
+            assert (await client.get("/model")).json()["provider"] == "CPUExecutionProvider"
+            assert "lungserve_requests_total" in (await client.get("/metrics")).text
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT_S) == 0
+
+
+async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> None:
+    """The `scale-faults` bar: only 200s and JSON 503s, readiness back, a replacement front."""
+    with start_server(tmp_path, **TOPOLOGY) as server:
+        await wait_ready(server)
+        image = noise_jpeg(256)
+        statuses: list[int] = []
+        bad: list[str] = []
+        broken_connections = 0
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            nonlocal broken_connections
+            async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+                while not stop.is_set():
+                    try:
+                        r = await client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})
+                    except httpx.TransportError:
+                        broken_connections += 1  # a request on the SIGKILLed front's connection
+                        continue
+                    statuses.append(r.status_code)
+                    if r.status_code not in (200, 503) or ("error" not in r.json() and r.status_code == 503):
+                        bad.append(f"{r.status_code} {r.text[:200]}")
+
+        loaders = [asyncio.ensure_future(load()) for _ in range(6)]
+        await until(lambda: _async(len(statuses) >= 20), "load flowing")
+
+        model = children(server)["lungserve: model"]
+        os.kill(model, signal.SIGKILL)
+        await until(lambda: _not_ready(server), "readiness 503 once the model process is gone")
+        await until(lambda: _async(children(server).get("lungserve: model") not in (None, model)), "a new model")
+        await until(lambda: _ready(server), "readiness back after the restart and warm-up")
+        served_after_restart = statuses.count(200)
+        await until(lambda: _async(statuses.count(200) > served_after_restart + 10), "served again")
+
+        front = children(server)["lungserve: front 0"]
+        os.kill(front, signal.SIGKILL)
+        await until(lambda: _async(children(server).get("lungserve: front 0") not in (None, front)), "a new front 0")
+        served = statuses.count(200)
+        await until(lambda: _async(statuses.count(200) > served + 10), "served after the front was replaced")
+        stop.set()
+        await asyncio.gather(*loaders)
+
+        assert not bad, bad[:5]
+        assert 503 in statuses  # the images waiting on the killed model process
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT_S) == 0
+        log = server.output()
+        assert "model process exited" in log
+        assert "restarting" in log
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _ready(server: Server) -> bool:
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+        return (await client.get("/health/ready")).status_code == 200
+
+
+async def _not_ready(server: Server) -> bool:
+    # Both fronts must say so: ask a few times (the kernel spreads connections over them).
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+        answers = [(await client.get("/health/ready", headers={"Connection": "close"})) for _ in range(4)]
+    return all(a.status_code == 503 and a.json()["error"]["code"] == "model_not_ready" for a in answers)
