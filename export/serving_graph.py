@@ -87,15 +87,6 @@ def fit_mahalanobis(
     return MahalanobisStats(means, chol, shrinkage, len(f))
 
 
-def mahalanobis_numpy(features: NDArray[np.floating], stats: MahalanobisStats) -> NDArray[np.float64]:
-    """The reference for the graph's ood_score: min_c sqrt((g - mu_c)^T P (g - mu_c))."""
-    z = np.asarray(features, dtype=np.float64) @ stats.precision_chol
-    m = stats.means @ stats.precision_chol
-    d2 = ((z[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
-    out: NDArray[np.float64] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
-    return out
-
-
 def last_conv_relu(model: Any) -> str:
     """Name of the last `blockN_relu` layer (the feature maps Grad-CAM uses)."""
     names: list[str] = [

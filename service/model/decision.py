@@ -31,8 +31,6 @@ from service.model.tissue import LIMITS, TissueLimits, check_batch
 
 DecisionName = Literal["accept", "refer"]
 Reason = Literal["low_confidence", "out_of_distribution"]
-DECISIONS: Final[tuple[DecisionName, ...]] = ("accept", "refer")
-REASONS: Final[tuple[Reason, ...]] = ("low_confidence", "out_of_distribution")
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,6 @@ class InferRequest:
     outputs: dict[str, bool] | None = None
     binary_default: bool = False
 
-    @property
-    def count(self) -> int:
-        if self.encoded is not None:
-            return len(self.encoded)
-        assert self.pixels is not None
-        return int(self.pixels.shape[0])
-
     def wants_binary(self, name: str) -> bool:
         if self.outputs is None:
             return self.binary_default
