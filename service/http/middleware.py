@@ -1,10 +1,9 @@
-"""Two small ASGI middlewares for hostile clients (issue 10): unread bodies, the admin port.
+"""Two small ASGI middlewares for hostile clients: unread bodies, the admin port.
 
-* `CloseUnreadBody`: a response sent before the request body was read to its end (an early
-  400/413/415/503, a 404 to a POST) says `Connection: close`, so uvicorn closes the connection
-  instead of keeping it open for the rest of a body nobody will read (row 12).
+* `CloseUnreadBody`: a response sent before the request body was read to its end says
+  `Connection: close`, so a client cannot hold the connection open with a body nobody reads.
 * `AdminPortSplit`: with `LUNGSERVE_ADMIN_PORT`, `/admin/*` and `/metrics` answer only on that
-  port (bind it to a private interface or firewall it), and the public port answers 404 there.
+  port, and the public port answers 404 there (docs/reliability.md).
 """
 
 from __future__ import annotations

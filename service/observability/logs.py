@@ -1,21 +1,9 @@
 """Structured logs, request ids, the access-log middleware and the Server-Timing header.
 
-* `JsonFormatter`: one JSON object per line -- ts, level, logger, msg, the request id of the
-  request being served (if any) and every `extra=` field. A few lines of standard library
-  instead of python-json-logger, which is not in the lock.
-* `configure_logging(level, json)`: what `lungserve serve` calls once, at start-up.
-* `RequestContextMiddleware`: a pure ASGI middleware. Starlette's `BaseHTTPMiddleware` runs
-  the app in another task (so context variables set downstream are invisible upstream) and
-  wraps `receive`, which interferes with streaming and with noticing a client disconnect --
-  the signal the batcher uses to drop abandoned work. This one only wraps `send`.
-  Per request it accepts or generates the request id, exposes a `RequestContext` through a
-  context variable (and `scope["state"]`), echoes `X-Request-ID`, adds `Server-Timing` when
-  the handler recorded timings, observes request count and duration, and writes ONE access
-  line: request_id, method, route template, status, duration_s, batch ids and sizes,
-  model version.
-
-Nothing here ever logs image content, file names or raw paths: they may hold patient
-identifiers. Routes are logged as their template (`/predict`), never the URL.
+`JsonFormatter` writes one JSON object per line; `configure_logging` is called once at start-up;
+`RequestContextMiddleware` (pure ASGI, so disconnects stay visible) gives each request its id
+and `RequestContext`, and writes one access line. Nothing here logs image content, file names or
+raw paths: they may hold patient identifiers (docs/observability.md).
 """
 
 from __future__ import annotations
