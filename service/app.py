@@ -32,10 +32,9 @@ from service.http.access import ApiKeys, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
-from service.http.middleware import AdminPortSplit, CloseUnreadBody
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware
 from service.http.uploads import RouteLimits
 from service.model.source import fetch_configured_model
-from service.observability.logs import RequestContextMiddleware
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
 from service.settings import Settings
