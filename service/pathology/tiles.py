@@ -55,11 +55,6 @@ def tile_grid(width: int, height: int, side: int) -> list[Tile]:
     return [Tile(x, y, tile_w, tile_h) for y in _starts(height, side) for x in _starts(width, side)]
 
 
-def count_tiles(width: int, height: int, side: int) -> int:
-    """len(tile_grid(...)) without building it (the admission check runs before any decode)."""
-    return len(_starts(width, side)) * len(_starts(height, side))
-
-
 def white_share(tile: NDArray[np.uint8]) -> float:
     """Share of white (bright, unsaturated) pixels in an RGB tile."""
     lo = tile.min(axis=2).astype(np.int16)
