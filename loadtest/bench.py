@@ -40,11 +40,42 @@ WRK_SCRIPT = LOADTEST / "wrk_multipart.lua"
 BUNDLED_MODEL = ROOT / "service" / "bundled_model"
 SHARED_DATA = Path(os.environ.get("LUNGSERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-ALL_SYSTEMS = ("lungserve", "nobatch", "inprocess", "mosec", "litserve", "triton", "bentoml", "rayserve", "seed")
-SERVED = ("lungserve", "nobatch", "mosec", "litserve", "triton", "bentoml", "rayserve", "seed")
+ALL_SYSTEMS = (
+    "lungserve",
+    "nobatch",
+    "inprocess",
+    "mosec",
+    "litserve",
+    "triton",
+    "bentoml",
+    "rayserve",
+    "seed",
+    "ls-fronts",
+    "ls-model",
+)
+SERVED = (
+    "lungserve",
+    "nobatch",
+    "mosec",
+    "litserve",
+    "triton",
+    "bentoml",
+    "rayserve",
+    "seed",
+    "ls-fronts",
+    "ls-model",
+)
+# lungserve's multi-process topologies (docs/topology.md), one front per core: a model in each
+# front, or one model process serving every front.
+TOPOLOGIES = {
+    "ls-fronts": {"LUNGSERVE_INFERENCE": "in-front"},
+    "ls-model": {"LUNGSERVE_INFERENCE": "model-process"},
+}
 PEERS_OF_LUNGSERVE = ("mosec", "litserve", "triton", "bentoml", "rayserve", "seed")
 LABELS = {
     "lungserve": "lungserve (batching on)",
+    "ls-fronts": "lungserve, a front per core, model in each",
+    "ls-model": "lungserve, a front per core + model process",
     "nobatch": "lungserve, batching off",
     "inprocess": "in-process ceiling",
     "seed": "seed design (Flask + Keras)",
@@ -274,10 +305,13 @@ def server_spec(
     port = free_port()
     env = _base_env()
     max_batch = int(lungserve_settings["max_batch_size"])
-    if system in ("lungserve", "nobatch"):
+    if system in ("lungserve", "nobatch", *TOPOLOGIES):
         env.update(lungserve_env or {})  # --lungserve-env: exploring settings, recorded in the report
         if system == "nobatch":
             env["LUNGSERVE_MAX_BATCH_SIZE"] = "1"
+        if system in TOPOLOGIES:
+            env["LUNGSERVE_WORKERS"] = str(len(os.sched_getaffinity(0)))
+            env.update(TOPOLOGIES[system])
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         return ServerSpec(system, cmd, env, ROOT, port)
     python = ensure_venv(PEER_VENV[system], cache)
@@ -910,7 +944,7 @@ def cpu_efficiency(run: Run, c: int = 32) -> list[str]:
         "|---|---:|---:|",
         f"| {LABELS['lungserve']} | {mine_ms:.2f} | 1.00x |",
     ]
-    for peer in ("nobatch", *PEERS_OF_LUNGSERVE):
+    for peer in ("nobatch", *TOPOLOGIES, *PEERS_OF_LUNGSERVE):
         lv = _find(run, peer, "768", c)
         if lv is None or lv.images_per_s <= 0:
             continue
@@ -1083,6 +1117,8 @@ def write_plots(run: Run, out: Path, levels: Sequence[int]) -> None:
     styles = {
         "lungserve": "o-",
         "nobatch": "o--",
+        "ls-fronts": "o:",
+        "ls-model": "o-.",
         "bentoml": "s-",
         "rayserve": "^-",
         "seed": "x-",

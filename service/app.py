@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
             settings.max_uploads_in_flight, settings.max_body_bytes_in_flight, settings.retry_after_s, trimmer
         )
         metrics.watch_uploads(lambda: gate.uploads, lambda: gate.body_bytes)
+        sampling = asyncio.ensure_future(_sample_uploads(metrics)) if metrics.multiprocess_dir else None
         try:
             try:
                 warm_up_started = time.perf_counter()
@@ -141,7 +142,9 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
             await shutdown.drain()  # usually already done by `lungserve serve` (service.http.server)
             state.decoder.shutdown()
             trimming.cancel()
-            await asyncio.gather(trimming, return_exceptions=True)
+            if sampling is not None:
+                sampling.cancel()
+            await asyncio.gather(trimming, *([sampling] if sampling else []), return_exceptions=True)
             log.info("stopped")
 
     # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
@@ -195,6 +198,14 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
     webpage.install(app)  # GET / and /page/*
     install_error_handlers(app)
     return app
+
+
+async def _sample_uploads(metrics: Metrics) -> None:
+    """Several processes: the upload gauges are copied to the shared files once a second (a
+    callback gauge cannot be read from another process)."""
+    while True:
+        metrics.sample_uploads()
+        await asyncio.sleep(1.0)
 
 
 def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> bool:

@@ -360,15 +360,26 @@ class _Rows:
 
 async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awaitable[None]]) -> int:
     """Start, serve until `stopping()` returns, drain. 0, or 3 when the model could not load."""
-    server = ModelServer(settings)
+    from prometheus_client import CollectorRegistry
+
+    from service.observability.metrics import Metrics
+
+    # Its batches, queue and in-flight runs: in one process's files, summed into every front's
+    # /metrics when the supervisor set PROMETHEUS_MULTIPROC_DIR (else nobody reads them).
+    metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
+    server = ModelServer(settings, observer=metrics.batcher_observer)
     try:
         await server.start(socket_path)
     except ModelSourceError as exc:
         log.error("model not loaded from %s: %s", settings.model_uri, exc)
         return 3
+    serving = server.state.current()
+    metrics.set_model(serving.identity, serving.provider)
+    metrics.set_ready(True)  # the model process's vote in lungserve_model_ready (the minimum)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
     await stopping()
+    metrics.set_ready(False)
     await server.stop()
     return 0
 

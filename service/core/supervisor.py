@@ -82,6 +82,11 @@ class Supervisor:
         self.model_socket = self.runtime_dir / "model.sock"
         self.queue_bound = self.runtime_dir / "queue"
         QueueBound.create(self.queue_bound)
+        # One /metrics for the whole server: every child writes its values here, and a front
+        # answering a scrape sums them (service.observability.metrics).
+        self.metrics_dir = self.runtime_dir / "metrics"
+        self.metrics_dir.mkdir()
+        self._env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
@@ -113,7 +118,7 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         # Its own process group: a terminal's Ctrl-C reaches only the supervisor, which keeps the
         # order (fronts, then the model process). Children exit with it (die_with_parent).
-        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, process_group=0)
+        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, process_group=0, env=self._env)
         child.pidfd = os.pidfd_open(child.proc.pid)
         child.started_at = time.monotonic()
         child.restart_at = None
@@ -124,8 +129,13 @@ class Supervisor:
         assert child.proc is not None
         self._selector.unregister(child.pidfd)
         os.close(child.pidfd)
+        pid = child.proc.pid
         code = child.proc.wait()
         child.exit_codes.append(code)
+        # Its live gauges (queue depth, in flight, ready) stop counting; counters stay summed.
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
         lived = time.monotonic() - child.started_at
         child.proc = None
         if child.role == "front":

@@ -8,6 +8,7 @@ low-cardinality labels only; one worker per device (docs/observability.md says w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
@@ -20,6 +21,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.errors import (
     ClientGone,
@@ -103,6 +105,11 @@ class Metrics:
         self.registry = registry
         self.max_batch_size = max_batch_size
         r = registry
+        # Several processes (docs/topology.md): the supervisor gives every child the same
+        # PROMETHEUS_MULTIPROC_DIR, prometheus_client writes each value to a file there, and any
+        # front's /metrics sums them (counters and histograms across every front and the model
+        # process; gauges as stated per gauge below). Read here, not at import.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -156,17 +163,25 @@ class Metrics:
             f"{PREFIX}_queue_depth",
             "Images waiting in the batcher's queue.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.batches_in_flight = Gauge(
             f"{PREFIX}_batches_in_flight",
             "Batches currently running in the model.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.uploads_in_flight = Gauge(
-            f"{PREFIX}_uploads_in_flight", "Request bodies being received (upload slots taken).", registry=r
+            f"{PREFIX}_uploads_in_flight",
+            "Request bodies being received (upload slots taken).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.body_bytes_in_flight = Gauge(
-            f"{PREFIX}_body_bytes_in_flight", "Request body bytes admitted and held in memory.", registry=r
+            f"{PREFIX}_body_bytes_in_flight",
+            "Request body bytes admitted and held in memory.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejected_requests = Counter(
             f"{PREFIX}_rejected",
@@ -191,11 +206,13 @@ class Metrics:
             "The model being served: always 1, the information is in the labels.",
             ["name", "version", "sha256", "provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_ready = Gauge(
             f"{PREFIX}_model_ready",
             "1 when a verified, warmed-up model is accepting requests.",
             registry=r,
+            multiprocess_mode="livemin",  # several processes: 1 only when every front is ready
         )
         self.cancelled = Counter(
             f"{PREFIX}_cancelled",
@@ -265,16 +282,34 @@ class Metrics:
         self.model_info.labels(*labels).set(1)
 
     def watch_uploads(self, uploads: Callable[[], float], body_bytes: Callable[[], float]) -> None:
-        """Read the upload gate's counts at scrape time."""
-        self.uploads_in_flight.set_function(uploads)
-        self.body_bytes_in_flight.set_function(body_bytes)
+        """Read the upload gate's counts at scrape time (in one process; with several, the app
+        copies them into the shared files every second: `sample_uploads`)."""
+        self._uploads = (uploads, body_bytes)
+        if self.multiprocess_dir is None:
+            self.uploads_in_flight.set_function(uploads)
+            self.body_bytes_in_flight.set_function(body_bytes)
+
+    _uploads: tuple[Callable[[], float], Callable[[], float]] | None = None
+
+    def sample_uploads(self) -> None:
+        if self._uploads is not None:
+            uploads, body_bytes = self._uploads
+            self.uploads_in_flight.set(uploads())
+            self.body_bytes_in_flight.set(body_bytes())
 
     def set_ready(self, ready: bool) -> None:
         self.model_ready.set(1 if ready else 0)
 
     def exposition(self) -> tuple[bytes, str]:
-        """The body and content type of a `GET /metrics` answer (Prometheus text format)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The body and content type of a `GET /metrics` answer (Prometheus text format): this
+        process's registry, or with several processes the sum over all of them, plus this
+        process's own process_* series."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        ProcessCollector(registry=merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
 
     # --- service.core.batcher.BatchObserver ------------------------------------------------
 

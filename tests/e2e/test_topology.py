@@ -63,7 +63,18 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
             explained = await client.post("/explain", files={"file": ("a.jpg", image, "image/jpeg")})
             assert explained.status_code == 200, explained.text
             assert (await client.get("/model")).json()["provider"] == "CPUExecutionProvider"
-            assert "lungserve_requests_total" in (await client.get("/metrics")).text
+            # One /metrics for the whole server, whichever front answers the scrape.
+            before = _samples((await client.get("/metrics")).text)
+            for _ in range(6):  # new connections: the kernel spreads them over the fronts
+                r = await client.post(
+                    "/predict", files={"file": ("a.jpg", image, "image/jpeg")}, headers={"Connection": "close"}
+                )
+                assert r.status_code == 200
+            after = _samples((await client.get("/metrics", headers={"Connection": "close"})).text)
+            assert after['lungserve_images_total{outcome="ok"}'] - before['lungserve_images_total{outcome="ok"}'] == 6
+            # Batches are the model process's: their sizes add up to the images it classified.
+            assert after["lungserve_batch_size_sum"] - before["lungserve_batch_size_sum"] == 6
+            assert after["lungserve_model_ready"] == 1
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(TIMEOUT_S) == 0
 
@@ -117,6 +128,14 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
         log = server.output()
         assert "model process exited" in log
         assert "restarting" in log
+
+
+def _samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 async def _async(value: bool) -> bool:
