@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         default=4, ge=1, le=1024, description="images per ORT run (4 suits CPU; raise to 16-64 with CUDA)"
     )
+    max_batch_size_cuda: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="images per ORT run when the session really runs on CUDA; unset: LUNGSERVE_MAX_BATCH_SIZE",
+    )
     max_batch_delay_s: float = Field(
         default=0.005, ge=0.0, le=1.0, description="longest wait for a batch to fill after its first image"
     )
@@ -216,6 +222,11 @@ class Settings(BaseSettings):
         if self.max_batch_size > self.queue_limit:
             raise ValueError(
                 f"LUNGSERVE_MAX_BATCH_SIZE ({self.max_batch_size}) must not exceed "
+                f"LUNGSERVE_QUEUE_LIMIT ({self.queue_limit})"
+            )
+        if self.max_batch_size_cuda is not None and self.max_batch_size_cuda > self.queue_limit:
+            raise ValueError(
+                f"LUNGSERVE_MAX_BATCH_SIZE_CUDA ({self.max_batch_size_cuda}) must not exceed "
                 f"LUNGSERVE_QUEUE_LIMIT ({self.queue_limit})"
             )
         if self.max_files_per_request > self.queue_limit:

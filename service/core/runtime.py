@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.core.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
-from service.core.engine import Engine
+from service.core.engine import CUDA, Engine
 from service.core.model_client import Classified, Pixels, Slots
 from service.errors import InferenceFailed, LungserveError, Overloaded, ShuttingDown
 from service.model.decision import Thresholds, decide_batch
@@ -157,6 +157,14 @@ class ModelRuntime:
         await self._batcher.stop(drain_timeout_s=drain_timeout_s)
 
 
+def max_batch_size_for(provider: str, settings: Settings) -> int:
+    """Images per model run for the provider the session really got: a GPU wants large batches
+    (LUNGSERVE_MAX_BATCH_SIZE_CUDA), a CPU small ones (LUNGSERVE_MAX_BATCH_SIZE)."""
+    if provider == CUDA and settings.max_batch_size_cuda is not None:
+        return settings.max_batch_size_cuda
+    return settings.max_batch_size
+
+
 async def open_runtime(
     artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None = None
 ) -> ModelRuntime:
@@ -172,6 +180,10 @@ async def open_runtime(
         intra_op_threads=settings.ort_intra_op_threads,
         inter_op_threads=settings.ort_inter_op_threads,
     )
+    batch = max_batch_size_for(engine.provider, settings)
+    if batch != settings.max_batch_size:
+        log.info("batches of up to %d on %s (LUNGSERVE_MAX_BATCH_SIZE_CUDA)", batch, engine.provider)
+        settings = settings.model_copy(update={"max_batch_size": batch})
     runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
     await runtime.warm_up()
     await runtime.start()

@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.server import Server, start_server, wait_ready
 from tests.images import noise_jpeg
+from tests.onnx_models import write_model_v2_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +153,46 @@ async def _not_ready(server: Server) -> bool:
     async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
         answers = [(await client.get("/health/ready", headers={"Connection": "close"})) for _ in range(4)]
     return all(a.status_code == 503 and a.json()["error"]["code"] == "model_not_ready" for a in answers)
+
+
+async def test_reload_in_the_model_process_under_load_by_admin_and_sighup(tmp_path: Path) -> None:
+    """/admin/reload on any front and SIGHUP to the supervisor swap the model inside the model
+    process: every front then answers with it, and no request fails meanwhile."""
+    folder = tmp_path / "model"
+    write_model_v2_dir(folder, version="2")
+    env = {**TOPOLOGY, "LUNGSERVE_MODEL_URI": str(folder), "LUNGSERVE_ADMIN_TOKEN": "t0ken"}
+    with start_server(tmp_path, **env) as server:
+        await wait_ready(server)
+        image = noise_jpeg(256)
+        versions: list[str] = []
+        bad: list[str] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+                while not stop.is_set():
+                    r = await client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})
+                    if r.status_code != 200:
+                        bad.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    versions.append(r.json()["model"]["version"])
+
+        loaders = [asyncio.ensure_future(load()) for _ in range(4)]
+        await until(lambda: _async(len(versions) >= 10), "load flowing")
+        write_model_v2_dir(folder, version="3", bias=[0.0, 1.0, 0.0])
+        async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as admin:
+            answer = await admin.post("/admin/reload", headers={"Authorization": "Bearer t0ken"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["current"]["version"] == "3"
+        seen = len(versions)
+        await until(lambda: _async(versions[seen:].count("3") >= 10), "answers of version 3")
+        assert "2" not in versions[seen + 8 :]  # every front serves the new model (a few were in flight)
+
+        write_model_v2_dir(folder, version="4", bias=[1.0, 0.0, 0.0])
+        server.proc.send_signal(signal.SIGHUP)
+        await until(lambda: _async("4" in versions), "answers of version 4 after SIGHUP")
+        stop.set()
+        await asyncio.gather(*loaders)
+        assert not bad, bad[:5]
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT_S) == 0
