@@ -27,7 +27,6 @@ from service.core.queue_bound import QueueBound
 from service.core.reload import ModelReloader, Reloader
 from service.core.remote_client import RemoteModelClient
 from service.core.remote_model import RemoteModel, RemoteReloader
-from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
 from service.http import admin, analyze, explain, predict, status, webpage
@@ -61,6 +60,10 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
     reloader: Reloader
     client: RemoteModelClient | None = None
     if remote is None:
+        # Here, not at the top: a front whose model runs in the model process never loads
+        # ONNX Runtime (tens of MiB per front).
+        from service.core.runtime import open_runtime
+
         reloader = ModelReloader(
             state,
             settings,
