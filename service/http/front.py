@@ -12,15 +12,19 @@ SIGTERM, readiness 503, then the listener closes and what was admitted finishes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import socket
 import sys
 from pathlib import Path
 
+from fastapi import FastAPI
+
 from service.app import create_app
 from service.core.proctitle import die_with_parent, set_title
 from service.core.remote_model import RemoteModel
+from service.errors import LungserveError
 from service.http.server import build_server
 from service.observability.logs import configure_logging
 from service.settings import Settings
@@ -49,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     def graceful(signum: int, frame: object) -> None:
         pass  # as in `lungserve serve`: exit 0 after uvicorn's graceful shutdown
 
+    def reload(signum: int, frame: object) -> None:
+        # SIGHUP (passed on by the supervisor when the model runs in the fronts): hot reload,
+        # as /admin/reload does. The handler runs on the loop's thread, between two bytecodes.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving yet: nothing to reload
+        loop.call_soon_threadsafe(lambda: loop.create_task(_reload(app)))
+
+    signal.signal(signal.SIGHUP, reload)
     previous = signal.signal(signal.SIGTERM, graceful)
     try:
         server.run(sockets=sockets)
@@ -58,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("front %d: start-up failed", args.index)
         return 3
     return 0
+
+
+async def _reload(app: FastAPI) -> None:
+    try:
+        result = await app.state.reloader.reload()
+    except LungserveError as exc:
+        log.warning("SIGHUP reload: %s", exc.message)
+        return
+    log.info("SIGHUP reload: now %s", result.current.version)
 
 
 if __name__ == "__main__":

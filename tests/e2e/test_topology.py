@@ -45,11 +45,13 @@ async def until(predicate: object, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Path) -> None:
-    with start_server(tmp_path, **TOPOLOGY) as server:
+@pytest.mark.parametrize("inference", ["model-process", "in-front"])
+async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Path, inference: str) -> None:
+    with start_server(tmp_path, **{**TOPOLOGY, "LUNGSERVE_INFERENCE": inference}) as server:
         await wait_ready(server)
         titles = set(children(server))
-        assert {"lungserve: model", "lungserve: front 0", "lungserve: front 1"} <= titles
+        assert {"lungserve: front 0", "lungserve: front 1"} <= titles
+        assert ("lungserve: model" in titles) == (inference == "model-process")
         assert psutil.Process(server.proc.pid).cmdline()[0] == "lungserve: supervisor"
         async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
             image = noise_jpeg(256)
@@ -73,7 +75,7 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
                 assert r.status_code == 200
             after = _samples((await client.get("/metrics", headers={"Connection": "close"})).text)
             assert after['lungserve_images_total{outcome="ok"}'] - before['lungserve_images_total{outcome="ok"}'] == 6
-            # Batches are the model process's: their sizes add up to the images it classified.
+            # Batches (the model process's, or each front's): their sizes add up to the images.
             assert after["lungserve_batch_size_sum"] - before["lungserve_batch_size_sum"] == 6
             assert after["lungserve_model_ready"] == 1
         server.proc.send_signal(signal.SIGTERM)
