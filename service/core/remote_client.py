@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -32,6 +33,7 @@ from service.errors import LungserveError, ModelNotReady, Overloaded, ShuttingDo
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision, Thresholds
 from service.model.manifest import Manifest
 from service.model.source import ModelIdentity
+from service.model.tissue import check
 
 log = logging.getLogger(__name__)
 
@@ -232,18 +234,28 @@ class RemoteModelClient:
             self._give(1)
             raise
         tag = next(self._tags) % _TAGS
-        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._pending[tag] = (future, slot)
         self._submits.append((tag, slot, image.shape[0]))
         self._schedule_flush()
+        # The tissue check runs here, in a thread, while the model process classifies the image
+        # (the model process leaves it to the fronts: see ModelServer._build).
+        tissue = loop.run_in_executor(None, check, image) if self._model().thresholds.tissue_check else None
         try:
             generation, record = await future
+            plausible = True if tissue is None else (await tissue).plausible
         except asyncio.CancelledError:
             if tag in self._pending:  # still at the model: its answer frees the slot
                 self._cancels.append(tag)
                 self._schedule_flush()
             raise
-        return self._classified(generation, record)
+        result, info = self._classified(generation, record)
+        if not plausible:
+            # `decide` tests the tissue first: an implausible image is out of distribution,
+            # whatever the model said.
+            result = dataclasses.replace(result, decision=OUT_OF_DISTRIBUTION)
+        return result, info
 
     def _classified(self, generation: int, row: tuple[Any, ...]) -> tuple[Classified, BatchInfo]:
         status, decision, has_ood, batch_size, batch_id, wait, compute, ood, probabilities = row

@@ -135,3 +135,27 @@ async def test_stop_finishes_what_was_admitted_and_refuses_the_rest(
         assert all(result.manifest.version == "2" for result, _ in answers)
         with pytest.raises(ShuttingDown):
             client.reserve(1)
+
+
+@pytest.fixture
+def tiles(lc25000: Path) -> list[np.ndarray]:
+    from service.model.preprocess import load_image
+
+    return [load_image(p.read_bytes(), 128) for p in sorted(lc25000.rglob("*.jpeg"))[::997][:6]]
+
+
+async def test_decisions_match_on_real_tiles_with_the_tissue_check(
+    tiles: list[np.ndarray], folder: Path, remote: ModelProcess
+) -> None:
+    """The model process leaves the tissue check to the front: on real H&E tiles (plausible) and
+    on noise (not), the decisions are those of one process."""
+    images = tiles + _images(2)
+    decided = {}
+    for kind in ("in-process", "remote"):
+        async with opened(kind, folder, remote) as client:
+            assert client.thresholds.tissue_check
+            with client.reserve(len(images)) as slots:
+                answers = await asyncio.gather(*(client.infer(slots, image) for image in images))
+            decided[kind] = [result.decision for result, _ in answers]
+    assert decided["remote"] == decided["in-process"]
+    assert len(set(decided["remote"])) >= 2  # both sides of the tissue check were exercised
