@@ -17,8 +17,8 @@ It holds no request state, so it cannot lose any: it only starts, watches, resta
   model process gets SIGTERM and drains; exit 0. A second signal is passed on (fronts skip their
   delay). SIGHUP is passed to the model process (hot reload), or to each front that serves its
   own model.
-* A child that exits with status 2 or 3 (bad settings, model not loadable) before the server has
-  ever been ready ends the supervisor with that status: restarting would fail the same way.
+* A child whose first start exits with status 2 or 3 (bad settings, model not loadable) ends the
+  supervisor with that status: restarting would fail the same way.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
         self._stopping = False
-        self._ever_ready = False
         self._exit_status = 0
         self._children: list[_Child] = []
 
@@ -143,9 +142,8 @@ class Supervisor:
         if self._stopping:
             log.info("%s exited (status %d)", child.name, code)
             return
-        if child.role == "model" and self.model_socket.exists():
-            self._ever_ready = True
-        if code in _STARTUP_FAILURES and not self._ever_ready:
+        if code in _STARTUP_FAILURES and len(child.exit_codes) == 1:
+            # Its first start failed on settings or the model: every restart would too.
             log.error("%s could not start (status %d): stopping", child.name, code)
             self._exit_status = code
             self._begin_stop()

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from service.app import create_app
+from service.app import GrpcUnavailable, create_app
 from service.core.proctitle import die_with_parent, set_title
 from service.core.remote_model import RemoteModel
 from service.errors import LungserveError
+from service.http.access import ApiKeysFileError
 from service.http.server import build_server
 from service.observability.logs import configure_logging
 from service.settings import Settings
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     remote = None
     if args.model_socket is not None and args.queue_bound is not None:
         remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
-    app = create_app(settings, remote=remote)
+    try:
+        app = create_app(settings, remote=remote)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
+    except (ApiKeysFileError, GrpcUnavailable) as exc:
+        print(f"lungserve front {args.index}: {exc}", file=sys.stderr)
+        return 2  # the supervisor stops: every restart would fail the same way
     configure_logging(settings.log_level, json=settings.log_json)
     server, _ = build_server(app, settings)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]

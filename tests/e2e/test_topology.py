@@ -198,3 +198,11 @@ async def test_reload_in_the_model_process_under_load_by_admin_and_sighup(tmp_pa
         assert not bad, bad[:5]
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(TIMEOUT_S) == 0
+
+
+@pytest.mark.parametrize("inference", ["model-process", "in-front"])
+async def test_a_model_that_cannot_load_stops_the_supervisor_with_status_3(tmp_path: Path, inference: str) -> None:
+    env = {**TOPOLOGY, "LUNGSERVE_INFERENCE": inference, "LUNGSERVE_MODEL_URI": str(tmp_path / "missing")}
+    with start_server(tmp_path, **env) as server:
+        assert server.proc.wait(TIMEOUT_S) == 3
+        assert "could not start (status 3)" in server.output()
