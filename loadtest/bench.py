@@ -716,10 +716,12 @@ def bench_served(
     print(f"bench: {system}: starting on {spec.port} (log: {log_path})", flush=True)
     with started(spec, log_path) as server:
         ready_s = server.wait_ready(sets["768"][0])
-        idle_rss = sum(p.memory_info().rss for p in server.tree() if p.is_running()) / 2**20
+        tree = [p for p in server.tree() if p.is_running()]
+        idle_rss = sum(p.memory_info().rss for p in tree) / 2**20
         run.servers[system] = {
             "ready_seconds": ready_s,
             "idle_rss_mib": idle_rss,
+            "processes": len(tree),  # the server's whole tree: workers, front ends, helpers
             "port": spec.port,
             "command": _portable(spec.cmd),
         }
@@ -1062,9 +1064,16 @@ def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
             f"max {max(gen):.1%} over {len(gen)} measured levels.",
         ]
     if run.servers:
-        lines += ["", "## Start-up", "", "| system | ready after (s) | idle RSS MiB |", "|---|---:|---:|"]
         lines += [
-            f"| {LABELS[s]} | {v['ready_seconds']:.1f} | {v['idle_rss_mib']:.0f} |" for s, v in run.servers.items()
+            "",
+            "## Start-up",
+            "",
+            "| system | processes | ready after (s) | idle RSS MiB |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {LABELS[s]} | {v.get('processes', '?')} | {v['ready_seconds']:.1f} | {v['idle_rss_mib']:.0f} |"
+            for s, v in run.servers.items()
         ]
     lines += [
         "",
