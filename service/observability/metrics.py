@@ -277,6 +277,9 @@ class Metrics:
         one `lungserve_model_info` series is 1 at any time."""
         labels = (identity.name, identity.version, identity.sha256[:SHA256_PREFIX_LEN], provider)
         if self._model_labels is not None and self._model_labels != labels:
+            # 0 first: with several processes remove() does not reach the shared files, where
+            # the old label set would otherwise stay at 1 (docs/observability.md).
+            self.model_info.labels(*self._model_labels).set(0)
             self.model_info.remove(*self._model_labels)
         self._model_labels = labels
         self.model_info.labels(*labels).set(1)
