@@ -35,14 +35,11 @@ from service.core.reload import ModelReloader
 from service.core.runtime import ModelRuntime, open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, ModelSourceError
-from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 from service.model.source import ModelArtifact, fetch_configured_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DECISIONS: tuple[Decision, ...] = (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
-_DECISION_CODE = {d: i for i, d in enumerate(DECISIONS)}
 _HELLO_TIMEOUT_S = 5.0
 
 
@@ -76,8 +73,14 @@ def error_header(exc: BaseException) -> dict[str, Any]:
 class ModelServer:
     """The model process's core: runtime + reloader + the fronts' sessions."""
 
-    def __init__(self, settings: Settings, observer: Callable[[], BatchObserver] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        observer: Callable[[], BatchObserver] | None = None,
+        on_swap: Callable[[ModelClient], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self._swapped = on_swap
         self.state = ServiceState(settings=settings)
         self._observer = observer
         self.reloader = ModelReloader(self.state, settings, self._build, on_swap=self._on_swap)
@@ -99,6 +102,8 @@ class ModelServer:
         return runtime
 
     def _on_swap(self, runtime: ModelClient) -> None:
+        if self._swapped is not None:
+            self._swapped(runtime)
         for session in list(self.sessions):
             session.announce(runtime)
 
@@ -195,7 +200,7 @@ class FrontSession:
         self.front = front
         self.protocol = wire.FrameProtocol(self._on_frame, self._on_lost)
         self._pending: dict[int, asyncio.Future[tuple[Classified, BatchInfo]]] = {}
-        self._out: dict[int, _Rows] = {}  # generation -> answers not sent yet
+        self._out: dict[int, wire.ResultRows] = {}  # generation -> answers not sent yet
         self._n_classes: dict[int, int] = {}
         self._flush_scheduled = False
         self._lost = asyncio.get_running_loop().create_future()
@@ -262,10 +267,10 @@ class FrontSession:
     def _answer(self, generation: int, tag: int, status: wire.Status) -> None:
         self._rows(generation).add(tag, status, None, None)
 
-    def _rows(self, generation: int) -> _Rows:
+    def _rows(self, generation: int) -> wire.ResultRows:
         rows = self._out.get(generation)
         if rows is None:
-            rows = self._out[generation] = _Rows(self._n_classes.get(generation, 0))
+            rows = self._out[generation] = wire.ResultRows(self._n_classes.get(generation, 0))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -321,48 +326,6 @@ class FrontSession:
             await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
 
 
-class _Rows:
-    """Answers of one generation gathered column by column, sent as one RESULTS frame."""
-
-    def __init__(self, n_classes: int) -> None:
-        self.n_classes = n_classes
-        self.columns: tuple[list[Any], ...] = tuple([] for _ in range(9))
-        self.probabilities: list[Any] = []
-
-    def add(self, tag: int, status: wire.Status, result: Classified | None, info: BatchInfo | None) -> None:
-        tags, statuses, decisions, has_ood, sizes, ids, waits, computes, oods = self.columns
-        tags.append(tag)
-        statuses.append(status)
-        if result is None or info is None:
-            decisions.append(0)
-            has_ood.append(0)
-            sizes.append(0)
-            ids.append(0)
-            waits.append(0.0)
-            computes.append(0.0)
-            oods.append(0.0)
-            self.probabilities.append(np.zeros(self.n_classes, np.float32))
-            return
-        decisions.append(_DECISION_CODE[result.decision])
-        has_ood.append(result.ood_score is not None)
-        sizes.append(info.size)
-        ids.append(info.batch_id)
-        waits.append(info.queue_wait_s)
-        computes.append(info.compute_s)
-        oods.append(result.ood_score if result.ood_score is not None else 0.0)
-        self.probabilities.append(result.probabilities)
-
-    def records(self) -> np.ndarray[Any, Any]:
-        names = ["tag", "status", "decision", "has_ood", "batch_size", "batch_id", "queue_wait_s", "compute_s"]
-        names.append("ood_score")
-        records = np.zeros(len(self.columns[0]), dtype=wire.result_record(self.n_classes))
-        for name, column in zip(names, self.columns, strict=True):
-            records[name] = column
-        if self.probabilities:
-            records["probabilities"] = np.stack(self.probabilities)
-        return records
-
-
 async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awaitable[None]]) -> int:
     """Start, serve until `stopping()` returns, drain. 0, or 3 when the model could not load."""
     from prometheus_client import CollectorRegistry
@@ -372,7 +335,11 @@ async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awai
     # Its batches, queue and in-flight runs: in one process's files, summed into every front's
     # /metrics when the supervisor set PROMETHEUS_MULTIPROC_DIR (else nobody reads them).
     metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
-    server = ModelServer(settings, observer=metrics.batcher_observer)
+    server = ModelServer(
+        settings,
+        observer=metrics.batcher_observer,
+        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
+    )
     try:
         await server.start(socket_path)
     except ModelSourceError as exc:

@@ -26,18 +26,17 @@ from numpy.typing import NDArray
 
 from service.core import transport as wire
 from service.core.batcher import BatchInfo
-from service.core.model_client import Classified, ModelClient, Slots
+from service.core.model_client import Classified, Slots
 from service.core.queue_bound import QueueBound
 from service.core.remote_model import ModelInfo, RemoteReservation, call_error, status_error
 from service.errors import LungserveError, ModelNotReady, Overloaded, ShuttingDown
-from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision, Thresholds
+from service.model.decision import OUT_OF_DISTRIBUTION, Thresholds
 from service.model.manifest import Manifest
 from service.model.source import ModelIdentity
 from service.model.tissue import check
 
 log = logging.getLogger(__name__)
 
-DECISIONS: tuple[Decision, ...] = (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
 _RECONNECT_S = (0.02, 0.05, 0.1, 0.2, 0.5)  # back-off while the supervisor restarts the model
 _TAGS = 1 << 32
 
@@ -262,7 +261,7 @@ class RemoteModelClient:
         if status != wire.Status.OK:
             raise status_error(wire.Status(status), self.retry_after_s)
         manifest = self._models[generation].manifest
-        result = Classified(probabilities, manifest, DECISIONS[decision], ood if has_ood else None)
+        result = Classified(probabilities, manifest, wire.DECISIONS[decision], ood if has_ood else None)
         return result, BatchInfo(batch_id, batch_size, wait, compute)
 
     async def run_outputs(self, batch: NDArray[np.uint8], names: Sequence[str]) -> list[NDArray[np.float32]]:
@@ -399,7 +398,3 @@ class RemoteModelClient:
         for call in list(self._calls.values()):
             if not call.done():
                 call.set_exception(error)
-
-
-def _conforms(client: RemoteModelClient) -> ModelClient:
-    return client  # mypy checks here that the remote client has the whole ModelClient surface

@@ -29,6 +29,10 @@ from typing import Any, Final, cast
 import numpy as np
 from numpy.typing import NDArray
 
+from service.core.batch_types import BatchInfo
+from service.core.model_client import Classified
+from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+
 # A frame: body length (u32, little-endian), kind (u8), body.
 _HEADER: Final = struct.Struct("<IB")
 # Bytes a frame body may have; beyond it the peer is broken and the connection is closed.
@@ -82,6 +86,10 @@ def result_record(n_classes: int) -> np.dtype[Any]:
     )
 
 
+# The decision travels as a code: its index here.
+DECISIONS: Final[tuple[Decision, ...]] = (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION)
+DECISION_CODE: Final = {d: i for i, d in enumerate(DECISIONS)}
+
 _RESULTS_HEAD: Final = struct.Struct("<II")  # generation, classes
 _CALL_HEAD: Final = struct.Struct("<II")  # call id, JSON length
 
@@ -118,6 +126,48 @@ def parse_call(body: memoryview) -> tuple[int, dict[str, Any], memoryview]:
     start = _CALL_HEAD.size
     header: dict[str, Any] = json.loads(bytes(body[start : start + length]))
     return call_id, header, body[start + length :]
+
+
+class ResultRows:
+    """Answers of one generation gathered column by column, sent as one RESULTS frame."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self.columns: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        self.probabilities: list[Any] = []
+
+    def add(self, tag: int, status: Status, result: Classified | None, info: BatchInfo | None) -> None:
+        tags, statuses, decisions, has_ood, sizes, ids, waits, computes, oods = self.columns
+        tags.append(tag)
+        statuses.append(status)
+        if result is None or info is None:
+            decisions.append(0)
+            has_ood.append(0)
+            sizes.append(0)
+            ids.append(0)
+            waits.append(0.0)
+            computes.append(0.0)
+            oods.append(0.0)
+            self.probabilities.append(np.zeros(self.n_classes, np.float32))
+            return
+        decisions.append(DECISION_CODE[result.decision])
+        has_ood.append(result.ood_score is not None)
+        sizes.append(info.size)
+        ids.append(info.batch_id)
+        waits.append(info.queue_wait_s)
+        computes.append(info.compute_s)
+        oods.append(result.ood_score if result.ood_score is not None else 0.0)
+        self.probabilities.append(result.probabilities)
+
+    def records(self) -> np.ndarray[Any, Any]:
+        names = ["tag", "status", "decision", "has_ood", "batch_size", "batch_id", "queue_wait_s", "compute_s"]
+        names.append("ood_score")
+        records = np.zeros(len(self.columns[0]), dtype=result_record(self.n_classes))
+        for name, column in zip(names, self.columns, strict=True):
+            records[name] = column
+        if self.probabilities:
+            records["probabilities"] = np.stack(self.probabilities)
+        return records
 
 
 class FrameProtocol(asyncio.Protocol):

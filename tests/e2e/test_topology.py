@@ -189,6 +189,13 @@ async def test_reload_in_the_model_process_under_load_by_admin_and_sighup(tmp_pa
         seen = len(versions)
         await until(lambda: _async(versions[seen:].count("3") >= 10), "answers of version 3")
         assert "2" not in versions[seen + 8 :]  # every front serves the new model (a few were in flight)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+            info = {
+                k: v
+                for k, v in _samples((await client.get("/metrics")).text).items()
+                if k.startswith("lungserve_model_info{")
+            }
+        assert [k for k, v in info.items() if v == 1] == [k for k in info if 'version="3"' in k], info
 
         write_model_v2_dir(folder, version="4", bias=[1.0, 0.0, 0.0])
         server.proc.send_signal(signal.SIGHUP)
