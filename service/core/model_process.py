@@ -380,7 +380,15 @@ def main(argv: list[str] | None = None) -> int:
 
     async def until_sigterm() -> None:
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            # signal.signal, not loop.add_signal_handler: asyncio restores the default action
+            # when its loop closes, and a second SIGTERM then would kill a clean exit.
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting anyway
+                loop.call_soon_threadsafe(stop.set)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         await stop.wait()
 
     return asyncio.run(run(args.socket, settings, until_sigterm))

@@ -103,6 +103,7 @@ async def test_reload_inside_the_model_process_fails_nothing(tmp_path: Path) -> 
         await client.start()
         versions: list[str] = []
         stop = asyncio.Event()
+        before_swap = asyncio.Event()
         after_swap = asyncio.Event()
 
         async def load() -> None:
@@ -111,11 +112,14 @@ async def test_reload_inside_the_model_process_fails_nothing(tmp_path: Path) -> 
                 with client.reserve(2) as r:
                     results = await asyncio.gather(*(client.infer(r, _image(i + k)) for k in range(2)))
                 versions.extend(res.manifest.version for res, _ in results)
+                if len(versions) >= 8:
+                    before_swap.set()
                 if versions.count("3") >= 8:
                     after_swap.set()
                 i += 2
 
         loaders = [asyncio.ensure_future(load()) for _ in range(4)]
+        await before_swap.wait()  # answers of version 2 first
         write_model_v2_dir(tmp_path / "model", version="3", bias=[0.0, 1.0, 0.0])
         answer = await client.reload()
         assert answer["changed"]

@@ -29,9 +29,11 @@ def children(server: Server) -> dict[str, int]:
     found = {}
     for child in psutil.Process(server.proc.pid).children():
         try:
-            found[child.cmdline()[0]] = child.pid  # the title, padded with empty arguments
+            argv = child.cmdline()  # the title, padded with empty arguments; [] once it has exited
         except psutil.NoSuchProcess:
             continue
+        if argv:
+            found[argv[0]] = child.pid
     return found
 
 
@@ -49,8 +51,12 @@ async def until(predicate: object, what: str) -> None:
 async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Path, inference: str) -> None:
     with start_server(tmp_path, **{**TOPOLOGY, "LUNGSERVE_INFERENCE": inference}) as server:
         await wait_ready(server)
+        fronts = {"lungserve: front 0", "lungserve: front 1"}
+        # wait_ready saw one front ready; the other may still be starting (importing, or loading
+        # its model): lungserve_model_ready is the minimum over every live process.
+        await until(lambda: _all_ready(server), "every process ready")
+        await until(lambda: _async(fronts <= set(children(server))), "both fronts titled")
         titles = set(children(server))
-        assert {"lungserve: front 0", "lungserve: front 1"} <= titles
         assert ("lungserve: model" in titles) == (inference == "model-process")
         assert psutil.Process(server.proc.pid).cmdline()[0] == "lungserve: supervisor"
         async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
@@ -86,6 +92,7 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
     """The `scale-faults` bar: only 200s and JSON 503s, readiness back, a replacement front."""
     with start_server(tmp_path, **TOPOLOGY) as server:
         await wait_ready(server)
+        await until(lambda: _all_ready(server), "every process ready")
         image = noise_jpeg(256)
         statuses: list[int] = []
         bad: list[str] = []
@@ -133,6 +140,11 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
         assert "restarting" in log
 
 
+async def _all_ready(server: Server) -> bool:
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+        return _samples((await client.get("/metrics")).text).get("lungserve_model_ready") == 1
+
+
 def _samples(text: str) -> dict[str, float]:
     return {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -165,6 +177,7 @@ async def test_reload_in_the_model_process_under_load_by_admin_and_sighup(tmp_pa
     env = {**TOPOLOGY, "LUNGSERVE_MODEL_URI": str(folder), "LUNGSERVE_ADMIN_TOKEN": "t0ken"}
     with start_server(tmp_path, **env) as server:
         await wait_ready(server)
+        await until(lambda: _all_ready(server), "every process ready")
         image = noise_jpeg(256)
         versions: list[str] = []
         bad: list[str] = []
