@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,42 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def _pending(path: Path) -> Path:
+    """Where a checkpoint file waits until state.json (the commit point) names its epoch."""
+    return path.with_name("next-" + path.name)
+
+
+def _checkpoint(out: Path, model: Any, ema: WeightEMA, state: dict[str, Any]) -> None:
+    """Redo-log commit, so that a kill at ANY moment leaves a consistent checkpoint.
+
+    Model, EMA (and best EMA) are written whole to next-* files, then state.json (naming the
+    EMA update count) is replaced atomically: that is the commit. Only then do the next-* files
+    replace the live ones; a kill in between is rolled forward by `recover` on resume.
+    """
+    _atomic_save_model(model, _pending(out / LAST))
+    ema.save(_pending(out / EMA))
+    state["ema_updates"] = ema.updates
+    _write_json(out / STATE, state)
+    recover(out, state)
+
+
+def recover(out: Path, state: dict[str, Any]) -> None:
+    """Finish an interrupted commit: roll next-* files forward if state.json committed them, else drop them."""
+    ema_next = _pending(out / EMA)
+    committed = False
+    if ema_next.exists() and "ema_updates" in state:
+        with np.load(ema_next) as f:
+            committed = int(f["updates"]) == int(state["ema_updates"])
+    for name in (LAST, BEST_EMA, EMA):  # EMA last: its next- file is the marker checked above
+        pending = _pending(out / name)
+        if pending.exists():
+            if committed:
+                pending.replace(out / name)
+            else:
+                pending.unlink()
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    import keras
 
     t0 = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +207,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     x_sel, y_sel = data_mod.load_arrays(split.select, cfg.input_size, cache)
     x_train, x_sel = np.asarray(x_train), np.asarray(x_sel)
     log.info("decoded %d train / %d select images in %.0f s", len(x_train), len(x_sel), time.monotonic() - t0)
-    n_classes = len(ds.classes)
+    state = run_epochs(cfg, x_train, y_train, x_sel, y_sel, len(ds.classes))
+    return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
+
+
+def run_epochs(
+    cfg: TrainConfig,
+    x_train: NDArray[np.uint8],
+    y_train: NDArray[np.int64],
+    x_sel: NDArray[np.uint8],
+    y_sel: NDArray[np.int64],
+    n_classes: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The epochs of a run in `cfg.out`: fresh or resumed, a whole checkpoint after each one.
+
+    With no select images (cross-validation takes the last EMA epoch, no choice at all) the
+    per-epoch scoring is skipped and `best_epoch` stays None.
+    """
+    import keras
+
     steps = int(np.ceil(len(x_train) / cfg.batch_size))
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
@@ -181,6 +235,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state: dict[str, Any]
     if cfg.resume and state_path.exists():
         state = json.loads(state_path.read_text())
+        recover(cfg.out, state)
         model = keras.models.load_model(cfg.out / LAST)
         ema = WeightEMA.load(cfg.out / EMA, cfg.ema_decay)
         if int(state["config"]["epochs"]) != cfg.epochs:
@@ -217,48 +272,43 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             shuffle=False,
         )
         train_s = time.monotonic() - te
-        online = model.get_weights()
-        raw_acc, raw_nll, _ = _score(model, x_sel, y_sel)
-        model.set_weights(ema.shadow)
-        ema_acc, ema_nll, _ = _score(model, x_sel, y_sel)
-        model.set_weights(online)
-        row = {
+        row: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(hist.history["loss"][-1]),
             "accuracy": float(hist.history["accuracy"][-1]),
-            "select_accuracy": raw_acc,
-            "select_nll": raw_nll,
-            "select_accuracy_ema": ema_acc,
-            "select_nll_ema": ema_nll,
-            "train_seconds": round(train_s, 1),
-            "epoch_seconds": round(time.monotonic() - te, 1),
         }
+        if len(x_sel):
+            online = model.get_weights()
+            raw_acc, raw_nll, _ = _score(model, x_sel, y_sel)
+            model.set_weights(ema.shadow)
+            ema_acc, ema_nll, _ = _score(model, x_sel, y_sel)
+            model.set_weights(online)
+            row.update(select_accuracy=raw_acc, select_nll=raw_nll, select_accuracy_ema=ema_acc, select_nll_ema=ema_nll)
+            # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
+            key = (ema_acc, -ema_nll)
+            if state["best"] is None or key > tuple(state["best"]):
+                state["best"], state["best_epoch"] = list(key), epoch + 1
+                ema.save(_pending(cfg.out / BEST_EMA))
+        row.update(train_seconds=round(train_s, 1), epoch_seconds=round(time.monotonic() - te, 1))
         state["history"].append(row)
-        # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
-        key = (ema_acc, -ema_nll)
-        if state["best"] is None or key > tuple(state["best"]):
-            state["best"], state["best_epoch"] = list(key), epoch + 1
-            ema.save(cfg.out / BEST_EMA)
-        _atomic_save_model(model, cfg.out / LAST)
-        ema.save(cfg.out / EMA)
         state["epoch"] = epoch + 1
         state["config"] = _config_json(cfg)
-        _write_json(state_path, state)  # last: a whole checkpoint exists once this is written
+        _checkpoint(cfg.out, model, ema, state)
         log.info(
-            "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %.4f (EMA %.4f) nll %.4f (EMA %.4f) | best %s",
+            "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %s (EMA %s) | best %s",
             epoch + 1,
             cfg.epochs,
             row["epoch_seconds"],
             row["loss"],
             row["accuracy"],
-            raw_acc,
-            ema_acc,
-            raw_nll,
-            ema_nll,
+            _fmt(row.get("select_accuracy")),
+            _fmt(row.get("select_accuracy_ema")),
             state["best_epoch"],
         )
         (cfg.out / "progress.txt").write_text(f"{epoch + 1}/{cfg.epochs}\n")
-    return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
+        if on_epoch is not None:
+            on_epoch(row)
+    return state
 
 
 def finish(
@@ -341,6 +391,10 @@ def _schedule(cfg: TrainConfig, steps: int) -> Any:
 
 def _config_json(cfg: TrainConfig) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:
