@@ -60,7 +60,6 @@ DONE = "done.json"
 OOF = "oof.npz"
 TRAIN_FEATURES = "train_features.npz"
 FOLD_MODEL = "fold.keras"
-PENULTIMATE_LAYER = "dense_relu"  # the head's ReLU: the features the logits layer reads (Sun et al.)
 
 
 @dataclass
@@ -260,7 +259,7 @@ def _head_outputs(model: Any, x: NDArray[np.uint8]) -> dict[str, NDArray[np.floa
     import keras
 
     from export.model import LOGITS_LAYER
-    from export.serving_graph import GAP_LAYER
+    from export.serving_graph import GAP_LAYER, PENULTIMATE_LAYER
 
     names = {"logits": LOGITS_LAYER, "gap": GAP_LAYER, "penultimate": PENULTIMATE_LAYER}
     probe = keras.Model(model.input, [model.get_layer(n).output for n in names.values()])
