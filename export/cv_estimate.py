@@ -134,15 +134,31 @@ def fit_serving(oof: OutOfFold) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from export.knn_ood import DEFAULT_K, oof_scores
+
     p = argparse.ArgumentParser(prog="python -m export.cv_estimate", description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="an export.cv run folder with oof.npz")
-    p.add_argument("--ood", type=Path, default=None, help="out-of-fold OOD scores (.npy, oof.npz order)")
+    p.add_argument("--knn-k", type=int, default=DEFAULT_K, help="k of the kNN OOD score (declared, not tuned)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/estimate.json")
     a = p.parse_args(argv)
-    oof = OutOfFold.load(a.run / "oof.npz", None if a.ood is None else np.load(a.ood))
-    result = {"estimate": estimate_block(oof), **fit_serving(oof)}
+    with np.load(a.run / "oof.npz") as f:
+        files = f["files"]
+    folds = sorted(a.run.glob("fold-*"), key=lambda d: int(d.name.split("-")[1]))
+    # Each image scored by the bank of the fold model that never saw it: what ood_above is fitted on.
+    ood = oof_scores(files, folds, a.knn_k)
+    oof = OutOfFold.load(a.run / "oof.npz", ood)
+    result = {
+        "estimate": estimate_block(oof),
+        **fit_serving(oof),
+        "ood": {
+            "method": f"kNN distance, k = {a.knn_k}, each fold's own train bank",
+            "oof_median": float(np.median(ood)),
+        },
+    }
     out = a.out or a.run / "estimate.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
     print(json.dumps(result["estimate"], indent=1))
     return 0
 

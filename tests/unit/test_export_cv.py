@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from export import cv_ensemble, cv_estimate
 from export.cv import CV_JSON, DONE, OOF, CVConfig, assign_folds, run
 from export.data import DataError, scan
+from export.train import EMA, LAST, WeightEMA, recover
 from tests.unit.test_export_data import make_dataset
 
 
@@ -86,5 +88,58 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     assert again == []  # finished folds are skipped
     assert (fold0 / DONE).read_text() == done
 
+    # THE estimate and the decision from the pooled out-of-fold predictions (kNN OOD per fold)
+    assert cv_estimate.main(["--run", str(tmp_path / "run"), "--knn-k", "2"]) == 0
+    est = json.loads((tmp_path / "run" / "estimate.json").read_text())
+    assert est["estimate"]["groups"] == 21
+    assert est["estimate"]["method"] == "3-fold grouped CV, out-of-fold"
+    assert "ood_above" in est["decision"]
+
+    # two fold models as one served graph: softmax(mean logits / T), with the contract's outputs
+    assert (
+        cv_ensemble.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "ens"), "--members", "0", "1"]) == 0
+    )
+    check_ensemble(tmp_path / "run", tmp_path / "ens", est["temperature"])
+
     with pytest.raises(ValueError, match="another recipe"):
         run(CVConfig(data=data, out=tmp_path / "run", folds=3, input_size=32, epochs=2, hed_alpha=0.2, max_steps=1))
+
+
+def _ema_file(path: Path, updates: int) -> None:
+    WeightEMA([np.full(2, float(updates))], 0.9, updates).save(path)
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_an_interrupted_checkpoint_commit_is_rolled_forward_or_dropped(tmp_path: Path, committed: bool) -> None:
+    """A kill between the next-* files and state.json (dropped) or after state.json (rolled forward)."""
+    _ema_file(tmp_path / EMA, 10)
+    (tmp_path / LAST).write_bytes(b"epoch 1")
+    _ema_file(tmp_path / f"next-{EMA}", 20)
+    (tmp_path / f"next-{LAST}").write_bytes(b"epoch 2")
+    state = {"epoch": 2 if committed else 1, "ema_updates": 20 if committed else 10}
+    recover(tmp_path, state)
+    assert (tmp_path / LAST).read_bytes() == (b"epoch 2" if committed else b"epoch 1")
+    assert WeightEMA.load(tmp_path / EMA, 0.9).updates == (20 if committed else 10)
+    assert not list(tmp_path.glob("next-*"))
+
+
+def check_ensemble(run_dir: Path, ens: Path, temperature: float) -> None:
+    import keras
+    import onnxruntime as ort
+
+    from export.cv import FOLD_MODEL
+    from export.cv_estimate import softmax
+    from export.model import logits_model
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    logits = [
+        logits_model(keras.models.load_model(run_dir / f"fold-{f}" / FOLD_MODEL, compile=False)).predict(
+            images, verbose=0
+        )
+        for f in (0, 1)
+    ]
+    sess = ort.InferenceSession(str(ens / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["probabilities", "ood_score", "feature_maps", "cam_weights"]
+    probs = sess.run(["probabilities"], {"image": images})[0]
+    np.testing.assert_allclose(probs, softmax(np.mean(logits, axis=0) / temperature), atol=1e-4)
