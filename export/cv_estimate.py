@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "estimate": estimate_block(oof),
         **fit_serving(oof),
         "ood": {
-            "method": f"kNN distance, k = {a.knn_k}, each fold's own train bank",
+            "method": "k-th nearest-neighbour distance, normalised penultimate features; each fold's own train bank",
+            "k": a.knn_k,
             "oof_median": float(np.median(ood)),
         },
     }

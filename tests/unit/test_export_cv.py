@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export import cv_ensemble, cv_estimate
+from export import cv_estimate, cv_release
 from export.cv import CV_JSON, DONE, OOF, CVConfig, assign_folds, run
 from export.data import DataError, scan
 from export.train import EMA, LAST, WeightEMA, recover
+from service.manifest import Manifest, sha256_file
 from tests.unit.test_export_data import make_dataset
 
 
@@ -95,11 +96,16 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     assert est["estimate"]["method"] == "3-fold grouped CV, out-of-fold"
     assert "ood_above" in est["decision"]
 
-    # two fold models as one served graph: softmax(mean logits / T), with the contract's outputs
-    assert (
-        cv_ensemble.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "ens"), "--members", "0", "1"]) == 0
-    )
+    # two fold models as one served model folder: softmax(mean logits / T), the contract's outputs
+    args = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "ens"), "--members", "0", "1"]
+    assert cv_release.main(args) == 0
     check_ensemble(tmp_path / "run", tmp_path / "ens", est["temperature"])
+    manifest = Manifest.read(tmp_path / "ens" / "model.json").dump()
+    assert manifest["sha256"] == sha256_file(tmp_path / "ens" / "model.onnx")
+    assert manifest["estimate"] == est["estimate"]
+    assert manifest["decision"]["refer_below"] == est["decision"]["refer_below"]
+    assert manifest["ood"]["members"]["1"]["k"] == manifest["ood"]["k"] == 2  # the k ood_above was fitted with
+    assert manifest["parity"]["argmax_flips"] == 0
 
     with pytest.raises(ValueError, match="another recipe"):
         run(CVConfig(data=data, out=tmp_path / "run", folds=3, input_size=32, epochs=2, hed_alpha=0.2, max_steps=1))
