@@ -281,12 +281,12 @@ def finish_fold(
     """The fold's model (last EMA epoch), its out-of-fold outputs and train features; done.json last."""
     import keras
 
-    from export.train import EMA, LAST, WeightEMA, _atomic_save_model
+    from export.checkpoint import EMA, LAST, WeightEMA, atomic_save_model
 
     te = time.monotonic()
     model = keras.models.load_model(fold_dir / LAST, compile=False)
     model.set_weights(WeightEMA.load(fold_dir / EMA, cfg.ema_decay).shadow)
-    _atomic_save_model(model, fold_dir / FOLD_MODEL)
+    atomic_save_model(model, fold_dir / FOLD_MODEL)
     oof = _head_outputs(model, x_all[oof_idx])
     samples = [ds.samples[i] for i in oof_idx]
     _savez(

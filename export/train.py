@@ -20,16 +20,18 @@ from numpy.typing import NDArray
 from export import data as data_mod
 from export.augment import AugmentConfig
 from export.calibrate import fit_temperature, nll
+from export.checkpoint import BEST_EMA as BEST_EMA
+from export.checkpoint import EMA as EMA
+from export.checkpoint import LAST as LAST
+from export.checkpoint import STATE as STATE
+from export.checkpoint import WeightEMA as WeightEMA
+from export.checkpoint import checkpoint, pending, recover, write_json
 from export.metrics import classification_report
 from export.model import build_model, logits_model, with_temperature
 
 log = logging.getLogger("lungserve.train")
 
 PARITY_IMAGES = "parity_images.npy"
-STATE = "state.json"  # written last in each checkpoint: its presence means the checkpoint is whole
-LAST = "last.keras"  # model + optimizer (with its step counter, so the LR schedule resumes)
-EMA = "ema.npz"
-BEST_EMA = "best_ema.npz"
 
 
 @dataclass
@@ -60,41 +62,6 @@ def make_split(cfg: TrainConfig, ds: data_mod.Dataset) -> data_mod.Split:
             raise data_mod.DataError(f"{cfg.split_from} records no validation_groups to hold out")
         return data_mod.split_three_way(ds, holdout, cfg.seed)
     return data_mod.holdout_split(ds, cfg.val_fraction, cfg.seed, allow_image_split=cfg.allow_image_split)
-
-
-class WeightEMA:
-    """Exponential moving average of every float weight, BatchNorm statistics included.
-
-    Averaging the running mean/variance too (as timm's ModelEmaV2 does) keeps them consistent
-    with the averaged kernels. The decay warms up as min(decay, (1 + n) / (10 + n)).
-    """
-
-    def __init__(self, weights: list[NDArray[Any]], decay: float, updates: int = 0) -> None:
-        self.shadow = [np.array(w, copy=True) for w in weights]
-        self.decay = decay
-        self.updates = updates
-
-    def update(self, weights: list[NDArray[Any]]) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, w in zip(self.shadow, weights, strict=True):
-            if np.issubdtype(s.dtype, np.floating):
-                s *= d
-                s += (1.0 - d) * w
-            else:
-                s[...] = w
-        self.updates += 1
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp.npz")
-        arrays: dict[str, Any] = {f"arr_{i}": w for i, w in enumerate(self.shadow)}
-        np.savez(tmp, updates=np.int64(self.updates), **arrays)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path, decay: float) -> WeightEMA:
-        with np.load(path) as f:
-            n = len([k for k in f.files if k.startswith("arr_")])
-            return cls([f[f"arr_{i}"] for i in range(n)], decay, int(f["updates"]))
 
 
 def _ema_callback(model: Any, ema: WeightEMA) -> Any:
@@ -145,53 +112,6 @@ def _epoch_dataset(
 def _score(model: Any, x: NDArray[np.uint8], y: NDArray[np.int64]) -> tuple[float, float, NDArray[Any]]:
     logits = np.asarray(logits_model(model).predict(x, batch_size=128, verbose=0), dtype=np.float64)
     return float((logits.argmax(1) == y).mean()), nll(logits, y, 1.0), logits
-
-
-def _atomic_save_model(model: Any, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def _pending(path: Path) -> Path:
-    """Where a checkpoint file waits until state.json (the commit point) names its epoch."""
-    return path.with_name("next-" + path.name)
-
-
-def _checkpoint(out: Path, model: Any, ema: WeightEMA, state: dict[str, Any]) -> None:
-    """Redo-log commit, so that a kill at ANY moment leaves a consistent checkpoint.
-
-    Model, EMA (and best EMA) are written whole to next-* files, then state.json (naming the
-    EMA update count) is replaced atomically: that is the commit. Only then do the next-* files
-    replace the live ones; a kill in between is rolled forward by `recover` on resume.
-    """
-    _atomic_save_model(model, _pending(out / LAST))
-    ema.save(_pending(out / EMA))
-    state["ema_updates"] = ema.updates
-    _write_json(out / STATE, state)
-    recover(out, state)
-
-
-def recover(out: Path, state: dict[str, Any]) -> None:
-    """Finish an interrupted commit: roll next-* files forward if state.json committed them, else drop them."""
-    ema_next = _pending(out / EMA)
-    committed = False
-    if ema_next.exists() and "ema_updates" in state:
-        with np.load(ema_next) as f:
-            committed = int(f["updates"]) == int(state["ema_updates"])
-    for name in (LAST, BEST_EMA, EMA):  # EMA last: its next- file is the marker checked above
-        pending = _pending(out / name)
-        if pending.exists():
-            if committed:
-                pending.replace(out / name)
-            else:
-                pending.unlink()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -288,12 +208,12 @@ def run_epochs(
             key = (ema_acc, -ema_nll)
             if state["best"] is None or key > tuple(state["best"]):
                 state["best"], state["best_epoch"] = list(key), epoch + 1
-                ema.save(_pending(cfg.out / BEST_EMA))
+                ema.save(pending(cfg.out / BEST_EMA))
         row.update(train_seconds=round(train_s, 1), epoch_seconds=round(time.monotonic() - te, 1))
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["config"] = _config_json(cfg)
-        _checkpoint(cfg.out, model, ema, state)
+        checkpoint(cfg.out, model, ema, state)
         log.info(
             "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %s (EMA %s) | best %s",
             epoch + 1,
@@ -362,7 +282,7 @@ def finish(
         "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
         "wall_seconds_this_process": round(time.monotonic() - t0, 1),
     }
-    _write_json(cfg.out / "training.json", result)
+    write_json(cfg.out / "training.json", result)
     _plot_history(history, cfg.out / "training_curves.png")
     log.info(
         "done: best epoch %s, select accuracy %.4f, ECE %.4f -> %.4f (T=%.3f), %.0f s of epochs",

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from export import cv_estimate, cv_release
+from export.checkpoint import EMA, LAST, WeightEMA, recover
 from export.cv import CV_JSON, DONE, OOF, CVConfig, assign_folds, run
 from export.data import DataError, scan
-from export.train import EMA, LAST, WeightEMA, recover
 from service.manifest import Manifest, sha256_file
 from tests.unit.test_export_data import make_dataset
 
