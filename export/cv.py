@@ -149,11 +149,10 @@ def _prepare(cfg: CVConfig, ds: data_mod.Dataset) -> dict[str, int]:
 class Progress:
     """Epoch timing and the projected remaining time of the whole run, for the log."""
 
-    def __init__(self, cfg: CVConfig, folds_todo: list[int]) -> None:
+    def __init__(self, cfg: CVConfig) -> None:
         self.cfg = cfg
         self.remaining = 0
         self.seconds: list[float] = []
-        self.folds_todo = folds_todo
 
     def plan(self, epochs_left: int) -> None:
         self.remaining = epochs_left
@@ -209,7 +208,7 @@ def run(cfg: CVConfig, on_epoch: Callable[[int, dict[str, Any]], None] | None = 
         x_all, y_all = data_mod.load_arrays(ds.samples, cfg.input_size, cfg.cache_dir)
         log.info("images %s decoded/loaded in %.0f s", x_all.shape, time.monotonic() - t0)
         fold_of = np.array([folds[s.group] for s in ds.samples])
-        progress = Progress(cfg, todo)
+        progress = Progress(cfg)
         progress.plan(sum(cfg.epochs - _epochs_done(cfg.out / f"fold-{f}") for f in todo))
         for f in todo:
             fold_dir = cfg.out / f"fold-{f}"
@@ -249,9 +248,16 @@ def run(cfg: CVConfig, on_epoch: Callable[[int, dict[str, Any]], None] | None = 
             )
             del x_train
             finish_fold(cfg, ds, f, fold_dir, x_all, y_all, train_idx, oof_idx, state)
+            _clear_session()  # the next fold builds its own model: drop this one's graphs and memory
     if all((cfg.out / f"fold-{f}" / DONE).exists() for f in range(cfg.folds)):
         return pool(cfg, ds)
     return {"folds_done": sorted(f for f in range(cfg.folds) if (cfg.out / f"fold-{f}" / DONE).exists())}
+
+
+def _clear_session() -> None:
+    import keras
+
+    keras.backend.clear_session()
 
 
 def _head_outputs(model: Any, x: NDArray[np.uint8]) -> dict[str, NDArray[np.float32]]:
