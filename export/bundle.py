@@ -23,8 +23,8 @@ from export import data as data_mod
 from export.calibrate import fit_temperature
 from export.convert import stamp
 from export.decision_fit import fit_decision, plot_risk_coverage
-from export.metrics import classification_report
 from export.model import INPUT_NAME, OUTPUT_NAME, logits_model
+from export.scoring import classification_report
 from export.serving_graph import (
     OPSET,
     build_serving_model,
@@ -37,8 +37,8 @@ from export.serving_graph import (
     to_onnx,
 )
 from export.train import BEST_EMA, EMA, LAST, STATE, TrainConfig, WeightEMA, make_split
-from service.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
-from service.preprocess import RESIZE
+from service.model.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
+from service.model.preprocess import RESIZE
 
 MODEL_TITLE = "lungserve-lung-cnn"
 TILE_SOURCE_PX = 768  # LC25000 originals; /analyze cuts tiles of this side from large images

@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export.model import INPUT_NAME, OUTPUT_NAME
-from service.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
-from service.preprocess import RESIZE, load_image
+from service.model.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
+from service.model.preprocess import RESIZE, load_image
 
 OPSET = 18  # tf2onnx's highest
 PARITY_ATOL = 1e-4

@@ -1,6 +1,6 @@
 """Folder-per-class image sets, the by-group split, and the decoded-array cache.
 
-Every image is decoded once through `service.preprocess.load_image` (the function the
+Every image is decoded once through `service.model.preprocess.load_image` (the function the
 service runs per request) and cached as uint8 arrays, so training sees exactly the
 pixels serving will see and epochs do not pay for JPEG decoding again.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from service.preprocess import load_image
+from service.model.preprocess import load_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 

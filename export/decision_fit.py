@@ -61,7 +61,7 @@ def fit_ood_above(scores: NDArray[np.floating], max_rate: float = MAX_OOD_RATE) 
 def apply(
     probs: NDArray[np.floating], ood: NDArray[np.floating] | None, refer_below: float, ood_above: float | None
 ) -> NDArray[np.bool_]:
-    """True where the prediction is accepted (the same rule service/decision.py applies)."""
+    """True where the prediction is accepted (the same rule service/model/decision.py applies)."""
     accept = probs.max(axis=1) >= refer_below
     if ood is not None and ood_above is not None:
         accept &= ood <= ood_above

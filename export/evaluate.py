@@ -14,8 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export import data as data_mod
-from export.metrics import classification_report
-from service.manifest import MANIFEST_NAME, Manifest
+from export.scoring import classification_report
+from service.model.manifest import MANIFEST_NAME, Manifest
 
 
 def predict_onnx(model: Path, images: NDArray[np.uint8], batch_size: int = 64) -> NDArray[np.float32]:
@@ -171,7 +171,7 @@ def evaluate_part(
     applied as fitted (its coverage and accepted accuracy on this part are reported).
     """
     from export.decision_fit import evaluate_decision
-    from export.metrics import report_with_intervals
+    from export.scoring import report_with_intervals
 
     ds = data_mod.scan(data)
     manifest = json.loads((model_dir / MANIFEST_NAME).read_text())

@@ -19,8 +19,8 @@ from numpy.typing import NDArray
 from export import data as data_mod
 from export.augment import AugmentConfig
 from export.calibrate import fit_temperature, nll
-from export.metrics import classification_report
 from export.model import build_model, logits_model, with_temperature
+from export.scoring import classification_report
 
 log = logging.getLogger("lungserve.train")
 

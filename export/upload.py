@@ -1,6 +1,6 @@
 """`lungserve upload DIR s3://bucket/prefix/`: publish an exported model where the service fetches it.
 
-Writes exactly the layout `service.model_source` reads: `<prefix><manifest.file>` (the ONNX file)
+Writes exactly the layout `service.model.source` reads: `<prefix><manifest.file>` (the ONNX file)
 and `<prefix>model.json`. The model goes first and the manifest last, so a server polling the
 manifest's ETag never sees a manifest that points at a model that is not there yet. The local
 sha256 is checked before anything is sent: a manifest that does not describe its file is never
@@ -21,9 +21,9 @@ import aioboto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.errors import ModelSourceError
-from service.manifest import MANIFEST_NAME, parse_manifest, sha256_file
-from service.model_source import S3Location, S3Options, parse_model_uri
-from service.model_source.s3 import client, describe_s3_error
+from service.model.manifest import MANIFEST_NAME, parse_manifest, sha256_file
+from service.model.source import S3Location, S3Options, parse_model_uri
+from service.model.source.s3 import client, describe_s3_error
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
+from service.model.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
 
 INT64_MIN = -(2**63)
 
@@ -190,7 +190,7 @@ def refit_decision(model_dir: Path, data: Path, cache_dir: Path | None, split_ma
     from export import data as data_mod
     from export.decision_fit import fit_decision
     from export.evaluate import run_outputs, split_of
-    from export.metrics import classification_report
+    from export.scoring import classification_report
 
     ds = data_mod.scan(data)
     manifest: dict[str, Any] = json.loads((model_dir / MANIFEST_NAME).read_text())

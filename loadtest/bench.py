@@ -15,7 +15,7 @@ Systems (each started alone on 127.0.0.1, warmed up, measured, stopped):
     litserve    LitServe 0.2.19: 2 batching worker processes
     triton      Triton through PyTriton 0.7: OIP v2 binary bodies, Triton's dynamic batcher
 
-Every peer runs the same ONNX model with lungserve's own `service.preprocess.load_image`, the
+Every peer runs the same ONNX model with lungserve's own `service.model.preprocess.load_image`, the
 same maximum batch and batch delay, and 1 ORT intra-op thread per run (BENCH_ORT_INTRA_THREADS).
 
 Load: wrk (C, one thread) with loadtest/wrk_multipart.lua, closed loop at each concurrency
@@ -304,7 +304,7 @@ def server_spec(
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         return ServerSpec(system, cmd, env, ROOT, port)
     python = ensure_venv(PEER_VENV[system], cache)
-    env["PYTHONPATH"] = str(ROOT)  # `service.preprocess` / `export.model` from this repository
+    env["PYTHONPATH"] = str(ROOT)  # `service.model.preprocess` / `export.model` from this repository
     env["BENCH_ORT_INTRA_THREADS"] = "1"  # as lungserve on CPU: one thread per run, runs overlap
     delay_s = float(lungserve_settings["max_batch_delay_s"])
     if system == "mosec":
@@ -1061,7 +1061,7 @@ def write_markdown(run: Run, out: Path, levels: Sequence[int]) -> None:
         "",
         "- **lungserve**: `python -m service.cli serve --host 127.0.0.1 --port PORT` with default settings "
         "(batching off: `LUNGSERVE_MAX_BATCH_SIZE=1`).",
-        "- **in-process ceiling** (`loadtest/inprocess.py`): `service.preprocess.load_image` + ORT "
+        "- **in-process ceiling** (`loadtest/inprocess.py`): `service.model.preprocess.load_image` + ORT "
         "`session.run`, no HTTP; the best of a pool of 2 threads on single images (1 intra-op thread each) and "
         "2 decode threads feeding batches of up to max_batch_size. Single-image latency: one thread, one image "
         "at a time, ORT default threads.",

@@ -4,9 +4,9 @@
 
 For the 768 px originals (../shared/data/lc25000-lung-768) and 64 of the 224 px tiles
 (../shared/data/lc25000-lung), each candidate decodes to RGB (DCT-domain downscaled where the
-source is >= 2x the model input, as `service.preprocess` does) and resizes with Pillow's
+source is >= 2x the model input, as `service.model.preprocess` does) and resizes with Pillow's
 bilinear filter to the model input. Reported per decoder: median and minimum wall time per
-image (one thread), the largest pixel difference from `service.preprocess.load_image` (the
+image (one thread), the largest pixel difference from `service.model.preprocess.load_image` (the
 path training uses) and the largest change of any class probability of the bundled model.
 
 Candidates: Pillow with JPEG draft (`load_image` itself), simplejpeg (libjpeg-turbo with scaled
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.preprocess import load_image  # noqa: E402
+from service.model.preprocess import load_image  # noqa: E402
 
 SIZE = 128
 Array = np.ndarray[Any, Any]

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repo's `service` importable
     sys.path.insert(0, str(ROOT))
 
-from service.preprocess import load_image  # noqa: E402  (after the path set-up above)
+from service.model.preprocess import load_image  # noqa: E402  (after the path set-up above)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.decision import Thresholds, decide_batch
-from service.engine import Engine
-from service.manifest import MANIFEST_NAME, Manifest
-from service.preprocess import load_image
-from service.tissue import check_batch
+from service.core.engine import Engine
+from service.model.decision import Thresholds, decide_batch
+from service.model.manifest import MANIFEST_NAME, Manifest
+from service.model.preprocess import load_image
+from service.model.tissue import check_batch
 
 
 def main() -> None:

@@ -27,28 +27,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 import service
-from service import admin, analyze, api, explain, webpage
-from service import oip as oip_door
-from service.access import ApiKeys, api_key_guard
-from service.admin import AuthFailures
-from service.admission import UploadGate
-from service.batcher import BatchObserver
-from service.decoder import Decoder
-from service.docs import install_docs
-from service.engine import Engine
+from service.core.admission import UploadGate
+from service.core.batcher import BatchObserver
+from service.core.decode_pool import Decoder
+from service.core.engine import Engine
+from service.core.memory import Trimmer
+from service.core.reload import ModelReloader
+from service.core.runtime import ModelRuntime, Phase, ServiceState
 from service.errors import LungserveError, ModelSourceError, http_error
-from service.logs import RequestContextMiddleware, request_context_from_scope
-from service.memory import Trimmer
-from service.metrics import Metrics, PredictionMetrics
-from service.middleware import AdminPortSplit, CloseUnreadBody
-from service.model_source import ModelArtifact, fetch_configured_model
-from service.reload import ModelReloader
-from service.runtime import ModelRuntime, Phase, ServiceState
+from service.http import admin, analyze, explain, webpage
+from service.http import predict as api
+from service.http.access import ApiKeys, api_key_guard
+from service.http.admin import AuthFailures
+from service.http.docs import install_docs
+from service.http.middleware import AdminPortSplit, CloseUnreadBody
+from service.http.uploads import RouteLimits
+from service.model.source import ModelArtifact, fetch_configured_model
+from service.observability.logs import RequestContextMiddleware, request_context_from_scope
+from service.observability.metrics import Metrics, PredictionMetrics
+from service.oip import rest as oip_door
 from service.settings import Settings
-from service.uploads import RouteLimits
 
 if TYPE_CHECKING:
-    from service.oip_grpc import GrpcDoor
+    from service.oip.grpc import GrpcDoor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def build_runtime(
 ) -> ModelRuntime:
     """Engine -> warm-up of every batch size the batcher can form -> started batcher.
 
-    Start-up and hot reload (`service.reload`) both build their runtime with this.
+    Start-up and hot reload (`service.core.reload`) both build their runtime with this.
     """
     # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
     # /health/live) responsive meanwhile.
@@ -155,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
             yield
         finally:
-            await shutdown.drain()  # usually already done by `lungserve serve` (service.server)
+            await shutdown.drain()  # usually already done by `lungserve serve` (service.http.server)
             state.decoder.shutdown()
             trimming.cancel()
             await asyncio.gather(trimming, return_exceptions=True)
@@ -170,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Lung histopathology classification (LC25000 classes), micro-batched on ONNX Runtime.",
         lifespan=lifespan,
         dependencies=guards,
-        # /openapi.json, /docs and /redoc come from service.docs: FastAPI's default pages need a CDN.
+        # /openapi.json, /docs and /redoc come from service.http.docs: FastAPI's default pages need a CDN.
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -215,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> bool:
     """True when a POST to a door (anything but /admin) would only get 503 for a full queue:
-    `lungserve serve` then answers it from the headers (service.server), the cheapest answer."""
+    `lungserve serve` then answers it from the headers (service.http.server), the cheapest answer."""
     if method != b"POST" or path.startswith(b"/admin") or state.phase is not Phase.READY:
         return False
     runtime = state.runtime
@@ -227,7 +228,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
 
 def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
     try:
-        from service.oip_grpc import GrpcDoor
+        from service.oip.grpc import GrpcDoor
     except ImportError as exc:
         raise GrpcUnavailable(
             f"LUNGSERVE_GRPC_PORT needs the 'grpc' extra ({exc.name} is missing): pip install 'lungserve[grpc]'"
@@ -240,7 +241,7 @@ class GrpcUnavailable(Exception):
 
 
 class Shutdown:
-    """`service.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
+    """`service.http.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
 
     def __init__(
         self, state: ServiceState, metrics: Metrics, reloader: ModelReloader, grpc_door: GrpcDoor | None = None

@@ -30,10 +30,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from service.access import ApiKeysFileError
     from service.app import GrpcUnavailable, create_app
-    from service.logs import configure_logging
-    from service.server import build_server
+    from service.http.access import ApiKeysFileError
+    from service.http.server import build_server
+    from service.observability.logs import configure_logging
     from service.settings import Settings, describe_error
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -56,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    # Connection guards, timeouts and the shutdown order: service/server.py.
+    # Connection guards, timeouts and the shutdown order: service/http/server.py.
     server, sockets = build_server(app, settings)
 
     def graceful(signum: int, frame: object) -> None:
@@ -81,8 +81,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     """Classify files and folders into CSV/JSONL; exit 1 if any file failed, 2 if the run could not."""
     import asyncio
 
-    from service.bulk import RunOptions, UsageError, run
-    from service.client import RetryPolicy
+    from service.clients.bulk import RunOptions, UsageError, run
+    from service.clients.http_client import RetryPolicy
 
     # The summary and the progress bar are the output; per-request INFO lines would drown them.
     logging.getLogger().setLevel(logging.WARNING)
@@ -197,7 +197,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
     from export.upload import upload
     from service.errors import ModelSourceError
-    from service.model_source import S3Options
+    from service.model.source import S3Options
 
     s3 = S3Options(endpoint_url=args.endpoint_url, region=args.region)
     try:

@@ -142,7 +142,7 @@ class Settings(BaseSettings):
         description="after SIGTERM: /health/ready answers 503 this long before the listener closes",
     )
 
-    # --- the refer decision (service.decision; docs/decision.md) ---
+    # --- the refer decision (service.model.decision; docs/decision.md) ---
     refer_below: float | None = Field(
         default=None,
         ge=0.0,
@@ -156,7 +156,9 @@ class Settings(BaseSettings):
     )
     tissue_check: bool = Field(
         default=True,
-        description="refer images that are not plausible H&E tiles (service.tissue); false: only the model decides",
+        description=(
+            "refer images that are not plausible H&E tiles (service.model.tissue); false: only the model decides"
+        ),
     )
 
     # --- admin ---
@@ -168,7 +170,7 @@ class Settings(BaseSettings):
         default=10, ge=1, description="401s per client address and minute before admin answers 429"
     )
 
-    # --- client access (see service/access.py) ---
+    # --- client access (see service/http/access.py) ---
     api_keys_file: Path | None = Field(
         default=None,
         description="file of NAME:KEY lines; when set, prediction routes need one of the keys; unset: open",
@@ -178,7 +180,7 @@ class Settings(BaseSettings):
         description='origins allowed to call the API from a browser: JSON list or comma-separated; "*" any',
     )
 
-    # --- logs (read by `lungserve serve`; see service.logs) ---
+    # --- logs (read by `lungserve serve`; see service.observability.logs) ---
     log_json: bool = Field(default=True, description="one JSON object per log line on stderr; false: plain text")
     log_level: LogLevel = Field(default="INFO", description="DEBUG also logs /metrics scrapes and health probes")
 

@@ -64,7 +64,7 @@ def _server_side(record: logging.LogRecord) -> bool:
 @pytest.fixture
 def server_log() -> Iterator[io.StringIO]:
     """Every server-side log record, as `lungserve serve` writes it (JSON lines)."""
-    from service.logs import JsonFormatter
+    from service.observability.logs import JsonFormatter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

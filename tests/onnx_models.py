@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.manifest import MANIFEST_NAME, Manifest, sha256_file
-from service.preprocess import RESIZE
+from service.model.manifest import MANIFEST_NAME, Manifest, sha256_file
+from service.model.preprocess import RESIZE
 
 CLASSES = ("lung_aca", "lung_n", "lung_scc")
 

@@ -415,7 +415,7 @@ def ood_images(real_tiles: Sequence[Array] = ()) -> list[OodImage]:
 
 
 def he_like_tile(seed: int = 0, size: int = SIZE) -> Array:
-    """Pink cytoplasm, purple nuclei, a little glass: passes `service.tissue` without real data.
+    """Pink cytoplasm, purple nuclei, a little glass: passes `service.model.tissue` without real data.
 
     Only for tests that need an image the tissue check lets through (e.g. with a tiny test model);
     it is not a stand-in for real tissue when judging a model.

@@ -4,7 +4,7 @@ OOD image set per category, and the share of real held-out tiles referred.
     python -m tests.ood_study --data ../shared/data/lc25000-lung --model service/bundled_model \
         --out docs/model/ood.md
 
-It runs the service's own code: `service.preprocess.load_image` (the decode every upload gets),
+It runs the service's own code: `service.model.preprocess.load_image` (the decode every upload gets),
 `Engine.infer` (probabilities + ood_score when the model has one) and `decide_batch` (the tissue
 check and the decision, exactly as the runtime makes it). Thresholds are the manifest's, as served
 with no LUNGSERVE_REFER_BELOW / LUNGSERVE_OOD_ABOVE set.
@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.decision import Decision, Thresholds, decide_batch
-from service.engine import Engine
-from service.manifest import MANIFEST_NAME, Manifest
-from service.preprocess import load_image
-from service.tissue import LIMITS, TissueMeasures, check_batch, judge, measure_batch
+from service.core.engine import Engine
+from service.model.decision import Decision, Thresholds, decide_batch
+from service.model.manifest import MANIFEST_NAME, Manifest
+from service.model.preprocess import load_image
+from service.model.tissue import LIMITS, TissueMeasures, check_batch, judge, measure_batch
 from tests.ood_images import CATEGORIES, MISCOLOURED, OTHER_STAIN, OodImage, ood_images
 
 BATCH = 32
@@ -121,7 +121,7 @@ def fit_section(train: list[TissueMeasures], select: list[TissueMeasures], test:
     names = [f.name for f in fields(TissueMeasures)]
     table = np.array([astuple(m) for m in train], dtype=np.float64)
     lines = [
-        "## The tissue check's limits (service/tissue.py)",
+        "## The tissue check's limits (service/model/tissue.py)",
         "",
         f"Quantiles of each feature over the {len(train)} train-group tiles (percent), and the limit in code:",
         "",

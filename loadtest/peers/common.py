@@ -1,7 +1,7 @@
 """What the BentoML and Ray Serve peers share: the same model, preprocessing and answer.
 
 Runs inside a peer's own virtual environment (loadtest/peers/*.txt), with the repository
-root on PYTHONPATH so that `service.preprocess.load_image`, the one decode/resize function
+root on PYTHONPATH so that `service.model.preprocess.load_image`, the one decode/resize function
 lungserve uses, is imported from the repository rather than rewritten.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.preprocess import load_image
+from service.model.preprocess import load_image
 
 
 class OnnxClassifier:

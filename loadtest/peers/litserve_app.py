@@ -28,7 +28,7 @@ import numpy as np
 from common import OnnxClassifier
 from starlette.requests import Request
 
-from service.preprocess import load_image
+from service.model.preprocess import load_image
 
 
 class LungLit(ls.LitAPI):

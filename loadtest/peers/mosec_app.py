@@ -26,7 +26,7 @@ from common import OnnxClassifier
 from mosec import Server, Worker
 from mosec.errors import ValidationError
 
-from service.preprocess import load_image
+from service.model.preprocess import load_image
 
 MODEL_DIR = Path(os.environ.get("BENCH_MODEL_DIR", "service/bundled_model"))
 MAX_BATCH_SIZE = int(os.environ.get("BENCH_MAX_BATCH_SIZE", "16"))

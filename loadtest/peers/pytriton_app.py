@@ -30,7 +30,7 @@ from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
-from service.preprocess import load_image
+from service.model.preprocess import load_image
 
 
 def main() -> int:

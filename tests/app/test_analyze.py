@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.overlay import LEGEND_HEIGHT
+from service.pathology.overlay import LEGEND_HEIGHT
 from service.settings import Settings
 from tests.app.conftest import make_settings, serve
 from tests.images import encode

@@ -14,10 +14,10 @@ from asgi_lifespan import LifespanManager
 from PIL import Image
 
 from service.app import create_app
-from service.engine import ProviderUnavailable
+from service.core.engine import ProviderUnavailable
 from service.errors import ModelSourceError
-from service.manifest import Manifest
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
 from tests.app.conftest import LIFESPAN_TIMEOUT_S, Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.images import encode, noise_jpeg

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bulk import RunOptions, UsageError, run
+from service.clients.bulk import RunOptions, UsageError, run
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 from tests.app.conftest import Served, make_settings, serve
 from tests.onnx_models import write_model_v2_dir
 from tests.ood_images import encode, he_like_tile

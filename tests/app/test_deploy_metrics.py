@@ -17,8 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import CPU, CUDA
-from service.metrics import DECISION_LABELS, REJECT_REASONS, status_class
+from service.core.engine import CPU, CUDA
+from service.observability.metrics import DECISION_LABELS, REJECT_REASONS, status_class
 from tests.app.conftest import Served
 from tests.images import noise_jpeg
 

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.gradcam import class_activation, normalised
-from service.preprocess import load_image
+from service.model.preprocess import load_image
+from service.pathology.gradcam import class_activation, normalised
 from tests.app.conftest import Served, make_settings, serve
 from tests.images import encode, noise_jpeg
 from tests.onnx_models import cam_model_bytes, write_cam_model_dir, write_model_dir

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.app import create_app
-from service.manifest import Manifest
-from service.metrics import Metrics
+from service.model.manifest import Manifest
+from service.observability.metrics import Metrics
 from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.images import noise_jpeg

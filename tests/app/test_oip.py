@@ -16,9 +16,9 @@ import pytest
 import tritonclient.http as httpclient
 from PIL import Image
 
-from service.manifest import Manifest
-from service.oip import OUTPUTS
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
+from service.oip.rest import OUTPUTS
 from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.images import noise_jpeg

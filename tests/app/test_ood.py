@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.manifest import Manifest
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
 from tests.app.conftest import Served, make_settings, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.ood_images import OodImage, miscoloured, ood_images, restained

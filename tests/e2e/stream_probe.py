@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aioboto3
 
-from service.model_source.s3 import download_object, s3_client_config
+from service.model.source.s3 import download_object, s3_client_config
 
 
 def _status_kib(field: str) -> int:

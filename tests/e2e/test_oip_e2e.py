@@ -1,6 +1,6 @@
 """OIP v2 against a real `lungserve serve`, spoken by the real `tritonclient.http`: health,
 metadata, and inference with binary_data true and false, equal to /predict's answers. And the
-blocking Python client (`service.client`; the async one is driven by `lungserve predict`)."""
+blocking Python client (`service.clients.http_client`; the async one is driven by `lungserve predict`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from service.client import ClientError, LungserveClient
-from service.manifest import Manifest
-from service.preprocess import load_image
+from service.clients.http_client import ClientError, LungserveClient
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
 from tests.conftest import BUNDLED_MODEL, lc25000_tiles
 from tests.e2e.server import start_server, wait_ready
 

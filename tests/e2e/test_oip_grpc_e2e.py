@@ -12,9 +12,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from service.manifest import Manifest
-from service.oip import OUTPUTS
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
+from service.oip.rest import OUTPUTS
 from tests.conftest import BUNDLED_MODEL, lc25000_tiles
 from tests.e2e.server import free_port, start_server, wait_ready
 

@@ -29,8 +29,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from service.explanation import cam_output_names
-from service.manifest import Manifest
+from service.model.manifest import Manifest
+from service.pathology.explanation import cam_output_names
 from tests.conftest import BUNDLED_MODEL
 from tests.e2e.chromium import OFFLINE_FLAGS
 from tests.e2e.server import start_server, wait_ready

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from export.upload import upload
-from service.model_source import S3Options, current_etag
+from service.model.source import S3Options, current_etag
 from tests.images import noise_png
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import LoggedProcess, MotoServer, boto3_client

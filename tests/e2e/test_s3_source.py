@@ -23,10 +23,10 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from export.upload import upload
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import ModelSourceError
-from service.manifest import MANIFEST_NAME
-from service.model_source import ModelArtifact, S3Options, current_etag, fetch_model
+from service.model.manifest import MANIFEST_NAME
+from service.model.source import ModelArtifact, S3Options, current_etag, fetch_model
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import Gate, MotoServer, boto3_client, moto_server, refusing_socket, set_dummy_aws_env
 

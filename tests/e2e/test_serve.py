@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.manifest import Manifest
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
 from tests.conftest import BUNDLED_MODEL, lc25000_tiles
 from tests.e2e.server import EXIT_TIMEOUT_S, start_server, wait_ready
 

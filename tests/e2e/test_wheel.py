@@ -19,7 +19,7 @@ import httpx
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL, ROOT
 from tests.e2e.server import run_server, wait_ready
 

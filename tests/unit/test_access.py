@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.access import ApiKeys, ApiKeysFileError, is_open
+from service.http.access import ApiKeys, ApiKeysFileError, is_open
 
 LAB = "lab-viewer-0123456789abcdef"
 PIPE = "pipeline-fedcba9876543210"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.admission import UploadGate
+from service.core.admission import UploadGate
 from service.errors import Overloaded
 
 

@@ -11,9 +11,9 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from service.analysis import analyse
 from service.errors import InvalidImage
-from service.tiling import Tile, tile_grid
+from service.pathology.class_map import analyse
+from service.pathology.tiles import Tile, tile_grid
 
 
 class FakeSlide:

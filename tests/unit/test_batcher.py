@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
-from service.batcher import (
+from service.core.batcher import (
     Batcher,
     BatcherStopped,
     BatchInfo,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bulk import PART_OVERHEAD_BYTES, Output, UsageError, chunked, to_row, walk
-from service.client import Prediction
+from service.clients.bulk import PART_OVERHEAD_BYTES, Output, UsageError, chunked, to_row, walk
+from service.clients.http_client import Prediction
 
 CLASSES = ["lung_aca", "lung_n", "lung_scc"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import Prediction, RetryPolicy
+from service.clients.http_client import Prediction, RetryPolicy
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 6, 12])

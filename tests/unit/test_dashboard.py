@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import Metrics
-from service.model_source import ModelIdentity
+from service.model.source import ModelIdentity
+from service.observability.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "lungserve.json"
 METRIC_RE = re.compile(r"\b((?:lungserve|process)_[a-z0-9_]+)\b")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.decision import (
+from service.model.decision import (
     ACCEPT,
     DECISIONS,
     LOW_CONFIDENCE,
@@ -19,7 +19,7 @@ from service.decision import (
     decide,
     decide_batch,
 )
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 from tests.onnx_models import write_model_dir
 
 SURE = [0.01, 0.98, 0.01]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decoder import Decoder, PixelAllowance
+from service.core.decode_pool import Decoder, PixelAllowance
 from service.errors import ImageTooLarge, InvalidImage
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +68,7 @@ def test_decoded_jpeg_cost_is_the_draft_size() -> None:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)).save(buf, format="JPEG")
     allowance = PixelAllowance(100_000)
-    from service.preprocess import probe_image
+    from service.model.preprocess import probe_image
 
     allowance.charge(probe_image(buf.getvalue(), 128))  # 2048^2 / 64 = 65,536 decoded pixels
     assert allowance.used == 65_536

@@ -26,8 +26,8 @@ import kubernetes_validate  # type: ignore[import-untyped]  # no stubs; offline 
 import pytest
 import yaml
 
-from service.access import OPEN_ROUTES
 from service.app import create_app
+from service.http.access import OPEN_ROUTES
 from service.settings import Settings
 from tests.system_tools import require_tool
 
@@ -214,7 +214,7 @@ def _sleep_s(pod: dict[str, Any], c: dict[str, Any]) -> int:
 
 def shutdown_budget_s(env: dict[str, str]) -> float:
     """After SIGTERM: readiness 503 with the listener open, then uvicorn waits up to
-    max(drain, request deadline) + 5 s for the drained answers (service/server.py)."""
+    max(drain, request deadline) + 5 s for the drained answers (service/http/server.py)."""
     values = {k.removeprefix("LUNGSERVE_").lower(): v for k, v in env.items() if k.startswith("LUNGSERVE_")}
     s = Settings.model_validate(values)
     return s.shutdown_delay_s + max(s.drain_timeout_s, s.request_deadline_s) + 5

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import Manifest
-from service.preprocess import load_image
+from service.model.manifest import Manifest
+from service.model.preprocess import load_image
 from tests.conftest import BUNDLED_MODEL
 
 

@@ -11,10 +11,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.engine import CPU, CUDA, Engine, ProviderUnavailable, check_active, choose_providers, validate_signature
+from service.core.engine import (
+    CPU,
+    CUDA,
+    Engine,
+    ProviderUnavailable,
+    check_active,
+    choose_providers,
+    validate_signature,
+)
 from service.errors import ModelSourceError
-from service.manifest import Manifest
-from service.model_source import load_local_model
+from service.model.manifest import Manifest
+from service.model.source import load_local_model
 from tests.conftest import BUNDLED_MODEL
 from tests.onnx_models import model_bytes, write_model_dir
 
@@ -203,7 +211,7 @@ def test_bundled_model_loads_and_warms_up() -> None:
 
 
 def test_cpu_sessions_default_to_one_intra_op_thread() -> None:
-    from service.engine import intra_op_threads_for
+    from service.core.engine import intra_op_threads_for
 
     assert intra_op_threads_for(["CPUExecutionProvider"], None) == 1
     assert intra_op_threads_for(["CPUExecutionProvider"], 3) == 3

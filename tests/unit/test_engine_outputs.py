@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import ModelSourceError
-from service.manifest import Manifest
+from service.model.manifest import Manifest
 from tests.onnx_models import V2_CENTRE, model_bytes, write_model_dir, write_model_v2_dir
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from export.calibrate import fit_temperature, nll
 from export.data import DataError, scan, split_by_group
-from export.metrics import classification_report, expected_calibration_error
+from export.scoring import classification_report, expected_calibration_error
 
 
 def make_dataset(
@@ -119,7 +119,7 @@ def test_three_way_split_keeps_the_holdout_apart_and_halves_it_by_class(tmp_path
 
 
 def test_group_bootstrap_interval_covers_the_estimate_and_widens_with_group_effects() -> None:
-    from export.metrics import group_bootstrap
+    from export.scoring import group_bootstrap
 
     classes = ["x", "y"]
     groups = [f"{c}/{g}" for c in classes for g in range(30) for _ in range(10)]
@@ -138,7 +138,7 @@ def test_group_bootstrap_interval_covers_the_estimate_and_widens_with_group_effe
 
 
 def test_group_bootstrap_ece_matches_the_point_estimate_when_nothing_varies() -> None:
-    from export.metrics import group_bootstrap
+    from export.scoring import group_bootstrap
 
     groups = [f"x/{g}" for g in range(5) for _ in range(4)]
     labels = np.zeros(20, dtype=np.int64)

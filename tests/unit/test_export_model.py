@@ -17,8 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from export.convert import ExportError, check_parity, export  # noqa: E402
 from export.model import INPUT_NAME, OUTPUT_NAME, build_model  # noqa: E402
-from service.manifest import Manifest, sha256_file  # noqa: E402
-from service.preprocess import RESIZE  # noqa: E402
+from service.model.manifest import Manifest, sha256_file  # noqa: E402
+from service.model.preprocess import RESIZE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.gradcam import class_activation, normalised, upsampled
-from service.overlay import (
+from service.pathology.gradcam import class_activation, normalised, upsampled
+from service.pathology.overlay import (
     CLASS_COLOURS,
     LEGEND_HEIGHT,
     TileMark,
@@ -17,7 +17,7 @@ from service.overlay import (
     heat_colours,
     heatmap_overlay,
 )
-from service.tiling import Tile
+from service.pathology.tiles import Tile
 from tests.onnx_models import cam_model_bytes
 
 

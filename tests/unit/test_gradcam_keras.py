@@ -2,7 +2,7 @@
 
 The model is a small `export.model.build_model` network, briefly trained on real LC25000 tiles
 and exported through `export.serving_graph` (the same code that builds the shipped model's
-`feature_maps` and `cam_weights`). The served map is `service.gradcam.class_activation` on the
+`feature_maps` and `cam_weights`). The served map is `service.pathology.gradcam.class_activation` on the
 ORT outputs; the reference is Selvaraju et al.'s Grad-CAM with tf.GradientTape on the last conv
 block's ReLU. Sanity check after Adebayo et al. (2018): re-initialising the weights, from the
 head down through the last conv block (cascading randomisation), gives clearly different maps.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from service.gradcam import class_activation
-from service.preprocess import load_image
+from service.model.preprocess import load_image
+from service.pathology.gradcam import class_activation
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from service.errors import (
     grpc_status,
     http_error,
 )
-from service.oip_codec import InvalidInferRequest
+from service.oip.tensors import InvalidInferRequest
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.errors import ClientGone, DeadlineExceeded
-from service.http_guards import deadline, unless_disconnected
+from service.http.guards import deadline, unless_disconnected
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from service.logs import (
+from service.observability.logs import (
     JsonFormatter,
     RequestContextMiddleware,
     RequestTiming,
@@ -28,7 +28,7 @@ from service.logs import (
     request_context_from_scope,
     server_timing,
 )
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 
 SECRET_NAME = "patient_jane_doe_19620412.jpeg"
 

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.batcher import Batcher, BatchInfo, BatchObserver
-from service.decision import ACCEPT
+from service.core.batcher import Batcher, BatchInfo, BatchObserver
+from service.core.runtime import Classified, PredictionObserver
 from service.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -24,9 +24,12 @@ from service.errors import (
     ShuttingDown,
     TooManyFiles,
 )
-from service.logs import RequestContext, server_timing, use_request
-from service.manifest import Manifest
-from service.metrics import (
+from service.model.decision import ACCEPT
+from service.model.manifest import Manifest
+from service.model.preprocess import RESIZE
+from service.model.source import ModelIdentity
+from service.observability.logs import RequestContext, server_timing, use_request
+from service.observability.metrics import (
     Metrics,
     PredictionMetrics,
     batch_size_buckets,
@@ -34,9 +37,6 @@ from service.metrics import (
     reject_reason_for,
     status_class,
 )
-from service.model_source import ModelIdentity
-from service.preprocess import RESIZE
-from service.runtime import Classified, PredictionObserver
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

@@ -10,10 +10,10 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from export.upload import upload, upload_location
-from service.engine import Engine
+from service.core.engine import Engine
 from service.errors import ModelSourceError, one_line
-from service.manifest import MANIFEST_NAME, parse_manifest
-from service.model_source import (
+from service.model.manifest import MANIFEST_NAME, parse_manifest
+from service.model.source import (
     LocalLocation,
     ModelArtifact,
     S3Location,
@@ -22,8 +22,8 @@ from service.model_source import (
     load_local_model,
     parse_model_uri,
 )
-from service.model_source.cache import cache_subdir
-from service.model_source.s3 import describe_s3_error
+from service.model.source.cache import cache_subdir
+from service.model.source.s3 import describe_s3_error
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 
 BUNDLED = Path(__file__).resolve().parents[2] / "service" / "bundled_model"

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from service.errors import LungserveError, TooManyFiles
-from service.oip_codec import (
+from service.oip.tensors import (
     BYTES_INPUT,
     InferRequest,
     InvalidInferRequest,

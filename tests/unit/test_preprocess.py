@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.preprocess import load_image, probe_image
+from service.model.preprocess import load_image, probe_image
 from tests.images import encode, jpeg_with_declared_size, noise_jpeg, png_header_only
 
 SIZE = 32

@@ -6,7 +6,7 @@ import re
 
 from prometheus_client import CollectorRegistry
 
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from service.settings import Settings
 from tests.conftest import ROOT
 

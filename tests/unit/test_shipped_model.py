@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.manifest import Manifest, sha256_file
+from service.model.manifest import Manifest, sha256_file
 from tests.conftest import BUNDLED_MODEL
 
 ROLES_RANK = {"probabilities": 2, "ood_score": 1, "feature_maps": 4, "cam_weights": 3}

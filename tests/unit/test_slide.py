@@ -11,9 +11,9 @@ import tifffile
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.preprocess import load_image
-from service.slide import OpenSlideSlide, PillowSlide, open_slide
-from service.tiling import Tile, tile_grid
+from service.model.preprocess import load_image
+from service.pathology.slides import OpenSlideSlide, PillowSlide, open_slide
+from service.pathology.tiles import Tile, tile_grid
 
 
 def _rgb(width: int, height: int, seed: int = 0) -> np.ndarray:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.preprocess import load_image
-from service.tiling import Tile, count_tiles, is_background, tile_grid, white_share
+from service.model.preprocess import load_image
+from service.pathology.tiles import Tile, count_tiles, is_background, tile_grid, white_share
 
 
 @pytest.mark.parametrize(("width", "height"), [(1536, 1536), (2000, 900), (768, 768), (5000, 3100)])

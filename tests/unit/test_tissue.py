@@ -1,4 +1,4 @@
-"""The image-level tissue / H&E check (service.tissue) on images with known answers."""
+"""The image-level tissue / H&E check (service.model.tissue) on images with known answers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.preprocess import load_image
-from service.tissue import (
+from service.model.preprocess import load_image
+from service.model.tissue import (
     _LIKELIHOOD_BINS,
     _LIKELIHOOD_ROWS,
     _LOG_DENSITY,

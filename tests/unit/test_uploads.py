@@ -16,7 +16,7 @@ from service.errors import (
     UnsupportedMediaType,
     UploadTooSlow,
 )
-from service.uploads import (
+from service.http.uploads import (
     MAX_PREAMBLE_BYTES,
     Upload,
     UploadLimits,

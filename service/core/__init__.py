@@ -1,0 +1,1 @@
+"""The serving core, free of any web framework: batcher, engine, runtime, admission, decode pool, reload."""

@@ -1,0 +1,116 @@
+"""The decode pools and the pixel budgets: one client's huge images cannot starve the rest.
+
+Every image is first *probed* (header only: format, size, decode cost) in the decode pool, then
+
+* charged to its request's `PixelAllowance` (`LUNGSERVE_MAX_REQUEST_PIXELS`): beyond it the
+  image is refused with 413 before decoding, so a `/predict-many` of 64 declared 7000 x 7000
+  PNGs (3 MB of bytes, 3 Gpx of pixels) cannot buy seconds of CPU;
+* decoded in the shared pool when its decode cost is below `LUNGSERVE_LARGE_IMAGE_PIXELS`, or
+  else in the *large-image lane*: one thread, so at most one large image is being decoded at a
+  time (pixels in flight <= MAX_IMAGE_PIXELS + PREPROCESS_WORKERS x LARGE_IMAGE_PIXELS) and the
+  shared pool stays free for ordinary tiles. A JPEG's cost is its DCT-reduced (draft) size, so
+  large JPEGs are cheap; PNG, TIFF and BMP have no reduced decode and pay in full.
+
+After each large decode the heap is trimmed (`service.core.memory.trim`), so RSS returns near its
+level before the burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.core import memory
+from service.errors import ImageTooLarge
+from service.model.preprocess import Probe, load_image, probe_image
+
+Image = NDArray[np.uint8]
+
+
+class PixelAllowance:
+    """One request's decode budget in pixels (decode cost, so JPEG drafts count reduced)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # charged from decode threads: a request's images in parallel
+
+    def charge(self, probe: Probe) -> None:
+        with self._lock:
+            if self.used + probe.decode_pixels > self.limit:
+                raise ImageTooLarge(
+                    f"this image ({probe.width}x{probe.height}) would take the request's images over "
+                    f"LUNGSERVE_MAX_REQUEST_PIXELS = {self.limit} decoded pixels"
+                )
+            self.used += probe.decode_pixels
+
+
+class Decoder:
+    """`decode(data, size)` off the event loop: shared pool for tiles, one lane for large images."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        max_image_pixels: int,
+        large_image_pixels: int,
+        trim: Callable[[], object] = memory.trim,
+    ) -> None:
+        self.max_image_pixels = max_image_pixels
+        self.large_image_pixels = large_image_pixels
+        self._trim = trim
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-large")
+
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Image, float]:
+        """The (size, size, 3) image and the seconds of decode it took; domain errors as raised."""
+        loop = asyncio.get_running_loop()
+        # One thread hop for the common case: probe, charge and decode in the same pool task.
+        # Only an image whose decode cost is large moves on, to the large-image lane.
+        outcome = await loop.run_in_executor(self._pool, self._probe_then_decode, data, size, allowance)
+        if isinstance(outcome, Probe):
+            return await loop.run_in_executor(self._large, self._decode_large, data, size)
+        return outcome
+
+    def _probe_then_decode(
+        self, data: bytes, size: int, allowance: PixelAllowance | None
+    ) -> Probe | tuple[Image, float]:
+        """The decoded image, or the probe of an image too large for the shared pool."""
+        probe = probe_image(data, size, max_pixels=self.max_image_pixels)
+        if allowance is not None:
+            allowance.charge(probe)
+        if probe.decode_pixels >= self.large_image_pixels:
+            return probe
+        return self._decode(data, size)
+
+    def _decode(self, data: bytes, size: int) -> tuple[Image, float]:
+        started = time.perf_counter()
+        image = load_image(data, size, max_pixels=self.max_image_pixels)
+        return image, time.perf_counter() - started
+
+    def _decode_large(self, data: bytes, size: int) -> tuple[Image, float]:
+        try:
+            return self._decode(data, size)
+        finally:
+            self._trim()
+
+    @property
+    def pool(self) -> Executor:
+        """The shared decode threads: decode-side work of other doors (a large image's tiles,
+        Grad-CAM pictures) runs here too, so it shares the same bound on CPU."""
+        return self._pool
+
+    @property
+    def large_lane(self) -> Executor:
+        """The one-thread lane for decodes of large images (a plain image given to /analyze)."""
+        return self._large
+
+    def shutdown(self) -> None:
+        for pool in (self._pool, self._large):
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,152 @@
+"""Optional API keys: who may call the prediction routes.
+
+`LUNGSERVE_API_KEYS_FILE` names a file of `NAME:KEY` lines (blank lines and `#` comments
+ignored). When it is set, every route except the open ones (health, metrics, docs; admin has
+its own token) needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, else `401`. Keys are
+compared in constant time (`hmac.compare_digest` over SHA-256 digests, against every key, so
+neither the match nor its position leaks through timing). Only the key's *name* is ever logged
+or counted; the key itself never leaves this module.
+
+The check runs after routing and before the route's handler (a FastAPI dependency on the whole
+app), so a refused request never takes a queue slot or reads its body, and it still counts under
+its own route template. Routes are closed unless listed in `OPEN_ROUTES`: a new route is
+protected by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from fastapi import Request
+
+from service.errors import Unauthorized
+from service.observability.logs import request_context_from_scope
+
+# Route templates anyone may call: probes, scrapes and the docs must work without a key, and a
+# browser cannot send a header when it opens a page (the page at / then sends the key itself).
+OPEN_ROUTES: Final = frozenset(
+    {
+        "/",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/docs-assets/{asset:path}",
+    }
+)
+# Admin routes check LUNGSERVE_ADMIN_TOKEN themselves (an API key must not open them, nor be needed).
+OWN_AUTH_PREFIXES: Final = ("/admin/",)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ApiKeysFileError(Exception):
+    """The keys file cannot be used; the message names the line, never a key."""
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Key digests by name. Built once per app from the file (`load`)."""
+
+    digests: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def load(cls, path: Path) -> ApiKeys:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiKeysFileError(f"LUNGSERVE_API_KEYS_FILE {path}: cannot read it ({exc})") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "LUNGSERVE_API_KEYS_FILE") -> ApiKeys:
+        digests: list[tuple[str, bytes]] = []
+        names: set[str] = set()
+        seen: set[bytes] = set()
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, key = (part.strip() for part in line.partition(":"))
+            where = f"{source} line {number}"
+            if not sep or not key:
+                raise ApiKeysFileError(f"{where}: expected NAME:KEY")
+            if not _NAME.match(name):
+                raise ApiKeysFileError(f"{where}: the name must be 1-64 letters, digits, '.', '_' or '-'")
+            if name in names:
+                raise ApiKeysFileError(f"{where}: the name {name!r} is used twice")
+            if len(key) < 16:
+                raise ApiKeysFileError(f"{where}: the key of {name!r} is shorter than 16 characters")
+            digest = _digest(key)
+            if digest in seen:
+                raise ApiKeysFileError(f"{where}: the key of {name!r} is also another name's key")
+            names.add(name)
+            seen.add(digest)
+            digests.append((name, digest))
+        if not digests:
+            raise ApiKeysFileError(f"{source}: no NAME:KEY line (an empty file would lock every client out)")
+        return cls(tuple(digests))
+
+    def identify(self, key: str) -> str | None:
+        """The name of `key`, or None. Compares against every key, whatever matches first."""
+        given = _digest(key)
+        found: str | None = None
+        for name, digest in self.digests:
+            if hmac.compare_digest(given, digest):
+                found = name
+        return found
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def presented_key(request: Request) -> str | None:
+    """`X-API-Key: KEY`, else `Authorization: Bearer KEY`."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def is_open(route: str) -> bool:
+    return route in OPEN_ROUTES or route.startswith(OWN_AUTH_PREFIXES)
+
+
+KeyObserver = Callable[[str | None, str], None]  # (key name or None, outcome) -> metrics
+
+
+def api_key_guard(keys: ApiKeys, observe: KeyObserver) -> Callable[[Request], None]:
+    """The app-wide dependency: names the caller, or refuses the request with 401."""
+
+    def require_api_key(request: Request) -> None:
+        route = getattr(request.scope.get("route"), "path", "")
+        if is_open(route):
+            return
+        key = presented_key(request)
+        if key is None:
+            observe(None, "missing")
+            raise Unauthorized("this server needs an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        name = keys.identify(key)
+        if name is None:
+            observe(None, "invalid")
+            raise Unauthorized("the API key is not valid")
+        observe(name, "ok")
+        ctx = request_context_from_scope(request.scope)
+        if ctx is not None:
+            ctx.api_key = name  # the access log names the caller
+
+    return require_api_key

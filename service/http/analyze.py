@@ -1,0 +1,223 @@
+"""POST /analyze: a large image tiled at the training scale into a class map.
+
+The door; the core is `service.pathology.class_map`.
+
+The upload goes to a temporary file (a slide can be gigabytes), its header gives the size,
+the tile grid gives the number of tiles, and then all tiles are admitted at once (one
+`reserve`, 503 when the queue cannot take them, 413 when it never could) before any tile is
+decoded. Tiles then flow through the shared batcher with the same deadline, disconnect
+handling and metrics as /predict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from fastapi import APIRouter, Request
+from PIL import Image
+
+from service.core import memory
+from service.core.admission import admitted_uploads
+from service.core.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
+from service.errors import InvalidImage, LungserveError, ModelNotReady, TooManyTiles
+from service.http.guards import deadline, unless_disconnected
+from service.http.schemas import (
+    ERROR_RESPONSES,
+    AnalysisSummary,
+    AnalyzeResponse,
+    ModelRef,
+    SourceInfo,
+    TileAnswer,
+    multipart_body,
+)
+from service.http.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits
+from service.pathology.class_map import TileImage, TileOutcome, analyse, tile_source_px
+from service.pathology.explanation import b64
+from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
+from service.pathology.slides import Slide, open_slide
+from service.pathology.tiles import tile_grid
+
+router = APIRouter()
+
+# Longer side of the overlay and thumbnail PNGs.
+OVERLAY_MAX_SIDE: Final = 1024
+
+
+def decision_of(result: Classified) -> tuple[str, str | None]:
+    """The refer decision the runtime made beside the model's output (service.model.decision)."""
+    return result.decision.decision, result.decision.reason
+
+
+async def _classify_tile(
+    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, image: TileImage
+) -> Classified:
+    try:
+        result, info = await runtime.classify(reservation, image)
+    except LungserveError as exc:
+        service.observer.on_image_failed(exc)
+        raise
+    service.observer.on_classified(result, info)
+    return result
+
+
+def _summary(classes: list[str], outcomes: list[TileOutcome[Classified]]) -> AnalysisSummary:
+    tissue = [o.result for o in outcomes if o.result is not None]
+    by_class = Counter(r.label for r in tissue)
+    counts = {c: by_class.get(c, 0) for c in classes}
+    return AnalysisSummary(
+        tiles=len(outcomes),
+        tissue_tiles=len(tissue),
+        background_tiles=len(outcomes) - len(tissue),
+        referred_tiles=sum(1 for r in tissue if decision_of(r)[0] == "refer"),
+        tissue_tiles_by_class=counts,
+        tissue_share={c: (n / len(tissue) if tissue else 0.0) for c, n in counts.items()},
+    )
+
+
+def _pictures(
+    slide: Slide, outcomes: list[TileOutcome[Classified]], colours: dict[str, str]
+) -> tuple[bytes, bytes, tuple[int, int]]:
+    """(overlay PNG, thumbnail PNG, their size): blocking, runs in the decode pool."""
+    thumb: Image.Image = slide.thumbnail(OVERLAY_MAX_SIDE)
+    marks = [
+        TileMark(o.tile, o.result.label, refer=decision_of(o.result)[0] == "refer")
+        for o in outcomes
+        if o.result is not None
+    ]
+    overlay = class_map_overlay(thumb, (slide.width, slide.height), marks, colours)
+    return png_bytes(overlay), png_bytes(thumb), overlay.size
+
+
+@router.post(
+    "/analyze",
+    summary="Tile a large image at the model's scale and map the classes",
+    description=(
+        "Multipart field `file`: a JPEG, PNG or TIFF larger than a tile (up to `MAX_IMAGE_PIXELS`), or a "
+        "pyramidal TIFF / whole-slide file read through OpenSlide when the `slides` extra is installed. "
+        "Tiles of `tile_source_px` source pixels (from the model manifest, 768 for LC25000) are classified "
+        "through the shared batcher; mostly white tiles are skipped and counted. Answers the per-tile map, "
+        "a summary and the class map as a PNG overlay (base64)."
+    ),
+    responses=ERROR_RESPONSES,
+    openapi_extra=multipart_body("file", many=False),
+)
+async def analyze(request: Request) -> AnalyzeResponse:
+    service: ServiceState = request.app.state.service
+    settings = service.settings
+    limits = UploadLimits(
+        field="file",
+        max_files=1,
+        max_file_bytes=settings.max_slide_bytes,
+        max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
+        fail_fast=True,
+    )
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory(prefix="lungserve-analyze-") as spool_dir:
+        spooled: list[BinaryIO] = []
+
+        def spool() -> BinaryIO:
+            handle = (Path(spool_dir) / f"upload-{len(spooled)}").open("w+b")
+            spooled.append(handle)
+            return handle
+
+        slide: Slide | None = None
+        try:
+            decoder = service.decoder
+            if decoder is None:
+                raise ModelNotReady("the server is not started")
+            pool = decoder.pool
+            headers = request.headers
+            # The way in of every upload route (readiness, declared size, queue and upload gate,
+            # minimum upload rate), with the body going to disk instead of memory.
+            async with (
+                deadline(settings.request_deadline_s),
+                admitted_uploads(
+                    service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool
+                ),
+            ):
+                for handle in spooled:
+                    handle.close()
+                runtime = service.current()  # a reload may have swapped it while the body came in
+                manifest = runtime.engine.manifest
+                size, side = manifest.input_size, tile_source_px(manifest)
+                path = Path(spool_dir) / "upload-0"
+                if path.stat().st_size == 0:
+                    raise InvalidImage("the file is empty")
+                # Opening reads the header; a plain image is then decoded whole, in the large-image lane.
+                slide = await loop.run_in_executor(
+                    pool, partial(open_slide, path, max_pixels=settings.max_image_pixels, tile_px=side, size=size)
+                )
+                await loop.run_in_executor(decoder.large_lane, slide.prepare)
+                tiles = tile_grid(slide.width, slide.height, side)
+                limit = runtime.batcher.queue_limit
+                if len(tiles) > limit:
+                    raise TooManyTiles(
+                        f"the image is {slide.width}x{slide.height} px: {len(tiles)} tiles of {side} px, more than "
+                        f"the {limit} this server admits at once (LUNGSERVE_QUEUE_LIMIT)"
+                    )
+                # One admission for every tile, before any tile is decoded.
+                with runtime.reserve(len(tiles)) as reservation:
+                    outcomes = await unless_disconnected(
+                        analyse(
+                            slide,
+                            tiles,
+                            size=size,
+                            pool=pool,
+                            classify=partial(_classify_tile, service, runtime, reservation),
+                            window=settings.max_batch_size * settings.max_in_flight_batches,
+                        ),
+                        request.receive,
+                    )
+                colours = class_colours(manifest.classes)
+                overlay, thumbnail, (width, height) = await loop.run_in_executor(
+                    pool, _pictures, slide, outcomes, colours
+                )
+                source = SourceInfo(**slide.describe())
+                image_size = (slide.width, slide.height)
+        except LungserveError as exc:
+            service.observer.on_rejected(exc)
+            raise
+        finally:
+            for handle in spooled:
+                handle.close()
+            if slide is not None:
+                slide.close()
+                memory.trim()  # a large image's pixels go back to the system, not just to the heap
+    return AnalyzeResponse(
+        width=image_size[0],
+        height=image_size[1],
+        tile_source_px=side,
+        input_size=size,
+        source=source,
+        tiles=[_tile_answer(o) for o in outcomes if o.result is not None],
+        summary=_summary(manifest.classes, outcomes),
+        colours=colours,
+        overlay_png=b64(overlay),
+        thumbnail_png=b64(thumbnail),
+        overlay_width=width,
+        overlay_height=height,
+        model=ModelRef(name=manifest.name, version=manifest.version),
+    )
+
+
+def _tile_answer(outcome: TileOutcome[Classified]) -> TileAnswer:
+    result = outcome.result
+    assert result is not None
+    decision, reason = decision_of(result)
+    t = outcome.tile
+    return TileAnswer(
+        x=t.x,
+        y=t.y,
+        width=t.width,
+        height=t.height,
+        label=result.label,
+        confidence=result.confidence,
+        probabilities=result.by_class(),
+        decision=decision,
+        reason=reason,
+    )

@@ -1,0 +1,112 @@
+"""Interactive API docs (/docs, /redoc) served entirely from this process.
+
+FastAPI's default pages load Swagger UI and ReDoc from a CDN, so they are blank offline. This
+is FastAPI's documented self-hosting: the same HTML generators, pointed at the copies vendored
+in `service/http/static/` (see its README for versions and licenses), served under `ASSETS_PATH`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from service.http.access import is_open
+
+STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
+ASSETS_PATH: Final = "/docs-assets"
+OPENAPI_PATH: Final = "/openapi.json"
+DOCS_PATH: Final = "/docs"
+REDOC_PATH: Final = "/redoc"
+OAUTH2_REDIRECT_PATH: Final = "/docs/oauth2-redirect"
+
+
+API_KEY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a key from LUNGSERVE_API_KEYS_FILE, as `Authorization: Bearer KEY`",
+    },
+    "apiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "a key from LUNGSERVE_API_KEYS_FILE, as `X-API-Key: KEY`",
+    },
+}
+
+
+def install_docs(app: FastAPI, *, api_keys: bool = False) -> None:
+    """Add /openapi.json, /docs, /redoc and their assets to an app built with
+    `openapi_url=None, docs_url=None, redoc_url=None`;
+    with `api_keys`, the OpenAPI document also declares the key schemes on the routes that need one."""
+    if api_keys:
+        _declare_api_keys(app)
+    assets = StaticFiles(directory=STATIC_DIR)
+
+    # Routes, not FastAPI's built-in /openapi.json and a Mount: only routes of FastAPI's own kind
+    # carry their template to the request metrics, which would count these as "unmatched".
+    @app.get(OPENAPI_PATH, include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get(ASSETS_PATH + "/{asset:path}", include_in_schema=False)
+    async def docs_asset(request: Request, asset: str) -> Response:
+        # StaticFiles does the safe lookup (no escaping the folder), caching headers and types.
+        return await assets.get_response(asset, request.scope)
+
+    def _root(request: Request) -> str:
+        # Behind a proxy that strips a prefix (root_path), every URL keeps that prefix.
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = _root(request)
+        return get_swagger_ui_html(
+            openapi_url=root + OPENAPI_PATH,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
+            oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH,
+            # Keep a pasted admin token or API key across reloads of the page.
+            swagger_ui_parameters={"persistAuthorization": True},
+        )
+
+    @app.get(OAUTH2_REDIRECT_PATH, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get(REDOC_PATH, include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = _root(request)
+        return get_redoc_html(
+            openapi_url=root + OPENAPI_PATH,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{ASSETS_PATH}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False,
+        )
+
+
+def _declare_api_keys(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(API_KEY_SCHEMES)
+        for path, operations in schema.get("paths", {}).items():
+            if is_open(path):
+                continue
+            for operation in operations.values():
+                # Either scheme will do (a list of alternatives).
+                operation["security"] = [{"apiKey": []}, {"apiKeyHeader": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,50 @@
+"""The browser page at `/`: static HTML, CSS and JavaScript from `service/http/page/`, no CDN.
+
+The page talks to the same doors as any client (/predict, /explain, /analyze); the only thing
+it gets from here besides its files is /page/config.json: the model's classes, the class
+colours of the /analyze overlay (one palette, `service.pathology.overlay`) and the tile size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from service.core.runtime import ServiceState
+from service.pathology.class_map import tile_source_px
+from service.pathology.explanation import cam_output_names
+from service.pathology.overlay import class_colours
+
+PAGE_DIR: Final = Path(__file__).resolve().parent / "page"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    return FileResponse(PAGE_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+
+@router.get("/page/config.json")
+async def config(request: Request) -> dict[str, Any]:
+    service: ServiceState = request.app.state.service
+    runtime = service.current()
+    manifest = runtime.engine.manifest
+    return {
+        "model": {"name": manifest.name, "version": manifest.version},
+        "provider": runtime.engine.provider,
+        "classes": list(manifest.classes),
+        "colours": class_colours(manifest.classes),
+        "tile_source_px": tile_source_px(manifest),
+        "explain": cam_output_names(manifest, runtime.engine.output_names) is not None,
+    }
+
+
+def install(app: FastAPI) -> None:
+    """The page's routes, then its files under /page/ (routes first: they win over the mount)."""
+    app.include_router(router)
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")

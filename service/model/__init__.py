@@ -1,0 +1,1 @@
+"""The model contract export/ imports: manifest, preprocessing, refer decision, tissue check, sources."""

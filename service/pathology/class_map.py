@@ -1,0 +1,88 @@
+"""A large image as a class map: tiles at the training scale, through the model, with bounded memory.
+
+The core of `/analyze`, without HTTP. `analyse` walks the tile grid with a fixed number of
+workers; each reads one tile (in the decode pool), skips it if it is background, or hands it
+to `classify` (the batcher, under the request's single admission) and waits for its answer.
+So at most `window` decoded tiles exist at once, whatever the image size, while the batcher
+still sees enough tiles to form full batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.model.manifest import Manifest
+from service.pathology.slides import Slide
+from service.pathology.tiles import DEFAULT_TILE_SOURCE_PX, Tile, is_background
+
+R = TypeVar("R")
+TileImage = NDArray[np.uint8]
+
+
+def tile_source_px(manifest: Manifest) -> int:
+    """The manifest's tile side in source pixels, else LC25000's 768."""
+    value = getattr(manifest, "tile_source_px", None)
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_TILE_SOURCE_PX
+
+
+@dataclass(frozen=True, slots=True)
+class TileOutcome(Generic[R]):
+    """One tile: its model answer, or None when it was background (skipped, never classified)."""
+
+    tile: Tile
+    result: R | None
+
+
+async def analyse(
+    slide: Slide,
+    tiles: Sequence[Tile],
+    *,
+    size: int,
+    pool: Executor,
+    classify: Callable[[TileImage], Awaitable[R]],
+    window: int,
+    on_read: Callable[[], None] | None = None,
+) -> list[TileOutcome[R]]:
+    """Every tile's outcome, in grid order; the first failure cancels the rest and is raised."""
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    outcomes: list[TileOutcome[R] | None] = [None] * len(tiles)
+    indices = iter(range(len(tiles)))
+    loop = asyncio.get_running_loop()
+
+    def read(tile: Tile) -> tuple[TileImage, bool]:
+        image = slide.read_tile(tile, size)
+        return image, is_background(image)
+
+    async def worker() -> None:
+        # `next` on a shared iterator: each index goes to exactly one worker (one event loop).
+        for i in indices:
+            tile = tiles[i]
+            image, background = await loop.run_in_executor(pool, read, tile)
+            if on_read is not None:
+                on_read()
+            if background:
+                outcomes[i] = TileOutcome(tile, None)
+                continue
+            result = await classify(image)
+            del image  # this worker's decoded tile is released before it reads the next
+            outcomes[i] = TileOutcome(tile, result)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in itertools.repeat(None, min(window, len(tiles))):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        # The first tile's error is the request's error (a domain error maps to its 4xx/5xx).
+        raise failed.exceptions[0] from None
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == len(tiles)
+    return done

@@ -1,0 +1,265 @@
+"""Large images read one tile at a time: plain JPEG/PNG/TIFF through Pillow, whole slides through OpenSlide.
+
+`open_slide(path, ...)` picks the reader:
+
+* **OpenSlide** (optional extra `slides`: openslide-python + openslide-bin) for the formats it
+  knows (pyramidal/tiled TIFF, SVS, NDPI, MRXS, ...). Every tile is read on its own from the
+  pyramid level closest to the model's scale, so memory does not grow with the slide.
+* **Pillow** for plain images, up to `max_pixels` (checked from the header, before decoding).
+  A JPEG is decoded once at the DCT scale (1/2, 1/4, 1/8) that keeps tiles at or above the
+  model input, exactly as `service.model.preprocess.load_image` does for a single 768 px original,
+  so a tile of a large JPEG reaches the model the way training images did. Other formats are
+  decoded once at full size: for them memory is bounded by `max_pixels`, not by the tile.
+
+Each tile leaves as the model's (size, size, 3) uint8 input, resized with the training filter.
+Synchronous and blocking: call from the decode pool.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.model.preprocess import _FILTER, ALLOWED_FORMATS, _to_rgb
+from service.pathology.tiles import Tile
+
+# Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
+_WHITE: Final = (255, 255, 255)
+_ORIENTATION: Final = 0x0112  # EXIF tag
+
+
+class Slide(Protocol):
+    """A large image readable tile by tile."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def reader(self) -> str:
+        """`pillow` or `openslide`."""
+
+    def describe(self) -> dict[str, Any]:
+        """Format facts for the response (reader, format, microns per pixel when known)."""
+
+    def prepare(self) -> None:
+        """Decode what must be decoded before tiles are read (a plain image: all of it)."""
+
+    def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
+        """The tile as the model input: (size, size, 3) uint8 RGB."""
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """The whole image, its longer side at most `max_side`, in RGB."""
+
+    def close(self) -> None: ...
+
+
+def openslide_available() -> bool:
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int) -> Slide:
+    """The best reader for the file at `path` (see the module docstring)."""
+    if openslide_available():
+        import openslide
+
+        try:
+            vendor = openslide.OpenSlide.detect_format(str(path))
+        except openslide.OpenSlideError:
+            vendor = None
+        if vendor is not None:
+            return OpenSlideSlide(path, vendor)
+    return PillowSlide(path, max_pixels=max_pixels, tile_px=tile_px, size=size)
+
+
+class PillowSlide:
+    """A plain image: the header is read at once (size, pixel limit), the pixels on first use."""
+
+    reader = "pillow"
+
+    def __init__(self, path: Path, *, max_pixels: int, tile_px: int, size: int) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path, formats=ALLOWED_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image has too many pixels: {exc}") from exc
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            hint = "" if openslide_available() else " (whole-slide formats need the `slides` extra: OpenSlide)"
+            raise InvalidImage(f"not a decodable image (expected JPEG, PNG or TIFF){hint}") from exc
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            img.close()
+            raise InvalidImage("image has no pixels")
+        if width * height > max_pixels:
+            img.close()
+            hint = (
+                "; a pyramidal (tiled) TIFF or a slide format is read tile by tile instead"
+                if openslide_available()
+                else "; install the `slides` extra (OpenSlide) to read pyramidal TIFF and slide formats"
+            )
+            raise ImageTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; the limit for plain images is {max_pixels}{hint}"
+            )
+        self._source = img
+        self._path = path
+        self._format = img.format or "unknown"
+        self._tile_side = min(tile_px, width, height)
+        self._size = size
+        try:
+            quarter_turn = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+        except (OSError, ValueError, SyntaxError):
+            quarter_turn = False
+        # Tiles are given in source pixels after EXIF orientation (what a viewer shows).
+        self._width, self._height = (height, width) if quarter_turn else (width, height)
+        self._image: Image.Image | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    def describe(self) -> dict[str, Any]:
+        return {"reader": self.reader, "format": self._format, "mpp": None, "levels": 1}
+
+    def prepare(self) -> None:
+        self._decoded()
+
+    def _decoded(self) -> Image.Image:
+        """Decode once (the first reader thread does it, the others wait for it)."""
+        with self._lock:
+            if self._image is None:
+                img = self._source
+                try:
+                    width, height = img.size
+                    if img.format == "JPEG" and self._tile_side >= 2 * self._size:
+                        # The DCT scale that keeps a tile >= the model input (see load_image).
+                        scale = self._size / self._tile_side
+                        img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+                    img.load()
+                    self._image = _to_rgb(ImageOps.exif_transpose(img))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
+                finally:
+                    img.close()
+            return self._image
+
+    def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
+        image = self._decoded()
+        sx, sy = image.width / self._width, image.height / self._height
+        # Crop, then resize: the tile's own pixels only, as if it had been uploaded alone.
+        box = (
+            round(tile.x * sx),
+            round(tile.y * sy),
+            round((tile.x + tile.width) * sx),
+            round((tile.y + tile.height) * sy),
+        )
+        with image.crop(box) as crop:
+            resized = crop.resize((size, size), _FILTER)
+        return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        decoded = self._decoded()
+        if self._format == "JPEG" and max(decoded.size) < min(max_side, max(self._width, self._height)):
+            # The tiles' DCT scale is too coarse for a sharp picture: decode again at the
+            # scale of the thumbnail (a JPEG decodes at 1/2, 1/4, 1/8 for a fraction of the cost).
+            decoded = self._redecoded(max_side)
+        thumb = decoded.copy()
+        thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return thumb
+
+    def _redecoded(self, max_side: int) -> Image.Image:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self._path, formats=ALLOWED_FORMATS) as img:
+                    scale = max_side / max(img.size)
+                    img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+                    img.load()
+                    return _to_rgb(ImageOps.exif_transpose(img))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
+
+    def close(self) -> None:
+        self._source.close()
+        if self._image is not None:
+            self._image.close()
+
+
+class OpenSlideSlide:
+    reader = "openslide"
+
+    def __init__(self, path: Path, vendor: str) -> None:
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise InvalidImage(f"OpenSlide cannot read this {vendor} file: {exc}") from exc
+        self._vendor = vendor
+        self._width, self._height = self._slide.dimensions
+        if self._width <= 0 or self._height <= 0:
+            raise InvalidImage("slide has no pixels")
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    def describe(self) -> dict[str, Any]:
+        import openslide
+
+        mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        return {
+            "reader": self.reader,
+            "format": self._vendor,
+            "mpp": float(mpp) if mpp else None,
+            "levels": self._slide.level_count,
+        }
+
+    def prepare(self) -> None:
+        pass  # every tile is read on its own
+
+    def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
+        import openslide
+
+        # The coarsest pyramid level still at or above the model's scale.
+        level = self._slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
+        downsample = self._slide.level_downsamples[level]
+        region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
+        try:
+            region = self._slide.read_region((tile.x, tile.y), level, region_size)
+        except openslide.OpenSlideError as exc:
+            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        rgb = Image.new("RGB", region.size, _WHITE)
+        rgb.paste(region, mask=region.getchannel("A"))
+        resized = rgb.resize((size, size), _FILTER)
+        return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+    def thumbnail(self, max_side: int) -> Image.Image:
+        thumb = self._slide.get_thumbnail((max_side, max_side))
+        flat = Image.new("RGB", thumb.size, _WHITE)
+        flat.paste(thumb.convert("RGBA"), mask=thumb.convert("RGBA").getchannel("A"))
+        return flat
+
+    def close(self) -> None:
+        self._slide.close()
