@@ -18,9 +18,9 @@ def test_baseline_and_progressive_jpegs() -> None:
     baseline = read_layout(encode(noise(64), "JPEG"))
     assert (baseline.progressive, baseline.scans, baseline.single_scan) == (False, 1, True)
     colour = read_layout(progressive(noise(64)))
-    assert colour.progressive and colour.scans == 10 and not colour.single_scan
+    assert (colour.progressive, colour.scans, colour.single_scan) == (True, 10, False)
     grey = read_layout(progressive(noise(64).convert("L")))
-    assert grey.progressive and grey.scans == 6
+    assert (grey.progressive, grey.scans) == (True, 6)
 
 
 def test_an_exif_thumbnail_is_not_counted() -> None:
