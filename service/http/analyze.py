@@ -12,6 +12,7 @@ handling and metrics as /predict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections import Counter
 from functools import partial
@@ -35,12 +36,12 @@ from service.http.schemas import (
     TileAnswer,
     multipart_body,
 )
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits
+from service.http.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits, close_spooled
 from service.pathology.class_map import TileImage, TileOutcome, analyse, tile_source_px
 from service.pathology.explanation import b64
 from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
 from service.pathology.slides import Slide, open_slide
-from service.pathology.tiles import tile_grid
+from service.pathology.tiles import count_tiles, tile_grid
 
 router = APIRouter()
 
@@ -115,6 +116,9 @@ async def analyze(request: Request) -> AnalyzeResponse:
         max_file_bytes=settings.max_slide_bytes,
         max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
         fail_fast=True,
+        # The same minimum upload rate as every other door: a trickled slide holds a slot too.
+        min_rate_bytes_s=settings.min_upload_rate_bytes_s or None,
+        rate_grace_s=settings.upload_rate_grace_s,
     )
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="lungserve-analyze-") as spool_dir:
@@ -141,25 +145,36 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 ),
             ):
                 for handle in spooled:
-                    handle.close()
+                    close_spooled(handle)
                 runtime = service.current()  # a reload may have swapped it while the body came in
                 manifest = runtime.engine.manifest
                 size, side = manifest.input_size, tile_source_px(manifest)
                 path = Path(spool_dir) / "upload-0"
                 if path.stat().st_size == 0:
                     raise InvalidImage("the file is empty")
-                # Opening reads the header; a plain image is then decoded whole, in the large-image lane.
+                # Opening reads the header (and a JPEG's markers): sizes the file claims, checked first.
                 slide = await loop.run_in_executor(
-                    pool, partial(open_slide, path, max_pixels=settings.max_image_pixels, tile_px=side, size=size)
+                    pool,
+                    partial(
+                        open_slide,
+                        path,
+                        max_pixels=settings.max_image_pixels,
+                        tile_px=side,
+                        size=size,
+                        max_tile_pixels=settings.large_image_pixels,
+                    ),
                 )
-                await loop.run_in_executor(decoder.large_lane, slide.prepare)
-                tiles = tile_grid(slide.width, slide.height, side)
+                # The tile count from the claimed size by arithmetic, before the grid or any pixel.
+                count = count_tiles(slide.width, slide.height, side)
                 limit = runtime.batcher.queue_limit
-                if len(tiles) > limit:
+                if count > limit:
                     raise TooManyTiles(
-                        f"the image is {slide.width}x{slide.height} px: {len(tiles)} tiles of {side} px, more than "
+                        f"the image is {slide.width}x{slide.height} px: {count} tiles of {side} px, more than "
                         f"the {limit} this server admits at once (LUNGSERVE_QUEUE_LIMIT)"
                     )
+                # A plain image is decoded whole, in the large-image lane.
+                await loop.run_in_executor(decoder.large_lane, slide.prepare)
+                tiles = tile_grid(slide.width, slide.height, side)
                 # One admission for every tile, before any tile is decoded.
                 with runtime.reserve(len(tiles)) as reservation:
                     outcomes = await unless_disconnected(
@@ -184,7 +199,8 @@ async def analyze(request: Request) -> AnalyzeResponse:
             raise
         finally:
             for handle in spooled:
-                handle.close()
+                with contextlib.suppress(OSError):  # answered already; a full disk said so above
+                    handle.close()
             if slide is not None:
                 slide.close()
                 memory.trim()  # a large image's pixels go back to the system, not just to the heap
