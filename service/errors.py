@@ -159,6 +159,13 @@ class TooManyTiles(LungserveError):
     status = 413
 
 
+class InsufficientStorage(LungserveError):
+    """The disk an upload is spooled to (TMPDIR) is full; the request is refused, the server goes on."""
+
+    code = "insufficient_storage"
+    status = 507
+
+
 class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 
@@ -214,6 +221,7 @@ _GRPC_STATUS = {
     499: "CANCELLED",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
+    507: "RESOURCE_EXHAUSTED",
 }
 
 

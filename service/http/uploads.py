@@ -25,6 +25,7 @@ be decoded, so a temporary file would only add I/O.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -36,6 +37,7 @@ from starlette.requests import ClientDisconnect
 from service.errors import (
     BadRequest,
     ImageTooLarge,
+    InsufficientStorage,
     LungserveError,
     MissingField,
     RequestTooLarge,
@@ -121,6 +123,21 @@ class _Part:
     upload: Upload | None = None  # None: a part of another field, discarded
     buffer: bytearray = field(default_factory=bytearray)
     size: int = 0
+
+
+def _spool_error(exc: OSError) -> LungserveError | OSError:
+    """A full spool disk is the server's condition, not a bug: 507, and the request's files go."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return InsufficientStorage("no space left for the upload on the server's temporary disk (TMPDIR)")
+    return exc
+
+
+def close_spooled(handle: BinaryIO) -> None:
+    """Close a spooled upload: its buffered last bytes are written now, so a full disk shows here too."""
+    try:
+        handle.close()
+    except OSError as exc:
+        raise _spool_error(exc) from exc
 
 
 def declared_length(content_length: str | None) -> int | None:
@@ -256,7 +273,10 @@ async def read_uploads(
         raw_filename = options.get(b"filename")
         part.upload = Upload(filename=_decode(raw_filename) if raw_filename is not None else None)
         if spool is not None:
-            part.upload.file = spool()
+            try:
+                part.upload.file = spool()
+            except OSError as exc:
+                raise _spool_error(exc) from exc
         uploads.append(part.upload)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -272,7 +292,10 @@ async def read_uploads(
             part.buffer = bytearray()
             return
         if upload.file is not None:
-            upload.file.write(data[start:end])
+            try:
+                upload.file.write(data[start:end])
+            except OSError as exc:
+                raise _spool_error(exc) from exc
         else:
             part.buffer.extend(data[start:end])
 
