@@ -72,7 +72,7 @@ def raw_json_response(status: int, code: str, message: str, reason: str, retry_a
     retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-content-type-options: nosniff\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
@@ -321,6 +321,10 @@ def build_server(app: FastAPI, settings: Settings) -> tuple[LungserveServer, lis
         h11_max_incomplete_event_size=settings.max_header_bytes,  # the same bound without httptools
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
         timeout_graceful_shutdown=graceful_timeout_s(settings.drain_timeout_s, settings.request_deadline_s),
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local client could then
+        # choose its address (and reset the admin rate limit). Only the operator's proxies count.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
     server = LungserveServer(config, app.state.shutdown, settings.shutdown_delay_s)
     if settings.admin_port is None:
