@@ -40,7 +40,7 @@ from service.http import predict as api
 from service.http.access import ApiKeys, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
-from service.http.middleware import AdminPortSplit, CloseUnreadBody
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.model.source import ModelArtifact, fetch_configured_model
 from service.observability.logs import RequestContextMiddleware, request_context_from_scope
@@ -203,6 +203,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
+    # Outermost of all: every answer, CORS preflights included, says nosniff, no framing, its CSP.
+    app.add_middleware(SecurityHeaders)
     app.include_router(api.router)
     app.include_router(oip_door.router)
     app.include_router(explain.router)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,3 +74,47 @@ class AdminPortSplit:
             await JSONResponse(err.body, status_code=err.status)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+# Every answer may be shown by a browser: the page and /docs (which hold an API key or admin
+# token while open), and JSON or PNG that must never be sniffed into HTML. Scripts and styles are
+# this server's own files (no CDN); /docs and /redoc add the hashes of their inline start-up
+# scripts (service.http.docs). Styles may be inline: ReDoc injects <style> elements at run time.
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'self'; script-src 'self'{scripts}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: Final = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.format(scripts="").encode()),
+)
+
+
+def content_security_policy(script_hashes: tuple[str, ...] = ()) -> str:
+    """The policy, with `'sha256-...'` sources for a page's own inline scripts."""
+    return CONTENT_SECURITY_POLICY.format(scripts="".join(f" '{h}'" for h in script_hashes))
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every HTTP response that does not set them itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
