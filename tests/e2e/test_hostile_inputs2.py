@@ -283,12 +283,12 @@ def test_after_round_two_the_server_is_ready_classifies_and_memory_is_bounded(se
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs (needs root, as the project's test machines run): a disk that fills up."""
+    """An 8 MiB tmpfs (needs root, as the project's test machines run): a disk that fills up."""
     mount = tmp_path / "spool"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
     try:
@@ -301,10 +301,11 @@ def test_a_full_spool_disk_is_a_507_and_the_server_keeps_going(tmp_path: Path, s
     env = {**SETTINGS, "TMPDIR": str(small_tmpfs)}
     with start_server(tmp_path, **env) as running:
         asyncio.run(wait_ready(running))
-        big = encode(noise(1536, seed=7), "PNG") + os.urandom(3 * 1024 * 1024)  # > the 2 MiB disk
+        big = JPEG + os.urandom(10 * 1024 * 1024)  # > the 8 MiB disk
         response = send(running, upload("/analyze", big))
         assert_error(response, 507, "insufficient_storage")
-        assert list(small_tmpfs.iterdir()) == []  # the partial spool file was removed
+        # The partial spool file and its folder were removed.
+        assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-")] == []
         # The disk is free again: an /analyze that fits, and /predict, still work.
         assert send(running, upload("/analyze", encode(LARGE, "JPEG", quality=90))).status == 200
         assert send(running, upload("/predict", JPEG)).status == 200
