@@ -37,7 +37,7 @@ from service.core.runtime import ModelRuntime, Phase, ServiceState
 from service.errors import LungserveError, ModelSourceError, http_error
 from service.http import admin, analyze, explain, webpage
 from service.http import predict as api
-from service.http.access import ApiKeys, api_key_guard
+from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
 from service.http.middleware import AdminPortSplit, CloseUnreadBody, SecurityHeaders
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
     shutdown = Shutdown(state, metrics, reloader, grpc_door)
 
@@ -228,7 +228,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     return True
 
 
-def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> GrpcDoor:
     try:
         from service.oip.grpc import GrpcDoor
     except ImportError as exc:

@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 import service
 from service.core.runtime import ModelRuntime, Phase, ServiceState
 from service.errors import LungserveError, Unauthorized, grpc_status, http_error
-from service.http.access import ApiKeys
+from service.http.access import KeyRing
 from service.observability.logs import RequestContext, new_request_id, use_request
 from service.observability.metrics import Metrics
 from service.oip.rest import Outcomes, metadata_of, model_runtime, outputs_of, run_inference
@@ -32,7 +32,7 @@ SERVICE: Final = "/inference.GRPCInferenceService"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> None:
+    def __init__(self, state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> None:
         self.state = state
         self.metrics = metrics
         self.keys = keys
@@ -190,7 +190,7 @@ def _as_rest_body(request: Any) -> tuple[bytes, str]:
 class GrpcDoor:
     """The gRPC server's life: started once the model is ready, stopped (with grace) before the drain."""
 
-    def __init__(self, state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> None:
+    def __init__(self, state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> None:
         self.state = state
         self.metrics = metrics
         self.keys = keys
