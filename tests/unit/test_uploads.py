@@ -17,6 +17,7 @@ from service.errors import (
     UploadTooSlow,
 )
 from service.http.uploads import (
+    MAX_OTHER_PARTS,
     MAX_PREAMBLE_BYTES,
     Upload,
     UploadLimits,
@@ -76,6 +77,23 @@ async def test_too_many_files() -> None:
     data = body(*(part("files", b"x") for _ in range(4)))
     with pytest.raises(TooManyFiles, match="more than 3"):
         await read(data, limits())
+
+
+async def test_many_tiny_parts_of_other_fields_are_refused_early() -> None:
+    # 100,000 empty parts (about 8 MB): refused after the first few dozen, not parsed to the end.
+    tiny = part("note", b"", None)
+    data = body(part("files", b"x"), *([tiny] * 100_000))
+    seen = 0
+
+    async def counted() -> AsyncIterator[bytes]:
+        nonlocal seen
+        async for chunk in chunks(data, 4096):
+            seen += len(chunk)
+            yield chunk
+
+    with pytest.raises(TooManyFiles, match="multipart parts"):
+        await read_uploads(CTYPE, counted(), limits(max_body_bytes=len(data)))
+    assert seen < (3 + MAX_OTHER_PARTS + 60) * len(tiny)
 
 
 async def test_oversize_file_is_its_own_error_when_not_failing_fast() -> None:
