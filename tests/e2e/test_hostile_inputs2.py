@@ -217,6 +217,19 @@ def test_deep_tensor_data_to_oip_is_a_400(server: Server, rss_before: int) -> No
     assert response.status == 400, response.body[:500]
 
 
+# --- many tiny multipart parts ------------------------------------------------------------------
+
+
+def test_many_tiny_multipart_parts_are_refused_early(server: Server, rss_before: int) -> None:
+    form = Multipart()
+    for _ in range(20_000):
+        form.add("note", b"", None, "text/plain")
+    form.add("files", JPEG)
+    response = send(server, request("POST", "/predict-many", form.body(), [("Content-Type", form.content_type)]))
+    assert_error(response, 413, "too_many_files")
+    assert "parts" in response.json()["error"]["message"]
+
+
 # --- 7. forwarded headers ---------------------------------------------------------------------
 
 
