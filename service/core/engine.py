@@ -24,7 +24,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.errors import ModelSourceError, one_line
-from service.model.manifest import Manifest
+from service.model.manifest import OOD_SCORE, PROBABILITIES, Manifest
 from service.model.preprocess import RESIZE
 from service.settings import ProviderPolicy
 
@@ -34,8 +34,6 @@ CUDA: Final = "CUDAExecutionProvider"
 CPU: Final = "CPUExecutionProvider"
 
 # Roles of graph outputs in the manifest's `outputs` (the model v2 contract).
-PROBABILITIES: Final = "probabilities"
-OOD_SCORE: Final = "ood_score"
 
 # Warm-up probabilities must sum to 1 within this: a model exporting logits would
 # otherwise be served with meaningless "confidence" values.
@@ -194,7 +192,7 @@ class Engine:
                 f"not a loadable ONNX model: {onnx_path.name}: onnxruntime cannot load it: {one_line(exc, 200)}"
             ) from exc
 
-        ood_name = (manifest.outputs or {}).get(OOD_SCORE)
+        ood_name = manifest.ood_output
         self._fetch = [manifest.output_name] + ([ood_name] if ood_name is not None else [])
         self._provider = check_active(provider, self._session.get_providers())
         try:
@@ -215,17 +213,8 @@ class Engine:
         return self._provider
 
     @property
-    def has_ood_score(self) -> bool:
-        """The graph's ood_score output is fetched with every batch."""
-        return len(self._fetch) > 1
-
-    @property
     def input_size(self) -> int:
         return self._manifest.input_size
-
-    def run(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
-        """uint8 (N, S, S, 3) -> float32 probabilities (N, C), in manifest class order."""
-        return self.infer(batch).probabilities
 
     def infer(self, batch: NDArray[np.uint8]) -> ModelOutputs:
         """uint8 (N, S, S, 3) -> probabilities, and the ood_score when the manifest lists one.

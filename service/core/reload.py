@@ -22,14 +22,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service.core.runtime import ModelRuntime, Phase, ServiceState
+from service.core.model_client import ModelClient
+from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, ModelRejected, ModelSourceError, ShuttingDown, one_line
 from service.model.source import ModelArtifact, ModelIdentity, S3Options, current_etag, fetch_configured_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BuildRuntime = Callable[[ModelArtifact], Awaitable[ModelRuntime]]
+BuildRuntime = Callable[[ModelArtifact], Awaitable[ModelClient]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ModelReloader:
         settings: Settings,
         build: BuildRuntime,
         *,
-        on_swap: Callable[[ModelRuntime], None] | None = None,
+        on_swap: Callable[[ModelClient], None] | None = None,
     ) -> None:
         self._state = state
         self._settings = settings
@@ -91,7 +92,7 @@ class ModelReloader:
             log.warning("reload refused, still serving %s: %s", previous.version, exc)
             raise ModelRejected(f"new model refused, still serving version {previous.version}: {exc}") from exc
 
-        if artifact.manifest == old.engine.manifest:
+        if artifact.manifest == old.manifest:
             # Same model (maybe the manifest was re-uploaded unchanged): keep the warm runtime,
             # but remember the new ETag so the poller does not try again.
             old.identity = artifact.identity

@@ -14,7 +14,8 @@ from typing import Final
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import NotFound, http_error
+from service.errors import NotFound
+from service.http.errors import http_error
 
 _ADMIN_PATHS = ("/admin/", "/metrics")
 _BOTH_PORTS = ("/health/",)

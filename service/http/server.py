@@ -31,7 +31,6 @@ Shutdown, in this order (rows 10 and 11), on the first SIGTERM or SIGINT:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import socket
@@ -42,6 +41,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import uvicorn
+
+from service.http.errors import raw_json_response
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -64,17 +65,6 @@ class ConnectionLimits:
     # (method, path) -> True: refuse with 503 now, from the headers, without running the app.
     # Under overload this is the cheap path: no ASGI task, no routing, no middleware.
     shed: Callable[[bytes, bytes], bool] | None = None
-
-
-def raw_json_response(status: int, code: str, message: str, reason: str, retry_after_s: int | None = None) -> bytes:
-    """A complete HTTP/1.1 response with our error body; the connection closes after it."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nx-content-type-options: nosniff\r\n{retry}connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
 
 
 try:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
     BadRequest,
@@ -119,6 +119,11 @@ class Upload:
     error: LungserveError | None = None
     # With `read_uploads(..., spool=...)` the bytes went to this file instead of `data`.
     file: BinaryIO | None = None
+
+    @property
+    def image(self) -> bytes | LungserveError:
+        """What the pipeline classifies: the bytes, or the error the file already got."""
+        return self.error if self.error is not None else self.data
 
 
 @dataclass
@@ -358,3 +363,33 @@ async def read_uploads(
         sent = f"; the body has field(s) {', '.join(map(repr, other_names))}" if other_names else ""
         raise MissingField(f"no file in multipart field {limits.field!r}{sent}")
     return uploads
+
+
+@dataclass(frozen=True)
+class MultipartBody:
+    """A multipart upload as `service.core.admission` admits it (a `BodyReader`)."""
+
+    content_type: str | None
+    content_length: str | None
+    stream: AsyncIterator[bytes]
+    limits: UploadLimits
+    spool: Callable[[], BinaryIO] | None = None
+
+    @classmethod
+    def of(cls, request: Request, limits: UploadLimits, spool: Callable[[], BinaryIO] | None = None) -> MultipartBody:
+        headers = request.headers
+        return cls(headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool)
+
+    def check(self) -> None:
+        check_declared_size(self.content_length, self.limits)
+
+    @property
+    def charge(self) -> int:
+        # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
+        if self.spool is not None:
+            return 0
+        declared = declared_length(self.content_length)
+        return declared if declared is not None else self.limits.max_body_bytes
+
+    async def read(self) -> list[Upload]:
+        return await read_uploads(self.content_type, self.stream, self.limits, self.spool)

@@ -32,7 +32,7 @@ RESIZE: Final[dict[str, str]] = {
     "geometry": "squash to square",
     "jpeg_draft": "DCT downscale to >= input size when the source is >= 2x larger",
 }
-_FILTER: Final = Image.Resampling.BILINEAR
+RESIZE_FILTER: Final = Image.Resampling.BILINEAR
 
 # Histology slides have a white background, so transparency is flattened onto white.
 _BACKGROUND: Final = (255, 255, 255)
@@ -180,8 +180,8 @@ def load_image(
                 # several times cheaper than a full decode of a 768 px original.
                 img.draft("RGB", (size, size))
             decode_whole(img, data, layout)
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
-            resized = rgb.resize((size, size), _FILTER)
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            resized = rgb.resize((size, size), RESIZE_FILTER)
         except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
@@ -219,7 +219,7 @@ def _refuse_grey_fill(img: Image.Image) -> None:
         )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB, keeping the visual meaning (not Pillow's clipping)."""
     mode = img.mode
     if mode == "RGB":

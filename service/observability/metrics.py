@@ -55,7 +55,7 @@ from service.observability.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
     from service.core.batcher import BatchInfo
-    from service.core.runtime import Classified
+    from service.core.model_client import Classified
     from service.model.source import ModelIdentity
 
 PREFIX: Final = "lungserve"

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
 from service.model.jpeg import Data
-from service.model.preprocess import _FILTER, ALLOWED_FORMATS, _to_rgb, decode_whole, jpeg_layout
+from service.model.preprocess import ALLOWED_FORMATS, RESIZE_FILTER, decode_whole, jpeg_layout, to_rgb
 from service.pathology.tiles import Tile
 
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
@@ -173,7 +173,7 @@ class PillowSlide:
                         img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
                     with _mapped(self._path) as data:
                         decode_whole(img, data, jpeg_layout(img, data))  # the same validity check as /predict
-                    self._image = _to_rgb(ImageOps.exif_transpose(img))
+                    self._image = to_rgb(ImageOps.exif_transpose(img))
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
                 finally:
@@ -191,7 +191,7 @@ class PillowSlide:
             round((tile.y + tile.height) * sy),
         )
         with image.crop(box) as crop:
-            resized = crop.resize((size, size), _FILTER)
+            resized = crop.resize((size, size), RESIZE_FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:
@@ -212,7 +212,7 @@ class PillowSlide:
                     scale = max_side / max(img.size)
                     img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
                     img.load()
-                    return _to_rgb(ImageOps.exif_transpose(img))
+                    return to_rgb(ImageOps.exif_transpose(img))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
 
@@ -291,7 +291,7 @@ class OpenSlideSlide:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         rgb = Image.new("RGB", region.size, _WHITE)
         rgb.paste(region, mask=region.getchannel("A"))
-        resized = rgb.resize((size, size), _FILTER)
+        resized = rgb.resize((size, size), RESIZE_FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:

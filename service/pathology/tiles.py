@@ -13,10 +13,6 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-# LC25000's tiles are 768 px originals downscaled to the model input: a manifest without
-# `tile_source_px` is assumed to have been trained like that.
-DEFAULT_TILE_SOURCE_PX: Final = 768
-
 # A pixel is "white" (glass, not tissue) when it is bright and unsaturated.
 WHITE_MIN_LEVEL: Final = 200
 WHITE_MAX_SPREAD: Final = 30
