@@ -38,6 +38,8 @@ from service.pathology.tiles import Tile
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
 _WHITE: Final = (255, 255, 255)
 _ORIENTATION: Final = 0x0112  # EXIF tag
+# Side of the blocks a slide's thumbnail is read in (16 MiB of RGBA each).
+_THUMBNAIL_BLOCK: Final = 2048
 
 
 class Slide(Protocol):
@@ -297,13 +299,33 @@ class OpenSlideSlide:
     def thumbnail(self, max_side: int) -> Image.Image:
         import openslide
 
+        # OpenSlide's get_thumbnail reads the whole best level into one buffer: 600 MB for a
+        # one-level slide at the tile limit. Read that level in blocks, each shrunk into place.
+        slide = self._slide
+        scale = min(1.0, max_side / max(self._width, self._height))
+        size = (max(1, round(self._width * scale)), max(1, round(self._height * scale)))
+        thumb = Image.new("RGB", size, _WHITE)
         try:
-            thumb = self._slide.get_thumbnail((max_side, max_side))
+            level = slide.get_best_level_for_downsample(1 / scale)
+            level_width, level_height = slide.level_dimensions[level]
+            downsample = slide.level_downsamples[level]
+            to_thumb = scale * downsample  # level pixels -> thumbnail pixels
+            for y in range(0, level_height, _THUMBNAIL_BLOCK):
+                for x in range(0, level_width, _THUMBNAIL_BLOCK):
+                    width, height = min(_THUMBNAIL_BLOCK, level_width - x), min(_THUMBNAIL_BLOCK, level_height - y)
+                    region = slide.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
+                    left, top = round(x * to_thumb), round(y * to_thumb)
+                    right, bottom = round((x + width) * to_thumb), round((y + height) * to_thumb)
+                    block = Image.new("RGB", region.size, _WHITE)
+                    block.paste(region, mask=region.getchannel("A"))
+                    # As Image.thumbnail does (what get_thumbnail used): reduce, then resample.
+                    shrunk = block.resize(
+                        (max(1, right - left), max(1, bottom - top)), Image.Resampling.LANCZOS, reducing_gap=2.0
+                    )
+                    thumb.paste(shrunk, (left, top))
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
-        flat = Image.new("RGB", thumb.size, _WHITE)
-        flat.paste(thumb.convert("RGBA"), mask=thumb.convert("RGBA").getchannel("A"))
-        return flat
+        return thumb
 
     def close(self) -> None:
         self._slide.close()

@@ -140,3 +140,25 @@ def test_a_slide_claiming_one_huge_stored_tile_is_refused(tmp_path: Path) -> Non
             slide.thumbnail(256)
     finally:
         slide.close()
+
+
+def test_a_one_level_slide_thumbnail_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No pyramid: the thumbnail comes from level 0, read block by block (never the whole level at once).
+    openslide = pytest.importorskip("openslide")
+    from service.pathology import slides
+
+    # Blocks of 600 px: a multiple of the 3x reduce step of a 6x shrink, so the blocks line up
+    # with the one-buffer reference exactly (other sizes shift the reduce grid by a pixel).
+    monkeypatch.setattr(slides, "_THUMBNAIL_BLOCK", 600)
+    pixels = _rgb(3000, 1800, seed=5)
+    path = tmp_path / "flat.tif"
+    write_pyramid(path, pixels, levels=1)
+    slide = open_slide(path, max_pixels=1_000, tile_px=768, size=128)
+    try:
+        thumb = slide.thumbnail(500)
+    finally:
+        slide.close()
+    reference = openslide.OpenSlide(str(path)).get_thumbnail((500, 500)).convert("RGB")
+    assert (thumb.mode, thumb.size) == ("RGB", reference.size)
+    difference = np.abs(np.asarray(thumb, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert difference.mean() < 0.5
