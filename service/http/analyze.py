@@ -32,10 +32,12 @@ from service.http.schemas import (
     ERROR_RESPONSES,
     AnalysisSummary,
     AnalyzeResponse,
+    ErrorResponse,
     ModelRef,
     SourceInfo,
     TileAnswer,
     b64,
+    error_examples,
     multipart_body,
 )
 from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits, close_spooled
@@ -98,7 +100,16 @@ def _pictures(
         "through the shared batcher; mostly white tiles are skipped and counted. Answers the per-tile map, "
         "a summary and the class map as a PNG overlay (base64)."
     ),
-    responses=ERROR_RESPONSES,
+    responses={
+        **ERROR_RESPONSES,
+        507: {
+            "model": ErrorResponse,
+            "description": "the upload does not fit on the server's temporary disk (TMPDIR)",
+            "content": error_examples(
+                ("insufficient_storage", "no space left for the upload on the server's temporary disk (TMPDIR)")
+            ),
+        },
+    },
     openapi_extra=multipart_body("file", many=False),
 )
 async def analyze(request: Request) -> AnalyzeResponse:
