@@ -40,7 +40,13 @@ from service.http.schemas import (
     error_examples,
     multipart_body,
 )
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits, close_spooled
+from service.http.uploads import (
+    MULTIPART_OVERHEAD_BYTES,
+    MultipartBody,
+    UploadLimits,
+    check_spool_room,
+    close_spooled,
+)
 from service.pathology.class_map import TileOutcome, class_map
 from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
 from service.pathology.slides import Slide, open_slide
@@ -140,6 +146,8 @@ async def analyze(request: Request) -> AnalyzeResponse:
             if decoder is None:
                 raise ModelNotReady("the server is not started")
             pool = decoder.pool
+            # The size the body claims against the room on the spool disk, before a byte is read.
+            check_spool_room(spool_dir, request.headers.get("content-length"))
             # Every door's way in, with the body going to disk instead of memory.
             async with guarded(service), service.admit(MultipartBody.of(request, limits, spool)):
                 for handle in spooled:

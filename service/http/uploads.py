@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -147,6 +148,18 @@ def close_spooled(handle: BinaryIO) -> None:
         handle.close()
     except OSError as exc:
         raise _spool_error(exc) from exc
+
+
+def check_spool_room(directory: str, content_length: str | None) -> None:
+    """A body that declares more bytes than the spool disk has free is refused (507) before it is read."""
+    length = declared_length(content_length)
+    if length is None:
+        return  # chunked: a full disk shows at the write (507 too)
+    free = shutil.disk_usage(directory).free
+    if length > free:
+        raise InsufficientStorage(
+            f"the upload declares {length} bytes and the server's temporary disk (TMPDIR) has {free} free"
+        )
 
 
 def declared_length(content_length: str | None) -> int | None:

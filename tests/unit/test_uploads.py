@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from service.errors import (
     BadRequest,
     ImageTooLarge,
+    InsufficientStorage,
     MissingField,
     RequestTooLarge,
     TooManyFiles,
@@ -22,6 +24,7 @@ from service.http.uploads import (
     Upload,
     UploadLimits,
     check_declared_size,
+    check_spool_room,
     read_uploads,
 )
 
@@ -217,3 +220,11 @@ async def test_an_outer_timeout_is_not_reported_as_a_slow_upload() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
             await read_uploads(CTYPE, forever(), patient)
+
+
+def test_a_body_declaring_more_than_the_spool_disk_has_is_refused_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(InsufficientStorage) as info:
+        check_spool_room(str(tmp_path), str(2**62))
+    assert info.value.status == 507
+    check_spool_room(str(tmp_path), "1024")
+    check_spool_room(str(tmp_path), None)  # chunked: the write will tell
