@@ -1,13 +1,9 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-Start-up (lifespan): decode pool -> fetch the model (sha256 checked) -> ORT engine + warm-up
-of every batch shape (the model's verification) -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
-(drains what was admitted) -> decode pool shut down. All state lives on `app.state.service`
-(a `ServiceState`); nothing is global, so several apps can live in one process (tests).
-
-Every error leaves through one JSON shape, `{"error": {"code", "message", "request_id"?}}`:
-domain errors via `service.http.errors.http_error`, and FastAPI's validation errors, Starlette's
-404/405 and unexpected exceptions are converted to domain errors first.
+Start-up: decode pool -> model fetched (sha256 checked) -> engine + warm-up -> batcher -> ready;
+shut-down in reverse, draining what was admitted. All state lives on `app.state.service` (a
+`ServiceState`), nothing is global. Every error leaves as one JSON shape, built by
+`service.http.errors` (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -36,10 +32,9 @@ from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
-from service.http.middleware import AdminPortSplit, CloseUnreadBody, SecurityHeaders
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.model.source import fetch_configured_model
-from service.observability.logs import RequestContextMiddleware
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
 from service.settings import Settings

@@ -1,14 +1,9 @@
 """ONNX Runtime inference: one session per model, provider policy, warm-up, `infer(batch)`.
 
-The engine knows nothing about HTTP, batching or where the model bytes came from: it is
-given an `.onnx` path and the manifest that describes it, checks that they agree, and
-turns a uint8 batch (N, S, S, 3) into float32 probabilities (N, C), plus the model's
-out-of-distribution score (N,) when the manifest's `outputs` lists one.
-
-Provider policy (`auto | cuda | cpu`) is decided by two pure functions so it can be tested
-on a machine without a GPU: `choose_providers` (what to ask ORT for) and `check_active`
-(what ORT really gave us; it silently falls back to CPU when the CUDA libraries are
-missing, so the *session's* provider list is the only proof).
+Given an `.onnx` path and its manifest, it checks they agree (`validate_signature`, then the
+warm-up: docs/model_contract.md) and turns a uint8 batch (N, S, S, 3) into probabilities (N, C)
+plus the ood_score (N,) when the manifest maps one. The provider policy (`auto | cuda | cpu`) is
+two pure functions, `choose_providers` and `check_active`, testable without a GPU.
 """
 
 from __future__ import annotations

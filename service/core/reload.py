@@ -1,18 +1,9 @@
 """Hot reload: fetch, verify and warm a new model *beside* the serving one, then swap.
 
-`ModelReloader.reload()` (behind `POST /admin/reload`, and the optional ETag poller):
-
-1. `fetch_configured_model` downloads the model at `settings.model_uri` and checks its sha256.
-2. `build` turns it into a started `ModelRuntime` (engine + warm-up of every batch shape, which
-   is the model's verification, + its own batcher), still beside the old one. A failure in 1 or
-   2 is a `ModelRejected` naming the cause; the serving model is untouched.
-3. `ServiceState.replace_runtime` swaps the pointer: one assignment on the event loop, so
-   every request that starts afterwards uses the new model. Requests that already hold the
-   old runtime (reserved, queued or computing) finish on it while it drains; each answer
-   carries the manifest of the model that computed it.
-
-Reloads run one at a time and are shielded from the cancellation of the HTTP request that
-asked for them: a half-done swap is never left behind.
+`ModelReloader.reload()` (behind `POST /admin/reload` and the optional ETag poller) fetches the
+model, builds and warms a new `ModelRuntime` beside the old one (a failure is `ModelRejected`;
+the serving model is untouched), then swaps the pointer in one assignment. Requests holding the
+old runtime finish on it. One reload at a time, shielded from cancellation (docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """POST /analyze: a large image tiled at the training scale into a class map.
 
-The door; the core is `service.pathology.class_map`.
-
-The upload goes to a temporary file (a slide can be gigabytes), its header gives the size,
-the tile grid gives the number of tiles, and then all tiles are admitted at once (one
-`reserve`, 503 when the queue cannot take them, 413 when it never could) before any tile is
-decoded. Tiles then flow through the shared batcher with the same deadline, disconnect
-handling and metrics as /predict.
+The door; the core is `service.pathology.class_map`. The upload goes to a temporary file, all
+its tiles are admitted at once before any is decoded (503 when the queue cannot take them now,
+413 when it never could), then flow through the shared batcher like /predict (docs/pathology.md).
 """
 
 from __future__ import annotations

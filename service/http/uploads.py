@@ -1,27 +1,9 @@
 """Streaming multipart/form-data reader with the service's upload limits.
 
-Why not `request.form()` (or FastAPI `File()` parameters, which call it)? Starlette's
-parser has no per-file byte limit at all (file parts are spooled to disk whatever their
-size; `max_part_size` only bounds *non-file* fields), it reads the whole body before the
-endpoint runs (so the batcher's queue could not be checked first), and its own limits
-(`max_files`, `max_fields`) surface as a generic 400 with a plain-text detail. Parsing the
-stream here with python-multipart's callback parser (the same parser Starlette uses) lets
-every limit give the right JSON error at the moment it is crossed:
-
-* more than `max_files` parts in the expected field  -> 413 too_many_files
-* more than `max_files + MAX_OTHER_PARTS` parts in all -> 413 too_many_files (tiny parts cost
-  the parser per part: 38 MB of them once slowed every client 650-fold)
-* a file larger than `max_file_bytes`                 -> 413 image_too_large (or that file's error)
-* a body larger than `max_body_bytes` (declared or streamed) -> 413
-* not multipart                                        -> 415; malformed multipart -> 400
-* no part with the expected field name                 -> 422 missing_field (naming what was sent)
-* a body arriving slower than `min_rate_bytes_s` (after `rate_grace_s`) -> 408 upload_too_slow
-
-A preamble before the first boundary (RFC 2046 5.1.1; some clients write one) is skipped:
-python-multipart's parser insists on the boundary at the first byte.
-
-Files are kept in memory (bounded by `max_body_bytes`): the images are small and about to
-be decoded, so a temporary file would only add I/O.
+Parsed here (python-multipart's callback parser, as Starlette uses) rather than with
+`request.form()`, so that every limit (files, file bytes, body bytes, upload rate) gives its own
+JSON error the moment it is crossed, before the whole body is read. Files stay in memory,
+bounded by `max_body_bytes`. The limits and why: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Open Inference Protocol v2 over gRPC (KServe / Triton `inference.GRPCInferenceService`).
 
-A second transport onto the same data plane as REST: `ModelInfer` goes through `service.oip.dataplane.infer`
-(admission, decode, batching, deadline, metrics, decision), its tensors are validated by the
-same codec as REST, errors map to gRPC status codes in `service.http.errors.grpc_status`, and API
-keys (`authorization: Bearer KEY` or `x-api-key` metadata) guard everything but the health
-and readiness calls. On when `LUNGSERVE_GRPC_PORT` is set; needs the `grpc` extra (grpcio, and
-tritonclient[grpc] for the generated service code, which is Triton's superset of KServe's proto).
+A second transport onto the same data plane as REST (`service.oip.dataplane.infer`): the same
+admission, decode, batching, deadline, metrics and decision; errors map to gRPC codes in
+`service.http.errors.grpc_status`; API keys guard all but health and readiness. On when
+`LUNGSERVE_GRPC_PORT` is set; needs the `grpc` extra (docs/clients.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Open Inference Protocol v2 over HTTP (KServe / Triton): a door onto the same core as /predict.
 
-Routes: `/v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}` (and
-`/versions/{version}`), `/v2/models/{name}/ready` and `/v2/models/{name}/infer`. Tensors are
-parsed and encoded by `service.oip.tensors`; every image is admitted, decoded, batched and
-answered exactly as one of /predict-many (same queue limit, deadline, metrics and model
-version). Errors keep the protocol's shape, `{"error": "message"}`; the app's one error
-mapping (`service.http.errors.http_error`) renders them so for paths under `/v2`.
+Routes under `/v2` (health, server and model metadata, readiness, infer); tensors are parsed and
+encoded by `service.oip.tensors`, and every image is admitted, decoded, batched and answered as
+one of /predict-many. Errors keep the protocol's shape, `{"error": "message"}`, rendered by the
+app's one error mapping (`service.http.errors.http_error`) for paths under `/v2`.
 """
 
 from __future__ import annotations

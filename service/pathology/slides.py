@@ -1,18 +1,10 @@
 """Large images read one tile at a time: plain JPEG/PNG/TIFF through Pillow, whole slides through OpenSlide.
 
-`open_slide(path, ...)` picks the reader:
-
-* **OpenSlide** (optional extra `slides`: openslide-python + openslide-bin) for the formats it
-  knows (pyramidal/tiled TIFF, SVS, NDPI, MRXS, ...). Every tile is read on its own from the
-  pyramid level closest to the model's scale, so memory does not grow with the slide.
-* **Pillow** for plain images, up to `max_pixels` (checked from the header, before decoding).
-  A JPEG is decoded once at the DCT scale (1/2, 1/4, 1/8) that keeps tiles at or above the
-  model input, exactly as `service.model.preprocess.load_image` does for a single 768 px original,
-  so a tile of a large JPEG reaches the model the way training images did. Other formats are
-  decoded once at full size: for them memory is bounded by `max_pixels`, not by the tile.
-
-Each tile leaves as the model's (size, size, 3) uint8 input, resized with the training filter.
-Synchronous and blocking: call from the decode pool.
+`open_slide(path, ...)` picks the reader: OpenSlide (the `slides` extra) for pyramidal formats,
+each tile read from the level closest to the model's scale; Pillow for plain images up to
+`max_pixels`, a JPEG decoded at its DCT scale as training images were. Each tile leaves as the
+model's (size, size, 3) uint8 input. Synchronous and blocking: call from the decode pool.
+Readers and memory bounds: docs/pathology.md.
 """
 
 from __future__ import annotations
