@@ -42,6 +42,7 @@ from service.http.uploads import (
     UploadLimits,
     check_spool_room,
     close_spooled,
+    spool_error,
 )
 from service.pathology.class_map import TileOutcome, class_map
 from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
@@ -128,7 +129,11 @@ async def analyze(request: Request) -> AnalyzeResponse:
         rate_grace_s=settings.upload_rate_grace_s,
     )
     loop = asyncio.get_running_loop()
-    with tempfile.TemporaryDirectory(prefix="lungserve-analyze-") as spool_dir:
+    try:
+        spool_root = tempfile.TemporaryDirectory(prefix="lungserve-analyze-")
+    except OSError as exc:  # a spool disk without a free inode: the same 507 as without a free block
+        raise spool_error(exc) from exc
+    with spool_root as spool_dir:
         spooled: list[BinaryIO] = []
 
         def spool() -> BinaryIO:

@@ -117,7 +117,7 @@ class _Part:
     size: int = 0
 
 
-def _spool_error(exc: OSError) -> LungserveError | OSError:
+def spool_error(exc: OSError) -> LungserveError | OSError:
     """A full spool disk is the server's condition, not a bug: 507, and the request's files go."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return InsufficientStorage("no space left for the upload on the server's temporary disk (TMPDIR)")
@@ -129,7 +129,7 @@ def close_spooled(handle: BinaryIO) -> None:
     try:
         handle.close()
     except OSError as exc:
-        raise _spool_error(exc) from exc
+        raise spool_error(exc) from exc
 
 
 def check_spool_room(directory: str, content_length: str | None) -> None:
@@ -288,7 +288,7 @@ async def read_uploads(
             try:
                 part.upload.file = spool()
             except OSError as exc:
-                raise _spool_error(exc) from exc
+                raise spool_error(exc) from exc
         uploads.append(part.upload)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -307,7 +307,7 @@ async def read_uploads(
             try:
                 upload.file.write(data[start:end])
             except OSError as exc:
-                raise _spool_error(exc) from exc
+                raise spool_error(exc) from exc
         else:
             part.buffer.extend(data[start:end])
 

@@ -9,6 +9,7 @@ of the page and the docs. After them the server is ready, classifies, and its me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -296,12 +297,14 @@ def test_after_round_two_the_server_is_ready_classifies_and_memory_is_bounded(se
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs (needs root, as the project's test machines run): a disk that fills up."""
+    """An 8 MiB tmpfs of 256 inodes (needs root, as the project's test machines run): a disk that fills up."""
     mount = tmp_path / "spool"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=256", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
     try:
@@ -331,4 +334,21 @@ def test_a_full_spool_disk_is_a_507_and_the_server_keeps_going(tmp_path: Path, s
         assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-")] == []
         # The disk is free again: an /analyze that fits, and /predict, still work.
         assert send(running, upload("/analyze", encode(LARGE, "JPEG", quality=90))).status == 200
+        assert send(running, upload("/predict", JPEG)).status == 200
+
+
+def test_a_spool_disk_filled_by_others_is_a_507(tmp_path: Path, small_tmpfs: Path) -> None:
+    env = {**SETTINGS, "TMPDIR": str(small_tmpfs)}
+    with start_server(tmp_path, **env) as running:
+        asyncio.run(wait_ready(running))
+        # The first spool picks TMPDIR (Python's tempfile checks it is writable, once).
+        assert send(running, upload("/analyze", JPEG)).status == 200
+        with contextlib.suppress(OSError), (small_tmpfs / "filler").open("wb") as f:  # every block
+            while True:
+                f.write(bytes(65536))
+        assert_error(send(running, upload("/analyze", JPEG)), 507, "insufficient_storage")
+        with contextlib.suppress(OSError):  # and every inode: the spool folder cannot be made
+            for i in range(1000):
+                (small_tmpfs / f"i{i}").touch()
+        assert_error(send(running, upload("/analyze", JPEG)), 507, "insufficient_storage")
         assert send(running, upload("/predict", JPEG)).status == 200
