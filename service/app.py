@@ -28,11 +28,11 @@ from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
 from service.http import admin, analyze, explain, predict, status, webpage
-from service.http.access import ApiKeys, api_key_guard
+from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
-from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.model.source import fetch_configured_model
 from service.observability.metrics import Metrics, PredictionMetrics
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
     shutdown = Shutdown(state, metrics, reloader, grpc_door)
 
@@ -164,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
+    # Outermost of all: every answer, CORS preflights included, says nosniff, no framing, its CSP.
+    app.add_middleware(SecurityHeaders)
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(oip_door.router)
@@ -188,7 +190,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     return True
 
 
-def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> GrpcDoor:
     try:
         from service.oip.grpc import GrpcDoor
     except ImportError as exc:

@@ -7,6 +7,9 @@ in `service/http/static/` (see its README for versions and licenses), served und
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from service.http.access import is_open
+from service.http.middleware import content_security_policy
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 ASSETS_PATH: Final = "/docs-assets"
@@ -38,6 +42,21 @@ API_KEY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
         "description": "a key from LUNGSERVE_API_KEYS_FILE, as `X-API-Key: KEY`",
     },
 }
+
+
+# FastAPI's page generators start Swagger UI and ReDoc with an inline <script>.
+_INLINE_SCRIPT: Final = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.DOTALL)
+
+
+def _with_csp(page: HTMLResponse) -> HTMLResponse:
+    """The page with the security policy that allows exactly its own inline scripts (by hash)."""
+    html = bytes(page.body).decode()
+    hashes = tuple(
+        "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        for script in _INLINE_SCRIPT.findall(html)
+    )
+    page.headers["Content-Security-Policy"] = content_security_policy(hashes)
+    return page
 
 
 def install_docs(app: FastAPI, *, api_keys: bool = False) -> None:
@@ -66,30 +85,34 @@ def install_docs(app: FastAPI, *, api_keys: bool = False) -> None:
     @app.get(DOCS_PATH, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = _root(request)
-        return get_swagger_ui_html(
-            openapi_url=root + OPENAPI_PATH,
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
-            oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH,
-            # Keep a pasted admin token or API key across reloads of the page.
-            swagger_ui_parameters={"persistAuthorization": True},
+        return _with_csp(
+            get_swagger_ui_html(
+                openapi_url=root + OPENAPI_PATH,
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui/swagger-ui.css",
+                swagger_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
+                oauth2_redirect_url=root + OAUTH2_REDIRECT_PATH,
+                # Keep a pasted admin token or API key across reloads of the page.
+                swagger_ui_parameters={"persistAuthorization": True},
+            )
         )
 
     @app.get(OAUTH2_REDIRECT_PATH, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
-        return get_swagger_ui_oauth2_redirect_html()
+        return _with_csp(get_swagger_ui_oauth2_redirect_html())
 
     @app.get(REDOC_PATH, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         root = _root(request)
-        return get_redoc_html(
-            openapi_url=root + OPENAPI_PATH,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_PATH}/redoc/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
-            with_google_fonts=False,
+        return _with_csp(
+            get_redoc_html(
+                openapi_url=root + OPENAPI_PATH,
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=f"{root}{ASSETS_PATH}/redoc/redoc.standalone.js",
+                redoc_favicon_url=f"{root}{ASSETS_PATH}/swagger-ui/favicon-32x32.png",
+                with_google_fonts=False,
+            )
         )
 
 
