@@ -14,14 +14,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-import numpy as np
-from numpy.typing import NDArray
-
 from service.core import memory
+from service.core.model_client import Pixels
 from service.errors import ImageTooLarge
 from service.model.preprocess import Probe, load_image, probe_image
-
-Image = NDArray[np.uint8]
 
 
 class PixelAllowance:
@@ -59,7 +55,7 @@ class Decoder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-large")
 
-    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Image, float]:
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Pixels, float]:
         """The (size, size, 3) image and the seconds of decode it took; domain errors as raised."""
         loop = asyncio.get_running_loop()
         # Set when the awaiting request is cancelled (deadline, client gone): a decode already
@@ -78,7 +74,7 @@ class Decoder:
 
     def _probe_then_decode(
         self, data: bytes, size: int, allowance: PixelAllowance | None, cancelled: threading.Event
-    ) -> Probe | tuple[Image, float]:
+    ) -> Probe | tuple[Pixels, float]:
         """The decoded image, or the probe of an image too large for the shared pool."""
         probe = probe_image(data, size, max_pixels=self.max_image_pixels)
         if allowance is not None:
@@ -87,12 +83,12 @@ class Decoder:
             return probe
         return self._decode(data, size, cancelled)
 
-    def _decode(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Image, float]:
+    def _decode(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:
         started = time.perf_counter()
         image = load_image(data, size, max_pixels=self.max_image_pixels, cancelled=cancelled)
         return image, time.perf_counter() - started
 
-    def _decode_large(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Image, float]:
+    def _decode_large(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:
         try:
             return self._decode(data, size, cancelled)
         finally:

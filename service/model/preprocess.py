@@ -69,10 +69,6 @@ class Probe:
     # DCT-reduced (draft), the same otherwise (PNG, TIFF and BMP have no reduced decode).
     decode_pixels: int
 
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
 
 class DecodeAbandoned(Exception):
     """The request that wanted this decode was answered (deadline, client gone): stop."""
