@@ -27,10 +27,10 @@ from service.core.reload import ModelReloader
 from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
-from service.http import admin, analyze, explain, predict, status, webpage
+from service.http import admin, analyze, docs, explain, predict, status, webpage
 from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
-from service.http.docs import install_docs
+from service.http.docs import declare_api_keys
 from service.http.errors import install_error_handlers
 from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
@@ -172,8 +172,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explain.router)
     app.include_router(analyze.router)
     app.include_router(admin.router)
-    install_docs(app, api_keys=keys is not None)
-    webpage.install(app)  # GET / and /page/*
+    app.include_router(docs.router)
+    app.include_router(webpage.router)  # GET / and /page/*
+    if keys is not None:
+        declare_api_keys(app)
     install_error_handlers(app)
     return app
 
