@@ -35,38 +35,14 @@ SECRET_NAME = "patient_jane_doe_19620412.jpeg"
 
 # --- request ids -----------------------------------------------------------------------
 
-
-@pytest.mark.parametrize(
-    "good",
-    [
-        "abc",
-        "0f" * 16,
-        "a" * 128,
-        "Root=1-5759e988-bd862e3fe1be46a994272793",
-        "req:42/retry@edge",
-        "550e8400-e29b-41d4-a716-446655440000",
-    ],
-)
+@pytest.mark.parametrize("good", ["abc", "0f" * 16, "a" * 128, "Root=1-5759e988-bd862e3fe1be46a994272793",
+                                  "req:42/retry@edge", "550e8400-e29b-41d4-a716-446655440000"])
 def test_sane_client_ids_are_kept(good: str) -> None:
     assert accept_request_id(good) == good
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        None,
-        "",
-        "a" * 129,
-        "has space",
-        "line\nbreak",
-        'quote"d',
-        "tab\t",
-        "ünïcode",
-        "<script>",
-        "semi;colon",
-        "comma,separated",
-    ],
-)
+@pytest.mark.parametrize("bad", [None, "", "a" * 129, "has space", "line\nbreak", "quote\"d", "tab\t",
+                                 "ünïcode", "<script>", "semi;colon", "comma,separated"])
 def test_bad_client_ids_are_replaced(bad: str | None) -> None:
     new = accept_request_id(bad)
     assert new != bad
@@ -79,7 +55,6 @@ def test_generated_ids_differ() -> None:
 
 
 # --- Server-Timing ---------------------------------------------------------------------
-
 
 def test_server_timing_from_the_record() -> None:
     t = RequestTiming()
@@ -101,16 +76,14 @@ def test_server_timing_sums_decode_and_distinct_batches_and_takes_the_longest_wa
 
 # --- formatters --------------------------------------------------------------------------
 
-
 def _record(msg: str, *args: object, **extra: Any) -> logging.LogRecord:
     logger = logging.getLogger("lungserve.test")
     return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, args, None, extra=extra)
 
 
 def test_json_formatter_emits_one_object_with_extras() -> None:
-    line = JsonFormatter().format(
-        _record("warm-up took %.1f ms", 12.34, provider="CPUExecutionProvider", batch_sizes=[1, 2])
-    )
+    line = JsonFormatter().format(_record("warm-up took %.1f ms", 12.34, provider="CPUExecutionProvider",
+                                          batch_sizes=[1, 2]))
     assert "\n" not in line
     obj = json.loads(line)
     assert obj["level"] == "INFO"
@@ -127,10 +100,8 @@ def test_json_formatter_survives_odd_extras_and_exceptions() -> None:
         raise RuntimeError("boom")
     except RuntimeError:
         import sys
-
-        record = logging.getLogger("x").makeRecord(
-            "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info(), extra={"obj": object()}
-        )
+        record = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "failed", (),
+                                                   sys.exc_info(), extra={"obj": object()})
     obj = json.loads(JsonFormatter().format(record))
     assert "RuntimeError: boom" in obj["exc"]
     assert obj["obj"].startswith("<object object")
@@ -165,7 +136,6 @@ def test_configure_logging_installs_one_json_handler_and_silences_uvicorn_access
 
 # --- the middleware on a tiny app --------------------------------------------------------
 
-
 async def predict(request: Request) -> Response:
     ctx = current_request()
     assert ctx is not None
@@ -190,6 +160,8 @@ async def fail(request: Request) -> Response:
     raise RuntimeError("bug")
 
 
+
+
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
@@ -199,12 +171,8 @@ def registry() -> CollectorRegistry:
 def client(registry: CollectorRegistry) -> httpx.AsyncClient:
     metrics = Metrics(registry, max_batch_size=8)
     app = Starlette(
-        routes=[
-            Route("/v1/predict", predict, methods=["POST"]),
-            Route("/items/{name}", item),
-            Route("/fail", fail),
-            Route("/metrics", item),
-        ],
+        routes=[Route("/v1/predict", predict, methods=["POST"]), Route("/items/{name}", item),
+                Route("/fail", fail), Route("/metrics", item)],
         middleware=[Middleware(RequestContextMiddleware, metrics=metrics)],
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -226,8 +194,7 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
 ) -> None:
     async with client:
         r = await client.post(
-            "/v1/predict",
-            files={"file": (SECRET_NAME, b"\xff\xd8 not really", "image/jpeg")},
+            "/v1/predict", files={"file": (SECRET_NAME, b"\xff\xd8 not really", "image/jpeg")},
             headers={"X-Request-ID": "client-42"},
         )
     assert r.status_code == 200
@@ -246,19 +213,9 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
     assert own.items() <= lines[0].items()
     [access] = _access(server_log)
     assert access == access | {
-        "level": "INFO",
-        "msg": "request",
-        "request_id": "client-42",
-        "method": "POST",
-        "route": "/v1/predict",
-        "status": 200,
-        "images": 1,
-        "batch_ids": [11],
-        "batch_sizes": [4],
-        "model_version": "3",
-        "queue_s": 0.001,
-        "decode_s": 0.002,
-        "inference_s": 0.003,
+        "level": "INFO", "msg": "request", "request_id": "client-42", "method": "POST",
+        "route": "/v1/predict", "status": 200, "images": 1, "batch_ids": [11], "batch_sizes": [4],
+        "model_version": "3", "queue_s": 0.001, "decode_s": 0.002, "inference_s": 0.003,
     }
     assert access["duration_s"] >= 0
 
@@ -285,10 +242,7 @@ async def test_route_is_the_template_and_ids_are_generated_or_replaced(
     assert requests(registry, "unmatched", "4xx") == 1
     assert SECRET_NAME not in server_log.getvalue()
     assert [(a["route"], a["status"]) for a in _access(server_log)] == [
-        ("/items/{name}", 200),
-        ("/items/{name}", 200),
-        ("unmatched", 404),
-    ]
+        ("/items/{name}", 200), ("/items/{name}", 200), ("unmatched", 404)]
 
 
 @pytest.mark.anyio
