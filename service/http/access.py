@@ -39,6 +39,7 @@ OPEN_ROUTES: Final = frozenset(
         "/redoc",
         "/openapi.json",
         "/docs-assets/{asset:path}",
+        "/page/{asset:path}",  # the page's own files; /page/config.json needs a key
     }
 )
 # Admin routes check LUNGSERVE_ADMIN_TOKEN themselves (an API key must not open them, nor be needed).
