@@ -29,12 +29,12 @@ from service.core.remote_client import RemoteModelClient
 from service.core.remote_model import RemoteModel, RemoteReloader
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
-from service.http import admin, analyze, explain, predict, status, webpage
-from service.http.access import ApiKeys, api_key_guard
+from service.http import admin, analyze, docs, explain, predict, status, webpage
+from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
-from service.http.docs import install_docs
+from service.http.docs import declare_api_keys
 from service.http.errors import install_error_handlers
-from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.model.source import fetch_configured_model
 from service.observability.metrics import Metrics, PredictionMetrics
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
         reloader = RemoteReloader(client)
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
     shutdown = Shutdown(state, metrics, reloader, grpc_door)
 
@@ -191,14 +191,18 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
+    # Outermost of all: every answer, CORS preflights included, says nosniff, no framing, its CSP.
+    app.add_middleware(SecurityHeaders)
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(oip_door.router)
     app.include_router(explain.router)
     app.include_router(analyze.router)
     app.include_router(admin.router)
-    install_docs(app, api_keys=keys is not None)
-    webpage.install(app)  # GET / and /page/*
+    app.include_router(docs.router)
+    app.include_router(webpage.router)  # GET / and /page/*
+    if keys is not None:
+        declare_api_keys(app)
     install_error_handlers(app)
     return app
 
@@ -223,7 +227,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     return True
 
 
-def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> GrpcDoor:
     try:
         from service.oip.grpc import GrpcDoor
     except ImportError as exc:

@@ -55,6 +55,14 @@ def tile_grid(width: int, height: int, side: int) -> list[Tile]:
     return [Tile(x, y, tile_w, tile_h) for y in _starts(height, side) for x in _starts(width, side)]
 
 
+def count_tiles(width: int, height: int, side: int) -> int:
+    """len(tile_grid(...)) by arithmetic: the admission check runs on a file's *claimed* size
+    before anything proportional to it is built (a 150-byte TIFF can claim 4e6 x 4e6 px)."""
+    if width <= 0 or height <= 0 or side <= 0:
+        raise ValueError(f"count_tiles needs positive sizes, got {width}x{height} tiles of {side}")
+    return math.ceil(width / side) * math.ceil(height / side)
+
+
 def white_share(tile: NDArray[np.uint8]) -> float:
     """Share of white (bright, unsaturated) pixels in an RGB tile."""
     lo = tile.min(axis=2).astype(np.int16)
