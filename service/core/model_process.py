@@ -366,14 +366,14 @@ async def _reload_on_signal(server: ModelServer) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lungserve-model")
     parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--supervised", action="store_true", help="exit when the parent does")
+    parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
     args = parser.parse_args(argv)
     from service.core.proctitle import die_with_parent, set_title
     from service.observability.logs import configure_logging
 
     set_title("lungserve: model")
-    if args.supervised:
-        die_with_parent()
+    if args.parent is not None:
+        die_with_parent(args.parent)
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown

@@ -13,15 +13,17 @@ import signal
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """SIGKILL this process when its parent dies (Linux prctl): a SIGKILLed supervisor must not
     leave fronts serving a port nobody watches. SIGKILL, not SIGTERM: a front still starting up
     (waiting for a model process that died with the supervisor) would never act on a SIGTERM.
-    The orderly way out is the supervisor's SIGTERM, which keeps the drain order."""
-    parent = os.getppid()
+    The orderly way out is the supervisor's SIGTERM, which keeps the drain order.
+
+    `parent` is the supervisor's pid as it gave it: if it died before prctl took effect, this
+    process has already been re-parented and must go now."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -99,16 +99,12 @@ class Supervisor:
     def _plan(self) -> None:
         python = sys.executable
         if self.remote_model:
-            self._children.append(
-                _Child(
-                    "model",
-                    0,
-                    [python, "-m", "service.core.model_process", "--supervised", "--socket", str(self.model_socket)],
-                )
-            )
+            argv = [python, "-m", "service.core.model_process", "--parent", str(os.getpid())]
+            argv += ["--socket", str(self.model_socket)]
+            self._children.append(_Child("model", 0, argv))
         fds = tuple(s.fileno() for s in self.sockets)
         for i in range(self.workers):
-            argv = [python, "-m", "service.http.front", "--index", str(i)]
+            argv = [python, "-m", "service.http.front", "--index", str(i), "--parent", str(os.getpid())]
             argv += [arg for fd in fds for arg in ("--fd", str(fd))]
             if self.remote_model:
                 argv += ["--model-socket", str(self.model_socket), "--queue-bound", str(self.queue_bound)]

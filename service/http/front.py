@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, action="append", required=True, help="an inherited listening socket")
     parser.add_argument("--model-socket", type=Path)
     parser.add_argument("--queue-bound", type=Path)
+    parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
     args = parser.parse_args(argv)
     set_title(f"lungserve: front {args.index}")
-    die_with_parent()
+    if args.parent is not None:
+        die_with_parent(args.parent)
     settings = Settings()
     remote = None
     if args.model_socket is not None and args.queue_bound is not None:
