@@ -166,10 +166,12 @@ class ModelRuntime:
     async def stop(self, drain_timeout_s: float) -> None:
         await self.batcher.stop(drain_timeout_s=drain_timeout_s)
 
-    def reserve(self, n: int) -> ImageReservation:
-        """Admission control: `n` queue slots now, or 503 -- before any body is read or decoded."""
+    def reserve(self, n: int, *, low_priority: bool = False) -> ImageReservation:
+        """Admission control: `n` queue slots now, or 503 -- before any body is read or decoded.
+
+        `low_priority`: background work (slide jobs) that interactive requests overtake."""
         try:
-            return self.batcher.reserve(n)
+            return self.batcher.reserve(n, low_priority=low_priority)
         except QueueFull as exc:
             raise Overloaded(
                 f"the server is at capacity ({exc.queue_limit} images admitted); retry shortly",
