@@ -52,7 +52,8 @@ async def test_low_priority_items_share_the_queue_bound_and_cancel_cleanly(gated
         assert batcher.available == 0  # one bound for both lanes
         low[0].cancel()
         await asyncio.sleep(0)  # the done-callback runs on the next loop step
-        assert batcher.available == 1 and batcher.queue_depth == 2
+        assert batcher.available == 1
+        assert batcher.queue_depth == 2
         handler.gate.set()
         await asyncio.gather(*held, *low[1:])
     assert batcher.available == 4
