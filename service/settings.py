@@ -27,6 +27,10 @@ def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
+def _state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
 def _default_workers() -> int:
     return os.cpu_count() or 1
 
@@ -109,7 +113,23 @@ class Settings(BaseSettings):
         default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
     )
     max_slide_bytes: int = Field(
-        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
+        default=4096 * MiB, ge=1, description="bytes of one /analyze or /jobs slide (spooled to disk, not memory)"
+    )
+
+    # --- slide jobs (service.jobs; docs/pathology.md) ---
+    jobs_uri: str = Field(
+        default_factory=lambda: str(_state_home() / "lungserve" / "jobs"),
+        description="where slide jobs, their checkpoints and results live: a folder or s3://bucket/prefix",
+    )
+    jobs_concurrency: int = Field(default=1, ge=1, le=64, description="slide jobs running at once; others wait queued")
+    jobs_queue_share: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="most of LUNGSERVE_QUEUE_LIMIT that job tiles may hold at once"
+    )
+    jobs_checkpoint_tiles: int = Field(
+        default=64, ge=1, le=100_000, description="tiles per checkpoint: at most this many are redone after a restart"
+    )
+    jobs_max_tiles: int = Field(
+        default=200_000, ge=1, description="tiles in one slide's grid (checked from its header), else 413"
     )
 
     # --- hostile clients (docs/reliability.md) ---
