@@ -225,7 +225,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> bool:
     """True when a POST to a door (anything but /admin) would only get 503 for a full queue:
     `lungserve serve` then answers it from the headers (service.http.server), the cheapest answer."""
-    if method != b"POST" or path.startswith(b"/admin") or state.phase is not Phase.READY:
+    # A slide job (/jobs) waits for the queue later, queued: a full queue does not refuse it.
+    if method != b"POST" or path.startswith((b"/admin", b"/jobs")) or state.phase is not Phase.READY:
         return False
     runtime = state.runtime
     if runtime is None or runtime.batcher.available > 0:

@@ -106,17 +106,20 @@ async def admitted_uploads(
     stream: AsyncIterator[bytes],
     limits: UploadLimits,
     spool: Callable[[], BinaryIO] | None = None,
+    *,
+    needs_queue: bool = True,
 ) -> AsyncIterator[list[Upload]]:
     """Every upload route's way in: the checks that cost nothing, the gate, then the body.
 
     Before a byte is read: not ready / shutting down (503), declared size (413), a full queue
     (503: the body would only be refused after it arrived), the upload gate (503). Then the
     body, at the minimum rate (408). The caller reserves queue slots for what it got; the
-    body's bytes are released when the `async with` block ends.
+    body's bytes are released when the `async with` block ends. `needs_queue=False` (a slide
+    job: it waits for the queue later, queued) skips the full-queue check.
     """
     runtime = service.current()
     check_declared_size(content_length, limits)
-    if runtime.batcher.available == 0:
+    if needs_queue and runtime.batcher.available == 0:
         runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
     gate = service.upload_gate
     if gate is None:

@@ -207,7 +207,13 @@ async def _spooled_slide(service: ServiceState, runner: JobRunner, request: Requ
     headers = request.headers
     try:
         async with admitted_uploads(
-            service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool
+            service,
+            headers.get("content-type"),
+            headers.get("content-length"),
+            request.stream(),
+            limits,
+            spool,
+            needs_queue=False,
         ):
             pass
     except BaseException:

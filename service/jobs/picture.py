@@ -58,11 +58,16 @@ class SlidePicture:
 
 
 class DrawingSlide:
-    """A `Slide` that also pastes every tile it reads into a `SlidePicture`."""
+    """A `Slide` that pastes every tile it reads into its `picture`, and closes only when no
+    read is running: a cancelled job's reads go on in their threads, and closing OpenSlide
+    under them would block or crash."""
 
-    def __init__(self, slide: Slide, picture: SlidePicture) -> None:
+    def __init__(self, slide: Slide) -> None:
         self._slide = slide
-        self._picture = picture
+        self.picture: SlidePicture | None = None
+        self._reads = 0
+        self._closed = False
+        self._idle = threading.Condition()
 
     @property
     def width(self) -> int:
@@ -83,12 +88,27 @@ class DrawingSlide:
         self._slide.prepare()
 
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
-        pixels = self._slide.read_tile(tile, size)
-        self._picture.paste(tile, pixels)
-        return pixels
+        with self._idle:
+            if self._closed:
+                raise RuntimeError("the slide is closed")
+            self._reads += 1
+        try:
+            pixels = self._slide.read_tile(tile, size)
+            if self.picture is not None:
+                self.picture.paste(tile, pixels)
+            return pixels
+        finally:
+            with self._idle:
+                self._reads -= 1
+                self._idle.notify_all()
 
     def thumbnail(self, max_side: int) -> Image.Image:
-        return self._picture.image()
+        assert self.picture is not None
+        return self.picture.image()
 
     def close(self) -> None:
+        """Blocks until running reads end: call it off the event loop."""
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._reads == 0)
         self._slide.close()

@@ -33,7 +33,7 @@ from service.observability.job_metrics import JobMetrics
 from service.pathology.class_map import TileImage, TileOutcome, analyse, tile_source_px
 from service.pathology.jobs import Job, TileRecord, chunk_document, chunk_records, summary, tile_answers
 from service.pathology.overlay import REFER_COLOUR, TileMark, class_colours, class_map_overlay, png_bytes
-from service.pathology.slides import Slide, open_slide
+from service.pathology.slides import open_slide
 from service.pathology.tiles import Tile, count_tiles, tile_grid
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,11 @@ class JobRun:
         runtime = self.service.current()
         manifest = runtime.engine.manifest
         size, side = manifest.input_size, tile_source_px(manifest)
-        slide: Slide = await loop.run_in_executor(
-            self.read_pool,
-            partial(open_slide, source, max_pixels=settings.max_image_pixels, tile_px=side, size=size),
+        slide = DrawingSlide(
+            await loop.run_in_executor(
+                self.read_pool,
+                partial(open_slide, source, max_pixels=settings.max_image_pixels, tile_px=side, size=size),
+            )
         )
         try:
             # The size the file claims is checked before anything proportional to it is built.
@@ -126,14 +128,13 @@ class JobRun:
             job.model = {"name": manifest.name, "version": manifest.version}
             job.tiles_total = len(grid)
             await self._resume(slide)
-            picture = self.picture
-            assert picture is not None
+            slide.picture = self.picture
             await loop.run_in_executor(self.read_pool, slide.prepare)  # a plain image is decoded here
             remaining = [i for i in range(len(grid)) if i not in self.records]
             checkpointer = asyncio.ensure_future(self._checkpoints())
             try:
                 await analyse(
-                    DrawingSlide(slide, picture),
+                    slide,
                     [grid[i] for i in remaining],
                     size=size,
                     pool=self.read_pool,
@@ -148,10 +149,10 @@ class JobRun:
                 await self.flush()
             await self._finish(grid, manifest.classes)
         finally:
-            slide.close()
+            await asyncio.to_thread(slide.close)  # after the reads still running in their threads
             memory.trim()
 
-    async def _resume(self, slide: Slide) -> None:
+    async def _resume(self, slide: DrawingSlide) -> None:
         job = self.job
         keys = await self.store.keys(f"{job.id}/tiles/")
         for key in keys:

@@ -161,8 +161,7 @@ class JobRunner:
     async def cancel(self, owner: str | None, job_id: str) -> Job:
         job = self.get(owner, job_id)
         if job.state is JobState.QUEUED:
-            job.move(JobState.CANCELLED)
-            await self._ended(job)
+            await self._end(job, JobState.CANCELLED)
         elif job.state is JobState.RUNNING:
             task = self._running.get(job.id)
             if task is not None:
@@ -194,10 +193,13 @@ class JobRunner:
             try:
                 await task
             except asyncio.CancelledError:
-                if not task.done():  # the worker itself was cancelled (shutdown): so is the job
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # The worker itself was cancelled (shutdown): so is its job, which checkpoints.
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                     raise
+                # Only the job was cancelled (DELETE): the worker takes the next one.
             finally:
                 self._running.pop(job.id, None)
                 self._cancelling.discard(job.id)
@@ -211,8 +213,7 @@ class JobRunner:
             await run.run(await self._source(job))
         except asyncio.CancelledError:
             if job.id in self._cancelling:
-                job.move(JobState.CANCELLED)
-                await self._ended(job)
+                await self._end(job, JobState.CANCELLED)
             else:
                 job.move(JobState.QUEUED)  # shutdown: the next start resumes it
                 await self._save(job)
@@ -228,15 +229,12 @@ class JobRunner:
             if not self._stopping and not isinstance(exc, JobStoreError):
                 self._queue.put_nowait(job.id)
         except LungserveError as exc:
-            job.move(JobState.FAILED, error=exc.message)
-            await self._ended(job)
+            await self._end(job, JobState.FAILED, exc.message)
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            job.move(JobState.FAILED, error=f"internal error: {type(exc).__name__}")
-            await self._ended(job)
+            await self._end(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
         else:
-            job.move(JobState.DONE)
-            await self._ended(job)
+            await self._end(job, JobState.DONE)
             log.info("job %s done: %d tiles", job.id, job.tiles_total)
 
     async def _source(self, job: Job) -> Path:
@@ -253,14 +251,16 @@ class JobRunner:
             job.source, dest, S3Options.from_settings(settings), max_bytes=settings.max_slide_bytes
         )
 
-    async def _ended(self, job: Job) -> None:
-        """A final state: saved, the slide's copies removed, the duration counted."""
-        await self._save(job)
+    async def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
+        """A final state: the slide's copies removed first (a client that sees the state sees
+        the store as it stays), then the state, saved, and the duration counted."""
         if job.source == "upload":
             with contextlib.suppress(JobStoreError):
                 await self._store.delete(f"{job.id}/{SOURCE}")
         if self._work_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._work_dir / job.id, True)
+        job.move(state, error=error)
+        await self._save(job)
         if self._metrics is not None:
             self._metrics.finished(job.state.value, _seconds_between(job.started or job.created, job.finished))
 

@@ -75,7 +75,8 @@ class S3JobStore:
         async with client(self.options) as s3:
             try:
                 response = await s3.get_object(Bucket=self.bucket, Key=self._key(key))
-                async with response["Body"] as body:
+                body = response["Body"]
+                async with body:
                     data: bytes = await body.read()
                     return data
             except ClientError as exc:
@@ -143,7 +144,8 @@ async def download(bucket: str, key: str, dest: Path, options: S3Options, *, max
         with os.fdopen(fd, "wb") as fh:
             async with client(options) as s3:
                 response = await s3.get_object(Bucket=bucket, Key=key)
-                async with response["Body"] as body:
+                body = response["Body"]
+                async with body:  # (the context yields the raw response: iterate the stream itself)
                     declared = int(response.get("ContentLength", 0))
                     if max_bytes is not None and declared > max_bytes:
                         raise SourceTooLarge(
