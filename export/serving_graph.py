@@ -1,22 +1,10 @@
-"""The serving graph: one functional Keras model with the four outputs of the model contract,
-converted to ONNX with tf2onnx.
+"""The serving graph: one functional Keras model with the four outputs of the model contract
+(probabilities, ood_score, feature_maps, cam_weights), converted to ONNX with tf2onnx.
 
-    image uint8 [N,S,S,3] -> probabilities [N,C]     softmax(logits / T), T folded in
-                          -> ood_score     [N]       min_c Mahalanobis distance of the GAP features
-                          -> feature_maps  [N,h,w,K] last conv block's ReLU (before its pool)
-                          -> cam_weights   [N,K,C]   d logit_c / d GAP_k, in closed form
-
-cam_weights: with GAP features g, the head is logits = W2^T relu(a * (W1^T g) + b) + b2, where
-a, b fold the BatchNorm (inference statistics) and dropout is the identity. So
-d logit_c / d g_k = sum_j W1[k,j] a_j [pre_j > 0] W2[j,c]: one masked matmul, no gradient op in
-the graph. Grad-CAM on the last ReLU's maps A is ReLU(sum_k cam_weights[k,c] A_k): Keras
-GradientTape Grad-CAM on that layer gives mean_ij d logit_c / d A_ijk = (1 / hw) d logit_c / d g_k
-through the max-pool (each pool window passes the gradient to one position), i.e. the same map up to
-a positive constant.
-
-ood_score: Mahalanobis distance with a tied covariance fitted on TRAIN-group GAP features of
-un-augmented images (Lee et al., 2018), the minimum over class means. The precision's Cholesky
-factor L (P = L L^T) is a fixed Dense kernel, so the distance is ||g L - mu_c L||.
+cam_weights are d logit_c / d GAP_k in closed form (one masked matmul through the folded head,
+no gradient op in the graph); ood_score is the min-over-classes Mahalanobis distance of the GAP
+features, tied covariance fitted on train-group features. Shapes and the derivations:
+docs/model_contract.md.
 """
 
 from __future__ import annotations
@@ -85,15 +73,6 @@ def fit_mahalanobis(
     precision = (precision + precision.T) / 2
     chol = np.asarray(np.linalg.cholesky(precision), dtype=np.float64)
     return MahalanobisStats(means, chol, shrinkage, len(f))
-
-
-def mahalanobis_numpy(features: NDArray[np.floating], stats: MahalanobisStats) -> NDArray[np.float64]:
-    """The reference for the graph's ood_score: min_c sqrt((g - mu_c)^T P (g - mu_c))."""
-    z = np.asarray(features, dtype=np.float64) @ stats.precision_chol
-    m = stats.means @ stats.precision_chol
-    d2 = ((z[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
-    out: NDArray[np.float64] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
-    return out
 
 
 def last_conv_relu(model: Any) -> str:

@@ -1,13 +1,9 @@
 """`lungserve upload DIR s3://bucket/prefix/`: publish an exported model where the service fetches it.
 
-Writes exactly the layout `service.model.source` reads: `<prefix><manifest.file>` (the ONNX file)
-and `<prefix>model.json`. The model goes first and the manifest last, so a server polling the
-manifest's ETag never sees a manifest that points at a model that is not there yet. The local
-sha256 is checked before anything is sent: a manifest that does not describe its file is never
-published.
-
-Needs only aioboto3 (no TensorFlow), so it works in a serving-only install. Credentials come
-from the standard AWS chain; `endpoint_url` targets MinIO, Ceph or moto.
+Writes exactly the layout `service.model.source` reads (docs/model_contract.md), the model first
+and the manifest last, so a server polling the manifest's ETag never sees a manifest whose model
+is not there yet; the local sha256 is checked before anything is sent. Needs only aioboto3, so
+it works in a serving-only install; `endpoint_url` targets MinIO, Ceph or moto.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Model variants that need no retraining, built at the ONNX level from bundled models:
 
-- dihedral test-time augmentation folded into the graph: the 8 flips/transposes of each image
-  are stacked into one batch of 8N, and the probabilities (and ood_score) averaged per image;
-- an ensemble of several models in one graph: the mean of their calibrated probabilities
-  (ood_score from the first model that has one);
+- dihedral test-time augmentation folded into the graph (8 flips/transposes, averaged per image);
+- an ensemble of several models in one graph (mean calibrated probabilities);
 - int8 static quantisation (ONNX Runtime, QDQ, calibrated on train images).
-
-Each variant is written as a model folder with its own manifest; its decision section is refitted
-on the select groups from its own outputs.
+Each is a model folder with its own manifest, its decision refitted on the select groups.
 """
 
 from __future__ import annotations

@@ -2,33 +2,10 @@
 
     .venv/bin/python loadtest/bench.py --out docs/benchmarks
 
-Systems (each started alone on 127.0.0.1, warmed up, measured, stopped):
-
-    lungserve   `lungserve serve` as shipped (micro-batching on)
-    nobatch     the same with LUNGSERVE_MAX_BATCH_SIZE=1
-    inprocess   the in-process ceiling: decode + preprocess + ORT on both cores, no HTTP
-                (loadtest/inprocess.py), and the single-image in-process latency
-    seed        the seed design: Flask + waitress, Pillow, Keras `model.predict` per request
-    bentoml     BentoML 1.4, same ONNX + preprocessing, adaptive batching (batchable=True)
-    rayserve    Ray Serve, same ONNX + preprocessing, @serve.batch
-    mosec       mosec 0.9.8: Rust front end, 2 decode processes, 1 batching inference process
-    litserve    LitServe 0.2.19: 2 batching worker processes
-    triton      Triton through PyTriton 0.7: OIP v2 binary bodies, Triton's dynamic batcher
-
-Every peer runs the same ONNX model with lungserve's own `service.model.preprocess.load_image`, the
-same maximum batch and batch delay, and 1 ORT intra-op thread per run (BENCH_ORT_INTRA_THREADS).
-
-Load: wrk (C, one thread) with loadtest/wrk_multipart.lua, closed loop at each concurrency
-(default 1, 8, 32, 128), a warm-up then a measured window per level, on two image sets: the
-768x768 originals (../shared/data/lc25000-lung-768) and 224x224 tiles (../shared/data/lc25000-lung).
-Recorded per level: images/s, p50/p95/p99 latency, errors, the peak RSS of the server's whole
-process tree (sampled), the server's and the generator's CPU share of the machine.
-
-The peers run in their own virtual environments, created under --cache (default .bench/) from
-the pinned, hashed requirement files in loadtest/peers/. They are not lungserve dependencies.
-
-Output in --out: RESULTS.md (tables, ratios, goals, command, machine, date), results.json,
-throughput.png and p99.png. Every step is bounded in time; --quick is a smoke run.
+Each system (lungserve, nobatch, inprocess, seed, bentoml, rayserve, mosec, litserve, triton) is
+started alone on 127.0.0.1, warmed up, driven by wrk at each concurrency, measured and stopped;
+the peers run from their own hashed virtual environments under --cache. Writes RESULTS.md,
+results.json and the plots to --out; --quick is a smoke run. Method: docs/benchmarks/METHOD.md.
 """
 
 from __future__ import annotations

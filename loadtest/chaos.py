@@ -1,4 +1,4 @@
-"""Hostile and unlucky clients against lungserve: issue 10's table as one command.
+"""Hostile and unlucky clients against lungserve: the table of docs/reliability.md as one command.
 
     python loadtest/chaos.py --url http://127.0.0.1:8000            # rows against a running server
     python loadtest/chaos.py --url http://127.0.0.1:8000 --out docs/reliability-chaos.md

@@ -4,22 +4,8 @@ Run by loadtest/bench.py in a child process (its own memory, nothing else in it)
 
     .venv/bin/python loadtest/inprocess.py --model service/bundled_model --duration 20 FILE...
 
-Prints one JSON object:
-
-- `single`: one image at a time in one thread (`load_image` + `session.run` on a batch of 1,
-  ORT's default threads, as the server's session has): the latency a request would have if
-  HTTP, queueing and batching cost nothing. Issue 3's "p99 at concurrency 1" goal compares to
-  its p50. Also the decode-only and inference-only medians, to show where the time goes.
-- `variants`: images/s over both cores, each for `--duration` seconds after a warm-up:
-  - `pool2-single`: a pool of 2 threads, each `load_image` + `session.run` of one image
-    (one shared session, 1 intra-op thread: each worker owns one core);
-  - `pool2-decode-batch`: the server's shape without HTTP: 2 decode threads feed one
-    inference thread that runs batches of up to 16 (ORT's default threads).
-  The ceiling is the best of them.
-- `many`: the median time to classify the whole file list once with the pool of 2 threads (the
-  in-process counterpart of one `/predict-many` of the same files).
-- `physical_bound_images_per_s`: cores / (decode + batched inference CPU time per image), both
-  measured one thread at a time: what the machine could do with zero overhead of any kind.
+Prints one JSON object: `single` (one image at a time), `variants` (images/s over both cores),
+`many` and `physical_bound_images_per_s`. What each measures: docs/benchmarks/METHOD.md.
 """
 
 from __future__ import annotations

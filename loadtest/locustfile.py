@@ -3,21 +3,9 @@
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 32 -r 8 -t 60s \
         --host http://127.0.0.1:8000 --csv out/lungserve --html out/lungserve.html
 
-Settings (command-line flag, or the environment variable beside it):
-
-    --images DIR          LOADTEST_IMAGES          folder of JPEG/PNG/TIFF/BMP files, searched
-                                                   recursively (e.g. ../shared/data/lc25000-lung-768);
-                                                   empty: a small synthetic set made in memory
-    --image-limit N       LOADTEST_IMAGE_LIMIT     read at most N files from DIR (default 256)
-    --many-n N            LOADTEST_MANY_N          images per /predict-many request (default 8)
-    --predict-weight W    LOADTEST_PREDICT_WEIGHT  relative share of /predict requests (default 3)
-    --many-weight W       LOADTEST_MANY_WEIGHT     relative share of /predict-many (default 1)
-    --wait-min S          LOADTEST_WAIT_MIN        think time between a user's requests, uniform
-    --wait-max S          LOADTEST_WAIT_MAX        in [min, max] seconds (default 0, 0: closed loop)
-
-Every response is checked (status 200 and a label for every image); anything else is a
-failure, and any failure makes Locust exit non-zero (its `--exit-code-on-error`, default 1,
-and a `quitting` hook that also fails a run that sent no request at all).
+Settings are flags or LOADTEST_* environment variables (images, image limit, N, weights, think
+time; docs/benchmarks/METHOD.md). Every response is checked (200 and a label per image); any
+failure, or a run that sent nothing, makes Locust exit non-zero.
 """
 
 from __future__ import annotations

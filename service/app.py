@@ -1,13 +1,9 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
-Start-up (lifespan): decode pool -> fetch the model (sha256 checked) -> ORT engine + warm-up
-of every batch shape (the model's verification) -> batcher.start() -> ready. Shut-down: not ready -> batcher.stop()
-(drains what was admitted) -> decode pool shut down. All state lives on `app.state.service`
-(a `ServiceState`); nothing is global, so several apps can live in one process (tests).
-
-Every error leaves through one JSON shape, `{"error": {"code", "message", "request_id"?}}`:
-domain errors via `service.errors.http_error`, and FastAPI's validation errors, Starlette's
-404/405 and unexpected exceptions are converted to domain errors first.
+Start-up: decode pool -> model fetched (sha256 checked) -> engine + warm-up -> batcher -> ready;
+shut-down in reverse, draining what was admitted. All state lives on `app.state.service` (a
+`ServiceState`), nothing is global. Every error leaves as one JSON shape, built by
+`service.http.errors` (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -19,34 +15,29 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 import service
 from service.core.admission import UploadGate
-from service.core.batcher import BatchObserver
 from service.core.decode_pool import Decoder
-from service.core.engine import Engine
 from service.core.memory import Trimmer
 from service.core.reload import ModelReloader
-from service.core.runtime import ModelRuntime, Phase, ServiceState
-from service.errors import LungserveError, ModelSourceError, http_error
-from service.http import admin, analyze, explain, webpage
+from service.core.runtime import open_runtime
+from service.core.state import Phase, ServiceState
+from service.errors import ModelSourceError
+from service.http import admin, analyze, explain, predict, status, webpage
 from service.http import jobs as jobs_door
-from service.http import predict as api
 from service.http.access import ApiKeys, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import install_docs
-from service.http.middleware import AdminPortSplit, CloseUnreadBody
+from service.http.errors import install_error_handlers
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware
 from service.http.uploads import RouteLimits
 from service.jobs.runner import JobRunner
 from service.jobs.store import open_store
-from service.model.source import ModelArtifact, S3Options, fetch_configured_model
-from service.observability.logs import RequestContextMiddleware, request_context_from_scope
+from service.model.source import S3Options, fetch_configured_model
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
 from service.settings import Settings
@@ -56,36 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
-}
-
-
-async def build_runtime(
-    artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None = None
-) -> ModelRuntime:
-    """Engine -> warm-up of every batch size the batcher can form -> started batcher.
-
-    Start-up and hot reload (`service.core.reload`) both build their runtime with this.
-    """
-    # Session creation and warm-up are seconds of CPU/GPU work: keep the loop (and
-    # /health/live) responsive meanwhile.
-    engine = await asyncio.to_thread(
-        Engine,
-        artifact.onnx_path,
-        artifact.manifest,
-        provider=settings.provider,
-        intra_op_threads=settings.ort_intra_op_threads,
-        inter_op_threads=settings.ort_inter_op_threads,
-    )
-    await asyncio.to_thread(engine.warm_up, range(1, settings.max_batch_size + 1))
-    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
-    await runtime.start()
-    return runtime
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -99,8 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     reloader = ModelReloader(
         state,
         settings,
-        lambda artifact: build_runtime(artifact, settings, metrics.batcher_observer()),
-        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.engine.provider),
+        lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
+        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
     )
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
@@ -132,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
                 )
                 warm_up_started = time.perf_counter()
-                state.replace_runtime(await build_runtime(artifact, settings, metrics.batcher_observer()))
+                state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)
@@ -140,17 +101,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise ModelSourceError(str(exc)) from None
             state.phase = Phase.READY
             serving = state.current()
-            metrics.set_model(identity, serving.engine.provider)
+            metrics.set_model(identity, serving.provider)
             metrics.set_ready(True)
             log.info(
                 "ready: model %s %s on %s, batches of up to %d",
                 identity.name,
                 identity.version,
-                serving.engine.provider,
+                serving.provider,
                 settings.max_batch_size,
                 extra={
                     **identity.log_fields(),
-                    "provider": serving.engine.provider,
+                    "provider": serving.provider,
                     "max_batch_size": settings.max_batch_size,
                     "load_and_warm_up_s": round(time.perf_counter() - warm_up_started, 3),
                 },
@@ -210,7 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
-    app.include_router(api.router)
+    app.include_router(predict.router)
+    app.include_router(status.router)
     app.include_router(oip_door.router)
     app.include_router(explain.router)
     app.include_router(analyze.router)
@@ -218,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     install_docs(app, api_keys=keys is not None)
     webpage.install(app)  # GET / and /page/*
-    _install_error_handlers(app)
+    install_error_handlers(app)
     return app
 
 
@@ -229,7 +191,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     if method != b"POST" or path.startswith((b"/admin", b"/jobs")) or state.phase is not Phase.READY:
         return False
     runtime = state.runtime
-    if runtime is None or runtime.batcher.available > 0:
+    if runtime is None or runtime.has_room():
         return False
     metrics.rejected("queue_full")
     return True
@@ -292,48 +254,3 @@ class Shutdown:
             await runtime.stop(settings.drain_timeout_s)
 
 
-def _request_id(request: Request) -> str | None:
-    ctx = request_context_from_scope(request.scope)
-    return ctx.request_id if ctx is not None else None
-
-
-def _json_error(request: Request, exc: LungserveError) -> JSONResponse:
-    # OIP clients (tritonclient, KServe) read `{"error": "message"}`: every answer under /v2 has it.
-    path = request.url.path.removeprefix(str(request.scope.get("root_path", "")).rstrip("/"))
-    oip = path == oip_door.PREFIX or path.startswith(oip_door.PREFIX + "/")
-    err = http_error(exc, _request_id(request), oip=oip)
-    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, LungserveError)
-        return _json_error(request, exc)
-
-    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
-        )
-        error = LungserveError(f"invalid request: {problems}")
-        error.code, error.status = "validation_error", 422
-        return _json_error(request, error)
-
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        error = LungserveError(str(exc.detail))
-        error.code, error.status = _HTTP_CODES.get(exc.status_code, "http_error"), exc.status_code
-        response = _json_error(request, error)
-        for name, value in (exc.headers or {}).items():  # e.g. Allow on 405
-            response.headers[name] = value
-        return response
-
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette's ServerErrorMiddleware calls this and then re-raises, so the server
-        # still logs the traceback; the client gets the usual JSON shape, without details.
-        return _json_error(request, LungserveError("internal server error"))
-
-    app.add_exception_handler(LungserveError, on_domain_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -1,15 +1,10 @@
-"""Domain errors and their single mapping to HTTP.
+"""Domain errors: every layer raises these plain exceptions, framework-free.
 
-Every layer raises these plain exceptions; only `http_error` (used by one exception
-handler in the app) turns them into a status, headers and a JSON body. This module
-imports nothing from the web framework so that preprocessing, the engine and the
-model source stay framework-free.
+Each has a `code` and an HTTP `status`; `service.http.errors` is the one place that turns them
+into answers.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any
 
 
 class LungserveError(Exception):
@@ -174,49 +169,3 @@ def one_line(text: object, limit: int = 300) -> str:
     """Collapse whitespace (multi-line library errors) and cap the length: one log line."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-@dataclass(frozen=True)
-class HttpError:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool = False) -> HttpError:
-    """The one place where a domain error becomes an HTTP answer.
-
-    `oip`: the Open Inference Protocol's shape, `{"error": "message"}` (routes under /v2);
-    same status and headers.
-    """
-    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
-    if request_id is not None:
-        error["request_id"] = request_id
-    headers: dict[str, str] = {}
-    if isinstance(exc, (Overloaded, TooManyRequests)):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    body: dict[str, Any] = {"error": exc.message} if oip else {"error": error}
-    return HttpError(status=exc.status, body=body, headers=headers)
-
-
-# gRPC status code names (grpc.StatusCode members) by HTTP status: the OIP gRPC door's side
-# of the same mapping. Names, not grpc objects: this module imports no framework.
-_GRPC_STATUS = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    404: "NOT_FOUND",
-    409: "FAILED_PRECONDITION",
-    413: "RESOURCE_EXHAUSTED",
-    415: "INVALID_ARGUMENT",
-    422: "INVALID_ARGUMENT",
-    499: "CANCELLED",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-
-
-def grpc_status(exc: LungserveError) -> str:
-    """The gRPC status of a domain error (its message goes in the status details)."""
-    return _GRPC_STATUS.get(exc.status, "INTERNAL")

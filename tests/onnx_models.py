@@ -114,7 +114,7 @@ def model_v2_bytes(
     bias: Sequence[float] | None = None,
     centre: Sequence[float] = V2_CENTRE,
 ) -> bytes:
-    """A tiny graph with every output of the model v2 contract (docs: notes MODEL_CONTRACT).
+    """A tiny graph with every output of the model v2 contract (docs/model_contract.md).
 
     probabilities [N, 3]   softmax of (mean colour @ w + bias): `bias` picks the winner
     ood_score     [N]      Euclidean distance of the image's mean colour from `centre` (grey levels)
@@ -186,7 +186,7 @@ CAM_OUTPUTS = {
 
 
 def cam_model_bytes(input_size: int = 32, n_classes: int = 3, *, channels: int = 4, seed: int = 0) -> bytes:
-    """A tiny model with the v2 contract's Grad-CAM outputs (MODEL_CONTRACT.md).
+    """A tiny model with the v2 contract's Grad-CAM outputs (docs/model_contract.md).
 
     image -> /255 -> 3x3 conv (K channels, stride 2) -> ReLU = feature_maps [N, S/2, S/2, K]
     -> GAP -> linear head -> softmax. The head is linear, so cam_weights = d logit_c / d GAP_k

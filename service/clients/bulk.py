@@ -1,11 +1,9 @@
 """`lungserve predict`: classify files and folders into a CSV or JSONL file, resumably.
 
-Folders are walked for images; files are sent with `AsyncLungserveClient.predict_many` in
-chunks that fit the server's limits (read from `GET /model`), several requests at once. Rows are
-appended as each chunk is answered, so an interrupted run keeps what it finished; run the same
-command again and files that already have a successful row are skipped (rows of failed files
-are dropped and those files tried again). `--local` serves the same app in this process (no
-socket), so a local run goes through exactly the doors and core a server would.
+Files are sent with `AsyncLungserveClient.predict_many` in chunks that fit the server's limits,
+several requests at once; rows are appended as each chunk is answered, so a rerun skips files
+that already have a successful row. `--local` serves the same app in this process (no socket),
+through exactly the doors and core a server would (docs/clients.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""A small Python client for lungserve's HTTP API, sync and async, on httpx.
+"""A small Python client for lungserve's HTTP API, sync (`LungserveClient`) and async, on httpx.
 
-    from service.clients.http_client import LungserveClient
-    with LungserveClient("http://127.0.0.1:8000") as client:
-        print(client.predict("tile.jpeg").label)
-        for p in client.predict_many(["a.jpeg", "b.png"]):
-            print(p.file, p.label, p.decision, p.error)
-
-`AsyncLungserveClient` has the same methods as coroutines. Both retry a request the server
-refused with `503` (overloaded, loading, shutting down) or that never reached it (connection errors),
-waiting at least `Retry-After` and backing off exponentially; classification is idempotent,
-so a retry is always safe. Per-file problems (not an image, too large) are not retried: they
-come back as a `Prediction` with `error` set. Whole-request failures raise `ClientError`.
-
-The client talks to the doors (HTTP), never to the core; `lungserve predict` is built on it.
+Retries what the server refused with 503 or what never reached it, waiting at least
+`Retry-After` with exponential backoff (classification is idempotent); per-file problems come
+back as a `Prediction` with `error` set, whole-request failures raise `ClientError`. It talks to
+the doors, never the core; `lungserve predict` is built on it. Usage: docs/clients.md.
 """
 
 from __future__ import annotations

@@ -1,34 +1,23 @@
-"""Admission of request bodies: a bounded pool for bodies in flight, checked before reading.
+"""Admission: the one way in for every door, before a byte of the body is read.
 
-The batcher's queue bounds *images being classified*; it must not be held by a client that is
-still uploading (issue 10, row 5: 32 uploads at 10 bytes/s kept a queue of 32 full). So a
-request passes two gates, in this order:
-
-1. `UploadGate.admit(charge)`, before a byte of the body is read: one of
-   `LUNGSERVE_MAX_UPLOADS_IN_FLIGHT` upload slots, held until the body has been read, and
-   `charge` bytes of `LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT`, held until the response (the bytes
-   stay in memory until their images are decoded). The charge is the declared Content-Length,
-   or the route's whole limit for a chunked body. Either gate full -> 503 `overloaded` with
-   Retry-After, before reading: eight 120 MB bodies cannot all be buffered (row 9).
-2. The batcher's queue (`reserve`), only once the body is in memory and its images counted.
-
-A slow body is cut off by the minimum upload rate (`service.http.uploads`), which frees its upload
-slot; the reverse proxy in front (docs/reliability.md) is the first line against slow clients.
+Order: readiness, the body's cheap header checks (declared size: 413), a queue pre-check and
+the upload gate (503 with Retry-After), then the body at the minimum rate. Queue slots are taken
+only after the body is in memory, so a slow client never holds one (docs/reliability.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import Protocol, TypeVar
 
 from service.core import memory
-from service.errors import ModelNotReady, Overloaded
-from service.http.uploads import Upload, UploadLimits, check_declared_size, declared_length, read_uploads
+from service.core.model_client import ModelClient
+from service.errors import Overloaded
 
-if TYPE_CHECKING:
-    from service.core.runtime import ServiceState
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 # Bodies at least this large trigger a heap trim when released (see service.core.memory).
 _TRIM_AFTER_BYTES = 8 * 1024 * 1024
@@ -82,52 +71,54 @@ class UploadGate:
 
     def admit(self, charge: int) -> BodyTicket:
         """Take an upload slot and `charge` bytes now, or raise Overloaded. No awaits."""
+        refusal = self._refusal(charge)
+        if refusal is None:
+            self.uploads += 1
+            self.body_bytes += charge
+            return BodyTicket(self, charge)
+        raise Overloaded(refusal, retry_after_s=self.retry_after_s)
+
+    def _refusal(self, charge: int) -> str | None:
         if self.uploads >= self.max_uploads:
-            raise Overloaded(
-                f"the server is receiving {self.uploads} uploads (LUNGSERVE_MAX_UPLOADS_IN_FLIGHT); retry shortly",
-                retry_after_s=self.retry_after_s,
-            )
+            return f"the server is receiving {self.uploads} uploads (LUNGSERVE_MAX_UPLOADS_IN_FLIGHT); retry shortly"
         if self.body_bytes + charge > self.max_body_bytes:
-            raise Overloaded(
+            return (
                 f"the server holds {self.body_bytes} bytes of request bodies and this one declares {charge} "
-                f"(LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT = {self.max_body_bytes}); retry shortly",
-                retry_after_s=self.retry_after_s,
+                f"(LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT = {self.max_body_bytes}); retry shortly"
             )
-        self.uploads += 1
-        self.body_bytes += charge
-        return BodyTicket(self, charge)
+        return None
+
+
+class BodyReader(Protocol[T_co]):
+    """A door's request body: checks that cost nothing, what it charges, and how it is read."""
+
+    def check(self) -> None:
+        """Refuse from the headers alone (declared size 413, encoding 415): no byte read yet."""
+
+    @property
+    def charge(self) -> int:
+        """Body bytes to hold against LUNGSERVE_MAX_BODY_BYTES_IN_FLIGHT (0: spooled to disk)."""
+        ...
+
+    async def read(self) -> T_co:
+        """The body, at the minimum upload rate."""
+        ...
 
 
 @asynccontextmanager
-async def admitted_uploads(
-    service: ServiceState,
-    content_type: str | None,
-    content_length: str | None,
-    stream: AsyncIterator[bytes],
-    limits: UploadLimits,
-    spool: Callable[[], BinaryIO] | None = None,
-    *,
-    needs_queue: bool = True,
-) -> AsyncIterator[list[Upload]]:
-    """Every upload route's way in: the checks that cost nothing, the gate, then the body.
+async def admit(
+    model: ModelClient, gate: UploadGate, body: BodyReader[T], *, needs_queue: bool = True
+) -> AsyncIterator[T]:
+    """Admit one request and read its body; its bytes are released when the block ends.
 
-    Before a byte is read: not ready / shutting down (503), declared size (413), a full queue
-    (503: the body would only be refused after it arrived), the upload gate (503). Then the
-    body, at the minimum rate (408). The caller reserves queue slots for what it got; the
-    body's bytes are released when the `async with` block ends. `needs_queue=False` (a slide
-    job: it waits for the queue later, queued) skips the full-queue check.
+    A full queue answers 503 before the body is read (it would only be refused after it
+    arrived); the caller reserves queue slots for what the body holds. `needs_queue=False`:
+    a slide job, which waits for the queue later, queued.
     """
-    runtime = service.current()
-    check_declared_size(content_length, limits)
-    if needs_queue and runtime.batcher.available == 0:
-        runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
-    gate = service.upload_gate
-    if gate is None:
-        raise ModelNotReady("the server is not started")
-    declared = declared_length(content_length)
-    # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
-    charge = 0 if spool is not None else (declared if declared is not None else limits.max_body_bytes)
-    with gate.admit(charge) as ticket:
-        uploads = await read_uploads(content_type, stream, limits, spool)
+    body.check()
+    if needs_queue and not model.has_room():
+        model.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
+    with gate.admit(body.charge) as ticket:
+        content = await body.read()
         ticket.body_read()
-        yield uploads
+        yield content

@@ -1,22 +1,12 @@
 """A bounded asyncio micro-batcher: many single requests in, few batched handler calls out.
 
 Standard library only, generic over item ``T`` and result ``R``; handler, executor and observer
-are injected. The contract (docs/batching.md explains the why):
-
-* ``reserve(n)`` takes ``n`` of ``queue_limit`` slots at once, or none (``QueueFull``;
-  ``BatcherStopped`` once stopping). No awaits: callers admit a request before reading it.
-  ``reserve(n, low_priority=True)`` (slide jobs) queues in a second lane: a batch takes every
-  queued normal item first and fills up with low-priority ones, so background work never
-  makes an interactive request wait behind it (it still shares the slots and batches).
-* ``Reservation.submit(item)`` queues one reserved item; its future resolves to
-  ``(result, BatchInfo)`` or to the batch's error. ``release()`` returns unsubmitted slots.
-* A slot is held until the item's batch has finished computing, so ``queue_limit`` bounds all
-  admitted, unanswered work. When a batch goes is decided by ``dispatch_delay`` alone.
-* A future cancelled while queued never reaches the handler; one cancelled while its batch
-  computes gives its slot back at once (its item is abandoned with the batch's result). ``stop()`` refuses new work,
-  drains for up to ``drain_timeout_s`` and then fails what is left with ``BatcherStopped``.
-* Every public method is called on the event loop that ran ``start()``; only the handler
-  runs in the executor.
+are injected. ``reserve(n)`` takes ``n`` of ``queue_limit`` slots or none, ``Reservation.submit``
+queues one item for a future of ``(result, BatchInfo)``, and a slot is held until its batch has
+computed. When a batch goes is the pure rule in `service.core.batch_rule`; the full contract
+(cancellation, draining, threads) is in docs/batching.md. ``reserve(n, low_priority=True)``
+(slide jobs) queues in a second lane: a batch takes every queued normal item first and fills up
+with low-priority ones, so background work never makes an interactive request wait behind it.
 """
 
 from __future__ import annotations
@@ -32,8 +22,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from types import TracebackType
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
+
+from service.core.batch_rule import dispatch_delay
+from service.core.batch_slots import Reservation, Slots
+from service.core.batch_types import (
+    BatcherStopped,
+    BatchInfo,
+    BatchObserver,
+    HandlerResultError,
+    NullObserver,
+    QueueFull,
+)
 
 __all__ = [
     "BatchInfo",
@@ -53,101 +53,6 @@ R = TypeVar("R")
 logger = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    """Fewer free slots than requested; raised by `Batcher.reserve` before any work is done."""
-
-    def __init__(self, requested: int, available: int, queue_limit: int) -> None:
-        super().__init__(f"batch queue full: {requested} slot(s) requested, {available} of {queue_limit} free")
-        self.requested = requested
-        self.available = available
-        self.queue_limit = queue_limit
-
-
-class BatcherStopped(Exception):
-    """The batcher is stopping or stopped: raised by `reserve`/`submit`, set on abandoned futures."""
-
-
-class HandlerResultError(RuntimeError):
-    """The handler returned a number of results different from the number of items it got."""
-
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"batch handler returned {got} result(s) for {expected} item(s)")
-        self.expected = expected
-        self.got = got
-
-
-class BatchObserver(Protocol):
-    """Receives the batcher's statistics (metrics plug in here). Called on the event loop thread.
-
-    An observer that raises is logged and otherwise ignored: metrics must never lose a request.
-    """
-
-    def on_queue_depth(self, depth: int) -> None:
-        """Submitted items waiting to be dispatched (reservations are not included)."""
-
-    def on_batch_start(self, batch_id: int, size: int, queue_waits_s: Sequence[float]) -> None:
-        """A batch was dispatched; `queue_waits_s` holds each item's time from submit to dispatch."""
-
-    def on_batch_end(self, batch_id: int, size: int, duration_s: float, error: BaseException | None) -> None:
-        """A batch finished: `duration_s` is the handler's run time; `error` is None on success."""
-
-    def on_in_flight(self, batches: int) -> None:
-        """Number of batches currently computing."""
-
-    def on_dropped_cancelled(self, count: int) -> None:
-        """`count` queued items were dropped before compute because their futures were cancelled."""
-
-
-class NullObserver:
-    """The default observer: ignores everything."""
-
-    def on_queue_depth(self, depth: int) -> None:
-        pass
-
-    def on_batch_start(self, batch_id: int, size: int, queue_waits_s: Sequence[float]) -> None:
-        pass
-
-    def on_batch_end(self, batch_id: int, size: int, duration_s: float, error: BaseException | None) -> None:
-        pass
-
-    def on_in_flight(self, batches: int) -> None:
-        pass
-
-    def on_dropped_cancelled(self, count: int) -> None:
-        pass
-
-
-@dataclass(frozen=True, slots=True)
-class BatchInfo:
-    """How one item was served; attached to its result for logs and Server-Timing."""
-
-    batch_id: int
-    size: int
-    queue_wait_s: float  # from submit() to dispatch
-    compute_s: float  # the handler call for the whole batch
-
-
-def dispatch_delay(
-    *,
-    queued: int,
-    oldest_wait_s: float,
-    on_their_way: int,
-    max_batch_size: int,
-    max_batch_delay_s: float,
-    dispatch_when_idle: bool,
-    draining: bool,
-) -> float:
-    """The batch rule: seconds until the queued items should go as a batch (0.0: now).
-
-    A batch goes when it is full, when its oldest item has waited `max_batch_delay_s`, when
-    the batcher drains, or (`dispatch_when_idle`) when no admitted item is still on its way:
-    waiting can then not fill it, so it would only add latency.
-    """
-    if queued >= max_batch_size or draining or (dispatch_when_idle and on_their_way == 0):
-        return 0.0
-    return max(0.0, max_batch_delay_s - oldest_wait_s)
-
-
 class _State(enum.Enum):
     QUEUED = enum.auto()
     DISPATCHED = enum.auto()
@@ -160,48 +65,6 @@ class _Phase(enum.Enum):
     FAILED = enum.auto()  # the dispatcher crashed: reserve() refuses, stop() still cleans up
     DRAINING = enum.auto()  # stop() called: reserve() refuses; queued items go without delay
     CLOSED = enum.auto()  # shut down: nothing runs any more, submit() refuses
-
-
-class _Slots:
-    """The `queue_limit` bound: reserved + queued + computing items, in one count."""
-
-    def __init__(self, limit: int, on_change: Callable[[], None]) -> None:
-        self.limit = limit
-        self.used = 0
-        self.reserved = 0  # taken by reserve(), not yet submitted
-        self.draining = False
-        self.drained = asyncio.Event()  # set while draining once no slot is used
-        self._on_change = on_change
-
-    @property
-    def available(self) -> int:
-        return self.limit - self.used
-
-    def reserve(self, n: int) -> None:
-        if n > self.available:
-            raise QueueFull(n, self.available, self.limit)
-        self.used += n
-        self.reserved += n
-
-    def submitted(self) -> None:
-        """One reserved slot now holds a queued item (or is freed right after, if closed)."""
-        self.reserved -= 1
-
-    def unreserve(self, n: int) -> None:
-        """`n` reserved slots will never be submitted: fewer items on their way."""
-        self.reserved -= n
-        self.free(n)
-        self._on_change()
-
-    def free(self, n: int) -> None:
-        self.used -= n
-        if self.draining and self.used == 0:
-            self.drained.set()
-
-    def start_draining(self) -> None:
-        self.draining = True
-        if self.used == 0:
-            self.drained.set()
 
 
 @dataclass(eq=False, slots=True)
@@ -244,56 +107,6 @@ def _call_handler(handler: Callable[[Sequence[T]], Sequence[R]], items: list[T])
     return _Outcome(results, None, time.perf_counter() - started)
 
 
-class Reservation(Generic[T, R]):
-    """`n` slots of a batcher's bound, held until submitted or released."""
-
-    def __init__(
-        self,
-        slots: _Slots,
-        enqueue: Callable[[T, bool], asyncio.Future[tuple[R, BatchInfo]]],
-        n: int,
-        low_priority: bool = False,
-    ) -> None:
-        self._slots = slots
-        self._enqueue = enqueue
-        self._remaining = n
-        self._low = low_priority
-
-    @property
-    def remaining(self) -> int:
-        """Slots still reserved (not yet submitted or released)."""
-        return self._remaining
-
-    def submit(self, item: T) -> asyncio.Future[tuple[R, BatchInfo]]:
-        """Queue `item` in one reserved slot; the future resolves to `(result, BatchInfo)`.
-
-        Raises RuntimeError when no reserved slot is left, and BatcherStopped once the batcher
-        has shut down (the slot is given back).
-        """
-        if self._remaining <= 0:
-            raise RuntimeError("reservation has no slot left: reserve one slot per item")
-        self._remaining -= 1
-        self._slots.submitted()
-        return self._enqueue(item, self._low)
-
-    def release(self) -> None:
-        """Give back the slots that were not submitted. Idempotent."""
-        if self._remaining:
-            n, self._remaining = self._remaining, 0
-            self._slots.unreserve(n)
-
-    def __enter__(self) -> Reservation[T, R]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
 class Batcher(Generic[T, R]):
     """Groups submitted items into batches for a synchronous handler run in an executor."""
 
@@ -328,7 +141,7 @@ class Batcher(Generic[T, R]):
         self._owns_executor = executor is None
 
         self._wakeup = asyncio.Event()  # any change the dispatcher may care about
-        self._slots = _Slots(queue_limit, on_change=self._wakeup.set)
+        self._slots = Slots(queue_limit, on_change=self._wakeup.set)
         # OrderedDict keyed by sequence number: FIFO order, O(1) removal of a cancelled entry.
         self._queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()
         self._low_queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()  # the low-priority lane
@@ -355,7 +168,7 @@ class Batcher(Generic[T, R]):
 
     @property
     def queue_depth(self) -> int:
-        """Submitted items waiting for dispatch (both lanes)."""
+        """Submitted items waiting for dispatch."""
         return self._queued()
 
     @property
@@ -440,7 +253,7 @@ class Batcher(Generic[T, R]):
         if self._refusing:
             raise BatcherStopped("batcher is stopping")
         self._slots.reserve(n)
-        return Reservation(self._slots, self._enqueue, n, low_priority)
+        return Reservation(self._slots, partial(self._enqueue, low=low_priority), n)
 
     def _queued(self) -> int:
         return len(self._queue) + len(self._low_queue)

@@ -1,18 +1,9 @@
 """The decode pools and the pixel budgets: one client's huge images cannot starve the rest.
 
-Every image is first *probed* (header only: format, size, decode cost) in the decode pool, then
-
-* charged to its request's `PixelAllowance` (`LUNGSERVE_MAX_REQUEST_PIXELS`): beyond it the
-  image is refused with 413 before decoding, so a `/predict-many` of 64 declared 7000 x 7000
-  PNGs (3 MB of bytes, 3 Gpx of pixels) cannot buy seconds of CPU;
-* decoded in the shared pool when its decode cost is below `LUNGSERVE_LARGE_IMAGE_PIXELS`, or
-  else in the *large-image lane*: one thread, so at most one large image is being decoded at a
-  time (pixels in flight <= MAX_IMAGE_PIXELS + PREPROCESS_WORKERS x LARGE_IMAGE_PIXELS) and the
-  shared pool stays free for ordinary tiles. A JPEG's cost is its DCT-reduced (draft) size, so
-  large JPEGs are cheap; PNG, TIFF and BMP have no reduced decode and pay in full.
-
-After each large decode the heap is trimmed (`service.core.memory.trim`), so RSS returns near its
-level before the burst.
+Every image is probed (header only) in the decode pool, charged to its request's
+`PixelAllowance` (413 before decoding beyond it), then decoded in the shared pool, or in the
+one-thread large-image lane when its decode cost is at least `LUNGSERVE_LARGE_IMAGE_PIXELS`.
+The heap is trimmed after each large decode. Why and the bounds: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """ONNX Runtime inference: one session per model, provider policy, warm-up, `infer(batch)`.
 
-The engine knows nothing about HTTP, batching or where the model bytes came from: it is
-given an `.onnx` path and the manifest that describes it, checks that they agree, and
-turns a uint8 batch (N, S, S, 3) into float32 probabilities (N, C), plus the model's
-out-of-distribution score (N,) when the manifest's `outputs` lists one.
-
-Provider policy (`auto | cuda | cpu`) is decided by two pure functions so it can be tested
-on a machine without a GPU: `choose_providers` (what to ask ORT for) and `check_active`
-(what ORT really gave us; it silently falls back to CPU when the CUDA libraries are
-missing, so the *session's* provider list is the only proof).
+Given an `.onnx` path and its manifest, it checks they agree (`validate_signature`, then the
+warm-up: docs/model_contract.md) and turns a uint8 batch (N, S, S, 3) into probabilities (N, C)
+plus the ood_score (N,) when the manifest maps one. The provider policy (`auto | cuda | cpu`) is
+two pure functions, `choose_providers` and `check_active`, testable without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.errors import ModelSourceError, one_line
-from service.model.manifest import Manifest
+from service.model.manifest import OOD_SCORE, PROBABILITIES, Manifest
 from service.model.preprocess import RESIZE
 from service.settings import ProviderPolicy
 
@@ -34,8 +29,6 @@ CUDA: Final = "CUDAExecutionProvider"
 CPU: Final = "CPUExecutionProvider"
 
 # Roles of graph outputs in the manifest's `outputs` (the model v2 contract).
-PROBABILITIES: Final = "probabilities"
-OOD_SCORE: Final = "ood_score"
 
 # Warm-up probabilities must sum to 1 within this: a model exporting logits would
 # otherwise be served with meaningless "confidence" values.
@@ -194,7 +187,7 @@ class Engine:
                 f"not a loadable ONNX model: {onnx_path.name}: onnxruntime cannot load it: {one_line(exc, 200)}"
             ) from exc
 
-        ood_name = (manifest.outputs or {}).get(OOD_SCORE)
+        ood_name = manifest.ood_output
         self._fetch = [manifest.output_name] + ([ood_name] if ood_name is not None else [])
         self._provider = check_active(provider, self._session.get_providers())
         try:
@@ -215,17 +208,8 @@ class Engine:
         return self._provider
 
     @property
-    def has_ood_score(self) -> bool:
-        """The graph's ood_score output is fetched with every batch."""
-        return len(self._fetch) > 1
-
-    @property
     def input_size(self) -> int:
         return self._manifest.input_size
-
-    def run(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
-        """uint8 (N, S, S, 3) -> float32 probabilities (N, C), in manifest class order."""
-        return self.infer(batch).probabilities
 
     def infer(self, batch: NDArray[np.uint8]) -> ModelOutputs:
         """uint8 (N, S, S, 3) -> probabilities, and the ood_score when the manifest lists one.

@@ -1,12 +1,8 @@
 """Give freed heap memory back to the OS after bursts of large decodes (glibc only).
 
-A 7000 x 7000 PNG decodes to ~150 MB in Pillow blocks and NumPy arrays. glibc raises its mmap
-threshold dynamically after such frees, so the next large buffers come from the heap arenas,
-and freed arena memory stays in the process: RSS climbed from 265 to 832 MB and stayed there
-(issue 10, row 8). `malloc_trim(0)` returns the free pages of every arena. It costs a walk of
-the heap, so it runs only after large decodes and large bodies, never per tile. Elsewhere
-(musl, macOS) it is a no-op. `MALLOC_ARENA_MAX=2` in the environment (docs/reliability.md)
-additionally bounds the number of arenas the decode threads spread over.
+glibc keeps freed arena memory in the process, so RSS stays at its peak after a burst of large
+images; `malloc_trim(0)` returns it. It walks the heap, so it runs only after large decodes and
+large bodies, never per tile; elsewhere (musl, macOS) it is a no-op. Why: docs/reliability.md.
 """
 
 from __future__ import annotations

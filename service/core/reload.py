@@ -1,18 +1,9 @@
 """Hot reload: fetch, verify and warm a new model *beside* the serving one, then swap.
 
-`ModelReloader.reload()` (behind `POST /admin/reload`, and the optional ETag poller):
-
-1. `fetch_configured_model` downloads the model at `settings.model_uri` and checks its sha256.
-2. `build` turns it into a started `ModelRuntime` (engine + warm-up of every batch shape, which
-   is the model's verification, + its own batcher), still beside the old one. A failure in 1 or
-   2 is a `ModelRejected` naming the cause; the serving model is untouched.
-3. `ServiceState.replace_runtime` swaps the pointer: one assignment on the event loop, so
-   every request that starts afterwards uses the new model. Requests that already hold the
-   old runtime (reserved, queued or computing) finish on it while it drains; each answer
-   carries the manifest of the model that computed it.
-
-Reloads run one at a time and are shielded from the cancellation of the HTTP request that
-asked for them: a half-done swap is never left behind.
+`ModelReloader.reload()` (behind `POST /admin/reload` and the optional ETag poller) fetches the
+model, builds and warms a new `ModelRuntime` beside the old one (a failure is `ModelRejected`;
+the serving model is untouched), then swaps the pointer in one assignment. Requests holding the
+old runtime finish on it. One reload at a time, shielded from cancellation (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -22,14 +13,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service.core.runtime import ModelRuntime, Phase, ServiceState
+from service.core.model_client import ModelClient
+from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, ModelRejected, ModelSourceError, ShuttingDown, one_line
 from service.model.source import ModelArtifact, ModelIdentity, S3Options, current_etag, fetch_configured_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BuildRuntime = Callable[[ModelArtifact], Awaitable[ModelRuntime]]
+BuildRuntime = Callable[[ModelArtifact], Awaitable[ModelClient]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +38,7 @@ class ModelReloader:
         settings: Settings,
         build: BuildRuntime,
         *,
-        on_swap: Callable[[ModelRuntime], None] | None = None,
+        on_swap: Callable[[ModelClient], None] | None = None,
     ) -> None:
         self._state = state
         self._settings = settings
@@ -91,7 +83,7 @@ class ModelReloader:
             log.warning("reload refused, still serving %s: %s", previous.version, exc)
             raise ModelRejected(f"new model refused, still serving version {previous.version}: {exc}") from exc
 
-        if artifact.manifest == old.engine.manifest:
+        if artifact.manifest == old.manifest:
             # Same model (maybe the manifest was re-uploaded unchanged): keep the warm runtime,
             # but remember the new ETag so the poller does not try again.
             old.identity = artifact.identity

@@ -1,16 +1,9 @@
 """Optional API keys: who may call the prediction routes.
 
-`LUNGSERVE_API_KEYS_FILE` names a file of `NAME:KEY` lines (blank lines and `#` comments
-ignored). When it is set, every route except the open ones (health, metrics, docs; admin has
-its own token) needs `Authorization: Bearer KEY` or `X-API-Key: KEY`, else `401`. Keys are
-compared in constant time (`hmac.compare_digest` over SHA-256 digests, against every key, so
-neither the match nor its position leaks through timing). Only the key's *name* is ever logged
-or counted; the key itself never leaves this module.
-
-The check runs after routing and before the route's handler (a FastAPI dependency on the whole
-app), so a refused request never takes a queue slot or reads its body, and it still counts under
-its own route template. Routes are closed unless listed in `OPEN_ROUTES`: a new route is
-protected by default.
+With `LUNGSERVE_API_KEYS_FILE` (`NAME:KEY` lines), every route not in `OPEN_ROUTES` needs
+`Authorization: Bearer KEY` or `X-API-Key: KEY`, else 401. Keys are compared in constant time;
+only a key's name is logged or counted. The check is an app-wide dependency, after routing and
+before the body is read, so new routes are protected by default (docs/clients.md).
 """
 
 from __future__ import annotations

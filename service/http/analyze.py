@@ -1,12 +1,8 @@
 """POST /analyze: a large image tiled at the training scale into a class map.
 
-The door; the core is `service.pathology.class_map`.
-
-The upload goes to a temporary file (a slide can be gigabytes), its header gives the size,
-the tile grid gives the number of tiles, and then all tiles are admitted at once (one
-`reserve`, 503 when the queue cannot take them, 413 when it never could) before any tile is
-decoded. Tiles then flow through the shared batcher with the same deadline, disconnect
-handling and metrics as /predict.
+The door; the core is `service.pathology.class_map`. The upload goes to a temporary file, all
+its tiles are admitted at once before any is decoded (503 when the queue cannot take them now,
+413 when it never could), then flow through the shared batcher like /predict (docs/pathology.md).
 """
 
 from __future__ import annotations
@@ -22,10 +18,11 @@ from fastapi import APIRouter, Request
 from PIL import Image
 
 from service.core import memory
-from service.core.admission import admitted_uploads
-from service.core.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
-from service.errors import InvalidImage, LungserveError, ModelNotReady, TooManyTiles
-from service.http.guards import deadline, unless_disconnected
+from service.core.model_client import Classified, ModelClient, Pixels, Slots
+from service.core.pipeline import Outcome
+from service.core.state import ServiceState
+from service.errors import InvalidImage, ModelNotReady, TooManyTiles
+from service.http.guards import guarded, unless_disconnected
 from service.http.schemas import (
     ERROR_RESPONSES,
     AnalysisSummary,
@@ -33,19 +30,19 @@ from service.http.schemas import (
     ModelRef,
     SourceInfo,
     TileAnswer,
+    b64,
     multipart_body,
 )
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits
-from service.pathology.class_map import TileImage, TileOutcome, analyse, tile_source_px
-from service.pathology.explanation import b64
+from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits
+from service.pathology.class_map import TileOutcome, class_map
 from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
 from service.pathology.slides import Slide, open_slide
 from service.pathology.tiles import tile_grid
 
 router = APIRouter()
 
-# Longer side of the overlay and thumbnail PNGs.
-OVERLAY_MAX_SIDE: Final = 1024
+# Longer side of the /analyze class-map overlay and thumbnail PNGs.
+CLASS_MAP_MAX_SIDE: Final = 1024
 
 
 def decision_of(result: Classified) -> tuple[str, str | None]:
@@ -53,16 +50,9 @@ def decision_of(result: Classified) -> tuple[str, str | None]:
     return result.decision.decision, result.decision.reason
 
 
-async def _classify_tile(
-    service: ServiceState, runtime: ModelRuntime, reservation: ImageReservation, image: TileImage
-) -> Classified:
-    try:
-        result, info = await runtime.classify(reservation, image)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)
-        raise
-    service.observer.on_classified(result, info)
-    return result
+async def classify_tile(service: ServiceState, model: ModelClient, slots: Slots, image: Pixels) -> Classified:
+    with Outcome(service.observer) as outcome:  # a cancelled tile counts as abandoned
+        return outcome.classified(*await model.infer(slots, image))
 
 
 def _summary(classes: list[str], outcomes: list[TileOutcome[Classified]]) -> AnalysisSummary:
@@ -83,7 +73,7 @@ def _pictures(
     slide: Slide, outcomes: list[TileOutcome[Classified]], colours: dict[str, str]
 ) -> tuple[bytes, bytes, tuple[int, int]]:
     """(overlay PNG, thumbnail PNG, their size): blocking, runs in the decode pool."""
-    thumb: Image.Image = slide.thumbnail(OVERLAY_MAX_SIDE)
+    thumb: Image.Image = slide.thumbnail(CLASS_MAP_MAX_SIDE)
     marks = [
         TileMark(o.tile, o.result.label, refer=decision_of(o.result)[0] == "refer")
         for o in outcomes
@@ -131,20 +121,13 @@ async def analyze(request: Request) -> AnalyzeResponse:
             if decoder is None:
                 raise ModelNotReady("the server is not started")
             pool = decoder.pool
-            headers = request.headers
-            # The way in of every upload route (readiness, declared size, queue and upload gate,
-            # minimum upload rate), with the body going to disk instead of memory.
-            async with (
-                deadline(settings.request_deadline_s),
-                admitted_uploads(
-                    service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool
-                ),
-            ):
+            # Every door's way in, with the body going to disk instead of memory.
+            async with guarded(service), service.admit(MultipartBody.of(request, limits, spool)):
                 for handle in spooled:
                     handle.close()
-                runtime = service.current()  # a reload may have swapped it while the body came in
-                manifest = runtime.engine.manifest
-                size, side = manifest.input_size, tile_source_px(manifest)
+                model = service.current()  # a reload may have swapped it while the body came in
+                manifest = model.manifest
+                size, side = manifest.input_size, manifest.tile_px
                 path = Path(spool_dir) / "upload-0"
                 if path.stat().st_size == 0:
                     raise InvalidImage("the file is empty")
@@ -154,21 +137,20 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 )
                 await loop.run_in_executor(decoder.large_lane, slide.prepare)
                 tiles = tile_grid(slide.width, slide.height, side)
-                limit = runtime.batcher.queue_limit
-                if len(tiles) > limit:
+                if len(tiles) > model.queue_limit:
                     raise TooManyTiles(
                         f"the image is {slide.width}x{slide.height} px: {len(tiles)} tiles of {side} px, more than "
-                        f"the {limit} this server admits at once (LUNGSERVE_QUEUE_LIMIT)"
+                        f"the {model.queue_limit} this server admits at once (LUNGSERVE_QUEUE_LIMIT)"
                     )
                 # One admission for every tile, before any tile is decoded.
-                with runtime.reserve(len(tiles)) as reservation:
+                with model.reserve(len(tiles)) as slots:
                     outcomes = await unless_disconnected(
-                        analyse(
+                        class_map(
                             slide,
                             tiles,
                             size=size,
                             pool=pool,
-                            classify=partial(_classify_tile, service, runtime, reservation),
+                            classify=partial(classify_tile, service, model, slots),
                             window=settings.max_batch_size * settings.max_in_flight_batches,
                         ),
                         request.receive,
@@ -179,9 +161,6 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 )
                 source = SourceInfo(**slide.describe())
                 image_size = (slide.width, slide.height)
-        except LungserveError as exc:
-            service.observer.on_rejected(exc)
-            raise
         finally:
             for handle in spooled:
                 handle.close()

@@ -1,10 +1,7 @@
-"""POST /explain: one image's prediction plus its Grad-CAM map (the door; the core is `service.pathology.explanation`).
+"""POST /explain: one image's prediction plus its Grad-CAM map (core: `service.pathology.gradcam`).
 
-The prediction takes /predict's path through the core: one queue slot before the body is read
-(503 when full), the deadline, the decode pool, the batcher, the refer decision and the
-metrics. The Grad-CAM map is one more ORT run of the same decoded input that fetches only the
-`feature_maps` and `cam_weights` outputs, in the decode pool (the hot-path batches never fetch
-them), followed by the overlay PNG.
+The prediction takes /predict's path through the core (admission, one queue slot, the shared
+per-image outcome); the map is one more model run fetching only the two Grad-CAM outputs.
 """
 
 from __future__ import annotations
@@ -16,33 +13,34 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from numpy.typing import NDArray
 
-from service.core.admission import admitted_uploads
 from service.core.decode_pool import PixelAllowance
-from service.core.runtime import Classified, ImageReservation, ModelRuntime, ServiceState
-from service.errors import LungserveError, ModelNotReady
-from service.http.guards import deadline, unless_disconnected
+from service.core.model_client import Classified, ModelClient, Slots
+from service.core.pipeline import Outcome, decode
+from service.core.state import ServiceState
+from service.errors import ModelNotReady
+from service.http.guards import guarded, unless_disconnected
 from service.http.schemas import (
     ERROR_RESPONSES,
     ErrorResponse,
     ExplainResponse,
     ExplanationInfo,
+    b64,
     multipart_body,
     prediction,
 )
-from service.http.uploads import RouteLimits, Upload
+from service.http.uploads import MultipartBody, RouteLimits, Upload
+from service.model.manifest import FEATURE_MAPS
 from service.model.preprocess import Probe, probe_image
-from service.pathology.explanation import (
-    FEATURE_MAPS,
-    OVERLAY_MAX_SIDE,
-    b64,
+from service.pathology.gradcam import (
+    EXPLAIN_OVERLAY_MAX_SIDE,
     check_class,
     class_index,
     display_image,
     grad_cam,
+    normalised,
     overlay_png,
     require_cam_outputs,
 )
-from service.pathology.gradcam import normalised
 
 router = APIRouter()
 
@@ -54,37 +52,24 @@ _EXPLAIN_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 
 
 def _probe(data: bytes, max_pixels: int) -> Probe:
-    return probe_image(data, OVERLAY_MAX_SIDE, max_pixels=max_pixels)
+    return probe_image(data, EXPLAIN_OVERLAY_MAX_SIDE, max_pixels=max_pixels)
 
 
 async def _explain_upload(
-    service: ServiceState,
-    runtime: ModelRuntime,
-    reservation: ImageReservation,
-    upload: Upload,
-    requested_class: str | None,
+    service: ServiceState, model: ModelClient, slots: Slots, upload: Upload, requested_class: str | None
 ) -> tuple[Classified, NDArray[np.float32], int, bytes, tuple[int, int]]:
-    try:
+    with Outcome(service.observer) as outcome:  # counted as every other admitted image
         if upload.error is not None:
             raise upload.error
-        manifest = runtime.engine.manifest
         allowance = PixelAllowance(service.settings.max_request_pixels)
-        image = await service.decode(upload.data, runtime.engine.input_size, allowance)
-        # The prediction and its decision come from the shared core, exactly as for /predict.
-        result, info = await runtime.classify(reservation, image)
-    except LungserveError as exc:
-        service.observer.on_image_failed(exc)
-        raise
-    except asyncio.CancelledError:
-        service.observer.on_image_abandoned()
-        raise
-    service.observer.on_classified(result, info)
-    index = class_index(manifest, requested_class, result.probabilities)
+        image = await decode(service, upload.data, model.input_size, allowance)
+        result = outcome.classified(*await model.infer(slots, image))
+    index = class_index(model.manifest, requested_class, result.probabilities)
     decoder = service.decoder
     if decoder is None:
         raise ModelNotReady("the server is not started")
     loop = asyncio.get_running_loop()
-    cam = await loop.run_in_executor(decoder.pool, grad_cam, runtime.engine, image, index)
+    cam = await grad_cam(model, image, index)
     # The overlay's picture is a second decode of the upload: a large one goes to the large lane.
     probe = await loop.run_in_executor(decoder.pool, _probe, upload.data, service.settings.max_image_pixels)
     lane = decoder.large_lane if probe.decode_pixels >= service.settings.large_image_pixels else decoder.pool
@@ -113,29 +98,17 @@ async def explain_image(
 ) -> ExplainResponse:
     service: ServiceState = request.app.state.service
     limits: RouteLimits = request.app.state.upload_limits
-    settings = service.settings
-    try:
-        runtime = service.current()
+    async with guarded(service):
+        model = service.current()
         # Before reading anything: a 409 or 422 costs nothing.
-        require_cam_outputs(runtime.engine.manifest, runtime.engine.output_names)
-        check_class(runtime.engine.manifest, class_name)
-        headers = request.headers
-        # /predict's way in: readiness, declared size, queue and upload gate (503 before reading),
-        # the body at the minimum rate, then one queue slot (a slow body never holds one).
-        async with (
-            deadline(settings.request_deadline_s),
-            admitted_uploads(
-                service, headers.get("content-type"), headers.get("content-length"), request.stream(), limits.predict
-            ) as (upload,),
-        ):
-            runtime = service.current()
-            with runtime.reserve(1) as reservation:
+        require_cam_outputs(model.manifest, model.output_names)
+        check_class(model.manifest, class_name)
+        async with service.admit(MultipartBody.of(request, limits.predict)) as (upload,):
+            model = service.current()  # a reload may have swapped it while the body came in
+            with model.reserve(1) as slots:
                 result, cam, index, png, (width, height) = await unless_disconnected(
-                    _explain_upload(service, runtime, reservation, upload, class_name), request.receive
+                    _explain_upload(service, model, slots, upload, class_name), request.receive
                 )
-    except LungserveError as exc:
-        service.observer.on_rejected(exc)
-        raise
     answer = prediction(result)
     grid = normalised(cam)
     return ExplainResponse(

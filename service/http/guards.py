@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from service.errors import ClientGone, DeadlineExceeded
+from service.core.state import ServiceState
+from service.errors import ClientGone, DeadlineExceeded, LungserveError
 
 X = TypeVar("X")
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -27,6 +28,25 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
     except TimeoutError as exc:
         if timeout.expired():
             raise DeadlineExceeded(f"no answer within the request deadline of {seconds:g} s") from exc
+        raise
+
+
+Watch = Callable[[Awaitable[X]], Awaitable[X]]
+
+
+@asynccontextmanager
+async def guarded(service: ServiceState, receive: Receive | None = None) -> AsyncIterator[Watch[Any]]:
+    """A door's request: within its deadline, counted once if refused as a whole; the `watch` it
+    gives cancels awaited work when the client leaves (use it once the body is read)."""
+
+    def watch(work: Awaitable[X]) -> Awaitable[X]:
+        return work if receive is None else unless_disconnected(work, receive)
+
+    try:
+        async with deadline(service.settings.request_deadline_s):
+            yield watch
+    except LungserveError as exc:
+        service.observer.on_rejected(exc)  # overload, deadline, not ready, shutting down, bad input
         raise
 
 

@@ -20,15 +20,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from service.core.admission import admitted_uploads
-from service.core.runtime import ServiceState
+from service.core.state import ServiceState
 from service.errors import BadRequest, InvalidImage, LungserveError, ModelNotReady, RequestTooLarge, TooManyTiles
 from service.http.schemas import ERROR_RESPONSES, AnalysisSummary, ErrorResponse, ModelRef, SourceInfo, TileAnswer
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimits
+from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits
 from service.jobs.runner import JobRunner
 from service.jobs.s3_store import parse_slide_uri
 from service.observability.logs import request_context_from_scope
-from service.pathology.class_map import tile_source_px
 from service.pathology.jobs import Job, geojson
 from service.pathology.slides import open_slide
 from service.pathology.tiles import count_tiles
@@ -204,17 +202,9 @@ async def _spooled_slide(service: ServiceState, runner: JobRunner, request: Requ
         handles.append(path.open("w+b"))
         return handles[0]
 
-    headers = request.headers
     try:
-        async with admitted_uploads(
-            service,
-            headers.get("content-type"),
-            headers.get("content-length"),
-            request.stream(),
-            limits,
-            spool,
-            needs_queue=False,
-        ):
+        # Every door's way in; a job does not need room in the queue now (it waits, queued).
+        async with service.admit(MultipartBody.of(request, limits, spool), needs_queue=False):
             pass
     except BaseException:
         await asyncio.to_thread(path.unlink, missing_ok=True)
@@ -231,8 +221,8 @@ async def _check_slide(service: ServiceState, path: Path) -> None:
     decoder = service.decoder
     if decoder is None:
         raise ModelNotReady("the server is not started")
-    manifest = service.current().engine.manifest
-    side = tile_source_px(manifest)
+    manifest = service.current().manifest
+    side = manifest.tile_px
     if (await asyncio.to_thread(path.stat)).st_size == 0:
         raise InvalidImage("the file is empty")
     loop = asyncio.get_running_loop()

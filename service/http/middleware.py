@@ -1,18 +1,38 @@
-"""Two small ASGI middlewares for hostile clients (issue 10): unread bodies, the admin port.
+"""The ASGI middlewares: the request context and access log, and two for hostile clients.
 
-* `CloseUnreadBody`: a response sent before the request body was read to its end (an early
-  400/413/415/503, a 404 to a POST) says `Connection: close`, so uvicorn closes the connection
-  instead of keeping it open for the rest of a body nobody will read (row 12).
+* `RequestContextMiddleware`: request id, Server-Timing, request metrics, one access line
+  (pure ASGI, so a client disconnect stays visible; docs/observability.md).
+* `CloseUnreadBody`: a response sent before the request body was read to its end says
+  `Connection: close`, so a client cannot hold the connection open with a body nobody reads.
 * `AdminPortSplit`: with `LUNGSERVE_ADMIN_PORT`, `/admin/*` and `/metrics` answer only on that
-  port (bind it to a private interface or firewall it), and the public port answers 404 there.
+  port, and the public port answers 404 there (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any, Final, Protocol
+
+from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import NotFound, http_error
+from service.errors import NotFound
+from service.http.errors import http_error
+from service.observability.logs import (
+    REQUEST_ID_HEADER,
+    RequestContext,
+    accept_request_id,
+    route_template,
+    server_timing,
+    use_request,
+)
+
+# Status recorded when the app sent no response because the client went away (nginx's 499).
+CLIENT_CLOSED: Final = 499
+
+access_logger = logging.getLogger("lungserve.access")
 
 _ADMIN_PATHS = ("/admin/", "/metrics")
 _BOTH_PORTS = ("/health/",)
@@ -72,3 +92,94 @@ class AdminPortSplit:
             await JSONResponse(err.body, status_code=err.status)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+# --- request context, access log ----------------------------------------------------------------------------
+
+
+class RequestObserver(Protocol):
+    """What the middleware needs from `service.observability.metrics.Metrics`."""
+
+    def observe_request(self, route: str, status: int, duration_s: float) -> None: ...
+
+
+class RequestContextMiddleware:
+    """Request id, Server-Timing, request metrics and one access-log line per request."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: RequestObserver | None = None,
+        quiet_routes: frozenset[str] = frozenset({"/metrics"}),
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        # Scrapes and probes every few seconds would drown the access log: DEBUG for them.
+        self.quiet_routes = quiet_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        raw_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        ctx = RequestContext(accept_request_id(raw_id.decode("latin-1") if raw_id is not None else None))
+        scope.setdefault("state", {})["request_context"] = ctx
+        status: int | None = None
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = ctx.request_id
+                if ctx.timing.recorded:
+                    headers["Server-Timing"] = server_timing(ctx.timing)
+            await send(message)
+
+        try:
+            with use_request(ctx):
+                await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette's ServerErrorMiddleware (outside this one) answers 500 and logs it.
+            status = status if status is not None else 500
+            raise
+        except BaseException:  # cancelled: the client or the server went away
+            status = status if status is not None else CLIENT_CLOSED
+            raise
+        finally:
+            duration = time.perf_counter() - start
+            route = route_template(scope)
+            final_status = status if status is not None else 500
+            if self.metrics is not None:
+                self.metrics.observe_request(route, final_status, duration)
+            access_logger.log(
+                logging.DEBUG if route in self.quiet_routes else logging.INFO,
+                "request",
+                extra=_access_fields(ctx, scope["method"], route, final_status, duration),
+            )
+
+
+def _access_fields(ctx: RequestContext, method: str, route: str, status: int, duration: float) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": ctx.request_id,
+        "method": method,
+        "route": route,
+        "status": status,
+        "duration_s": round(duration, 6),
+    }
+    if ctx.images:
+        fields["images"] = ctx.images
+    t = ctx.timing
+    if t.batches:
+        fields["batch_ids"] = list(t.batches)
+        fields["batch_sizes"] = list(t.batches.values())
+    if t.recorded:
+        fields["queue_s"] = round(t.queue_s, 6)
+        fields["decode_s"] = round(t.decode_s, 6)
+        fields["inference_s"] = round(t.inference_s, 6)
+    if ctx.model_version is not None:
+        fields["model_version"] = ctx.model_version
+    if ctx.api_key is not None:
+        fields["api_key"] = ctx.api_key
+    return fields

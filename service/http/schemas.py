@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.runtime import Classified
+from service.core.model_client import Classified
 from service.errors import LungserveError
 from service.model.decision import DecisionName, Reason
 
@@ -383,3 +384,8 @@ class AnalyzeResponse(BaseModel):
     overlay_width: int
     overlay_height: int
     model: ModelRef
+
+
+def b64(data: bytes) -> str:
+    """PNG bytes as the base64 text a JSON answer carries."""
+    return base64.b64encode(data).decode("ascii")

@@ -1,37 +1,14 @@
 """uvicorn as `lungserve serve` runs it: connection guards and an ordered shutdown.
 
-Connection guards (what a public listener needs before any request reaches the app; issue 10,
-rows 6 and 7). uvicorn's httptools protocol has no header size limit (a 100 MB header was read
-into memory) and no header timeout (1,000 connections sending a byte a second were all held),
-so `GuardedHttpToolsProtocol` adds, per connection:
-
-* `LUNGSERVE_MAX_CONNECTIONS`: beyond it a new connection gets a JSON 503 and is closed at once;
-* `LUNGSERVE_HEADER_TIMEOUT_S`: the request line and headers must be complete this long after
-  the connection opens (or after the first byte of a keep-alive request), else JSON 408, closed;
-* `LUNGSERVE_MAX_HEADER_BYTES`: bytes before the end of the headers, else JSON 431, closed;
-* malformed HTTP (bad or negative Content-Length, broken chunking, garbage) gets our JSON 400
-  instead of uvicorn's plain text; the connection is closed, as the framing is lost.
-
-Idle keep-alive connections are closed after `LUNGSERVE_KEEP_ALIVE_TIMEOUT_S` (uvicorn's
-`timeout_keep_alive`). Slow *bodies* are the app's business (`service.http.uploads`, minimum rate).
-
-Shutdown, in this order (rows 10 and 11), on the first SIGTERM or SIGINT:
-
-1. readiness turns 503 (`ShutdownHooks.draining`) while the listener stays open and requests
-   are still served, for `LUNGSERVE_SHUTDOWN_DELAY_S`, so load balancers stop sending first;
-2. the listener closes and the drain starts (`ShutdownHooks.drain`): admission refuses with
-   JSON 503 `shutting_down`, admitted images finish within `LUNGSERVE_DRAIN_TIMEOUT_S`, the rest
-   get JSON 503 -- so every admitted request is answered by us;
-3. uvicorn waits for those responses with `timeout_graceful_shutdown` set above the drain and
-   the request deadline, so it never has to cancel a request (its bare 500);
-4. the lifespan's shutdown releases the rest. A second signal skips the delay (and a second
-   SIGINT forces the exit, as in uvicorn).
+`GuardedHttpToolsProtocol` bounds connections, header time and header size, and answers broken
+framing with our JSON 400, because uvicorn's httptools protocol has none of these limits.
+`ShutdownHooks` orders the shutdown so every admitted request is answered by us. The limits,
+the order and why: docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import socket
@@ -42,6 +19,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import uvicorn
+
+from service.http.errors import raw_json_response
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -64,17 +43,6 @@ class ConnectionLimits:
     # (method, path) -> True: refuse with 503 now, from the headers, without running the app.
     # Under overload this is the cheap path: no ASGI task, no routing, no middleware.
     shed: Callable[[bytes, bytes], bool] | None = None
-
-
-def raw_json_response(status: int, code: str, message: str, reason: str, retry_after_s: int | None = None) -> bytes:
-    """A complete HTTP/1.1 response with our error body; the connection closes after it."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
 
 
 try:

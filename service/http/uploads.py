@@ -1,25 +1,9 @@
 """Streaming multipart/form-data reader with the service's upload limits.
 
-Why not `request.form()` (or FastAPI `File()` parameters, which call it)? Starlette's
-parser has no per-file byte limit at all (file parts are spooled to disk whatever their
-size; `max_part_size` only bounds *non-file* fields), it reads the whole body before the
-endpoint runs (so the batcher's queue could not be checked first), and its own limits
-(`max_files`, `max_fields`) surface as a generic 400 with a plain-text detail. Parsing the
-stream here with python-multipart's callback parser (the same parser Starlette uses) lets
-every limit give the right JSON error at the moment it is crossed:
-
-* more than `max_files` parts in the expected field  -> 413 too_many_files
-* a file larger than `max_file_bytes`                 -> 413 image_too_large (or that file's error)
-* a body larger than `max_body_bytes` (declared or streamed) -> 413
-* not multipart                                        -> 415; malformed multipart -> 400
-* no part with the expected field name                 -> 422 missing_field (naming what was sent)
-* a body arriving slower than `min_rate_bytes_s` (after `rate_grace_s`) -> 408 upload_too_slow
-
-A preamble before the first boundary (RFC 2046 5.1.1; some clients write one) is skipped:
-python-multipart's parser insists on the boundary at the first byte.
-
-Files are kept in memory (bounded by `max_body_bytes`): the images are small and about to
-be decoded, so a temporary file would only add I/O.
+Parsed here (python-multipart's callback parser, as Starlette uses) rather than with
+`request.form()`, so that every limit (files, file bytes, body bytes, upload rate) gives its own
+JSON error the moment it is crossed, before the whole body is read. Files stay in memory,
+bounded by `max_body_bytes`. The limits and why: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -31,7 +15,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
     BadRequest,
@@ -113,6 +97,11 @@ class Upload:
     error: LungserveError | None = None
     # With `read_uploads(..., spool=...)` the bytes went to this file instead of `data`.
     file: BinaryIO | None = None
+
+    @property
+    def image(self) -> bytes | LungserveError:
+        """What the pipeline classifies: the bytes, or the error the file already got."""
+        return self.error if self.error is not None else self.data
 
 
 @dataclass
@@ -323,3 +312,33 @@ async def read_uploads(
         sent = f"; the body has field(s) {', '.join(map(repr, other_names))}" if other_names else ""
         raise MissingField(f"no file in multipart field {limits.field!r}{sent}")
     return uploads
+
+
+@dataclass(frozen=True)
+class MultipartBody:
+    """A multipart upload as `service.core.admission` admits it (a `BodyReader`)."""
+
+    content_type: str | None
+    content_length: str | None
+    stream: AsyncIterator[bytes]
+    limits: UploadLimits
+    spool: Callable[[], BinaryIO] | None = None
+
+    @classmethod
+    def of(cls, request: Request, limits: UploadLimits, spool: Callable[[], BinaryIO] | None = None) -> MultipartBody:
+        headers = request.headers
+        return cls(headers.get("content-type"), headers.get("content-length"), request.stream(), limits, spool)
+
+    def check(self) -> None:
+        check_declared_size(self.content_length, self.limits)
+
+    @property
+    def charge(self) -> int:
+        # A spooled body goes to disk as it arrives: it holds an upload slot, not memory.
+        if self.spool is not None:
+            return 0
+        declared = declared_length(self.content_length)
+        return declared if declared is not None else self.limits.max_body_bytes
+
+    async def read(self) -> list[Upload]:
+        return await read_uploads(self.content_type, self.stream, self.limits, self.spool)

@@ -14,9 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.core.runtime import ServiceState
-from service.pathology.class_map import tile_source_px
-from service.pathology.explanation import cam_output_names
+from service.core.state import ServiceState
 from service.pathology.overlay import class_colours
 
 PAGE_DIR: Final = Path(__file__).resolve().parent / "page"
@@ -32,15 +30,15 @@ async def index() -> FileResponse:
 @router.get("/page/config.json")
 async def config(request: Request) -> dict[str, Any]:
     service: ServiceState = request.app.state.service
-    runtime = service.current()
-    manifest = runtime.engine.manifest
+    model = service.current()
+    manifest = model.manifest
     return {
         "model": {"name": manifest.name, "version": manifest.version},
-        "provider": runtime.engine.provider,
+        "provider": model.provider,
         "classes": list(manifest.classes),
         "colours": class_colours(manifest.classes),
-        "tile_source_px": tile_source_px(manifest),
-        "explain": cam_output_names(manifest, runtime.engine.output_names) is not None,
+        "tile_source_px": manifest.tile_px,
+        "explain": manifest.cam_outputs(model.output_names) is not None,
     }
 
 

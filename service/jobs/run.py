@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from service.core import memory
-from service.core.runtime import Classified, ServiceState
+from service.core.model_client import Classified, Pixels
+from service.core.pipeline import Outcome
+from service.core.state import ServiceState
 from service.errors import Overloaded, TooManyTiles
 from service.jobs.picture import DrawingSlide, SlidePicture
 from service.jobs.store import JobStore, get_json, put_json
 from service.observability.job_metrics import JobMetrics
-from service.pathology.class_map import TileImage, TileOutcome, analyse, tile_source_px
+from service.pathology.class_map import TileOutcome, class_map
 from service.pathology.jobs import Job, TileRecord, chunk_document, chunk_records, summary, tile_answers
 from service.pathology.overlay import REFER_COLOUR, TileMark, class_colours, class_map_overlay, png_bytes
 from service.pathology.slides import open_slide
@@ -51,20 +53,18 @@ class JobSlots:
         self._slots = asyncio.Semaphore(slots)
         self.size = slots
 
-    async def classify(self, image: TileImage) -> Classified:
+    async def classify(self, image: Pixels) -> Classified:
         async with self._slots:
             while True:
-                runtime = self._service.current()  # a reload may swap it between tiles
+                model = self._service.current()  # a reload may swap it between tiles
                 try:
-                    reservation = runtime.reserve(1, low_priority=True)
+                    slots = model.reserve(1, low_priority=True)
                     break
                 except Overloaded:
                     # Interactive requests hold every slot: they go first, the job waits its turn.
                     await asyncio.sleep(ADMISSION_RETRY_S)
-            with reservation:
-                result, info = await runtime.classify(reservation, image)
-        self._service.observer.on_classified(result, info)
-        return result
+            with slots, Outcome(self._service.observer) as outcome:  # counted like an /analyze tile
+                return outcome.classified(*await model.infer(slots, image))
 
 
 def _record(index: int, result: Classified | None) -> TileRecord:
@@ -102,9 +102,8 @@ class JobRun:
         """The job from its checkpoints to DONE (the caller moves the state and handles errors)."""
         settings = self.service.settings
         loop = asyncio.get_running_loop()
-        runtime = self.service.current()
-        manifest = runtime.engine.manifest
-        size, side = manifest.input_size, tile_source_px(manifest)
+        manifest = self.service.current().manifest
+        size, side = manifest.input_size, manifest.tile_px
         slide = DrawingSlide(
             await loop.run_in_executor(
                 self.read_pool,
@@ -133,7 +132,7 @@ class JobRun:
             remaining = [i for i in range(len(grid)) if i not in self.records]
             checkpointer = asyncio.ensure_future(self._checkpoints())
             try:
-                await analyse(
+                await class_map(
                     slide,
                     [grid[i] for i in remaining],
                     size=size,

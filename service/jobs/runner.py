@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from service.core.runtime import ServiceState
+from service.core.state import ServiceState
 from service.errors import LungserveError, ModelNotReady, NotFound, ShuttingDown
 from service.jobs.run import JobRun, JobSlots
 from service.jobs.store import JobStore, JobStoreError, LocalJobStore, get_json, put_json

@@ -1,19 +1,9 @@
 """The refer decision: accept the model's answer, or refer the image to a pathologist.
 
-Made in one place, beside the engine's output (`service.core.runtime`), from four things:
-
-* the calibrated probabilities: below `refer_below` the answer is not sure enough
-  (`low_confidence`);
-* the model's out-of-distribution score, when the graph has one: above `ood_above` the image
-  is unlike anything the model was trained on (`out_of_distribution`);
-* the tissue check of the decoded image (`service.model.tissue`): not plausibly an H&E tile at all
-  (`out_of_distribution`);
-* the thresholds: the manifest's `decision` section (fitted at export on the select groups),
-  each overridable by the settings `LUNGSERVE_REFER_BELOW` and `LUNGSERVE_OOD_ABOVE`.
-
-Out of distribution wins over low confidence: the confidence of a model on an input it was never
-meant to see means nothing. A manifest without a `decision` section refers only what the tissue
-check rejects. See docs/decision.md.
+`decide` is pure: from the calibrated probabilities (`refer_below`), the model's ood_score
+(`ood_above`) and the tissue check it returns accept, or refer with a reason; out of
+distribution wins over low confidence. The thresholds are the manifest's, each overridable by
+settings. `decide_batch` runs once per batch, beside the model's output (docs/decision.md).
 """
 
 from __future__ import annotations
@@ -31,8 +21,6 @@ from service.model.tissue import LIMITS, TissueLimits, check_batch
 
 DecisionName = Literal["accept", "refer"]
 Reason = Literal["low_confidence", "out_of_distribution"]
-DECISIONS: Final[tuple[DecisionName, ...]] = ("accept", "refer")
-REASONS: Final[tuple[Reason, ...]] = ("low_confidence", "out_of_distribution")
 
 
 @dataclass(frozen=True)

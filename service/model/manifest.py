@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -25,6 +25,16 @@ class DecisionSection(BaseModel):
 
     refer_below: float | None = Field(default=None, ge=0.0, le=1.0, description="refer below this max probability")
     ood_above: float | None = Field(default=None, description="refer as out of distribution above this ood_score")
+
+
+# Graph output roles of the model contract (docs/model_contract.md); `outputs` maps a role to
+# the graph's name for it, and a role it does not map keeps the role's own name.
+PROBABILITIES: Final = "probabilities"
+OOD_SCORE: Final = "ood_score"
+FEATURE_MAPS: Final = "feature_maps"
+CAM_WEIGHTS: Final = "cam_weights"
+# LC25000's tiles are 768 px crops: a model without `tile_source_px` was trained at that scale.
+DEFAULT_TILE_SOURCE_PX: Final = 768
 
 
 class Manifest(BaseModel):
@@ -46,6 +56,8 @@ class Manifest(BaseModel):
     # the ones this model has; None: only `output_name`.
     outputs: dict[str, str] | None = None
     decision: DecisionSection | None = None
+    # Side, in source pixels, of the training tiles (/analyze tiles large images at this scale).
+    tile_source_px: int | None = Field(default=None, gt=0)
 
     @field_validator("file")
     @classmethod
@@ -61,8 +73,26 @@ class Manifest(BaseModel):
 
     def dump(self) -> dict[str, Any]:
         # Optional sections a model lacks are left out, not written as null.
-        absent = {name for name in ("outputs", "decision") if getattr(self, name) is None}
+        absent = {name for name in ("outputs", "decision", "tile_source_px") if getattr(self, name) is None}
         return self.model_dump(mode="json", exclude=absent)
+
+    def output_for(self, role: str) -> str | None:
+        """The graph output that plays `role`, or None when the manifest maps none to it."""
+        return (self.outputs or {}).get(role)
+
+    @property
+    def tile_px(self) -> int:
+        """Tile side in source pixels: the manifest's, else LC25000's."""
+        return self.tile_source_px if self.tile_source_px is not None else DEFAULT_TILE_SOURCE_PX
+
+    @property
+    def ood_output(self) -> str | None:
+        return self.output_for(OOD_SCORE)
+
+    def cam_outputs(self, graph_outputs: list[str]) -> tuple[str, str] | None:
+        """The graph's (feature_maps, cam_weights) outputs, or None when the model lacks them."""
+        names = (self.output_for(FEATURE_MAPS) or FEATURE_MAPS, self.output_for(CAM_WEIGHTS) or CAM_WEIGHTS)
+        return names if all(n in graph_outputs for n in names) else None
 
     def check_sha256(self, digest: str, where: str, hint: str = "") -> None:
         check_sha256(digest, self.sha256, where, hint)

@@ -29,7 +29,7 @@ RESIZE: Final[dict[str, str]] = {
     "geometry": "squash to square",
     "jpeg_draft": "DCT downscale to >= input size when the source is >= 2x larger",
 }
-_FILTER: Final = Image.Resampling.BILINEAR
+RESIZE_FILTER: Final = Image.Resampling.BILINEAR
 
 # Histology slides have a white background, so transparency is flattened onto white.
 _BACKGROUND: Final = (255, 255, 255)
@@ -141,8 +141,8 @@ def load_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: b
             img.load()
             if img.format in _JPEG_FAMILY:
                 _refuse_grey_fill(img)
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
-            resized = rgb.resize((size, size), _FILTER)
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            resized = rgb.resize((size, size), RESIZE_FILTER)
         except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
@@ -159,7 +159,7 @@ def _refuse_grey_fill(img: Image.Image) -> None:
         )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB, keeping the visual meaning (not Pillow's clipping)."""
     mode = img.mode
     if mode == "RGB":

@@ -1,32 +1,9 @@
 """Is this plausibly an H&E tissue tile? A cheap image-level check, run on the decoded input.
 
-The model labels anything it is given; this catches the gross cases before anyone reads its
-answer: blank or background-only slides, photographs, documents, other stains, noise, flat
-colours. It looks at the uint8 (S, S, 3) array the model sees, with numpy only:
-
-* background   share of bright pixels (optical density below `TISSUE_OD`): empty glass;
-* chroma       mean colourfulness of the tissue pixels: greyscale images, documents, pale scans;
-* stain        the optical-density ratios of the tissue pixels (Beer-Lambert, per channel):
-               haematoxylin and eosin both absorb green most, so in H&E the blue and red
-               densities stay below the green one. Brown (DAB, skin, wood), blue and green
-               (Masson, pens, sky) and red-only colours fall outside;
-* palette      share of tissue pixels whose optical-density chromaticity lies outside the
-               region H&E occupies (a mixture of dyes can average to H&E-like ratios; its
-               pixels cannot);
-* texture      mean neighbour difference of the grey image: flat colours and gradients;
-* likelihood   mean log-density of the tissue pixels' optical-density chromaticities under the
-               train-group H&E density (a finer, graded palette): channel swaps and hue shifts
-               that keep the mean colour plausible still put pixels where H&E rarely is;
-* roughness    neighbour difference over the difference three pixels apart: ~1 for pixel
-               noise, well below 1 for anything with structure (tissue, photographs).
-
-Every limit (`LIMITS`) was fitted on the train-group tiles of LC25000 (the groups not in the
-bundled manifest's `validation_groups`; 9,930 tiles): each one-sided limit is its feature's
-0.05% (or 99.95%) quantile over those tiles, rounded outward, so each flags at most ~0.05% of
-real tiles. One exception: the background limit is 0.85 (a tile needs 15% tissue to be judged),
-well above every train tile (at most 0.75 glass), because glass-rich lung_n tiles are real
-tissue the model was trained on. Measured: 0.06% of train tiles and none of the 2,447 held-out
-tiles fail. Figures and the command: docs/model/ood.md (`python -m tests.ood_study`).
+The model labels anything it is given; this catches the gross cases (blank slides, photographs,
+documents, other stains, noise, flat colours) with numpy only, from seven features of the uint8
+(S, S, 3) array the model sees. Every limit in `LIMITS` was fitted on the train-group tiles so
+each flags at most ~0.05% of real tiles. The features, the fit and the figures: docs/decision.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
-"""Structured logs, request ids, the access-log middleware and the Server-Timing header.
+"""Structured logs, request ids, the request context and the Server-Timing header.
 
-* `JsonFormatter`: one JSON object per line -- ts, level, logger, msg, the request id of the
-  request being served (if any) and every `extra=` field. A few lines of standard library
-  instead of python-json-logger, which is not in the lock.
-* `configure_logging(level, json)`: what `lungserve serve` calls once, at start-up.
-* `RequestContextMiddleware`: a pure ASGI middleware. Starlette's `BaseHTTPMiddleware` runs
-  the app in another task (so context variables set downstream are invisible upstream) and
-  wraps `receive`, which interferes with streaming and with noticing a client disconnect --
-  the signal the batcher uses to drop abandoned work. This one only wraps `send`.
-  Per request it accepts or generates the request id, exposes a `RequestContext` through a
-  context variable (and `scope["state"]`), echoes `X-Request-ID`, adds `Server-Timing` when
-  the handler recorded timings, observes request count and duration, and writes ONE access
-  line: request_id, method, route template, status, duration_s, batch ids and sizes,
-  model version.
-
-Nothing here ever logs image content, file names or raw paths: they may hold patient
-identifiers. Routes are logged as their template (`/predict`), never the URL.
+`JsonFormatter` writes one JSON object per line; `configure_logging` is called once at start-up;
+`RequestContext` (a context variable) carries a request's id and timings; the ASGI middleware
+that sets it and writes the access line is `service.http.middleware.RequestContextMiddleware`.
+Nothing here logs image content, file names or raw paths: they may hold patient identifiers
+(docs/observability.md).
 """
 
 from __future__ import annotations
@@ -24,17 +13,15 @@ import json as _json
 import logging
 import re
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 MAX_REQUEST_ID_LEN: Final = 128
@@ -42,10 +29,6 @@ MAX_REQUEST_ID_LEN: Final = 128
 # a header and to write in a JSON log line. Anything else is replaced by a fresh id.
 _REQUEST_ID_RE: Final = re.compile(rf"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=@]{{1,{MAX_REQUEST_ID_LEN}}}")
 UNMATCHED_ROUTE: Final = "unmatched"
-# Status recorded when the app sent no response because the client went away (nginx's 499).
-CLIENT_CLOSED: Final = 499
-
-access_logger = logging.getLogger("lungserve.access")
 
 
 # --- request ids ------------------------------------------------------------------------
@@ -144,97 +127,6 @@ def route_template(scope: Scope) -> str:
     """The route's template (a path with `{parameters}`), not the URL: bounded, free of user data."""
     path = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) and path else UNMATCHED_ROUTE
-
-
-# --- middleware ----------------------------------------------------------------------------
-
-
-class RequestObserver(Protocol):
-    """What the middleware needs from `service.observability.metrics.Metrics`."""
-
-    def observe_request(self, route: str, status: int, duration_s: float) -> None: ...
-
-
-class RequestContextMiddleware:
-    """Request id, Server-Timing, request metrics and one access-log line per request."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        metrics: RequestObserver | None = None,
-        quiet_routes: frozenset[str] = frozenset({"/metrics"}),
-    ) -> None:
-        self.app = app
-        self.metrics = metrics
-        # Scrapes and probes every few seconds would drown the access log: DEBUG for them.
-        self.quiet_routes = quiet_routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        raw_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-        ctx = RequestContext(accept_request_id(raw_id.decode("latin-1") if raw_id is not None else None))
-        scope.setdefault("state", {})["request_context"] = ctx
-        status: int | None = None
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = ctx.request_id
-                if ctx.timing.recorded:
-                    headers["Server-Timing"] = server_timing(ctx.timing)
-            await send(message)
-
-        try:
-            with use_request(ctx):
-                await self.app(scope, receive, send_with_headers)
-        except Exception:
-            # Starlette's ServerErrorMiddleware (outside this one) answers 500 and logs it.
-            status = status if status is not None else 500
-            raise
-        except BaseException:  # cancelled: the client or the server went away
-            status = status if status is not None else CLIENT_CLOSED
-            raise
-        finally:
-            duration = time.perf_counter() - start
-            route = route_template(scope)
-            final_status = status if status is not None else 500
-            if self.metrics is not None:
-                self.metrics.observe_request(route, final_status, duration)
-            access_logger.log(
-                logging.DEBUG if route in self.quiet_routes else logging.INFO,
-                "request",
-                extra=_access_fields(ctx, scope["method"], route, final_status, duration),
-            )
-
-
-def _access_fields(ctx: RequestContext, method: str, route: str, status: int, duration: float) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "request_id": ctx.request_id,
-        "method": method,
-        "route": route,
-        "status": status,
-        "duration_s": round(duration, 6),
-    }
-    if ctx.images:
-        fields["images"] = ctx.images
-    t = ctx.timing
-    if t.batches:
-        fields["batch_ids"] = list(t.batches)
-        fields["batch_sizes"] = list(t.batches.values())
-    if t.recorded:
-        fields["queue_s"] = round(t.queue_s, 6)
-        fields["decode_s"] = round(t.decode_s, 6)
-        fields["inference_s"] = round(t.inference_s, 6)
-    if ctx.model_version is not None:
-        fields["model_version"] = ctx.model_version
-    if ctx.api_key is not None:
-        fields["api_key"] = ctx.api_key
-    return fields
 
 
 # --- formatting ----------------------------------------------------------------------------

@@ -1,27 +1,9 @@
 """Every Prometheus collector the service exposes, on the app's own registry.
 
-`Metrics(registry, max_batch_size)` is built by `create_app` for each app, so each app
-instance (and each test) counts into its own `CollectorRegistry`; nothing is registered
-on prometheus-client's global `REGISTRY`.
-
-Conventions (https://prometheus.io/docs/practices/naming/): base units (seconds),
-`_total` on counters, and only low-cardinality labels -- the route *template*, the status
-*class* ("2xx"), a fixed set of outcomes and reasons, the model's class labels. Never a
-file name, a request id or a raw path: those would grow the series without bound and may
-carry patient identifiers.
-
-`Metrics` is also the batcher's observer: it implements `service.core.batcher.BatchObserver`
-structurally (`on_queue_depth`, `on_batch_start`, `on_batch_end`, `on_in_flight`,
-`on_dropped_cancelled`), so the batcher stays standard-library only and this module does
-not import it at run time. prometheus-client's collectors are thread-safe, so the
-observer may be called from the event loop or from a worker thread.
-
-`PredictionMetrics(metrics)` is the runtime's `PredictionObserver` (decoded, classified,
-image failed, request rejected): it turns those events into image outcomes, predictions by
-label and rejections by reason, and records decode / queue / inference time and batch ids
-in the current request's `service.observability.logs.RequestContext` for Server-Timing and the access log.
-
-One worker per device, not prometheus-client's multiprocess mode: docs/observability.md says why.
+`Metrics(registry, max_batch_size)` is built per app (each test counts into its own registry)
+and is also the batcher's observer, structurally, so the batcher stays standard-library only.
+`PredictionMetrics` is the runtime's `PredictionObserver`. Base units, `_total` counters and
+low-cardinality labels only; one worker per device (docs/observability.md says why).
 """
 
 from __future__ import annotations
@@ -56,7 +38,7 @@ from service.observability.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
     from service.core.batcher import BatchInfo
-    from service.core.runtime import Classified
+    from service.core.model_client import Classified
     from service.model.source import ModelIdentity
 
 PREFIX: Final = "lungserve"

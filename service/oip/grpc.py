@@ -1,11 +1,9 @@
 """Open Inference Protocol v2 over gRPC (KServe / Triton `inference.GRPCInferenceService`).
 
-A second transport for the same door: `ModelInfer` goes through `service.oip.rest.run_inference`
-(admission, decode, batching, deadline, metrics, decision), its tensors are validated by the
-same codec as REST, errors map to gRPC status codes in `service.errors.grpc_status`, and API
-keys (`authorization: Bearer KEY` or `x-api-key` metadata) guard everything but the health
-and readiness calls. On when `LUNGSERVE_GRPC_PORT` is set; needs the `grpc` extra (grpcio, and
-tritonclient[grpc] for the generated service code, which is Triton's superset of KServe's proto).
+A second transport onto the same data plane as REST (`service.oip.dataplane.infer`): the same
+admission, decode, batching, deadline, metrics and decision; errors map to gRPC codes in
+`service.http.errors.grpc_status`; API keys guard all but health and readiness. On when
+`LUNGSERVE_GRPC_PORT` is set; needs the `grpc` extra (docs/clients.md).
 """
 
 from __future__ import annotations
@@ -20,12 +18,16 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 import service
-from service.core.runtime import ModelRuntime, Phase, ServiceState
-from service.errors import LungserveError, Unauthorized, grpc_status, http_error
+from service.core.model_client import ModelClient
+from service.core.state import Phase, ServiceState
+from service.errors import LungserveError, Unauthorized
 from service.http.access import ApiKeys
+from service.http.errors import grpc_status, http_error
+from service.http.guards import guarded
 from service.observability.logs import RequestContext, new_request_id, use_request
 from service.observability.metrics import Metrics
-from service.oip.rest import Outcomes, metadata_of, model_runtime, outputs_of, run_inference
+from service.oip import dataplane
+from service.oip.dataplane import Outcomes, metadata_of, model_named, outputs_of
 from service.oip.tensors import InferRequest, InvalidInferRequest, parse_infer_request, serialize_bytes, tensor_bytes
 
 SERVICE: Final = "/inference.GRPCInferenceService"
@@ -47,7 +49,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         try:
-            model_runtime(self.state, request.name, request.version or None)
+            model_named(self.state, request.name, request.version or None)
         except LungserveError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -68,7 +70,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return await self._call("ModelInfer", context, self._infer(request))
 
     async def _model_metadata(self, request: Any) -> Any:
-        meta = metadata_of(model_runtime(self.state, request.name, request.version or None))
+        meta = metadata_of(model_named(self.state, request.name, request.version or None))
         return pb.ModelMetadataResponse(
             name=meta.name,
             versions=meta.versions,
@@ -78,24 +80,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         )
 
     async def _infer(self, request: Any) -> Any:
-        settings = self.state.settings
-
-        async def read(runtime: ModelRuntime) -> InferRequest:
-            body, header_length = _as_rest_body(request)
-            return parse_infer_request(
-                body,
-                header_length,
-                pixels_input=runtime.engine.manifest.input_name,
-                size=runtime.engine.input_size,
-                max_images=settings.max_files_per_request,
-            )
-
         def watch(work: Awaitable[Outcomes]) -> Awaitable[Outcomes]:
             return work  # a client that leaves cancels this handler, and with it the queued images
 
-        parsed, results = await run_inference(
-            self.state, request.model_name, request.model_version or None, read, watch
-        )
+        async with guarded(self.state):
+            model = model_named(self.state, request.model_name, request.model_version or None)
+            body = _GrpcBody(request, model, self.state.settings.max_files_per_request)
+            parsed, results = await dataplane.infer(self.state, body, watch)
         manifest = results[0].manifest
         response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version)
         if parsed.id is not None:
@@ -213,3 +204,30 @@ class GrpcDoor:
         if self.server is not None:
             await self.server.stop(grace_s)
             self.server = None
+
+
+class _GrpcBody:
+    """A gRPC infer request as `service.core.admission` admits it: already received by grpcio,
+    so it is charged its size against the body budget and parsed by the REST codec."""
+
+    def __init__(self, request: Any, model: ModelClient, max_images: int) -> None:
+        self._request = request
+        self._model = model
+        self._max_images = max_images
+        self._body, self._header_length = _as_rest_body(request)
+
+    def check(self) -> None:
+        pass
+
+    @property
+    def charge(self) -> int:
+        return len(self._body)
+
+    async def read(self) -> InferRequest:
+        return parse_infer_request(
+            self._body,
+            self._header_length,
+            pixels_input=self._model.manifest.input_name,
+            size=self._model.input_size,
+            max_images=self._max_images,
+        )

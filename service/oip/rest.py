@@ -1,53 +1,36 @@
 """Open Inference Protocol v2 over HTTP (KServe / Triton): a door onto the same core as /predict.
 
-Routes: `/v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}` (and
-`/versions/{version}`), `/v2/models/{name}/ready` and `/v2/models/{name}/infer`. Tensors are
-parsed and encoded by `service.oip.tensors`; every image is admitted, decoded, batched and
-answered exactly as one of /predict-many (same queue limit, deadline, metrics and model
-version). Errors keep the protocol's shape, `{"error": "message"}`; the app's one error
-mapping (`service.errors.http_error`) renders them so for paths under `/v2`.
+Routes under `/v2` (health, server and model metadata, readiness, infer); tensors are parsed and
+encoded by `service.oip.tensors`, and every image is admitted, decoded, batched and answered as
+one of /predict-many. Errors keep the protocol's shape, `{"error": "message"}`, rendered by the
+app's one error mapping (`service.http.errors.http_error`) for paths under `/v2`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, Final
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 import service
-from service.core.admission import BodyTicket
-from service.core.decode_pool import PixelAllowance
-from service.core.runtime import Classified, Image, ImageReservation, ModelRuntime, ServiceState
-from service.errors import (
-    BadRequest,
-    LungserveError,
-    ModelNotReady,
-    NotFound,
-    RequestTooLarge,
-    UnsupportedMediaType,
-)
-from service.http.guards import deadline, unless_disconnected
-from service.http.uploads import RouteLimits, declared_length, paced
-from service.oip.tensors import (
-    BYTES_INPUT,
-    HEADER_LENGTH,
-    InferRequest,
-    OutputTensor,
-    check_outputs,
-    encode_infer_response,
-    parse_infer_request,
-)
+from service.core.model_client import ModelClient
+from service.core.state import ServiceState
+from service.errors import BadRequest, RequestTooLarge, UnsupportedMediaType
+from service.http.errors import OIP_PREFIX
+from service.http.guards import guarded, unless_disconnected
+from service.http.uploads import RouteLimits, UploadLimits, declared_length, paced
+from service.oip import dataplane
+from service.oip.dataplane import ModelMetadata, Outcomes, metadata_of, model_named, outputs_of
+from service.oip.tensors import BYTES_INPUT, HEADER_LENGTH, InferRequest, encode_infer_response, parse_infer_request
+from service.settings import Settings
 
-PREFIX: Final = "/v2"
+PREFIX: Final = OIP_PREFIX
 BINARY_HEADER: Final = "Inference-Header-Content-Length"
-# The refer decision (service.model.decision): every prediction carries it, so OIP answers do too, as
-# two more BYTES outputs ("reason" is "" when there is none).
-OUTPUTS: Final = ("probabilities", "label", "decision", "reason")
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
 
@@ -79,39 +62,6 @@ class ModelReadiness(BaseModel):
     ready: bool
 
 
-class TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class ModelMetadata(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "lungserve-lung-cnn",
-                    "versions": ["2026.11.22-6d5d6424"],
-                    "platform": "onnxruntime_onnx",
-                    "inputs": [
-                        {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
-                        {"name": "image", "datatype": "UINT8", "shape": [-1, 128, 128, 3]},
-                    ],
-                    "outputs": [
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
-                        {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                    ],
-                }
-            ]
-        }
-    )
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMetadata] = Field(description="send ONE of these per request")
-    outputs: list[TensorMetadata]
-
-
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         400: "not a valid inference request for this model (the message says what)",
@@ -133,34 +83,6 @@ def _service(request: Request) -> ServiceState:
     return state
 
 
-def model_runtime(service: ServiceState, name: str, version: str | None = None) -> ModelRuntime:
-    runtime = service.current()
-    model = runtime.identity
-    if name != model.name:
-        raise NotFound(f"unknown model {name!r}; this server serves {model.name!r}")
-    if version is not None and version != model.version:
-        raise NotFound(f"model {name!r} has no version {version!r}; it serves {model.version!r}")
-    return runtime
-
-
-def metadata_of(runtime: ModelRuntime) -> ModelMetadata:
-    engine = runtime.engine
-    size = engine.input_size
-    return ModelMetadata(
-        name=runtime.identity.name,
-        versions=[runtime.identity.version],
-        platform="onnxruntime_onnx",
-        inputs=[
-            TensorMetadata(name=BYTES_INPUT, datatype="BYTES", shape=[-1]),
-            TensorMetadata(name=engine.manifest.input_name, datatype="UINT8", shape=[-1, size, size, 3]),
-        ],
-        outputs=[
-            TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(engine.manifest.classes)]),
-            *(TensorMetadata(name=name, datatype="BYTES", shape=[-1]) for name in OUTPUTS[1:]),
-        ],
-    )
-
-
 async def _read_body(stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -175,32 +97,42 @@ async def _read_body(stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _classify(
-    service: ServiceState,
-    runtime: ModelRuntime,
-    reservation: ImageReservation,
-    image: bytes | Image,
-    allowance: PixelAllowance,
-) -> Classified | LungserveError:
-    """One row: decoded (unless already pixels), then batched like any /predict image (the one
-    per-image path, `ServiceState.classify_image`, which counts every admitted image once)."""
-    return await service.classify_image(runtime, reservation, image, allowance)
+@dataclass(frozen=True)
+class _InferBody:
+    """An infer request's body as `service.core.admission` admits it (a `BodyReader`)."""
 
+    request: Request
+    model: ModelClient
+    settings: Settings
+    rate: UploadLimits
 
-def _rows(pixels: Image | None) -> list[Image]:
-    assert pixels is not None  # the codec gives exactly one of encoded and pixels
-    return list(pixels)
+    def check(self) -> None:
+        if self.request.headers.get("content-encoding", "identity").lower() != "identity":
+            raise UnsupportedMediaType("compressed request bodies are not supported; send them uncompressed")
+        declared = self.declared
+        if declared is not None and declared > self.settings.max_request_bytes:
+            raise RequestTooLarge(f"the request body is over {self.settings.max_request_bytes} bytes")
 
+    @property
+    def declared(self) -> int | None:
+        return declared_length(self.request.headers.get("content-length"))
 
-def outputs_of(results: Sequence[Classified]) -> list[OutputTensor]:
-    n = len(results)
-    probabilities = np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
-    return [
-        OutputTensor("probabilities", "FP32", list(probabilities.shape), probabilities),
-        OutputTensor("label", "BYTES", [n], [r.label.encode() for r in results]),
-        OutputTensor("decision", "BYTES", [n], [r.decision.decision.encode() for r in results]),
-        OutputTensor("reason", "BYTES", [n], [(r.decision.reason or "").encode() for r in results]),
-    ]
+    @property
+    def charge(self) -> int:
+        declared = self.declared
+        return declared if declared is not None else self.settings.max_request_bytes
+
+    async def read(self) -> InferRequest:
+        body = await _read_body(paced(self.request.stream(), self.rate), self.settings.max_request_bytes)
+        # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
+        return await asyncio.to_thread(
+            parse_infer_request,
+            body,
+            self.request.headers.get(HEADER_LENGTH),
+            pixels_input=self.model.manifest.input_name,
+            size=self.model.input_size,
+            max_images=self.settings.max_files_per_request,
+        )
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -224,17 +156,17 @@ async def server_ready(request: Request) -> Readiness:
 
 @router.get("/models/{name}", summary="Model metadata", responses=_errors(404, 503))
 async def model_metadata(request: Request, name: str) -> ModelMetadata:
-    return metadata_of(model_runtime(_service(request), name))
+    return metadata_of(model_named(_service(request), name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)", responses=_errors(404, 503))
 async def model_version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
-    return metadata_of(model_runtime(_service(request), name, version))
+    return metadata_of(model_named(_service(request), name, version))
 
 
 @router.get("/models/{name}/ready", summary="The model is ready", responses=_errors(404, 503))
 async def model_ready(request: Request, name: str) -> ModelReadiness:
-    model_runtime(_service(request), name)
+    model_named(_service(request), name)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -242,7 +174,7 @@ async def model_ready(request: Request, name: str) -> ModelReadiness:
     "/models/{name}/versions/{version}/ready", summary="The model version is ready", responses=_errors(404, 503)
 )
 async def model_version_ready(request: Request, name: str, version: str) -> ModelReadiness:
-    model_runtime(_service(request), name, version)
+    model_named(_service(request), name, version)
     return ModelReadiness(name=name, ready=True)
 
 
@@ -309,86 +241,16 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     service = _service(request)
-    settings = service.settings
     limits: RouteLimits = request.app.state.upload_limits
-    ticket: BodyTicket | None = None
-
-    async def read(runtime: ModelRuntime) -> InferRequest:
-        # The upload routes' admission (service.core.admission), in the same order: what costs nothing,
-        # a full queue (503 before the body), the upload gate, then the body at the minimum rate.
-        nonlocal ticket
-        if request.headers.get("content-encoding", "identity").lower() != "identity":
-            raise UnsupportedMediaType("compressed request bodies are not supported; send them uncompressed")
-        declared = declared_length(request.headers.get("content-length"))
-        if declared is not None and declared > settings.max_request_bytes:
-            raise RequestTooLarge(f"the request body is over {settings.max_request_bytes} bytes")
-        if runtime.batcher.available == 0:
-            runtime.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
-        if service.upload_gate is None:
-            raise ModelNotReady("the server is not started")
-        ticket = service.upload_gate.admit(declared if declared is not None else settings.max_request_bytes)
-        body = await _read_body(paced(request.stream(), limits.predict_many), settings.max_request_bytes)
-        ticket.body_read()
-        # Off the event loop: a body may be up to LUNGSERVE_MAX_REQUEST_BYTES of JSON.
-        return await asyncio.to_thread(
-            parse_infer_request,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            pixels_input=runtime.engine.manifest.input_name,
-            size=runtime.engine.input_size,
-            max_images=settings.max_files_per_request,
-        )
 
     def watch(work: Awaitable[Outcomes]) -> Awaitable[Outcomes]:
         return unless_disconnected(work, request.receive)
 
-    try:
-        parsed, results = await run_inference(service, name, version, read, watch)
-    finally:
-        if ticket is not None:
-            ticket.close()  # the body's bytes are free once its images are decoded and answered
+    async with guarded(service):
+        body = _InferBody(request, model_named(service, name, version), service.settings, limits.predict_many)
+        parsed, results = await dataplane.infer(service, body, watch)
     manifest = results[0].manifest
-    body, header_length = encode_infer_response(parsed, manifest.name, manifest.version, outputs_of(results))
+    body_bytes, header_length = encode_infer_response(parsed, manifest.name, manifest.version, outputs_of(results))
     if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})
-
-
-Outcomes = list[Classified | LungserveError]
-
-
-async def run_inference(
-    service: ServiceState,
-    name: str,
-    version: str | None,
-    read: Callable[[ModelRuntime], Awaitable[InferRequest]],
-    watch: Callable[[Awaitable[Outcomes]], Awaitable[Outcomes]],
-) -> tuple[InferRequest, list[Classified]]:
-    """One OIP inference, for the REST and the gRPC door alike: `read` gets the request's tensors
-    (within the deadline, before admission: a slow body never holds a slot), `watch` cancels the
-    wait if the client leaves. Admission, decode, batching and metrics are /predict-many's."""
-    try:
-        runtime = model_runtime(service, name, version)
-        async with deadline(service.settings.request_deadline_s):
-            parsed = await read(runtime)
-            check_outputs(parsed, OUTPUTS)
-            # As /predict-many: admit into the runtime serving now (a reload may have swapped it).
-            runtime = model_runtime(service, name, version)
-            rows: Sequence[bytes | Image] = parsed.encoded if parsed.encoded is not None else _rows(parsed.pixels)
-            # One decode budget per request, as /predict-many (LUNGSERVE_MAX_REQUEST_PIXELS).
-            allowance = PixelAllowance(service.settings.max_request_pixels)
-            with runtime.reserve(len(rows)) as reservation:
-                outcomes = await watch(
-                    asyncio.gather(*(_classify(service, runtime, reservation, r, allowance) for r in rows))
-                )
-    except LungserveError as exc:
-        service.observer.on_rejected(exc)
-        raise
-    results: list[Classified] = []
-    for row, outcome in enumerate(outcomes):
-        if isinstance(outcome, LungserveError):
-            # The protocol has no per-row errors: the first bad row fails the request, named.
-            outcome.message = f"input {parsed.input_name!r} row {row}: {outcome.message}"
-            raise outcome
-        results.append(outcome)
-    return parsed, results
+        return Response(body_bytes, media_type="application/json")
+    return Response(body_bytes, media_type="application/octet-stream", headers={BINARY_HEADER: str(header_length)})

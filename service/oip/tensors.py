@@ -1,17 +1,9 @@
 """Open Inference Protocol v2 (KServe / Triton) tensors: parse requests, encode responses.
 
-Pure functions over bytes, no HTTP and no model: `service.oip.rest` (the door) calls them.
-
-* JSON body: `{"id"?, "parameters"?, "inputs": [{"name", "shape", "datatype", "data"}], "outputs"?}`.
-* Binary-data extension: the `Inference-Header-Content-Length` header gives the JSON's length;
-  the tensors whose `parameters.binary_data_size` is set follow it, in input order. A BYTES
-  tensor in binary is each element as a 4-byte little-endian length and its bytes; a numeric
-  tensor is its raw little-endian values, row-major.
-* lungserve's inputs (one per request):
-  - `BYTES_INPUT` BYTES `[N]` (or `[N, 1]`): encoded images (JPEG, PNG, TIFF, BMP). In JSON each
-    element is the image in base64, since JSON strings cannot carry raw bytes (tritonclient with
-    `binary_data=False` sends BYTES as UTF-8 text); in binary each element is the raw file.
-  - the model's own input (`image`) UINT8 `[N, S, S, 3]`: RGB pixels, already resized to S.
+Pure functions over bytes, no HTTP and no model: the REST and gRPC doors call them. Handles the
+JSON body and the binary-data extension; lungserve takes one input per request, either
+`BYTES_INPUT` (encoded image files) or the model's own UINT8 `[N, S, S, 3]` pixels. The wire
+formats: docs/clients.md.
 """
 
 from __future__ import annotations
@@ -54,13 +46,6 @@ class InferRequest:
     # Requested outputs by name -> binary?; None: every output, binary if `binary_default`.
     outputs: dict[str, bool] | None = None
     binary_default: bool = False
-
-    @property
-    def count(self) -> int:
-        if self.encoded is not None:
-            return len(self.encoded)
-        assert self.pixels is not None
-        return int(self.pixels.shape[0])
 
     def wants_binary(self, name: str) -> bool:
         if self.outputs is None:

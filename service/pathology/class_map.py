@@ -1,6 +1,6 @@
 """A large image as a class map: tiles at the training scale, through the model, with bounded memory.
 
-The core of `/analyze`, without HTTP. `analyse` walks the tile grid with a fixed number of
+The core of `/analyze`, without HTTP. `class_map` walks the tile grid with a fixed number of
 workers; each reads one tile (in the decode pool), skips it if it is background, or hands it
 to `classify` (the batcher, under the request's single admission) and waits for its answer.
 So at most `window` decoded tiles exist at once, whatever the image size, while the batcher
@@ -19,18 +19,11 @@ from typing import Generic, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from service.model.manifest import Manifest
 from service.pathology.slides import Slide
-from service.pathology.tiles import DEFAULT_TILE_SOURCE_PX, Tile, is_background
+from service.pathology.tiles import Tile, is_background
 
 R = TypeVar("R")
 TileImage = NDArray[np.uint8]
-
-
-def tile_source_px(manifest: Manifest) -> int:
-    """The manifest's tile side in source pixels, else LC25000's 768."""
-    value = getattr(manifest, "tile_source_px", None)
-    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_TILE_SOURCE_PX
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +34,7 @@ class TileOutcome(Generic[R]):
     result: R | None
 
 
-async def analyse(
+async def class_map(
     slide: Slide,
     tiles: Sequence[Tile],
     *,

@@ -66,12 +66,6 @@ def _levels(values: NDArray[np.floating]) -> NDArray[np.intp]:
     return out
 
 
-def heat_colours(values: NDArray[np.floating]) -> NDArray[np.uint8]:
-    """(H, W) values in [0, 1] -> (H, W, 3) viridis colours."""
-    out: NDArray[np.uint8] = _HEAT_LUT[_levels(values)]
-    return out
-
-
 def heatmap_overlay(image: NDArray[np.uint8], heat: NDArray[np.floating]) -> NDArray[np.uint8]:
     """Blend a [0, 1] heatmap of the image's size over it; opacity grows with the value."""
     if image.shape[:2] != heat.shape:

@@ -1,18 +1,10 @@
 """Large images read one tile at a time: plain JPEG/PNG/TIFF through Pillow, whole slides through OpenSlide.
 
-`open_slide(path, ...)` picks the reader:
-
-* **OpenSlide** (optional extra `slides`: openslide-python + openslide-bin) for the formats it
-  knows (pyramidal/tiled TIFF, SVS, NDPI, MRXS, ...). Every tile is read on its own from the
-  pyramid level closest to the model's scale, so memory does not grow with the slide.
-* **Pillow** for plain images, up to `max_pixels` (checked from the header, before decoding).
-  A JPEG is decoded once at the DCT scale (1/2, 1/4, 1/8) that keeps tiles at or above the
-  model input, exactly as `service.model.preprocess.load_image` does for a single 768 px original,
-  so a tile of a large JPEG reaches the model the way training images did. Other formats are
-  decoded once at full size: for them memory is bounded by `max_pixels`, not by the tile.
-
-Each tile leaves as the model's (size, size, 3) uint8 input, resized with the training filter.
-Synchronous and blocking: call from the decode pool.
+`open_slide(path, ...)` picks the reader: OpenSlide (the `slides` extra) for pyramidal formats,
+each tile read from the level closest to the model's scale; Pillow for plain images up to
+`max_pixels`, a JPEG decoded at its DCT scale as training images were. Each tile leaves as the
+model's (size, size, 3) uint8 input. Synchronous and blocking: call from the decode pool.
+Readers and memory bounds: docs/pathology.md.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.model.preprocess import _FILTER, ALLOWED_FORMATS, _to_rgb
+from service.model.preprocess import ALLOWED_FORMATS, RESIZE_FILTER, to_rgb
 from service.pathology.tiles import Tile
 
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
@@ -153,7 +145,7 @@ class PillowSlide:
                         scale = self._size / self._tile_side
                         img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
                     img.load()
-                    self._image = _to_rgb(ImageOps.exif_transpose(img))
+                    self._image = to_rgb(ImageOps.exif_transpose(img))
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
                 finally:
@@ -171,7 +163,7 @@ class PillowSlide:
             round((tile.y + tile.height) * sy),
         )
         with image.crop(box) as crop:
-            resized = crop.resize((size, size), _FILTER)
+            resized = crop.resize((size, size), RESIZE_FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:
@@ -192,7 +184,7 @@ class PillowSlide:
                     scale = max_side / max(img.size)
                     img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
                     img.load()
-                    return _to_rgb(ImageOps.exif_transpose(img))
+                    return to_rgb(ImageOps.exif_transpose(img))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
 
@@ -252,7 +244,7 @@ class OpenSlideSlide:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         rgb = Image.new("RGB", region.size, _WHITE)
         rgb.paste(region, mask=region.getchannel("A"))
-        resized = rgb.resize((size, size), _FILTER)
+        resized = rgb.resize((size, size), RESIZE_FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:

@@ -13,10 +13,6 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-# LC25000's tiles are 768 px originals downscaled to the model input: a manifest without
-# `tile_source_px` is assumed to have been trained like that.
-DEFAULT_TILE_SOURCE_PX: Final = 768
-
 # A pixel is "white" (glass, not tissue) when it is bright and unsaturated.
 WHITE_MIN_LEVEL: Final = 200
 WHITE_MAX_SPREAD: Final = 30
@@ -60,7 +56,7 @@ def tile_grid(width: int, height: int, side: int) -> list[Tile]:
 
 
 def count_tiles(width: int, height: int, side: int) -> int:
-    """len(tile_grid(...)) without building it (the admission check runs before any decode)."""
+    """len(tile_grid(...)) without building it: a slide's claimed size is checked before its grid exists."""
     return len(_starts(width, side)) * len(_starts(height, side))
 
 

@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.core.runtime import ServiceState
+from service.core.state import ServiceState
 from service.settings import Settings
 
 # Generous: warm-up shares two cores with whatever else runs (e.g. a training job).

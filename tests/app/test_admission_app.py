@@ -14,7 +14,7 @@ async def test_shed_at_headers_only_for_posts_to_doors_when_the_queue_is_full(se
     shed = served.app.state.shed_at_headers
     runtime = served.state.current()
     assert not shed(b"POST", b"/predict")  # room in the queue: the app answers
-    held = runtime.reserve(runtime.batcher.available)
+    held = runtime.reserve(runtime.free_slots)
     try:
         assert shed(b"POST", b"/predict")
         assert shed(b"POST", b"/v2/models/lungserve-lung-cnn/infer")

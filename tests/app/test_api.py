@@ -81,7 +81,7 @@ async def test_concurrent_requests_are_batched_without_changing_answers(
         assert r.status_code == 200, r.text
         got = [r.json()["probabilities"][c] for c in MANIFEST.classes]
         np.testing.assert_allclose(got, direct(data), atol=1e-5)
-    assert served.state.current().batcher.available == served.state.settings.queue_limit
+    assert served.state.current().free_slots == served.state.settings.queue_limit
 
 
 async def test_predict_many_mixed_good_and_bad_in_upload_order(served: Served, real_images: list[Path]) -> None:
@@ -109,7 +109,7 @@ async def test_predict_many_mixed_good_and_bad_in_upload_order(served: Served, r
         assert x["model"]["version"] == MANIFEST.version
         assert (x["decision"], x["reason"]) == ("accept", None)
     # Every reserved slot came back: the failed files' slots too.
-    assert served.state.current().batcher.available == served.state.settings.queue_limit
+    assert served.state.current().free_slots == served.state.settings.queue_limit
 
 
 # --- bad input: always a 4xx JSON error, never a 500 ----------------------------------------
@@ -148,7 +148,7 @@ BAD_PREDICT: list[tuple[str, dict[str, Any], int, str]] = [
 async def test_predict_bad_input(served: Served, case: str, kwargs: dict[str, Any], status: int, code: str) -> None:
     r = await served.client.post("/predict", **kwargs)
     assert_error(r, status, code)
-    assert served.state.current().batcher.available == served.state.settings.queue_limit
+    assert served.state.current().free_slots == served.state.settings.queue_limit
 
 
 async def test_predict_many_limits(served: Served) -> None:
@@ -168,7 +168,7 @@ async def test_predict_many_whole_body_limit() -> None:
 
 async def test_full_queue_answers_503_before_reading_or_decoding(served: Served, real_images: list[Path]) -> None:
     runtime = served.state.current()
-    held = runtime.batcher.reserve(runtime.batcher.available)  # every slot taken
+    held = runtime.reserve(runtime.free_slots)  # every slot taken
     try:
         # Garbage bodies: a 4xx here would prove that decode or parsing happened first.
         r = await served.client.post("/predict", files={"file": ("a.jpeg", b"garbage")})
@@ -190,7 +190,7 @@ async def test_deadline_answers_504_and_frees_the_slot() -> None:
 
         r = await post_stalled_upload(s.client, never)  # the client never finishes its upload
         assert_error(r, 504, "deadline_exceeded")
-        assert s.state.current().batcher.available == s.state.settings.queue_limit
+        assert s.state.current().free_slots == s.state.settings.queue_limit
         never.set()
 
 

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.core.batcher import Reservation
+from service.core.model_client import Slots
 from tests.app.conftest import Served, make_settings, serve
 from tests.images import noise
 from tests.slides import CELL, cell_image, spread, write_slide
@@ -88,10 +88,10 @@ def metric(s: Served, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{labels} not exposed")
 
 
-def hold_the_queue(s: Served) -> Reservation[Any, Any]:
+def hold_the_queue(s: Served) -> Slots:
     """Every slot, as interactive requests would hold them: job tiles wait (low priority)."""
-    runtime = s.state.current()
-    return runtime.reserve(runtime.batcher.available)
+    model = s.state.current()
+    return model.reserve(model.free_slots)
 
 
 async def test_a_slide_job_classifies_every_tissue_tile_and_exports_for_qupath(

@@ -143,7 +143,7 @@ async def test_metrics_endpoint_serves_the_same_numbers_in_prometheus_format(ser
 
 async def test_rejections_are_counted_by_reason(served: Served) -> None:
     runtime = served.state.current()
-    held = runtime.batcher.reserve(runtime.batcher.available)  # every slot taken
+    held = runtime.reserve(runtime.free_slots)  # every slot taken
     try:
         r1 = await served.client.post("/predict", files={"file": ("a.jpeg", jpeg(0))})
         r2 = await served.client.post("/predict-many", files=[("files", ("a.jpeg", jpeg(0)))])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from service.model.manifest import Manifest
 from service.model.preprocess import load_image
-from service.oip.rest import OUTPUTS
+from service.oip.dataplane import OUTPUTS
 from tests.app.conftest import Served, make_settings, post_stalled_upload, serve
 from tests.conftest import BUNDLED_MODEL
 from tests.images import noise_jpeg
@@ -144,11 +144,11 @@ async def test_errors_take_the_protocol_shape(served: Served) -> None:
 
 
 async def test_overload_is_the_same_queue_as_predict(served: Served) -> None:
-    batcher = served.state.current().batcher
+    model = served.state.current()
     # One slot held the way an admitted /predict holds it (slots are taken once a body is read).
-    held = batcher.reserve(1)
+    held = model.reserve(1)
     try:
-        assert batcher.available == served.state.settings.queue_limit - 1
+        assert model.free_slots == served.state.settings.queue_limit - 1
         body, headers = body_of([noise_jpeg()] * 8, binary=True)  # queue_limit is 8; one slot is held
         response = await served.client.post(INFER, content=body, headers=headers)
         oip_error(response, 503, "at capacity")

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.model.manifest import Manifest
 from service.model.preprocess import load_image
-from service.oip.rest import OUTPUTS
+from service.oip.dataplane import OUTPUTS
 from tests.conftest import BUNDLED_MODEL, lc25000_tiles
 from tests.e2e.server import free_port, start_server, wait_ready
 

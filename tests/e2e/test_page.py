@@ -30,7 +30,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from service.model.manifest import Manifest
-from service.pathology.explanation import cam_output_names
 from tests.conftest import BUNDLED_MODEL
 from tests.e2e.chromium import OFFLINE_FLAGS
 from tests.e2e.server import start_server, wait_ready
@@ -57,7 +56,7 @@ def _model_dir() -> Path:
     model = Path(chosen) if chosen else BUNDLED_MODEL
     manifest = Manifest.read(model / "model.json")
     outputs = [o.name for o in onnx.load(str(model / manifest.file), load_external_data=False).graph.output]
-    assert cam_output_names(manifest, outputs) is not None, f"{model} has no Grad-CAM outputs: /explain is off"
+    assert manifest.cam_outputs(outputs) is not None, f"{model} has no Grad-CAM outputs: /explain is off"
     return model
 
 

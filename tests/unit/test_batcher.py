@@ -8,8 +8,8 @@ hang into a failure; nothing asserts durations.
 
 Every batcher comes from `make_batcher(handler, **overrides)`. Its default
 `dispatch_when_idle=False` checks the full-or-delay rules on their own; the idle rule (dispatch
-early when no reservation is open) has its own tests at the end, and the pure rule
-`dispatch_delay` is tested without a batcher.
+early when no reservation is open) has its own tests at the end; the pure rule
+`dispatch_delay` is tested without a batcher in test_batch_rule.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from service.core.batcher import (
     BatchInfo,
     HandlerResultError,
     QueueFull,
-    dispatch_delay,
 )
 
 T = TypeVar("T")
@@ -53,26 +52,6 @@ def make_batcher(handler: Callable[[Sequence[T]], Sequence[R]], **overrides: Any
         "dispatch_when_idle": False,
     }
     return Batcher(handler, **(settings | overrides))
-
-
-# -- the batch rule, pure -----------------------------------------------------------------------
-
-RULE: dict[str, Any] = {"max_batch_size": 4, "max_batch_delay_s": 0.005, "dispatch_when_idle": True, "draining": False}
-
-
-@pytest.mark.parametrize(
-    ("state", "expected"),
-    [
-        ({"queued": 4, "oldest_wait_s": 0.0, "on_their_way": 9}, 0.0),  # full
-        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 0}, 0.0),  # nothing more is coming
-        ({"queued": 1, "oldest_wait_s": 0.002, "on_their_way": 2}, 0.003),  # wait for the rest of the delay
-        ({"queued": 1, "oldest_wait_s": 0.009, "on_their_way": 2}, 0.0),  # the delay is over
-        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 2, "draining": True}, 0.0),
-        ({"queued": 1, "oldest_wait_s": 0.0, "on_their_way": 0, "dispatch_when_idle": False}, 0.005),
-    ],
-)
-def test_dispatch_delay(state: dict[str, Any], expected: float) -> None:
-    assert dispatch_delay(**(RULE | state)) == pytest.approx(expected)
 
 
 class Recording(Generic[T, R]):

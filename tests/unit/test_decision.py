@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
 
 from service.model.decision import (
     ACCEPT,
-    DECISIONS,
     LOW_CONFIDENCE,
     OUT_OF_DISTRIBUTION,
-    REASONS,
     Decision,
+    DecisionName,
+    Reason,
     Thresholds,
     decide,
     decide_batch,
@@ -54,8 +54,8 @@ def test_decide(
 
 def test_decisions_and_reasons_are_the_bounded_vocabulary() -> None:
     for d in (ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION):
-        assert d.decision in DECISIONS
-        assert d.reason is None or d.reason in REASONS
+        assert d.decision in get_args(DecisionName)
+        assert d.reason is None or d.reason in get_args(Reason)
         assert d.referred == (d.reason is not None)
 
 

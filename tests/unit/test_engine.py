@@ -142,7 +142,7 @@ def test_cpu_engine_runs_and_reports_its_provider(tmp_path: Path) -> None:
     assert engine.provider == CPU
     assert (engine.manifest.name, engine.manifest.version, engine.input_size) == ("tiny", "1", 8)
     batch = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    probs = engine.run(batch)
+    probs = engine.infer(batch).probabilities
     assert probs.dtype == np.float32
     assert probs.shape == (5, 3)
     np.testing.assert_allclose(probs, _expected(batch), atol=1e-6)
@@ -198,14 +198,14 @@ def test_run_refuses_a_malformed_batch(tmp_path: Path, batch: np.ndarray) -> Non
     manifest = write_model_dir(tmp_path / "m")
     engine = Engine(tmp_path / "m" / "model.onnx", manifest, provider="cpu")
     with pytest.raises(ValueError, match="batch must be uint8"):
-        engine.run(batch)
+        engine.infer(batch)
 
 
 def test_bundled_model_loads_and_warms_up() -> None:
     artifact = load_local_model(BUNDLED_MODEL)
     engine = Engine(artifact.onnx_path, artifact.manifest, provider="cpu")
     engine.warm_up([1, 3])
-    probs = engine.run(np.full((3, engine.input_size, engine.input_size, 3), 200, dtype=np.uint8))
+    probs = engine.infer(np.full((3, engine.input_size, engine.input_size, 3), 200, dtype=np.uint8)).probabilities
     assert probs.shape == (3, len(engine.manifest.classes))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 

@@ -20,7 +20,7 @@ def _engine(folder: Path) -> Engine:
 def test_infer_returns_probabilities_and_ood_score(tmp_path: Path) -> None:
     write_model_v2_dir(tmp_path)
     engine = _engine(tmp_path)
-    assert engine.has_ood_score
+    assert engine.manifest.ood_output is not None
     batch = np.zeros((3, 128, 128, 3), dtype=np.uint8)
     batch[0] = np.asarray(V2_CENTRE, dtype=np.uint8)  # the tiny model's centre: distance 0
     out = engine.infer(batch)
@@ -30,14 +30,14 @@ def test_infer_returns_probabilities_and_ood_score(tmp_path: Path) -> None:
     assert out.ood_score.dtype == np.float32
     far = float(np.linalg.norm(V2_CENTRE))  # black images
     np.testing.assert_allclose(out.ood_score, np.array([0.0, far, far]), rtol=1e-5)
-    np.testing.assert_array_equal(engine.run(batch), out.probabilities)
+    np.testing.assert_array_equal(engine.infer(batch).probabilities, out.probabilities)
     engine.warm_up([1, 2])
 
 
 def test_a_graph_with_ood_score_that_the_manifest_does_not_list_is_served_without_it(tmp_path: Path) -> None:
     write_model_v2_dir(tmp_path, outputs={"probabilities": "probabilities"})
     engine = _engine(tmp_path)
-    assert not engine.has_ood_score
+    assert engine.manifest.ood_output is None
     assert engine.infer(np.zeros((1, 128, 128, 3), dtype=np.uint8)).ood_score is None
 
 

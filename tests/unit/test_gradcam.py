@@ -14,7 +14,6 @@ from service.pathology.overlay import (
     TileMark,
     class_colours,
     class_map_overlay,
-    heat_colours,
     heatmap_overlay,
 )
 from service.pathology.tiles import Tile
@@ -61,10 +60,10 @@ def test_onnx_contract_outputs_give_a_map_that_follows_the_image() -> None:
     assert not np.allclose(maps[0], maps[1])
 
 
-def test_heat_colours_run_from_dark_violet_to_yellow() -> None:
-    colours = heat_colours(np.array([[0.0, 1.0]]))
-    assert tuple(colours[0, 0]) == (68, 1, 84)
-    assert tuple(colours[0, 1]) == (253, 231, 37)
+def test_the_hottest_pixels_are_tinted_viridis_yellow() -> None:
+    # Black under a full heat of 1: what shows is viridis' top colour (253, 231, 37) at 60% opacity.
+    out = heatmap_overlay(np.zeros((1, 1, 3), dtype=np.uint8), np.ones((1, 1), dtype=np.float32))
+    assert tuple(out[0, 0]) == (152, 139, 22)
 
 
 def test_heatmap_overlay_leaves_cold_pixels_untouched_and_tints_hot_ones() -> None:

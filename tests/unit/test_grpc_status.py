@@ -16,9 +16,8 @@ from service.errors import (
     ShuttingDown,
     TooManyFiles,
     Unauthorized,
-    grpc_status,
-    http_error,
 )
+from service.http.errors import grpc_status, http_error
 from service.oip.tensors import InvalidInferRequest
 
 

@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from service.http.middleware import RequestContextMiddleware
 from service.observability.logs import (
     JsonFormatter,
-    RequestContextMiddleware,
     RequestTiming,
     TextFormatter,
     accept_request_id,

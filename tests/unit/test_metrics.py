@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.core.batcher import Batcher, BatchInfo, BatchObserver
-from service.core.runtime import Classified, PredictionObserver
+from service.core.model_client import Classified
+from service.core.state import PredictionObserver
 from service.errors import (
     ClientGone,
     DeadlineExceeded,

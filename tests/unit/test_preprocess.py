@@ -214,7 +214,7 @@ def test_probe_reports_the_reduced_decode_cost_of_large_jpegs() -> None:
     rng = np.random.default_rng(3)
     big = encode(Image.fromarray(rng.integers(0, 256, (1024, 2048, 3), dtype=np.uint8), "RGB"), "JPEG")
     probe = probe_image(big, 128)
-    assert (probe.format, probe.width, probe.height, probe.pixels) == ("JPEG", 2048, 1024, 2048 * 1024)
+    assert (probe.format, probe.width, probe.height) == ("JPEG", 2048, 1024)
     assert probe.decode_pixels == 2048 * 1024 // 64  # 1/8 DCT scale
     png = probe_image(encode(halves(2048, 1024), "PNG"), 128)
-    assert png.decode_pixels == png.pixels  # PNG has no reduced decode
+    assert png.decode_pixels == png.width * png.height  # PNG has no reduced decode

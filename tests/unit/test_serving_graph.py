@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -16,16 +17,25 @@ ort = pytest.importorskip("onnxruntime")
 from export.model import LOGITS_LAYER, build_model  # noqa: E402
 from export.serving_graph import (  # noqa: E402
     OUTPUTS,
+    MahalanobisStats,
     build_serving_model,
     fit_mahalanobis,
     gap_features_model,
     keras_outputs,
-    mahalanobis_numpy,
     onnx_outputs,
     to_onnx,
 )
 
 SIZE, TEMPERATURE = 32, 0.7
+
+
+def mahalanobis_numpy(features: NDArray[np.floating], stats: MahalanobisStats) -> NDArray[np.float64]:
+    """The reference for the graph's ood_score: min_c sqrt((g - mu_c)^T P (g - mu_c))."""
+    z = np.asarray(features, dtype=np.float64) @ stats.precision_chol
+    m = stats.means @ stats.precision_chol
+    d2 = ((z[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
+    out: NDArray[np.float64] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    return out
 
 
 @pytest.fixture(scope="module")

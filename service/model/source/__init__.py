@@ -1,13 +1,9 @@
 """Where the model comes from: a local folder or an S3 prefix, checked against its sha256.
 
-`fetch_model(uri, ...)` is the one entry point start-up and reload use. A local path (or
-`file://` URI) is read in place; `s3://bucket/prefix/` reads `prefix/model.json` and the file it
-names, through the cache (`s3`, `cache`). Every returned `ModelArtifact` has the sha256 its
-manifest promises; whether ONNX Runtime can run it is checked once, by building the `Engine`.
-Every failure is a `ModelSourceError` with a one-line message naming the cause.
-
-`manifest`, `preprocess` and this package are the contract between `export/` and `service/`.
-The S3 side (aioboto3) is imported only for s3:// URIs.
+`fetch_model(uri, ...)` is the one entry point start-up and reload use; every returned
+`ModelArtifact` has the sha256 its manifest promises, and every failure is a one-line
+`ModelSourceError`. Part of the contract between `export/` and `service/`; the layout on disk,
+in S3 and in the cache is in docs/model_contract.md. aioboto3 is imported only for s3:// URIs.
 """
 
 from __future__ import annotations

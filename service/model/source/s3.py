@@ -1,11 +1,9 @@
 """Models in S3 (aioboto3): read the manifest, stream the model into the cache, poll the ETag.
 
-The model is streamed to a temporary file in the cache directory while it is hashed, checked
-against the manifest's sha256 and only then renamed into place, so a cache file is always
-complete and correct; a restart whose cached file already has the manifest's sha256 downloads
-nothing. Credentials come only from the standard AWS chain (environment, shared profile, web
-identity, container/instance role). Transient errors are retried by botocore's "standard" mode.
-Imported only for s3:// URIs: aioboto3 and botocore cost tens of MiB.
+The model is hashed while it streams to a temporary file and renamed into place only once it
+matches the manifest's sha256, so a cache file is always complete and correct. Credentials come
+from the standard AWS chain; botocore's "standard" mode retries. Imported only for s3:// URIs
+(aioboto3 and botocore cost tens of MiB). The layout: docs/model_contract.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from service.errors import InvalidImage
-from service.pathology.class_map import analyse
+from service.pathology.class_map import class_map
 from service.pathology.tiles import Tile, tile_grid
 
 
@@ -54,7 +54,7 @@ async def test_outcomes_keep_grid_order_and_skip_background() -> None:
         return int(image[0, 0, 0])
 
     with ThreadPoolExecutor(2) as pool:
-        outcomes = await analyse(slide, tiles, size=4, pool=pool, classify=classify, window=3)
+        outcomes = await class_map(slide, tiles, size=4, pool=pool, classify=classify, window=3)
     assert [o.tile for o in outcomes] == tiles
     for o in outcomes:
         if o.tile.x % 30 == 0:
@@ -85,7 +85,7 @@ async def test_never_more_than_window_tiles_decoded_at_once() -> None:
         return 0
 
     with ThreadPoolExecutor(2) as pool:
-        outcomes = await analyse(slide, tiles, size=4, pool=pool, classify=classify, window=4, on_read=on_read)
+        outcomes = await class_map(slide, tiles, size=4, pool=pool, classify=classify, window=4, on_read=on_read)
     assert len(outcomes) == 40
     assert peak == 4
 
@@ -99,4 +99,4 @@ async def test_a_broken_tile_fails_the_request_with_its_own_error() -> None:
         return 0
 
     with ThreadPoolExecutor(2) as pool, pytest.raises(InvalidImage, match="corrupt"):
-        await analyse(slide, tiles, size=4, pool=pool, classify=classify, window=2)
+        await class_map(slide, tiles, size=4, pool=pool, classify=classify, window=2)

@@ -1,0 +1,104 @@
+"""The `queue_limit` bound of a `Batcher`: its slot count and the `Reservation` callers hold.
+
+A slot is taken by `reserve`, kept while its item is queued and computing, and freed when its
+batch has finished (or its future was cancelled mid-compute); docs/batching.md explains why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import TracebackType
+from typing import Generic, TypeVar
+
+from service.core.batch_types import BatchInfo, QueueFull
+
+__all__ = ["Reservation", "Slots"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Slots:
+    """The `queue_limit` bound: reserved + queued + computing items, in one count."""
+
+    def __init__(self, limit: int, on_change: Callable[[], None]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.reserved = 0  # taken by reserve(), not yet submitted
+        self.draining = False
+        self.drained = asyncio.Event()  # set while draining once no slot is used
+        self._on_change = on_change
+
+    @property
+    def available(self) -> int:
+        return self.limit - self.used
+
+    def reserve(self, n: int) -> None:
+        if n > self.available:
+            raise QueueFull(n, self.available, self.limit)
+        self.used += n
+        self.reserved += n
+
+    def submitted(self) -> None:
+        """One reserved slot now holds a queued item (or is freed right after, if closed)."""
+        self.reserved -= 1
+
+    def unreserve(self, n: int) -> None:
+        """`n` reserved slots will never be submitted: fewer items on their way."""
+        self.reserved -= n
+        self.free(n)
+        self._on_change()
+
+    def free(self, n: int) -> None:
+        self.used -= n
+        if self.draining and self.used == 0:
+            self.drained.set()
+
+    def start_draining(self) -> None:
+        self.draining = True
+        if self.used == 0:
+            self.drained.set()
+
+
+class Reservation(Generic[T, R]):
+    """`n` slots of a batcher's bound, held until submitted or released."""
+
+    def __init__(self, slots: Slots, enqueue: Callable[[T], asyncio.Future[tuple[R, BatchInfo]]], n: int) -> None:
+        self._slots = slots
+        self._enqueue = enqueue
+        self._remaining = n
+
+    @property
+    def remaining(self) -> int:
+        """Slots still reserved (not yet submitted or released)."""
+        return self._remaining
+
+    def submit(self, item: T) -> asyncio.Future[tuple[R, BatchInfo]]:
+        """Queue `item` in one reserved slot; the future resolves to `(result, BatchInfo)`.
+
+        Raises RuntimeError when no reserved slot is left, and BatcherStopped once the batcher
+        has shut down (the slot is given back).
+        """
+        if self._remaining <= 0:
+            raise RuntimeError("reservation has no slot left: reserve one slot per item")
+        self._remaining -= 1
+        self._slots.submitted()
+        return self._enqueue(item)
+
+    def release(self) -> None:
+        """Give back the slots that were not submitted. Idempotent."""
+        if self._remaining:
+            n, self._remaining = self._remaining, 0
+            self._slots.unreserve(n)
+
+    def __enter__(self) -> Reservation[T, R]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
