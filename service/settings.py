@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -213,6 +214,16 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("jobs_uri")
+    @classmethod
+    def _jobs_location(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        scheme = parts.scheme.lower()
+        # One letter is a Windows drive ("C:/jobs"), not a scheme.
+        if (scheme == "s3" and not parts.netloc) or (len(scheme) > 1 and scheme not in ("s3", "file")):
+            raise ValueError("expected a folder, file:///path or s3://bucket/prefix")
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -53,12 +53,16 @@ def browser(tmp_path: Path, downloads: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
+def _slide(originals: Path, path: Path) -> Path:
+    """A 10 x 4 tile slide, the four real originals as its tissue."""
+    cells = {(1 + 2 * i, 1 + i % 2): cell_image(p) for i, p in enumerate(sorted(originals.glob("*/*.jpeg")))}
+    return write_slide(path, 10 * CELL, 4 * CELL, cells)
+
+
 async def test_the_page_runs_a_slide_job_shows_its_class_map_and_downloads_geojson(
     tmp_path: Path, lc25000_768: Path, browser: WebDriver, downloads: Path
 ) -> None:
-    originals = sorted(lc25000_768.glob("*/*.jpeg"))
-    cells = {(1 + 2 * i, 1 + i % 2): cell_image(p) for i, p in enumerate(originals)}
-    slide = write_slide(tmp_path / "case-7.tif", 10 * CELL, 4 * CELL, cells)
+    slide = _slide(lc25000_768, tmp_path / "case-7.tif")
     with start_server(tmp_path, LUNGSERVE_PROVIDER="cpu") as server:
         await wait_ready(server)
         browser.get(server.url + "/")
