@@ -161,7 +161,9 @@ class JobRunner:
     async def cancel(self, owner: str | None, job_id: str) -> Job:
         job = self.get(owner, job_id)
         if job.state is JobState.QUEUED:
-            await self._end(job, JobState.CANCELLED)
+            job.move(JobState.CANCELLED)  # at once, before any await: a worker taking it now skips it
+            await self._cleanup(job)
+            await self._recorded(job)
         elif job.state is JobState.RUNNING:
             task = self._running.get(job.id)
             if task is not None:
@@ -192,6 +194,8 @@ class JobRunner:
             self._running[job.id] = task
             try:
                 await task
+            except Exception:  # a bug in a run must not stop the worker: the next job still runs
+                log.exception("job %s: unexpected error", job.id)
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
@@ -205,6 +209,8 @@ class JobRunner:
                 self._cancelling.discard(job.id)
 
     async def _run(self, job: Job) -> None:
+        if job.state is not JobState.QUEUED:
+            return  # cancelled between the worker's check and this task's first step
         job.move(JobState.RUNNING)
         job.error = None
         await self._save(job)
@@ -253,13 +259,24 @@ class JobRunner:
 
     async def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         """A final state: the slide's copies removed first (a client that sees the state sees
-        the store as it stays), then the state, saved, and the duration counted."""
+        the store as it stays), then the state, saved, and the duration counted. Shielded: a
+        DELETE arriving now cannot leave the job half-ended."""
+
+        async def end() -> None:
+            await self._cleanup(job)
+            job.move(state, error=error)
+            await self._recorded(job)
+
+        await asyncio.shield(end())
+
+    async def _cleanup(self, job: Job) -> None:
         if job.source == "upload":
             with contextlib.suppress(JobStoreError):
                 await self._store.delete(f"{job.id}/{SOURCE}")
         if self._work_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._work_dir / job.id, True)
-        job.move(state, error=error)
+
+    async def _recorded(self, job: Job) -> None:
         await self._save(job)
         if self._metrics is not None:
             self._metrics.finished(job.state.value, _seconds_between(job.started or job.created, job.finished))
