@@ -250,3 +250,19 @@ async def test_bad_requests_get_clear_4xx_errors(tmp_path: Path) -> None:
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "not_found"
         assert (await s.client.get("/jobs")).json() == {"jobs": []}  # nothing was stored
+
+
+async def test_job_tiles_never_hold_more_than_their_share_of_the_queue(synthetic_slide: Path) -> None:
+    # queue_limit 8 x share 0.25: job tiles hold at most 2 slots, whatever the slide's size.
+    async with serve(jobs_settings(jobs_queue_share=0.25)) as s:
+        model = s.state.current()
+        job = await submit(s, synthetic_slide)
+        held: list[int] = []
+
+        def sample(status: dict[str, Any]) -> bool:
+            held.append(model.queue_limit - model.free_slots)
+            return status["state"] in ("done", "failed", "cancelled")
+
+        seen = await wait_for(s, job["id"], sample)
+        assert seen[-1]["state"] == "done"
+        assert max(held) <= 2  # the other 6 slots stay free for interactive requests
