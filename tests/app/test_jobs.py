@@ -266,3 +266,19 @@ async def test_job_tiles_never_hold_more_than_their_share_of_the_queue(synthetic
         seen = await wait_for(s, job["id"], sample)
         assert seen[-1]["state"] == "done"
         assert max(held) <= 2  # the other 6 slots stay free for interactive requests
+
+
+async def test_a_plain_stripped_tiff_runs_band_by_band(tmp_path: Path) -> None:
+    import tifffile
+
+    canvas = np.full((2 * CELL, 4 * CELL, 3), 246, dtype=np.uint8)
+    canvas[:CELL, CELL : 2 * CELL] = np.asarray(noise(CELL, seed=5))
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, canvas, photometric="rgb", compression="zlib", rowsperstrip=64)
+    async with serve(jobs_settings(max_image_pixels=1_000_000)) as s:  # over Pillow's limit: not decoded whole
+        job = await submit(s, path)
+        seen = await wait_for(s, job["id"], state_is("done", "failed", "cancelled"))
+        assert seen[-1]["state"] == "done", seen[-1]
+        result = (await s.client.get(f"/jobs/{job['id']}/result")).json()
+        assert result["source"]["reader"] == "tiff-strips"
+        assert [(t["x"], t["y"]) for t in result["tiles"]] == [(CELL, 0)]
