@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from export.knn_ood import KnnBank, knn_score
 from export.model import INPUT_NAME, LOGITS_LAYER
 
 OPSET = 18  # tf2onnx's highest supported here
 OUTPUTS = ("probabilities", "ood_score", "feature_maps", "cam_weights")
 GAP_LAYER = "gap"
 HEAD_DENSE, HEAD_BN = "dense", "dense_bn"
+PENULTIMATE_LAYER = "dense_relu"  # what the logits layer reads (dropout is the identity at inference)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,19 @@ def gap_features_model(model: Any) -> Any:
     return keras.Model(model.input, model.get_layer(GAP_LAYER).output)
 
 
-def build_serving_model(model: Any, temperature: float, stats: MahalanobisStats | None) -> Any:
+def build_serving_model(
+    model: Any, temperature: float, stats: MahalanobisStats | None, knn: KnnBank | None = None
+) -> Any:
     """A functional Keras model over `model`'s layers (shared weights) with the contract's outputs.
 
     `model` is a trained `export.model.build_model` network *without* a temperature layer.
-    Outputs in the order of OUTPUTS (ood_score omitted when `stats` is None).
+    Outputs in the order of OUTPUTS (ood_score omitted when `stats` and `knn` are None). With
+    `knn`, ood_score is the k-th nearest-neighbour distance of the penultimate features
+    (export.knn_ood) instead of the Mahalanobis distance: same output name, so the server and
+    the manifest's `decision.ood_above` rule do not change.
     """
+    if stats is not None and knn is not None:
+        raise ValueError("one ood_score: Mahalanobis stats or a kNN bank, not both")
     import keras
     from keras import layers, ops
 
@@ -125,7 +134,15 @@ def build_serving_model(model: Any, temperature: float, stats: MahalanobisStats 
     cam_weights = CamWeights(name="cam_weights")(pre)
     feature_maps = layers.Identity(name="feature_maps")(feature_maps)
     outputs = [probabilities]
-    if stats is not None:
+    if knn is not None:
+        bank = knn  # bound for the closure: mypy does not narrow `knn` inside the class
+
+        class KnnScore(layers.Layer):  # type: ignore[misc]
+            def call(self, features: Any) -> Any:
+                return knn_score(features, bank)
+
+        outputs.append(KnnScore(name="ood_score")(model.get_layer(PENULTIMATE_LAYER).output))
+    elif stats is not None:
         chol = stats.precision_chol.astype(np.float32)
         centres = (stats.means @ stats.precision_chol).astype(np.float32)  # [C, K]
 

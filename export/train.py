@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,18 @@ from numpy.typing import NDArray
 from export import data as data_mod
 from export.augment import AugmentConfig
 from export.calibrate import fit_temperature, nll
+from export.checkpoint import BEST_EMA as BEST_EMA
+from export.checkpoint import EMA as EMA
+from export.checkpoint import LAST as LAST
+from export.checkpoint import STATE as STATE
+from export.checkpoint import WeightEMA as WeightEMA
+from export.checkpoint import checkpoint, pending, recover, write_json
 from export.model import build_model, logits_model, with_temperature
 from export.scoring import classification_report
 
 log = logging.getLogger("lungserve.train")
 
 PARITY_IMAGES = "parity_images.npy"
-STATE = "state.json"  # written last in each checkpoint: its presence means the checkpoint is whole
-LAST = "last.keras"  # model + optimizer (with its step counter, so the LR schedule resumes)
-EMA = "ema.npz"
-BEST_EMA = "best_ema.npz"
 
 
 @dataclass
@@ -59,41 +62,6 @@ def make_split(cfg: TrainConfig, ds: data_mod.Dataset) -> data_mod.Split:
             raise data_mod.DataError(f"{cfg.split_from} records no validation_groups to hold out")
         return data_mod.split_three_way(ds, holdout, cfg.seed)
     return data_mod.holdout_split(ds, cfg.val_fraction, cfg.seed, allow_image_split=cfg.allow_image_split)
-
-
-class WeightEMA:
-    """Exponential moving average of every float weight, BatchNorm statistics included.
-
-    Averaging the running mean/variance too (as timm's ModelEmaV2 does) keeps them consistent
-    with the averaged kernels. The decay warms up as min(decay, (1 + n) / (10 + n)).
-    """
-
-    def __init__(self, weights: list[NDArray[Any]], decay: float, updates: int = 0) -> None:
-        self.shadow = [np.array(w, copy=True) for w in weights]
-        self.decay = decay
-        self.updates = updates
-
-    def update(self, weights: list[NDArray[Any]]) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, w in zip(self.shadow, weights, strict=True):
-            if np.issubdtype(s.dtype, np.floating):
-                s *= d
-                s += (1.0 - d) * w
-            else:
-                s[...] = w
-        self.updates += 1
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp.npz")
-        arrays: dict[str, Any] = {f"arr_{i}": w for i, w in enumerate(self.shadow)}
-        np.savez(tmp, updates=np.int64(self.updates), **arrays)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path, decay: float) -> WeightEMA:
-        with np.load(path) as f:
-            n = len([k for k in f.files if k.startswith("arr_")])
-            return cls([f[f"arr_{i}"] for i in range(n)], decay, int(f["updates"]))
 
 
 def _ema_callback(model: Any, ema: WeightEMA) -> Any:
@@ -146,20 +114,7 @@ def _score(model: Any, x: NDArray[np.uint8], y: NDArray[np.int64]) -> tuple[floa
     return float((logits.argmax(1) == y).mean()), nll(logits, y, 1.0), logits
 
 
-def _atomic_save_model(model: Any, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    import keras
 
     t0 = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +127,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     x_sel, y_sel = data_mod.load_arrays(split.select, cfg.input_size, cache)
     x_train, x_sel = np.asarray(x_train), np.asarray(x_sel)
     log.info("decoded %d train / %d select images in %.0f s", len(x_train), len(x_sel), time.monotonic() - t0)
-    n_classes = len(ds.classes)
+    state = run_epochs(cfg, x_train, y_train, x_sel, y_sel, len(ds.classes))
+    return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
+
+
+def run_epochs(
+    cfg: TrainConfig,
+    x_train: NDArray[np.uint8],
+    y_train: NDArray[np.int64],
+    x_sel: NDArray[np.uint8],
+    y_sel: NDArray[np.int64],
+    n_classes: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The epochs of a run in `cfg.out`: fresh or resumed, a whole checkpoint after each one.
+
+    With no select images (cross-validation takes the last EMA epoch, no choice at all) the
+    per-epoch scoring is skipped and `best_epoch` stays None.
+    """
+    import keras
+
     steps = int(np.ceil(len(x_train) / cfg.batch_size))
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
@@ -181,6 +155,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state: dict[str, Any]
     if cfg.resume and state_path.exists():
         state = json.loads(state_path.read_text())
+        recover(cfg.out, state)
         model = keras.models.load_model(cfg.out / LAST)
         ema = WeightEMA.load(cfg.out / EMA, cfg.ema_decay)
         if int(state["config"]["epochs"]) != cfg.epochs:
@@ -217,48 +192,43 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             shuffle=False,
         )
         train_s = time.monotonic() - te
-        online = model.get_weights()
-        raw_acc, raw_nll, _ = _score(model, x_sel, y_sel)
-        model.set_weights(ema.shadow)
-        ema_acc, ema_nll, _ = _score(model, x_sel, y_sel)
-        model.set_weights(online)
-        row = {
+        row: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(hist.history["loss"][-1]),
             "accuracy": float(hist.history["accuracy"][-1]),
-            "select_accuracy": raw_acc,
-            "select_nll": raw_nll,
-            "select_accuracy_ema": ema_acc,
-            "select_nll_ema": ema_nll,
-            "train_seconds": round(train_s, 1),
-            "epoch_seconds": round(time.monotonic() - te, 1),
         }
+        if len(x_sel):
+            online = model.get_weights()
+            raw_acc, raw_nll, _ = _score(model, x_sel, y_sel)
+            model.set_weights(ema.shadow)
+            ema_acc, ema_nll, _ = _score(model, x_sel, y_sel)
+            model.set_weights(online)
+            row.update(select_accuracy=raw_acc, select_nll=raw_nll, select_accuracy_ema=ema_acc, select_nll_ema=ema_nll)
+            # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
+            key = (ema_acc, -ema_nll)
+            if state["best"] is None or key > tuple(state["best"]):
+                state["best"], state["best_epoch"] = list(key), epoch + 1
+                ema.save(pending(cfg.out / BEST_EMA))
+        row.update(train_seconds=round(train_s, 1), epoch_seconds=round(time.monotonic() - te, 1))
         state["history"].append(row)
-        # Checkpoint choice on SELECT: EMA accuracy, ties broken by lower NLL.
-        key = (ema_acc, -ema_nll)
-        if state["best"] is None or key > tuple(state["best"]):
-            state["best"], state["best_epoch"] = list(key), epoch + 1
-            ema.save(cfg.out / BEST_EMA)
-        _atomic_save_model(model, cfg.out / LAST)
-        ema.save(cfg.out / EMA)
         state["epoch"] = epoch + 1
         state["config"] = _config_json(cfg)
-        _write_json(state_path, state)  # last: a whole checkpoint exists once this is written
+        checkpoint(cfg.out, model, ema, state)
         log.info(
-            "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %.4f (EMA %.4f) nll %.4f (EMA %.4f) | best %s",
+            "epoch %d/%d %.0f s: loss %.4f acc %.4f | select acc %s (EMA %s) | best %s",
             epoch + 1,
             cfg.epochs,
             row["epoch_seconds"],
             row["loss"],
             row["accuracy"],
-            raw_acc,
-            ema_acc,
-            raw_nll,
-            ema_nll,
+            _fmt(row.get("select_accuracy")),
+            _fmt(row.get("select_accuracy_ema")),
             state["best_epoch"],
         )
         (cfg.out / "progress.txt").write_text(f"{epoch + 1}/{cfg.epochs}\n")
-    return finish(cfg, ds, split, summary, x_sel, y_sel, state, t0)
+        if on_epoch is not None:
+            on_epoch(row)
+    return state
 
 
 def finish(
@@ -312,7 +282,7 @@ def finish(
         "train_seconds": round(sum(r["epoch_seconds"] for r in history), 1),
         "wall_seconds_this_process": round(time.monotonic() - t0, 1),
     }
-    _write_json(cfg.out / "training.json", result)
+    write_json(cfg.out / "training.json", result)
     _plot_history(history, cfg.out / "training_curves.png")
     log.info(
         "done: best epoch %s, select accuracy %.4f, ECE %.4f -> %.4f (T=%.3f), %.0f s of epochs",
@@ -341,6 +311,10 @@ def _schedule(cfg: TrainConfig, steps: int) -> Any:
 
 def _config_json(cfg: TrainConfig) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -3,8 +3,8 @@
     python loadtest/chaos.py --url http://127.0.0.1:8000            # rows against a running server
     python loadtest/chaos.py --url http://127.0.0.1:8000 --out docs/reliability-chaos.md
 
-Rows 1-9, 12 and 14 and the overload run go to the server at --url (started with default
-settings, e.g. `lungserve serve`). Rows 10, 11, 13 and the SIGTERM run need to stop a server or
+Rows 1-9, 12, 14-19, 21 and the overload run go to the server at --url (started with default
+settings, e.g. `lungserve serve`). Rows 10, 11, 13, 20, 22 and the SIGTERM run need to stop a server or
 other settings, so the script starts its own `lungserve serve` on a free loopback port for
 each (the same Python, so the same code). Everything is loopback, every wait is bounded.
 
@@ -39,6 +39,19 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: the attack builders shared with the tests
+
+from tests.hostile_files import (  # noqa: E402  (after the path set-up above)
+    cut_after_scans,
+    cut_at,
+    nested_json,
+    progressive,
+    scan_bomb,
+    scan_starts,
+    tiled_tiff_claiming,
+)
+
 TIMEOUT_S = 60.0
 
 
@@ -829,7 +842,174 @@ async def sigterm_under_load() -> Row:
 
 # --- main -----------------------------------------------------------------------------------------
 
-SCENARIOS = ("1-4", "5", "6", "7", "8", "9", "10-11", "12", "13", "14", "overload", "sigterm")
+# --- round 2 (issue 22): files that cost more, or claim more, than they are ---------------------
+
+
+async def _loop_predict_for(t: Target, seconds: float, n: int = 4) -> list[Answer]:
+    stop = asyncio.Event()
+    clients = asyncio.create_task(ordinary_clients(t, stop, n))
+    await asyncio.sleep(seconds)
+    stop.set()
+    return await clients
+
+
+async def row15_scan_bombs(t: Target, bombs: int, scans: int) -> Row:
+    bomb = scan_bomb(7000, scans)
+    body, ctype = form("file", [bomb])
+    raw = post("/predict", body, ctype)
+    baseline = await _loop_predict_for(t, 5.0)
+    before = await t.rss_mib()
+    stop = asyncio.Event()
+    async with rss_sampler(t) as samples:
+        clients = asyncio.create_task(ordinary_clients(t, stop, 4))
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(t.call(raw, 120) for _ in range(bombs)))
+        during_s = time.perf_counter() - started
+        stop.set()
+        during = await clients
+    after = await settle_rss(t)
+    ok_before = sum(a.status == 200 for a in baseline)
+    ok_during = sum(a.status == 200 for a in during)
+    statuses = [f"{a.status} {a.code or a.error}" for a in answers]
+    refused = all(400 <= a.status < 500 for a in answers)
+    held = refused and ok_during == len(during) and ok_during > 0
+    return Row(
+        "15",
+        f"{bombs} progressive-JPEG scan bombs at once (7000x7000, {len(scan_starts(bomb))} scans, "
+        f"{len(bomb) / 1024:.0f} kB) while 4 clients loop /predict",
+        held,
+        f"bombs: {statuses}, slowest {max(a.seconds for a in answers):.2f} s; ordinary clients: "
+        f"{ok_before} answers 200 in the 5 s before, {ok_during}/{len(during)} 200 in the {during_s:.1f} s "
+        f"of the bombs (p50 {fmt_ms([a.seconds for a in during], 0.5)}); "
+        f"RSS before {before:.0f}, peak {max(samples, default=float('nan')):.0f}, 5 s after {after:.0f} MiB",
+    )
+
+
+async def row16_claimed_size(t: Target, side: int) -> Row:
+    data = tiled_tiff_claiming(side, side)
+    body, ctype = form("file", [data])
+    before = await t.rss_mib()
+    live: list[float] = []
+    done = asyncio.Event()
+
+    async def poll_live() -> None:
+        while not done.is_set():
+            live.append((await t.call(get("/health/live"), 120)).seconds)
+            await asyncio.sleep(0.05)
+
+    async with rss_sampler(t) as samples:
+        poller = asyncio.create_task(poll_live())
+        answer = await t.call(post("/analyze", body, ctype), 300)
+        done.set()
+        await poller
+    after = await settle_rss(t)
+    held = answer.status == 413 and answer.seconds < 5 and max(live, default=0) < 5
+    return Row(
+        "16",
+        f"a {len(data)}-byte tiled TIFF claiming {side:,} x {side:,} px to /analyze",
+        held,
+        f"{answer.status} {answer.code} after {answer.seconds:.2f} s; "
+        f"/health/live slowest {max(live, default=0):.2f} s; "
+        f"RSS before {before:.0f}, peak {max(samples, default=float('nan')):.0f}, 5 s after {after:.0f} MiB",
+    )
+
+
+async def row17_truncated_progressive(t: Target) -> Row:
+    rng = np.random.default_rng(4)
+    small = progressive(Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)))
+    large = progressive(Image.fromarray(rng.integers(0, 256, (1536, 1536, 3), dtype=np.uint8)))
+    results: list[str] = []
+    held = True
+    for path, data in (("/predict", small), ("/analyze", large)):
+        for name, cut in (
+            ("after scan 1", cut_after_scans(data, 1)),
+            ("mid-file", cut_at(data, 0.5)),
+            ("in the last scan", cut_at(data, 0.97)),
+        ):
+            body, ctype = form("file", [cut])
+            answer = await t.call(post(path, body, ctype))
+            held &= (answer.status, answer.code) == (422, "invalid_image")
+            results.append(f"{path} {name}: {answer.status} {answer.code}")
+    return Row("17", "progressive JPEGs cut short and closed with EOI", held, ", ".join(results))
+
+
+async def row18_deep_json(t: Target) -> Row:
+    name = (await t.model())["manifest"]["name"]
+    answer = await t.call(post(f"/v2/models/{name}/infer", nested_json(100_000), "application/json"))
+    held = answer.status == 400 and answer.is_json
+    return Row("18", "OIP infer with JSON nested 100,000 levels", held, f"{answer.status} {answer.body[:80]!r}")
+
+
+async def row19_grey_fill_analyze(t: Target) -> Row:
+    rng = np.random.default_rng(5)
+    data = encode(Image.fromarray(rng.integers(0, 256, (1536, 1536, 3), dtype=np.uint8)), "JPEG", quality=90)
+    cut = data[: len(data) // 3] + b"\xff\xd9"
+    figures = []
+    held = True
+    for path in ("/predict", "/analyze"):
+        body, ctype = form("file", [cut])
+        answer = await t.call(post(path, body, ctype))
+        held &= (answer.status, answer.code) == (422, "invalid_image")
+        figures.append(f"{path}: {answer.status} {answer.code}")
+    return Row("19", "a grey-filled (cut + EOI) baseline JPEG to /predict and /analyze", held, ", ".join(figures))
+
+
+async def row20_forwarded_rotation() -> Row:
+    env = {"LUNGSERVE_ADMIN_TOKEN": "chaos-secret", "LUNGSERVE_ADMIN_AUTH_FAILURES_PER_MINUTE": "10"}
+    async with own_server(**env) as (t, _):
+        statuses = []
+        for i in range(30):
+            raw = (
+                f"POST /admin/reload HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.7.{i // 256}.{i % 256}\r\n"
+                "Content-Length: 0\r\n\r\n"
+            ).encode()
+            statuses.append((await t.call(raw)).status)
+    counts = {str(s): statuses.count(s) for s in sorted(set(statuses))}
+    return Row(
+        "20",
+        "30 wrong admin tokens from loopback, each with a new X-Forwarded-For",
+        statuses.count(401) == 10 and statuses[-1] == 429,
+        f"statuses: {counts}",
+    )
+
+
+async def row21_security_headers(t: Target) -> Row:
+    wanted = ("x-content-type-options", "x-frame-options", "content-security-policy", "referrer-policy")
+    missing = {}
+    for path in ("/", "/docs", "/redoc", "/predict"):
+        answer = await t.call(get(path))
+        missing[path] = [h for h in wanted if h not in answer.headers]
+    held = not any(missing.values())
+    return Row("21", "GET /, /docs, /redoc, /predict: security headers", held, f"missing: {missing}")
+
+
+async def row22_full_spool_disk() -> Row:
+    with tempfile.TemporaryDirectory() as mount:
+        mounting = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mount]
+        done = await asyncio.to_thread(subprocess.run, mounting, capture_output=True)
+        if done.returncode != 0:
+            return Row("22", "an /analyze upload filling the spool disk", False, "cannot mount a tmpfs (needs root)")
+        try:
+            async with own_server(TMPDIR=mount) as (t, _):
+                body, ctype = form("file", [TILE + os.urandom(12 * 2**20)])
+                answer = await t.call(post("/analyze", body, ctype))
+                small, ctype = form("file", [TILE])
+                after = await t.call(post("/predict", small, ctype))
+        finally:
+            await asyncio.to_thread(subprocess.run, ["umount", "-l", mount], check=False)
+    held = (answer.status, answer.code) == (507, "insufficient_storage") and after.status == 200
+    return Row(
+        "22",
+        "a 12 MiB /analyze upload with TMPDIR on an 8 MiB tmpfs",
+        held,
+        f"{answer.status} {answer.code}; then /predict: {after.status}",
+    )
+
+
+SCENARIOS = (
+    "1-4", "5", "6", "7", "8", "9", "10-11", "12", "13", "14", "overload", "sigterm",
+    "15", "16", "17", "18", "19", "20", "21", "22",
+)  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -851,6 +1031,14 @@ async def main(args: argparse.Namespace) -> int:
         ("14", lambda: row14_disconnects(t, 96)),
         ("overload", lambda: overload(t, args.overload_s)),
         ("sigterm", sigterm_under_load),
+        ("15", lambda: row15_scan_bombs(t, 2, args.bomb_scans)),
+        ("16", lambda: row16_claimed_size(t, args.claimed_side)),
+        ("17", lambda: row17_truncated_progressive(t)),
+        ("18", lambda: row18_deep_json(t)),
+        ("19", lambda: row19_grey_fill_analyze(t)),
+        ("20", row20_forwarded_rotation),
+        ("21", lambda: row21_security_headers(t)),
+        ("22", row22_full_spool_disk),
     ]
     for name, step in steps:
         if name not in wanted:
@@ -876,6 +1064,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trickles", type=int, default=256, help="row 5: slow uploads (capped at the queue limit)")
     p.add_argument("--slow-headers", type=int, default=1000, help="row 6: connections sending headers slowly")
     p.add_argument("--overload-s", type=float, default=60.0, help="duration of the 4x overload run")
+    p.add_argument("--bomb-scans", type=int, default=4000, help="row 15: scans in each progressive-JPEG bomb")
+    p.add_argument("--claimed-side", type=int, default=4_000_000, help="row 16: the side the tiny TIFF claims")
     p.add_argument("--out", default=None, help="also write the table to this file")
     return p.parse_args(argv)
 

@@ -27,13 +27,13 @@ from service.core.reload import ModelReloader
 from service.core.runtime import open_runtime
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
-from service.http import admin, analyze, explain, predict, status, webpage
+from service.http import admin, analyze, docs, explain, predict, status, webpage
 from service.http import jobs as jobs_door
-from service.http.access import ApiKeys, api_key_guard
+from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
-from service.http.docs import install_docs
+from service.http.docs import declare_api_keys
 from service.http.errors import install_error_handlers
-from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware
+from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.jobs.runner import JobRunner
 from service.jobs.store import open_store
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     # Optional API keys, for the HTTP doors and the gRPC one alike.
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
+    keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
     # Slide jobs: state and results in LUNGSERVE_JOBS_URI; their tasks live in the lifespan.
     jobs = JobRunner(state, open_store(settings.jobs_uri, S3Options.from_settings(settings)), metrics.jobs)
@@ -171,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
         )
+    # Outermost of all: every answer, CORS preflights included, says nosniff, no framing, its CSP.
+    app.add_middleware(SecurityHeaders)
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(oip_door.router)
@@ -178,8 +180,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(analyze.router)
     app.include_router(jobs_door.router)
     app.include_router(admin.router)
-    install_docs(app, api_keys=keys is not None)
-    webpage.install(app)  # GET / and /page/*
+    app.include_router(docs.router)
+    app.include_router(webpage.router)  # GET / and /page/*
+    if keys is not None:
+        declare_api_keys(app)
     install_error_handlers(app)
     return app
 
@@ -197,7 +201,7 @@ def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> 
     return True
 
 
-def _grpc_door(state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> GrpcDoor:
+def _grpc_door(state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> GrpcDoor:
     try:
         from service.oip.grpc import GrpcDoor
     except ImportError as exc:

@@ -154,6 +154,13 @@ class TooManyTiles(LungserveError):
     status = 413
 
 
+class InsufficientStorage(LungserveError):
+    """The disk an upload is spooled to (TMPDIR) is full; the request is refused, the server goes on."""
+
+    code = "insufficient_storage"
+    status = 507
+
+
 class ModelSourceError(Exception):
     """The model could not be fetched or verified. Fatal at startup, refused on reload."""
 

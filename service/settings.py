@@ -187,6 +187,13 @@ class Settings(BaseSettings):
     admin_port: int | None = Field(
         default=None, ge=0, le=65535, description="serve /admin and /metrics only on this port (same host)"
     )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "addresses or networks of the reverse proxies whose X-Forwarded-For/-Proto are believed "
+            '(comma-separated or JSON list, "*" any); unset: none, the peer address is the client'
+        ),
+    )
     admin_auth_failures_per_minute: int = Field(
         default=10, ge=1, description="401s per client address and minute before admin answers 429"
     )
@@ -205,9 +212,9 @@ class Settings(BaseSettings):
     log_json: bool = Field(default=True, description="one JSON object per log line on stderr; false: plain text")
     log_level: LogLevel = Field(default="INFO", description="DEBUG also logs /metrics scrapes and health probes")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         # NoDecode: the raw environment string arrives here, JSON or comma-separated.
         if isinstance(value, str):
             if value.lstrip().startswith("["):

@@ -14,14 +14,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-import numpy as np
-from numpy.typing import NDArray
-
 from service.core import memory
+from service.core.model_client import Pixels
 from service.errors import ImageTooLarge
 from service.model.preprocess import Probe, load_image, probe_image
-
-Image = NDArray[np.uint8]
 
 
 class PixelAllowance:
@@ -59,35 +55,42 @@ class Decoder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-large")
 
-    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Image, float]:
+    async def decode(self, data: bytes, size: int, allowance: PixelAllowance | None = None) -> tuple[Pixels, float]:
         """The (size, size, 3) image and the seconds of decode it took; domain errors as raised."""
         loop = asyncio.get_running_loop()
-        # One thread hop for the common case: probe, charge and decode in the same pool task.
-        # Only an image whose decode cost is large moves on, to the large-image lane.
-        outcome = await loop.run_in_executor(self._pool, self._probe_then_decode, data, size, allowance)
-        if isinstance(outcome, Probe):
-            return await loop.run_in_executor(self._large, self._decode_large, data, size)
-        return outcome
+        # Set when the awaiting request is cancelled (deadline, client gone): a decode already
+        # running in a thread cannot be cancelled by asyncio, so it stops itself at its next read.
+        cancelled = threading.Event()
+        try:
+            # One thread hop for the common case: probe, charge and decode in the same pool task.
+            # Only an image whose decode cost is large moves on, to the large-image lane.
+            outcome = await loop.run_in_executor(self._pool, self._probe_then_decode, data, size, allowance, cancelled)
+            if isinstance(outcome, Probe):
+                return await loop.run_in_executor(self._large, self._decode_large, data, size, cancelled)
+            return outcome
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def _probe_then_decode(
-        self, data: bytes, size: int, allowance: PixelAllowance | None
-    ) -> Probe | tuple[Image, float]:
+        self, data: bytes, size: int, allowance: PixelAllowance | None, cancelled: threading.Event
+    ) -> Probe | tuple[Pixels, float]:
         """The decoded image, or the probe of an image too large for the shared pool."""
         probe = probe_image(data, size, max_pixels=self.max_image_pixels)
         if allowance is not None:
             allowance.charge(probe)
         if probe.decode_pixels >= self.large_image_pixels:
             return probe
-        return self._decode(data, size)
+        return self._decode(data, size, cancelled)
 
-    def _decode(self, data: bytes, size: int) -> tuple[Image, float]:
+    def _decode(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:
         started = time.perf_counter()
-        image = load_image(data, size, max_pixels=self.max_image_pixels)
+        image = load_image(data, size, max_pixels=self.max_image_pixels, cancelled=cancelled)
         return image, time.perf_counter() - started
 
-    def _decode_large(self, data: bytes, size: int) -> tuple[Image, float]:
+    def _decode_large(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:
         try:
-            return self._decode(data, size)
+            return self._decode(data, size, cancelled)
         finally:
             self._trim()
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from fastapi import Request
 
@@ -36,11 +39,16 @@ OPEN_ROUTES: Final = frozenset(
         "/redoc",
         "/openapi.json",
         "/docs-assets/{asset:path}",
+        "/page/{asset:path}",  # the page's own files; /page/config.json needs a key
     }
 )
 # Admin routes check LUNGSERVE_ADMIN_TOKEN themselves (an API key must not open them, nor be needed).
 OWN_AUTH_PREFIXES: Final = ("/admin/",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# How often the keys file is looked at (one stat) for a change: rotation without a restart.
+RECHECK_S: Final = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class ApiKeysFileError(Exception):
@@ -100,6 +108,51 @@ class ApiKeys:
         return found
 
 
+class KeyRing(Protocol):
+    def identify(self, key: str) -> str | None: ...
+
+
+class KeysFile:
+    """`LUNGSERVE_API_KEYS_FILE`, re-read when it changes (a rotated Kubernetes secret, an edit):
+    its modification time, size and inode are looked at, at most once every `RECHECK_S`. A new
+    version that cannot be used is logged and the keys in force stay (never a locked-out fleet)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._stamp = self._stat()
+        self.keys = ApiKeys.load(path)  # at start-up a bad file is fatal (ApiKeysFileError)
+        self._checked = clock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last look (not more than once per RECHECK_S)."""
+        now = self._clock()
+        if now - self._checked < RECHECK_S:
+            return
+        self._checked = now
+        stamp = self._stat()
+        if stamp is None or stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.keys = ApiKeys.load(self.path)
+        except ApiKeysFileError as exc:
+            log.warning("API keys file changed but cannot be used; the previous keys stay: %s", exc)
+            return
+        log.info("API keys re-read", extra={"api_keys": len(self.keys.digests)})
+
+    def identify(self, key: str) -> str | None:
+        self.refresh()
+        return self.keys.identify(key)
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
@@ -122,7 +175,7 @@ def is_open(route: str) -> bool:
 KeyObserver = Callable[[str | None, str], None]  # (key name or None, outcome) -> metrics
 
 
-def api_key_guard(keys: ApiKeys, observe: KeyObserver) -> Callable[[Request], None]:
+def api_key_guard(keys: KeyRing, observe: KeyObserver) -> Callable[[Request], None]:
     """The app-wide dependency: names the caller, or refuses the request with 401."""
 
     def require_api_key(request: Request) -> None:

@@ -8,6 +8,7 @@ its tiles are admitted at once before any is decoded (503 when the queue cannot 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections import Counter
 from functools import partial
@@ -27,17 +28,26 @@ from service.http.schemas import (
     ERROR_RESPONSES,
     AnalysisSummary,
     AnalyzeResponse,
+    ErrorResponse,
     ModelRef,
     SourceInfo,
     TileAnswer,
     b64,
+    error_examples,
     multipart_body,
 )
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits
+from service.http.uploads import (
+    MULTIPART_OVERHEAD_BYTES,
+    MultipartBody,
+    UploadLimits,
+    check_spool_room,
+    close_spooled,
+    spool_error,
+)
 from service.pathology.class_map import TileOutcome, class_map
 from service.pathology.overlay import TileMark, class_colours, class_map_overlay, png_bytes
 from service.pathology.slides import Slide, open_slide
-from service.pathology.tiles import tile_grid
+from service.pathology.tiles import count_tiles, tile_grid
 
 router = APIRouter()
 
@@ -93,7 +103,16 @@ def _pictures(
         "through the shared batcher; mostly white tiles are skipped and counted. Answers the per-tile map, "
         "a summary and the class map as a PNG overlay (base64)."
     ),
-    responses=ERROR_RESPONSES,
+    responses={
+        **ERROR_RESPONSES,
+        507: {
+            "model": ErrorResponse,
+            "description": "the upload does not fit on the server's temporary disk (TMPDIR)",
+            "content": error_examples(
+                ("insufficient_storage", "no space left for the upload on the server's temporary disk (TMPDIR)")
+            ),
+        },
+    },
     openapi_extra=multipart_body("file", many=False),
 )
 async def analyze(request: Request) -> AnalyzeResponse:
@@ -105,9 +124,16 @@ async def analyze(request: Request) -> AnalyzeResponse:
         max_file_bytes=settings.max_slide_bytes,
         max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
         fail_fast=True,
+        # The same minimum upload rate as every other door: a trickled slide holds a slot too.
+        min_rate_bytes_s=settings.min_upload_rate_bytes_s or None,
+        rate_grace_s=settings.upload_rate_grace_s,
     )
     loop = asyncio.get_running_loop()
-    with tempfile.TemporaryDirectory(prefix="lungserve-analyze-") as spool_dir:
+    try:
+        spool_root = tempfile.TemporaryDirectory(prefix="lungserve-analyze-")
+    except OSError as exc:  # a spool disk without a free inode: the same 507 as without a free block
+        raise spool_error(exc) from exc
+    with spool_root as spool_dir:
         spooled: list[BinaryIO] = []
 
         def spool() -> BinaryIO:
@@ -121,27 +147,40 @@ async def analyze(request: Request) -> AnalyzeResponse:
             if decoder is None:
                 raise ModelNotReady("the server is not started")
             pool = decoder.pool
+            # The size the body claims against the room on the spool disk, before a byte is read.
+            check_spool_room(spool_dir, request.headers.get("content-length"))
             # Every door's way in, with the body going to disk instead of memory.
             async with guarded(service), service.admit(MultipartBody.of(request, limits, spool)):
                 for handle in spooled:
-                    handle.close()
+                    close_spooled(handle)
                 model = service.current()  # a reload may have swapped it while the body came in
                 manifest = model.manifest
                 size, side = manifest.input_size, manifest.tile_px
                 path = Path(spool_dir) / "upload-0"
                 if path.stat().st_size == 0:
                     raise InvalidImage("the file is empty")
-                # Opening reads the header; a plain image is then decoded whole, in the large-image lane.
+                # Opening reads the header (and a JPEG's markers): sizes the file claims, checked first.
                 slide = await loop.run_in_executor(
-                    pool, partial(open_slide, path, max_pixels=settings.max_image_pixels, tile_px=side, size=size)
+                    pool,
+                    partial(
+                        open_slide,
+                        path,
+                        max_pixels=settings.max_image_pixels,
+                        tile_px=side,
+                        size=size,
+                        max_tile_pixels=settings.large_image_pixels,
+                    ),
                 )
-                await loop.run_in_executor(decoder.large_lane, slide.prepare)
-                tiles = tile_grid(slide.width, slide.height, side)
-                if len(tiles) > model.queue_limit:
+                # The tile count from the claimed size by arithmetic, before the grid or any pixel.
+                count = count_tiles(slide.width, slide.height, side)
+                if count > model.queue_limit:
                     raise TooManyTiles(
-                        f"the image is {slide.width}x{slide.height} px: {len(tiles)} tiles of {side} px, more than "
+                        f"the image is {slide.width}x{slide.height} px: {count} tiles of {side} px, more than "
                         f"the {model.queue_limit} this server admits at once (LUNGSERVE_QUEUE_LIMIT)"
                     )
+                # A plain image is decoded whole, in the large-image lane.
+                await loop.run_in_executor(decoder.large_lane, slide.prepare)
+                tiles = tile_grid(slide.width, slide.height, side)
                 # One admission for every tile, before any tile is decoded.
                 with model.reserve(len(tiles)) as slots:
                     outcomes = await unless_disconnected(
@@ -163,7 +202,8 @@ async def analyze(request: Request) -> AnalyzeResponse:
                 image_size = (slide.width, slide.height)
         finally:
             for handle in spooled:
-                handle.close()
+                with contextlib.suppress(OSError):  # answered already; a full disk said so above
+                    handle.close()
             if slide is not None:
                 slide.close()
                 memory.trim()  # a large image's pixels go back to the system, not just to the heap

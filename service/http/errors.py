@@ -70,6 +70,7 @@ _GRPC_STATUS = {
     499: "CANCELLED",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
+    507: "RESOURCE_EXHAUSTED",
 }
 
 
@@ -85,7 +86,7 @@ def raw_json_response(status: int, code: str, message: str, reason: str, retry_a
     retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\nx-content-type-options: nosniff\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 

@@ -228,7 +228,14 @@ async def _check_slide(service: ServiceState, path: Path) -> None:
     loop = asyncio.get_running_loop()
     slide = await loop.run_in_executor(
         decoder.pool,
-        partial(open_slide, path, max_pixels=settings.max_image_pixels, tile_px=side, size=manifest.input_size),
+        partial(
+            open_slide,
+            path,
+            max_pixels=settings.max_image_pixels,
+            tile_px=side,
+            size=manifest.input_size,
+            max_tile_pixels=settings.large_image_pixels,  # the stored tiles a slide claims, as /analyze
+        ),
     )
     try:
         count = count_tiles(slide.width, slide.height, side)

@@ -1,4 +1,4 @@
-"""The ASGI middlewares: the request context and access log, and two for hostile clients.
+"""The ASGI middlewares: the request context and access log, and three for hostile clients.
 
 * `RequestContextMiddleware`: request id, Server-Timing, request metrics, one access line
   (pure ASGI, so a client disconnect stays visible; docs/observability.md).
@@ -6,6 +6,7 @@
   `Connection: close`, so a client cannot hold the connection open with a body nobody reads.
 * `AdminPortSplit`: with `LUNGSERVE_ADMIN_PORT`, `/admin/*` and `/metrics` answer only on that
   port, and the public port answers 404 there (docs/reliability.md).
+* `SecurityHeaders`: nosniff, no framing, a referrer policy and a CSP on every answer.
 """
 
 from __future__ import annotations
@@ -183,3 +184,47 @@ def _access_fields(ctx: RequestContext, method: str, route: str, status: int, du
     if ctx.api_key is not None:
         fields["api_key"] = ctx.api_key
     return fields
+
+
+# Every answer may be shown by a browser: the page and /docs (which hold an API key or admin
+# token while open), and JSON or PNG that must never be sniffed into HTML. Scripts and styles are
+# this server's own files (no CDN); /docs and /redoc add the hashes of their inline start-up
+# scripts (service.http.docs). Styles may be inline: ReDoc injects <style> elements at run time.
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'self'; script-src 'self'{scripts}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: Final = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.format(scripts="").encode()),
+)
+
+
+def content_security_policy(script_hashes: tuple[str, ...] = ()) -> str:
+    """The policy, with `'sha256-...'` sources for a page's own inline scripts."""
+    return CONTENT_SECURITY_POLICY.format(scripts="".join(f" '{h}'" for h in script_hashes))
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every HTTP response that does not set them itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

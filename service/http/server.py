@@ -289,6 +289,10 @@ def build_server(app: FastAPI, settings: Settings) -> tuple[LungserveServer, lis
         h11_max_incomplete_event_size=settings.max_header_bytes,  # the same bound without httptools
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
         timeout_graceful_shutdown=graceful_timeout_s(settings.drain_timeout_s, settings.request_deadline_s),
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local client could then
+        # choose its address (and reset the admin rate limit). Only the operator's proxies count.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
     server = LungserveServer(config, app.state.shutdown, settings.shutdown_delay_s)
     if settings.admin_port is None:

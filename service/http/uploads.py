@@ -9,6 +9,8 @@ bounded by `max_body_bytes`. The limits and why: docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
+import errno
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -20,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import (
     BadRequest,
     ImageTooLarge,
+    InsufficientStorage,
     LungserveError,
     MissingField,
     RequestTooLarge,
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 MULTIPART_OVERHEAD_BYTES: Final = 64 * 1024
 # How many unexpected field names to quote back in a missing_field message.
 _MAX_NAMES_REPORTED: Final = 5
+# Parts of other fields a request may carry besides its files (a form's extra inputs).
+MAX_OTHER_PARTS: Final = 32
 # Longest preamble skipped before the first boundary; beyond it the body is malformed.
 MAX_PREAMBLE_BYTES: Final = 64 * 1024
 
@@ -110,6 +115,33 @@ class _Part:
     upload: Upload | None = None  # None: a part of another field, discarded
     buffer: bytearray = field(default_factory=bytearray)
     size: int = 0
+
+
+def spool_error(exc: OSError) -> LungserveError | OSError:
+    """A full spool disk is the server's condition, not a bug: 507, and the request's files go."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return InsufficientStorage("no space left for the upload on the server's temporary disk (TMPDIR)")
+    return exc
+
+
+def close_spooled(handle: BinaryIO) -> None:
+    """Close a spooled upload: its buffered last bytes are written now, so a full disk shows here too."""
+    try:
+        handle.close()
+    except OSError as exc:
+        raise spool_error(exc) from exc
+
+
+def check_spool_room(directory: str, content_length: str | None) -> None:
+    """A body that declares more bytes than the spool disk has free is refused (507) before it is read."""
+    length = declared_length(content_length)
+    if length is None:
+        return  # chunked: a full disk shows at the write (507 too)
+    free = shutil.disk_usage(directory).free
+    if length > free:
+        raise InsufficientStorage(
+            f"the upload declares {length} bytes and the server's temporary disk (TMPDIR) has {free} free"
+        )
 
 
 def declared_length(content_length: str | None) -> int | None:
@@ -215,8 +247,16 @@ async def read_uploads(
     header_value = bytearray()
     finished = False
 
+    parts = 0
+
     def on_part_begin() -> None:
-        nonlocal part
+        nonlocal part, parts
+        parts += 1
+        if parts > limits.max_files + MAX_OTHER_PARTS:
+            raise TooManyFiles(
+                f"more than {limits.max_files + MAX_OTHER_PARTS} multipart parts "
+                f"(at most {limits.max_files} file(s) in field {limits.field!r} and {MAX_OTHER_PARTS} others)"
+            )
         part = _Part()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -245,7 +285,10 @@ async def read_uploads(
         raw_filename = options.get(b"filename")
         part.upload = Upload(filename=_decode(raw_filename) if raw_filename is not None else None)
         if spool is not None:
-            part.upload.file = spool()
+            try:
+                part.upload.file = spool()
+            except OSError as exc:
+                raise spool_error(exc) from exc
         uploads.append(part.upload)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -261,7 +304,10 @@ async def read_uploads(
             part.buffer = bytearray()
             return
         if upload.file is not None:
-            upload.file.write(data[start:end])
+            try:
+                upload.file.write(data[start:end])
+            except OSError as exc:
+                raise spool_error(exc) from exc
         else:
             part.buffer.extend(data[start:end])
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.core.state import ServiceState
@@ -42,7 +42,10 @@ async def config(request: Request) -> dict[str, Any]:
     }
 
 
-def install(app: FastAPI) -> None:
-    """The page's routes, then its files under /page/ (routes first: they win over the mount)."""
-    app.include_router(router)
-    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+_files = StaticFiles(directory=PAGE_DIR)
+
+
+@router.get("/page/{asset:path}")
+async def page_file(request: Request, asset: str) -> Response:
+    # After config.json (routes match in order); StaticFiles does the safe lookup and the types.
+    return await _files.get_response(asset, request.scope)

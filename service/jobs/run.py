@@ -107,7 +107,14 @@ class JobRun:
         slide = DrawingSlide(
             await loop.run_in_executor(
                 self.read_pool,
-                partial(open_slide, source, max_pixels=settings.max_image_pixels, tile_px=side, size=size),
+                partial(
+                    open_slide,
+                    source,
+                    max_pixels=settings.max_image_pixels,
+                    tile_px=side,
+                    size=size,
+                    max_tile_pixels=settings.large_image_pixels,
+                ),
             )
         )
         try:

@@ -27,6 +27,19 @@ class DecisionSection(BaseModel):
     ood_above: float | None = Field(default=None, description="refer as out of distribution above this ood_score")
 
 
+class EstimateSection(BaseModel):
+    """`estimate` in model.json: THE accuracy figure, out-of-fold over grouped cross-validation
+    (docs/model/cv.md), with its interval; other keys (recall intervals, ECE, ...) kept verbatim."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    accuracy: float = Field(ge=0.0, le=1.0)
+    interval: tuple[float, float]
+    recall: dict[str, float] = Field(default_factory=dict)
+    method: str
+    groups: int = Field(gt=0)
+
+
 # Graph output roles of the model contract (docs/model_contract.md); `outputs` maps a role to
 # the graph's name for it, and a role it does not map keeps the role's own name.
 PROBABILITIES: Final = "probabilities"
@@ -56,6 +69,7 @@ class Manifest(BaseModel):
     # the ones this model has; None: only `output_name`.
     outputs: dict[str, str] | None = None
     decision: DecisionSection | None = None
+    estimate: EstimateSection | None = None
     # Side, in source pixels, of the training tiles (/analyze tiles large images at this scale).
     tile_source_px: int | None = Field(default=None, gt=0)
 
@@ -73,7 +87,7 @@ class Manifest(BaseModel):
 
     def dump(self) -> dict[str, Any]:
         # Optional sections a model lacks are left out, not written as null.
-        absent = {name for name in ("outputs", "decision", "tile_source_px") if getattr(self, name) is None}
+        absent = {name for name in ("outputs", "decision", "estimate", "tile_source_px") if getattr(self, name) is None}
         return self.model_dump(mode="json", exclude=absent)
 
     def output_for(self, role: str) -> str | None:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import io
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import simplejpeg  # type: ignore[import-untyped]  # no stubs; one call
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
+from service.model.jpeg import Data, JpegLayout, read_layout
 
 # Recorded in model.json; the engine refuses a manifest that names another resize.
 RESIZE: Final[dict[str, str]] = {
@@ -66,12 +69,26 @@ class Probe:
     # DCT-reduced (draft), the same otherwise (PNG, TIFF and BMP have no reduced decode).
     decode_pixels: int
 
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
+
+class DecodeAbandoned(Exception):
+    """The request that wanted this decode was answered (deadline, client gone): stop."""
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+class _Abandonable(io.BytesIO):
+    """The bytes Pillow decodes from, read in blocks (ImageFile.MAXBLOCK): between two blocks a
+    decode whose request is gone stops, instead of burning its CPU for nobody."""
+
+    def __init__(self, data: bytes, cancelled: threading.Event | None) -> None:
+        super().__init__(data)
+        self._cancelled = cancelled
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise DecodeAbandoned
+        return super().read(size)
+
+
+def _open(data: bytes, max_pixels: int, cancelled: threading.Event | None = None) -> Image.Image:
     if not data:
         raise InvalidImage("the file is empty")
     try:
@@ -79,7 +96,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             # Our own max_pixels check is the policy; Pillow's global bomb warning would
             # otherwise escape as a warning (an error under pytest).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            img = Image.open(_Abandonable(data, cancelled), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         # Pillow refuses far beyond our limit by itself (2 x its MAX_IMAGE_PIXELS); quote ours.
         found = _BOMB_SIZE.search(str(exc))
@@ -116,36 +133,75 @@ def _draft_scale(img: Image.Image, size: int, draft: bool) -> int:
     return scale
 
 
+def jpeg_layout(img: Image.Image, data: Data) -> JpegLayout | None:
+    """A JPEG's scans from its markers (service.model.jpeg): a scan bomb is refused (413) and a
+    progressive file cut at a scan boundary is invalid (422), before any pixel is decoded."""
+    if img.format not in _JPEG_FAMILY:
+        return None
+    return read_layout(data)
+
+
 def probe_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: bool = True) -> Probe:
     """Read the header only: format, size and decode cost; the same refusals as `load_image`."""
     with _open(data, max_pixels) as img:
-        scale = _draft_scale(img, size, draft)
+        layout = jpeg_layout(img, data)
+        # A multi-scan JPEG keeps every DCT coefficient of the full image until its last scan,
+        # whatever the draft scale: its memory and CPU are those of the full size.
+        scale = _draft_scale(img, size, draft) if layout is None or layout.single_scan else 1
         width, height = img.size
         fmt = str(img.format)
     return Probe(fmt, width, height, -(-width // scale) * -(-height // scale))
 
 
-def load_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: bool = True) -> NDArray[np.uint8]:
+def load_image(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = 50_000_000,
+    draft: bool = True,
+    cancelled: threading.Event | None = None,
+) -> NDArray[np.uint8]:
     """Decode `data` and return a C-contiguous (size, size, 3) uint8 RGB array.
 
     Raises InvalidImage for anything that is not a complete, decodable JPEG, PNG, TIFF or BMP
-    and ImageTooLarge when the declared pixel count exceeds `max_pixels` (checked from the
-    header, before the pixels are decoded).
+    and ImageTooLarge when the declared pixel count (or a JPEG's scan count) exceeds the limits
+    (checked from the header and markers, before the pixels are decoded). Once `cancelled` is
+    set the decode stops with DecodeAbandoned.
     """
-    with _open(data, max_pixels) as img:
+    with _open(data, max_pixels, cancelled) as img:
+        layout = jpeg_layout(img, data)
         try:
             if _draft_scale(img, size, draft) > 1:
                 # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= size:
                 # several times cheaper than a full decode of a 768 px original.
                 img.draft("RGB", (size, size))
-            img.load()
-            if img.format in _JPEG_FAMILY:
-                _refuse_grey_fill(img)
+            decode_whole(img, data, layout)
             rgb = to_rgb(ImageOps.exif_transpose(img))
             resized = rgb.resize((size, size), RESIZE_FILTER)
         except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def decode_whole(img: Image.Image, data: Data, layout: JpegLayout | None) -> None:
+    """`img.load()`, then the proof that the file was whole: the one validity check of every
+    decode (/predict, /analyze, training). Raises InvalidImage for a truncated or corrupt file.
+
+    Pillow decodes a JPEG cut short and closed with EOI without an error: a baseline one with
+    libjpeg's grey fill (refused from its last row), a progressive one blurred, with no trace in
+    the pixels. So a multi-scan JPEG is also decoded once by libjpeg-turbo with its warnings as
+    errors (simplejpeg, strict, at 1/8 scale: the cost is the entropy decoding of the scans).
+    """
+    img.load()
+    if layout is None:
+        return
+    _refuse_grey_fill(img)
+    if not layout.single_scan:
+        try:
+            # The smallest output (1/8 scale, one channel): every scan is still entropy-decoded.
+            simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=1, min_height=1, strict=True)
+        except ValueError as exc:
+            raise InvalidImage(f"image data is truncated or corrupt: {exc}") from exc
 
 
 def _refuse_grey_fill(img: Image.Image) -> None:

@@ -21,7 +21,7 @@ import service
 from service.core.model_client import ModelClient
 from service.core.state import Phase, ServiceState
 from service.errors import LungserveError, Unauthorized
-from service.http.access import ApiKeys
+from service.http.access import KeyRing
 from service.http.errors import grpc_status, http_error
 from service.http.guards import guarded
 from service.observability.logs import RequestContext, new_request_id, use_request
@@ -34,7 +34,7 @@ SERVICE: Final = "/inference.GRPCInferenceService"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> None:
+    def __init__(self, state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> None:
         self.state = state
         self.metrics = metrics
         self.keys = keys
@@ -181,7 +181,7 @@ def _as_rest_body(request: Any) -> tuple[bytes, str]:
 class GrpcDoor:
     """The gRPC server's life: started once the model is ready, stopped (with grace) before the drain."""
 
-    def __init__(self, state: ServiceState, metrics: Metrics, keys: ApiKeys | None) -> None:
+    def __init__(self, state: ServiceState, metrics: Metrics, keys: KeyRing | None) -> None:
         self.state = state
         self.metrics = metrics
         self.keys = keys

@@ -101,6 +101,10 @@ def parse_infer_request(
         request = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInferRequest(f"the inference header is not valid JSON: {exc}") from None
+    except RecursionError:
+        # The C parser bounds nesting by the interpreter's recursion limit (about 1,000 levels);
+        # an OIP request needs fewer than 10.
+        raise InvalidInferRequest("the inference header is nested too deeply") from None
     if not isinstance(request, dict):
         raise InvalidInferRequest("the inference request must be a JSON object")
     inputs = request.get("inputs")

@@ -10,8 +10,11 @@ Readers and memory bounds: docs/pathology.md.
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -20,13 +23,16 @@ from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.model.preprocess import ALLOWED_FORMATS, RESIZE_FILTER, to_rgb
+from service.model.jpeg import Data
+from service.model.preprocess import ALLOWED_FORMATS, RESIZE_FILTER, decode_whole, jpeg_layout, to_rgb
 from service.pathology.tiff_strips import NotStripTiff, StripTiffSlide, strip_layout
 from service.pathology.tiles import Tile
 
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
 _WHITE: Final = (255, 255, 255)
 _ORIENTATION: Final = 0x0112  # EXIF tag
+# Side of the blocks a slide's thumbnail is read in (16 MiB of RGBA each).
+_THUMBNAIL_BLOCK: Final = 2048
 
 
 class Slide(Protocol):
@@ -63,8 +69,9 @@ def openslide_available() -> bool:
     return True
 
 
-def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int) -> Slide:
-    """The best reader for the file at `path` (see the module docstring)."""
+def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int, max_tile_pixels: int = 4_000_000) -> Slide:
+    """The best reader for the file at `path` (see the module docstring). `max_tile_pixels`
+    bounds the tiles a slide format claims (OpenSlide reads a whole stored tile at once)."""
     if openslide_available():
         import openslide
 
@@ -73,7 +80,7 @@ def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int) -> Slide
         except openslide.OpenSlideError:
             vendor = None
         if vendor is not None:
-            return OpenSlideSlide(path, vendor)
+            return OpenSlideSlide(path, vendor, max_tile_pixels=max_tile_pixels)
     try:
         # A stripped TIFF is read a band of strips at a time (never decoded whole) when its
         # layout allows; anything else (or anything odd) goes to Pillow, which says what is wrong.
@@ -81,6 +88,13 @@ def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int) -> Slide
     except (NotStripTiff, InvalidImage, OSError):
         pass
     return PillowSlide(path, max_pixels=max_pixels, tile_px=tile_px, size=size)
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[Data]:
+    """The file's bytes without reading them into memory (the JPEG marker walk, strict decode)."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
 
 
 class PillowSlide:
@@ -112,6 +126,13 @@ class PillowSlide:
             raise ImageTooLarge(
                 f"image is {width}x{height} = {width * height} pixels; the limit for plain images is {max_pixels}{hint}"
             )
+        try:
+            # The scan budget and whole scan script, as for /predict: before the large-image lane.
+            with _mapped(path) as data:
+                jpeg_layout(img, data)
+        except BaseException:
+            img.close()
+            raise
         self._source = img
         self._path = path
         self._format = img.format or "unknown"
@@ -151,7 +172,8 @@ class PillowSlide:
                         # The DCT scale that keeps a tile >= the model input (see load_image).
                         scale = self._size / self._tile_side
                         img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-                    img.load()
+                    with _mapped(self._path) as data:
+                        decode_whole(img, data, jpeg_layout(img, data))  # the same validity check as /predict
                     self._image = to_rgb(ImageOps.exif_transpose(img))
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
@@ -204,7 +226,7 @@ class PillowSlide:
 class OpenSlideSlide:
     reader = "openslide"
 
-    def __init__(self, path: Path, vendor: str) -> None:
+    def __init__(self, path: Path, vendor: str, *, max_tile_pixels: int) -> None:
         import openslide
 
         try:
@@ -214,7 +236,26 @@ class OpenSlideSlide:
         self._vendor = vendor
         self._width, self._height = self._slide.dimensions
         if self._width <= 0 or self._height <= 0:
+            self._slide.close()
             raise InvalidImage("slide has no pixels")
+        self._check_stored_tiles(max_tile_pixels)
+
+    def _check_stored_tiles(self, max_tile_pixels: int) -> None:
+        # OpenSlide decodes a whole stored tile to read any pixel of it: a 150-byte TIFF can claim
+        # one tile as large as the image. The tile size is a claim, checked before any read.
+        properties = self._slide.properties
+        for level in range(self._slide.level_count):
+            try:
+                width = int(properties.get(f"openslide.level[{level}].tile-width", 0))
+                height = int(properties.get(f"openslide.level[{level}].tile-height", 0))
+            except ValueError:
+                width = height = 0
+            if width * height > max_tile_pixels:
+                self._slide.close()
+                raise ImageTooLarge(
+                    f"the slide stores tiles of {width}x{height} px; at most LUNGSERVE_LARGE_IMAGE_PIXELS = "
+                    f"{max_tile_pixels} pixels per stored tile are read"
+                )
 
     @property
     def width(self) -> int:
@@ -255,10 +296,35 @@ class OpenSlideSlide:
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:
-        thumb = self._slide.get_thumbnail((max_side, max_side))
-        flat = Image.new("RGB", thumb.size, _WHITE)
-        flat.paste(thumb.convert("RGBA"), mask=thumb.convert("RGBA").getchannel("A"))
-        return flat
+        import openslide
+
+        # OpenSlide's get_thumbnail reads the whole best level into one buffer: 600 MB for a
+        # one-level slide at the tile limit. Read that level in blocks, each shrunk into place.
+        slide = self._slide
+        scale = min(1.0, max_side / max(self._width, self._height))
+        size = (max(1, round(self._width * scale)), max(1, round(self._height * scale)))
+        thumb = Image.new("RGB", size, _WHITE)
+        try:
+            level = slide.get_best_level_for_downsample(1 / scale)
+            level_width, level_height = slide.level_dimensions[level]
+            downsample = slide.level_downsamples[level]
+            to_thumb = scale * downsample  # level pixels -> thumbnail pixels
+            for y in range(0, level_height, _THUMBNAIL_BLOCK):
+                for x in range(0, level_width, _THUMBNAIL_BLOCK):
+                    width, height = min(_THUMBNAIL_BLOCK, level_width - x), min(_THUMBNAIL_BLOCK, level_height - y)
+                    region = slide.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
+                    left, top = round(x * to_thumb), round(y * to_thumb)
+                    right, bottom = round((x + width) * to_thumb), round((y + height) * to_thumb)
+                    block = Image.new("RGB", region.size, _WHITE)
+                    block.paste(region, mask=region.getchannel("A"))
+                    # As Image.thumbnail does (what get_thumbnail used): reduce, then resample.
+                    shrunk = block.resize(
+                        (max(1, right - left), max(1, bottom - top)), Image.Resampling.LANCZOS, reducing_gap=2.0
+                    )
+                    thumb.paste(shrunk, (left, top))
+        except openslide.OpenSlideError as exc:
+            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        return thumb
 
     def close(self) -> None:
         self._slide.close()

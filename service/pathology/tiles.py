@@ -56,8 +56,11 @@ def tile_grid(width: int, height: int, side: int) -> list[Tile]:
 
 
 def count_tiles(width: int, height: int, side: int) -> int:
-    """len(tile_grid(...)) without building it: a slide's claimed size is checked before its grid exists."""
-    return len(_starts(width, side)) * len(_starts(height, side))
+    """len(tile_grid(...)) by arithmetic: the admission check runs on a file's *claimed* size
+    before anything proportional to it is built (a 150-byte TIFF can claim 4e6 x 4e6 px)."""
+    if width <= 0 or height <= 0 or side <= 0:
+        raise ValueError(f"count_tiles needs positive sizes, got {width}x{height} tiles of {side}")
+    return math.ceil(width / side) * math.ceil(height / side)
 
 
 def white_share(tile: NDArray[np.uint8]) -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.http.access import ApiKeys, ApiKeysFileError, is_open
+from service.http.access import RECHECK_S, ApiKeys, ApiKeysFileError, KeysFile, is_open
 
 LAB = "lab-viewer-0123456789abcdef"
 PIPE = "pipeline-fedcba9876543210"
@@ -58,3 +58,40 @@ def test_open_routes() -> None:
     assert not is_open("/v2/models/{name}/infer")
     assert not is_open("/model")
     assert not is_open("unmatched")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_rotated_keys_file_is_re_read_without_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"viewer:{LAB}\n")
+    clock = Clock()
+    keys = KeysFile(path, clock)
+    assert keys.identify(LAB) == "viewer"
+    # Rotation as Kubernetes does it: a new file renamed over the old one (a new inode).
+    new = tmp_path / "keys.new"
+    new.write_text(f"pipeline:{PIPE}\n")
+    new.replace(path)
+    assert keys.identify(PIPE) is None  # looked at most once per RECHECK_S
+    clock.now += RECHECK_S
+    assert keys.identify(PIPE) == "pipeline"
+    assert keys.identify(LAB) is None
+
+
+def test_a_broken_new_keys_file_keeps_the_keys_in_force(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"viewer:{LAB}\n")
+    clock = Clock()
+    keys = KeysFile(path, clock)
+    path.write_text("viewer:short-and-longer-but-no\nbroken line\n")
+    clock.now += RECHECK_S
+    with caplog.at_level("WARNING"):
+        assert keys.identify(LAB) == "viewer"
+    assert "previous keys stay" in caplog.text
+    assert LAB not in caplog.text

@@ -65,3 +65,19 @@ def test_a_model_without_cam_outputs_cannot_be_explained() -> None:
     runner = _Runner(_manifest(), ["probabilities"])
     with pytest.raises(ExplainUnavailable):
         asyncio.run(grad_cam(runner, np.zeros((8, 8, 3), np.uint8), 0))
+
+
+def test_the_estimate_block_is_read_and_kept() -> None:
+    estimate = {
+        "accuracy": 0.97,
+        "interval": [0.955, 0.982],
+        "recall": {"lung_aca": 0.95, "lung_n": 1.0, "lung_scc": 0.96},
+        "method": "5-fold grouped CV, out-of-fold",
+        "groups": 611,
+        "ece": 0.01,
+    }
+    manifest = _manifest(estimate=estimate)
+    assert manifest.estimate is not None
+    assert manifest.estimate.interval == (0.955, 0.982)
+    assert manifest.dump()["estimate"]["ece"] == 0.01  # extra keys kept verbatim
+    assert "estimate" not in _manifest().dump()

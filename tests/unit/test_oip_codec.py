@@ -223,3 +223,11 @@ def test_only_requested_outputs_are_sent() -> None:
     assert [o["name"] for o in json.loads(body[:header_length])["outputs"]] == ["label"]
     with pytest.raises(InvalidInferRequest, match="unknown output"):
         check_outputs(InferRequest(None, BYTES_INPUT, encoded=[b"a"], outputs={"logits": False}), ["label"])
+
+
+@pytest.mark.parametrize("depth", [100_000, 3_000])
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(depth: int) -> None:
+    body = b'{"inputs":[],"parameters":' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(InvalidInferRequest, match="nested too deeply") as info:
+        parse_infer_request(body, None, pixels_input="image", size=SIZE, max_images=8)
+    assert info.value.status == 400

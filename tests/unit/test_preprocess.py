@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.model.preprocess import load_image, probe_image
+from service.model.preprocess import DecodeAbandoned, load_image, probe_image
+from tests.hostile_files import cut_after_scans, cut_at, progressive, scan_bomb
 from tests.images import encode, jpeg_with_declared_size, noise_jpeg, png_header_only
 
 SIZE = 32
@@ -218,3 +220,42 @@ def test_probe_reports_the_reduced_decode_cost_of_large_jpegs() -> None:
     assert probe.decode_pixels == 2048 * 1024 // 64  # 1/8 DCT scale
     png = probe_image(encode(halves(2048, 1024), "PNG"), 128)
     assert png.decode_pixels == png.width * png.height  # PNG has no reduced decode
+
+
+# --- issue 22: scan budget, truncated progressive JPEGs, abandoned decodes ----------------------
+
+
+def test_a_scan_bomb_is_refused_by_the_probe() -> None:
+    with pytest.raises(ImageTooLarge, match="scans"):
+        probe_image(scan_bomb(512, 200), 128)
+
+
+def test_a_progressive_jpeg_costs_its_full_size() -> None:
+    # Its coefficients are kept at full size until the last scan, whatever the draft scale.
+    data = progressive(Image.effect_noise((1024, 1024), 40).convert("RGB"))
+    assert probe_image(data, 128).decode_pixels == 1024 * 1024
+    assert probe_image(encode(Image.new("RGB", (1024, 1024)), "JPEG"), 128).decode_pixels == 128 * 128
+
+
+@pytest.mark.parametrize("cut", ["scan-1", "scan-9", "at-0.5", "at-0.97", "at-0.995"])
+def test_a_truncated_progressive_jpeg_is_invalid(cut: str) -> None:
+    data = progressive(Image.effect_noise((300, 300), 60).convert("RGB"))
+    kind, _, where = cut.partition("-")
+    truncated = cut_after_scans(data, int(where)) if kind == "scan" else cut_at(data, float(where))
+    with pytest.raises(InvalidImage, match="truncated"):
+        load_image(truncated, 128)
+    assert load_image(data, 128).shape == (128, 128, 3)
+
+
+def test_a_decode_whose_request_is_gone_stops() -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(DecodeAbandoned):
+        load_image(encode(Image.new("RGB", (64, 64)), "PNG"), 32, cancelled=cancelled)
+
+
+def test_real_images_saved_progressive_are_not_refused(real_images: list[Path]) -> None:
+    for path in real_images:
+        with Image.open(path) as img:
+            data = progressive(img.convert("RGB"))
+        assert load_image(data, 128).shape == (128, 128, 3)

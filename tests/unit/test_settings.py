@@ -71,3 +71,10 @@ def test_cross_field_rules() -> None:
         Settings(max_files_per_request=100, queue_limit=64)
     with pytest.raises(ValidationError, match="max_request_bytes"):
         Settings(max_file_bytes=1000, max_request_bytes=999)
+
+
+def test_forwarded_allow_ips_default_none_and_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LUNGSERVE_FORWARDED_ALLOW_IPS", raising=False)
+    assert Settings().forwarded_allow_ips == []
+    monkeypatch.setenv("LUNGSERVE_FORWARDED_ALLOW_IPS", "10.0.0.5, 10.1.0.0/16")
+    assert Settings().forwarded_allow_ips == ["10.0.0.5", "10.1.0.0/16"]

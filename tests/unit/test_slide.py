@@ -14,6 +14,7 @@ from service.errors import ImageTooLarge, InvalidImage
 from service.model.preprocess import load_image
 from service.pathology.slides import OpenSlideSlide, PillowSlide, open_slide
 from service.pathology.tiles import Tile, tile_grid
+from tests.hostile_files import cut_after_scans, progressive, scan_bomb, tiled_tiff_claiming
 
 
 def _rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -97,3 +98,67 @@ def test_a_pyramidal_tiff_is_read_through_openslide_level_by_level(tmp_path: Pat
     assert thumb.mode == "RGB"
     assert max(thumb.size) == 300
     slide.close()
+
+
+# --- issue 22: the same validity path as /predict; claimed tile sizes ---------------------------
+
+
+def test_a_plain_jpeg_refuses_a_scan_bomb_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.jpeg"
+    path.write_bytes(scan_bomb(512, 200))
+    with pytest.raises(ImageTooLarge, match="scans"):
+        open_slide(path, max_pixels=10_000_000, tile_px=768, size=64)
+
+
+def test_a_truncated_progressive_jpeg_is_invalid_when_decoded(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpeg"
+    data = progressive(Image.effect_noise((1600, 1600), 50).convert("RGB"))
+    path.write_bytes(data[: len(data) * 97 // 100] + b"\xff\xd9")
+    slide = open_slide(path, max_pixels=10_000_000, tile_px=768, size=64)
+    try:
+        with pytest.raises(InvalidImage, match="truncated"):
+            slide.prepare()
+    finally:
+        slide.close()
+    path.write_bytes(cut_after_scans(data, 2))
+    with pytest.raises(InvalidImage, match="truncated"):
+        open_slide(path, max_pixels=10_000_000, tile_px=768, size=64)
+
+
+def test_a_slide_claiming_one_huge_stored_tile_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("openslide")
+    path = tmp_path / "claim.tiff"
+    path.write_bytes(tiled_tiff_claiming(3000, 3000))
+    with pytest.raises(ImageTooLarge, match="stored tile"):
+        open_slide(path, max_pixels=10_000_000, tile_px=768, size=64, max_tile_pixels=4_000_000)
+    # Allowed to read it, the missing pixels are the client's 422, thumbnail included.
+    slide = open_slide(path, max_pixels=10_000_000, tile_px=768, size=64, max_tile_pixels=10_000_000)
+    try:
+        with pytest.raises(InvalidImage):
+            slide.read_tile(Tile(0, 0, 768, 768), 64)
+        with pytest.raises(InvalidImage):
+            slide.thumbnail(256)
+    finally:
+        slide.close()
+
+
+def test_a_one_level_slide_thumbnail_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No pyramid: the thumbnail comes from level 0, read block by block (never the whole level at once).
+    openslide = pytest.importorskip("openslide")
+    from service.pathology import slides
+
+    # Blocks of 600 px: a multiple of the 3x reduce step of a 6x shrink, so the blocks line up
+    # with the one-buffer reference exactly (other sizes shift the reduce grid by a pixel).
+    monkeypatch.setattr(slides, "_THUMBNAIL_BLOCK", 600)
+    pixels = _rgb(3000, 1800, seed=5)
+    path = tmp_path / "flat.tif"
+    write_pyramid(path, pixels, levels=1)
+    slide = open_slide(path, max_pixels=1_000, tile_px=768, size=128)
+    try:
+        thumb = slide.thumbnail(500)
+    finally:
+        slide.close()
+    reference = openslide.OpenSlide(str(path)).get_thumbnail((500, 500)).convert("RGB")
+    assert (thumb.mode, thumb.size) == ("RGB", reference.size)
+    difference = np.abs(np.asarray(thumb, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert difference.mean() < 0.5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.model.preprocess import load_image
-from service.pathology.tiles import Tile, is_background, tile_grid, white_share
+from service.pathology.tiles import Tile, count_tiles, is_background, tile_grid, white_share
 
 
 @pytest.mark.parametrize(("width", "height"), [(1536, 1536), (2000, 900), (768, 768), (5000, 3100)])
@@ -55,3 +55,13 @@ def test_bright_but_coloured_pixels_are_not_white() -> None:
 def test_real_tissue_tiles_are_never_background(lc25000_768: Path) -> None:
     for path in sorted(lc25000_768.glob("*/*.jpeg")):
         assert not is_background(load_image(path.read_bytes(), 128)), path.name
+
+
+@pytest.mark.parametrize(("width", "height"), [(2000, 900), (768, 768), (769, 1), (5000, 3001)])
+def test_count_tiles_is_the_grids_length(width: int, height: int) -> None:
+    assert count_tiles(width, height, 768) == len(tile_grid(width, height, 768))
+
+
+def test_count_tiles_of_a_claimed_huge_image_builds_nothing() -> None:
+    # A 150-byte TIFF may claim 2^32 - 1 px a side: arithmetic, not a list of starts.
+    assert count_tiles(2**32 - 1, 2**32 - 1, 768) == 5_592_406**2

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from service.errors import (
     BadRequest,
     ImageTooLarge,
+    InsufficientStorage,
     MissingField,
     RequestTooLarge,
     TooManyFiles,
@@ -17,10 +19,12 @@ from service.errors import (
     UploadTooSlow,
 )
 from service.http.uploads import (
+    MAX_OTHER_PARTS,
     MAX_PREAMBLE_BYTES,
     Upload,
     UploadLimits,
     check_declared_size,
+    check_spool_room,
     read_uploads,
 )
 
@@ -76,6 +80,23 @@ async def test_too_many_files() -> None:
     data = body(*(part("files", b"x") for _ in range(4)))
     with pytest.raises(TooManyFiles, match="more than 3"):
         await read(data, limits())
+
+
+async def test_many_tiny_parts_of_other_fields_are_refused_early() -> None:
+    # 100,000 empty parts (about 8 MB): refused after the first few dozen, not parsed to the end.
+    tiny = part("note", b"", None)
+    data = body(part("files", b"x"), *([tiny] * 100_000))
+    seen = 0
+
+    async def counted() -> AsyncIterator[bytes]:
+        nonlocal seen
+        async for chunk in chunks(data, 4096):
+            seen += len(chunk)
+            yield chunk
+
+    with pytest.raises(TooManyFiles, match="multipart parts"):
+        await read_uploads(CTYPE, counted(), limits(max_body_bytes=len(data)))
+    assert seen < (3 + MAX_OTHER_PARTS + 60) * len(tiny)
 
 
 async def test_oversize_file_is_its_own_error_when_not_failing_fast() -> None:
@@ -199,3 +220,11 @@ async def test_an_outer_timeout_is_not_reported_as_a_slow_upload() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
             await read_uploads(CTYPE, forever(), patient)
+
+
+def test_a_body_declaring_more_than_the_spool_disk_has_is_refused_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(InsufficientStorage) as info:
+        check_spool_room(str(tmp_path), str(2**62))
+    assert info.value.status == 507
+    check_spool_room(str(tmp_path), "1024")
+    check_spool_room(str(tmp_path), None)  # chunked: the write will tell

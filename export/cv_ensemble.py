@@ -1,0 +1,138 @@
+"""The cross-validation's fold models as ONE served model: the mean of their logits in one ONNX graph.
+
+    python -m export.cv_ensemble --run /work/runs/<cv run> --out DIR [--members 0 1 2] [--temperature T]
+
+Each member is a fold model's contract graph built with temperature 1 (`export.serving_graph`, its
+ood_score the kNN distance to its own train features, `export.knn_ood`). The ensemble graph:
+
+    probabilities = softmax(mean_m log p_m / T)   = softmax(mean_m logits_m / T)
+    ood_score     = mean_m ood_score_m
+    feature_maps  = concat_m feature_maps_m      (channels)
+    cam_weights   = concat_m cam_weights_m / M   (channels)
+
+log p_m = logits_m - logsumexp(logits_m): the subtracted term is the same for every class, so it
+cancels in the softmax and the mean of log-probabilities IS the mean of logits (Lakshminarayanan
+et al. average probabilities; the logit mean keeps one temperature meaningful for the whole
+ensemble, and T is fitted on the out-of-fold logits, export.cv_estimate). Grad-CAM over the
+concatenated channels is ReLU(mean_m CAM_m): exactly Grad-CAM of the mean logit, since each
+member's maps only reach the mean through that member.
+
+Cost: M members cost M times one member's inference. At 160 px one member is ~1.6x today's 128 px
+network (area); with inference about a third of the server's per-image CPU, the 2.5x budget allows
+a total inference cost of ~5.5x today's, i.e. 3 members at 160 px (or 5 at 128 px). To be measured
+with loadtest/model_infer_cost.py before anything ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROB_FLOOR = 1e-30  # log(0) guard; reached only for logit gaps > 69, where the answer is certain anyway
+
+
+def mean_logit_ensemble(members: list[Any], temperature: float = 1.0) -> Any:
+    """ONNX members (contract outputs, T = 1) -> one graph with the contract outputs of their ensemble."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.variants import _finish, _inline
+
+    m = len(members)
+    input_value = members[0].graph.input[0]
+    nodes: list[Any] = []
+    inits: list[Any] = [
+        numpy_helper.from_array(np.array(PROB_FLOOR, np.float32), "ens/floor"),
+        numpy_helper.from_array(np.array(1.0 / temperature, np.float32), "ens/inv_t"),
+        numpy_helper.from_array(np.array(1.0 / m, np.float32), "ens/inv_m"),
+    ]
+    names = [{o.name for o in mm.graph.output} for mm in members]
+    common = set.intersection(*names)
+    if "probabilities" not in common:
+        raise ValueError("every member needs a probabilities output")
+    for i, mm in enumerate(members):
+        inner = _inline(mm, f"e{i}/")
+        nodes.append(helper.make_node("Identity", [input_value.name], [f"e{i}/{mm.graph.input[0].name}"]))
+        nodes += list(inner.graph.node)
+        inits += list(inner.graph.initializer)
+        nodes.append(helper.make_node("Max", [f"e{i}/probabilities", "ens/floor"], [f"ens/p{i}"]))
+        nodes.append(helper.make_node("Log", [f"ens/p{i}"], [f"ens/logp{i}"]))
+    nodes += [
+        helper.make_node("Mean", [f"ens/logp{i}" for i in range(m)], ["ens/mean_logits"]),
+        helper.make_node("Mul", ["ens/mean_logits", "ens/inv_t"], ["ens/scaled"]),
+        helper.make_node("Softmax", ["ens/scaled"], ["probabilities"], axis=-1),
+    ]
+    like = {o.name: o for o in members[0].graph.output}
+    outputs = [like["probabilities"]]
+    if "ood_score" in common:
+        nodes.append(helper.make_node("Mean", [f"e{i}/ood_score" for i in range(m)], ["ood_score"]))
+        outputs.append(like["ood_score"])
+    if {"feature_maps", "cam_weights"} <= common:
+        nodes.append(helper.make_node("Concat", [f"e{i}/feature_maps" for i in range(m)], ["feature_maps"], axis=3))
+        nodes.append(helper.make_node("Concat", [f"e{i}/cam_weights" for i in range(m)], ["ens/cam_sum"], axis=1))
+        nodes.append(helper.make_node("Mul", ["ens/cam_sum", "ens/inv_m"], ["cam_weights"]))
+        for name in ("feature_maps", "cam_weights"):
+            shape = [d.dim_param or d.dim_value for d in like[name].type.tensor_type.shape.dim]
+            shape[3 if name == "feature_maps" else 1] = "channels"  # M x the member's channels
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    graph = helper.make_graph(nodes, "lungserve_cv_ensemble", [input_value], outputs, initializer=inits)
+    opset = max((o for mm in members for o in mm.opset_import if o.domain in ("", "ai.onnx")), key=lambda o: o.version)
+    model = helper.make_model(graph, opset_imports=[opset])
+    out: Any = _finish(model, members[0])
+    out.metadata_props.add(key="ensemble", value=json.dumps({"members": m, "temperature": temperature}))
+    onnx.checker.check_model(out)
+    return out
+
+
+def export_member(fold_dir: Path, out_path: Path, k: int | None = None, max_bank: int | None = None) -> dict[str, Any]:
+    """A fold model (fold.keras, last EMA weights) -> its contract graph, T = 1, kNN ood_score."""
+    import keras
+    import onnx
+
+    from export.cv import FOLD_MODEL, TRAIN_FEATURES
+    from export.knn_ood import DEFAULT_K, fit_knn
+    from export.serving_graph import build_serving_model, output_names, to_onnx
+
+    model = keras.models.load_model(fold_dir / FOLD_MODEL, compile=False)
+    with np.load(fold_dir / TRAIN_FEATURES) as f:
+        bank = fit_knn(f["penultimate"], k or DEFAULT_K, max_bank)
+    serving = build_serving_model(model, 1.0, None, knn=bank)
+    proto = to_onnx(serving, int(model.input.shape[1]), output_names(True))
+    tmp = out_path.with_name(out_path.stem + ".tmp.onnx")
+    onnx.save(proto, tmp)
+    tmp.replace(out_path)
+    return bank.to_json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import onnx
+
+    p = argparse.ArgumentParser(prog="python -m export.cv_ensemble", description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--members", type=int, nargs="+", default=None, help="fold indices (default: every fold)")
+    p.add_argument("--temperature", type=float, default=None, help="default: RUN/estimate.json's temperature")
+    p.add_argument("--max-bank", type=int, default=None, help="subsample each member's kNN bank")
+    a = p.parse_args(argv)
+    plan = json.loads((a.run / "cv.json").read_text())
+    folds = a.members if a.members is not None else list(range(int(plan["recipe"]["folds"])))
+    temperature = a.temperature or float(json.loads((a.run / "estimate.json").read_text())["temperature"])
+    a.out.mkdir(parents=True, exist_ok=True)
+    knn = {}
+    for f in folds:
+        member = a.out / f"member-{f}.onnx"
+        if not member.exists():  # members are the slow part (tf2onnx); a rerun reuses them
+            knn[f] = export_member(a.run / f"fold-{f}", member, max_bank=a.max_bank)
+    members = [onnx.load(a.out / f"member-{f}.onnx") for f in folds]
+    onnx.save(mean_logit_ensemble(members, temperature), a.out / "model.onnx")
+    info = {"members": folds, "temperature": temperature, "knn": knn, "run": str(a.run)}
+    (a.out / "ensemble.json").write_text(json.dumps(info, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

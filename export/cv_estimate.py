@@ -1,0 +1,168 @@
+"""THE estimate from the cross-validation's out-of-fold predictions, and the refer decision fitted on them.
+
+    python -m export.cv_estimate --run /work/runs/<cv run> [--out estimate.json]
+
+- accuracy and per-class recall: out-of-fold argmax (the temperature cannot change it), 95% group
+  bootstrap over ALL groups (`export.scoring.group_bootstrap`: groups resampled within their class);
+- the temperature for the served model: fitted on the pooled out-of-fold logits (`export.calibrate`);
+  the ECE quoted beside it is CROSS-FITTED (each fold's T fitted on the other folds' out-of-fold
+  logits), so fitting T does not grade its own homework;
+- the refer decision (`export.decision_fit`): refer_below (and ood_above when out-of-fold OOD
+  scores are given) fitted on the pooled out-of-fold predictions; its coverage and accepted accuracy
+  are quoted cross-fitted too (thresholds fitted on k-1 folds, applied to the k-th).
+
+Nothing here chooses a fold model, an epoch or a recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from export.calibrate import fit_temperature
+from export.decision_fit import apply, fit_decision
+from export.scoring import classification_report, group_bootstrap
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    classes: list[str]
+    labels: NDArray[np.int64]
+    logits: NDArray[np.float64]
+    groups: list[str]
+    fold: NDArray[np.int64]
+    ood: NDArray[np.float64] | None = None  # out-of-fold OOD score (each image scored by its own fold's bank)
+
+    @classmethod
+    def load(cls, path: Path, ood: NDArray[np.floating] | None = None) -> OutOfFold:
+        with np.load(path) as f:
+            return cls(
+                classes=[str(c) for c in f["classes"]],
+                labels=np.asarray(f["labels"], np.int64),
+                logits=np.asarray(f["logits"], np.float64),
+                groups=[str(g) for g in f["groups"]],
+                fold=np.asarray(f["fold"], np.int64),
+                ood=None if ood is None else np.asarray(ood, np.float64),
+            )
+
+
+def softmax(z: NDArray[np.floating]) -> NDArray[np.float64]:
+    e = np.exp(np.asarray(z, np.float64) - np.max(z, axis=1, keepdims=True))
+    out: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def cross_fitted_probabilities(oof: OutOfFold) -> tuple[NDArray[np.float64], dict[int, float]]:
+    """Each fold's logits / T_(-fold): T fitted on the other folds' out-of-fold logits."""
+    probs = np.zeros_like(oof.logits)
+    temps: dict[int, float] = {}
+    for f in np.unique(oof.fold):
+        here = oof.fold == f
+        t = fit_temperature(oof.logits[~here], oof.labels[~here])
+        temps[int(f)] = t
+        probs[here] = softmax(oof.logits[here] / t)
+    return probs, temps
+
+
+def estimate_block(oof: OutOfFold, n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The model.json `estimate` block: the figure users should expect, with group-bootstrap intervals."""
+    k = len(np.unique(oof.fold))
+    probs, _ = cross_fitted_probabilities(oof)  # argmax = the logits' argmax; ECE honest
+    report = classification_report(oof.labels, probs, oof.classes)
+    ci = group_bootstrap(oof.labels, probs, oof.groups, oof.classes, n_resamples, seed)
+    return {
+        "accuracy": report["accuracy"],
+        "interval": ci["accuracy"],
+        "recall": {c: report["per_class"][c]["recall"] for c in oof.classes},
+        "recall_interval": ci["recall"],
+        "ece": report["ece"],
+        "ece_interval": ci["ece"],
+        "method": f"{k}-fold grouped CV, out-of-fold",
+        "interval_method": ci["method"],
+        "groups": len(set(oof.groups)),
+        "images": len(oof.labels),
+        "confusion_matrix": report["confusion_matrix"],
+    }
+
+
+def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[str, float]:
+    """Coverage / accepted accuracy of the decision rule when its thresholds never saw the fold."""
+    accepted = np.zeros(len(oof.labels), bool)
+    for f in np.unique(oof.fold):
+        here = oof.fold == f
+        ood_other = None if oof.ood is None else oof.ood[~here]
+        d = fit_decision(probs[~here], oof.labels[~here], ood_other, "other folds")
+        accepted[here] = apply(
+            probs[here], None if oof.ood is None else oof.ood[here], d["refer_below"], d.get("ood_above")
+        )
+    correct = probs.argmax(1) == oof.labels
+    return {
+        "coverage": float(accepted.mean()),
+        "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+        "accepted_wrong": float((accepted & ~correct).mean()),
+    }
+
+
+def fit_serving(oof: OutOfFold) -> dict[str, Any]:
+    """The served ensemble's temperature and decision, fitted on ALL out-of-fold predictions.
+
+    Caveat written into the result: the served model is the ensemble of the fold models, whose
+    outputs on new images are the mean of k members, not one member's; the out-of-fold logits are
+    the only honest stand-in (every member saw the other folds' images).
+    """
+    temperature = fit_temperature(oof.logits, oof.labels)
+    probs = softmax(oof.logits / temperature)
+    n_groups = len(set(oof.groups))
+    chosen_on = (
+        f"out-of-fold predictions, {len(np.unique(oof.fold))}-fold grouped CV ({n_groups} groups, {len(probs)} images)"
+    )
+    decision = fit_decision(probs, oof.labels, oof.ood, chosen_on)
+    cross_probs, temps = cross_fitted_probabilities(oof)
+    return {
+        "temperature": temperature,
+        "temperature_per_fold_cross_fitted": temps,
+        "decision": decision,
+        "decision_cross_fitted": cross_fitted_decision(oof, cross_probs),
+        "note": "fitted on single fold models' out-of-fold outputs; the served ensemble averages k members",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.knn_ood import DEFAULT_K, oof_scores
+
+    p = argparse.ArgumentParser(prog="python -m export.cv_estimate", description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True, help="an export.cv run folder with oof.npz")
+    p.add_argument("--knn-k", type=int, default=DEFAULT_K, help="k of the kNN OOD score (declared, not tuned)")
+    p.add_argument("--out", type=Path, default=None, help="default: RUN/estimate.json")
+    a = p.parse_args(argv)
+    with np.load(a.run / "oof.npz") as f:
+        files = f["files"]
+    folds = sorted(a.run.glob("fold-*"), key=lambda d: int(d.name.split("-")[1]))
+    # Each image scored by the bank of the fold model that never saw it: what ood_above is fitted on.
+    ood = oof_scores(files, folds, a.knn_k)
+    oof = OutOfFold.load(a.run / "oof.npz", ood)
+    result = {
+        "estimate": estimate_block(oof),
+        **fit_serving(oof),
+        "ood": {
+            "method": "k-th nearest-neighbour distance, normalised penultimate features; each fold's own train bank",
+            "k": a.knn_k,
+            "oof_median": float(np.median(ood)),
+        },
+    }
+    out = a.out or a.run / "estimate.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(json.dumps(result["estimate"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""A finished cross-validation run -> a served model folder: the fold models' ensemble + model.json.
+
+    python -m export.cv_estimate --run RUN                   # first: RUN/estimate.json
+    python -m export.cv_release --run RUN --out DIR --members 0 1 2
+
+model.json carries, beside the fields every model has:
+- `estimate`: THE figure (`export.cv_estimate.estimate_block`: out-of-fold, group-bootstrap interval);
+- `calibration`: the temperature fitted on the pooled out-of-fold logits;
+- `decision`: refer_below and ood_above fitted on the out-of-fold predictions (about 10x today's select split);
+- `ood`: the kNN score's description (each member's own train bank; the graph averages the members).
+
+The estimate is that of ONE fold model on unseen groups. The served ensemble's members together saw
+every group, so its own accuracy cannot be measured on this data; averaging models is not expected to
+lower it, and the manifest says which figure it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from export.bundle import MODEL_TITLE, TILE_SOURCE_PX
+from export.cv_ensemble import export_member, mean_logit_ensemble
+from export.model import INPUT_NAME, OUTPUT_NAME
+from service.model.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, sha256_file
+from service.model.preprocess import RESIZE, load_image
+
+PARITY_ATOL = 1e-4
+
+
+class ReleaseError(Exception):
+    pass
+
+
+def _parity_images(plan: dict[str, Any], data: Path, size: int, n: int) -> NDArray[np.uint8]:
+    """`n` images, one per group in sorted order: real tiles through the serving decode."""
+    files: dict[str, str] = {}
+    with (data / "groups.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            files.setdefault(f"{row['class']}/{row['group']}", row["file"])
+    picks = [files[g] for g in sorted(plan["folds"])[:n]]
+    return np.stack([load_image((data / rel).read_bytes(), size) for rel in picks])
+
+
+def _keras_ensemble(run: Path, members: list[int], images: NDArray[np.uint8], temperature: float) -> NDArray[Any]:
+    """The reference: softmax(mean of the fold models' Keras logits / T)."""
+    import keras
+
+    from export.cv import FOLD_MODEL
+    from export.cv_estimate import softmax
+    from export.model import logits_model
+
+    logits = [
+        logits_model(keras.models.load_model(run / f"fold-{f}" / FOLD_MODEL, compile=False)).predict(images, verbose=0)
+        for f in members
+    ]
+    return softmax(np.mean(np.asarray(logits, np.float64), axis=0) / temperature)
+
+
+def release(
+    run: Path, out_dir: Path, members: list[int], *, data: Path | None = None, version: str | None = None
+) -> Manifest:
+    import onnx
+    import onnxruntime as ort
+
+    from export.convert import stamp
+
+    plan = json.loads((run / "cv.json").read_text())
+    est = json.loads((run / "estimate.json").read_text())
+    size = int(plan["recipe"]["input_size"])
+    temperature = float(est["temperature"])
+    data = data or Path(plan["data"])
+    work = run / "release-members"  # tf2onnx is the slow part: members are kept for a rerun
+    work.mkdir(exist_ok=True)
+    knn: dict[str, Any] = {}
+    for f in members:
+        path, about = work / f"member-{f}.onnx", work / f"member-{f}.json"
+        if not about.exists():  # written after its graph: both exist, or the member is rebuilt
+            info = export_member(run / f"fold-{f}", path, k=int(est["ood"]["k"]))
+            about.write_text(json.dumps(info))
+        knn[str(f)] = json.loads(about.read_text())
+    protos = [onnx.load(work / f"member-{f}.onnx") for f in members]
+    proto = mean_logit_ensemble(protos, temperature)
+    names = [o.name for o in proto.graph.output]
+    digest = hashlib.sha256(b"".join(sha256_file(work / f"member-{f}.onnx").encode() for f in members))
+    version = version or f"{dt.date.today():%Y.%m.%d}-cv{len(members)}-{digest.hexdigest()[:8]}"
+    stamp(
+        proto,
+        {
+            "classes": json.dumps(plan["classes"]),
+            "version": version,
+            "input_size": str(size),
+            "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME,
+            "outputs": json.dumps(names),
+            "resize": json.dumps(RESIZE),
+        },
+    )
+    images = _parity_images(plan, data, size, 32)
+    expected = _keras_ensemble(run, members, images, temperature)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+        tmp_model = Path(tmp) / MODEL_NAME
+        onnx.save(proto, tmp_model)
+        sess = ort.InferenceSession(str(tmp_model), providers=["CPUExecutionProvider"])
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        diff = float(np.abs(got - expected).max())
+        flips = int((got.argmax(1) != expected.argmax(1)).sum())
+        if diff > PARITY_ATOL or flips:
+            raise ReleaseError(f"ONNX parity check failed: max |diff| {diff}, {flips} argmax flips; nothing written")
+        recipe = plan["recipe"]
+        manifest = Manifest.model_validate(
+            {
+                "name": MODEL_TITLE,
+                "version": version,
+                "classes": plan["classes"],
+                "input_name": INPUT_NAME,
+                "output_name": OUTPUT_NAME,
+                "outputs": {n: n for n in names},
+                "input_size": size,
+                "input_dtype": "uint8",
+                "input_layout": "NHWC RGB, raw 0-255 (scaling is inside the graph)",
+                "resize": RESIZE,
+                "tile_source_px": TILE_SOURCE_PX,
+                "sha256": sha256_file(tmp_model),
+                "file": MODEL_NAME,
+                "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                "estimate": est["estimate"],
+                "calibration": {
+                    "method": "temperature scaling on the pooled out-of-fold logits",
+                    "temperature": temperature,
+                    "ece_cross_fitted": est["estimate"]["ece"],
+                },
+                "ood": {**est["ood"], "members": knn, "graph": "mean of the members' kNN distances"},
+                "decision": {**est["decision"], "cross_fitted": est["decision_cross_fitted"], "note": est["note"]},
+                "ensemble": {"members": members, "of_folds": int(recipe["folds"]), "combine": "mean of logits"},
+                "parity": {"images": len(images), "max_abs_diff": diff, "argmax_flips": flips},
+                "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "split": {
+                    "method": f"{recipe['folds']}-fold grouped CV, every group out-of-fold once",
+                    "seed": recipe["seed"],
+                },
+                "training": {"recipe": recipe, "run": run.name},
+            }
+        )
+        (Path(tmp) / MANIFEST_NAME).write_text(json.dumps(manifest.dump(), indent=1) + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Model first, manifest last: a reader never sees a manifest naming a missing file.
+        shutil.copyfile(tmp_model, out_dir / MODEL_NAME)
+        shutil.copyfile(Path(tmp) / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.cv_release", description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--members", type=int, nargs="+", required=True, help="fold indices of the ensemble")
+    p.add_argument("--data", type=Path, default=None, help="default: the data folder cv.json records")
+    p.add_argument("--version", default=None)
+    a = p.parse_args(argv)
+    manifest = release(a.run, a.out, a.members, data=a.data, version=a.version)
+    print(f"{a.out / MODEL_NAME}: version {manifest.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
