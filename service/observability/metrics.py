@@ -33,6 +33,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+from service.observability.job_metrics import JobMetrics
 from service.observability.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
@@ -103,6 +104,7 @@ class Metrics:
         self.registry = registry
         self.max_batch_size = max_batch_size
         r = registry
+        self.jobs = JobMetrics(registry, PREFIX)  # slide jobs (service.jobs.runner)
 
         self.requests = Counter(
             f"{PREFIX}_requests",
