@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.errors import LungserveError
-from service.jobs.store import JobStoreError, SourceTooLarge
+from service.jobs.errors import JobStoreError, SourceTooLarge
 from service.model.source.s3 import client, describe_s3_error
 from service.model.source.uri import S3Options
 

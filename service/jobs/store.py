@@ -27,20 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from service.errors import LungserveError
+from service.jobs.errors import JobStoreError as JobStoreError
+from service.jobs.errors import SourceTooLarge as SourceTooLarge
 from service.model.source.uri import S3Options
-
-
-class JobStoreError(LungserveError):
-    """The job store cannot be read or written (a 503: the data is safe, the store is not reachable)."""
-
-    code = "job_store_unavailable"
-    status = 503
-
-
-class SourceTooLarge(LungserveError):
-    code = "image_too_large"
-    status = 413
 
 
 class JobStore(Protocol):
