@@ -1,35 +1,10 @@
-"""Grouped, class-stratified k-fold cross-validation training: THE accuracy estimate (issue 20).
+"""Grouped, class-stratified k-fold cross-validation training: THE accuracy estimate.
 
-    python -m export.cv --data ../shared/data/lc25000-lung --runs /work/runs \\
-        --cache-dir /work/runs/cache --input-size 160 --epochs 12
+    python -m export.cv --data ../shared/data/lc25000-lung --cache-dir CACHE --input-size 160 --epochs 12
 
-Every group of groups.csv is out-of-fold exactly once. Each fold trains `export.train`'s recipe
-(EMA, augmentation, a checkpoint every epoch) on the other folds' groups and ships its LAST EMA
-epoch with temperature 1: no checkpoint, no temperature, nothing at all is chosen per fold, so the
-out-of-fold groups are used for nothing but the out-of-fold predictions (the honest figure). The
-temperature and the refer thresholds are fitted afterwards on the pooled out-of-fold predictions
-(`export.cv_estimate`).
-
-The main run's recipe: 160 px, v2 augmentation, 12 epochs, k = 5. Why: 128 px throws away the
-nuclear detail that separates adenocarcinoma from squamous carcinoma (the errors of v1 and v2);
-160 px costs ~1.6x the area of 128 px (training and inference) and still lets the server decode
-the 768 px originals in JPEG draft mode at 1/4 (192 px >= 160), so decode cost does not move;
-192/224 px (2.25x/3x) would not fit the ~6 h budget for five folds on two shared cores. 12 epochs:
-v2's EMA accuracy plateaued from epoch 6 of a 13-epoch cosine. The lever comparison (input size,
-stain strength) reruns this command with other flags into its own folder (named by the config).
-
-Run folder (`--out`, default RUNS/<name from the config>):
-    cv.json                   config, classes, the fold of every group (checked on every rerun)
-    log.txt                   (the caller's redirect) progress lines with timestamps
-    fold-<i>/                 export.train's checkpoint files (state.json last), then:
-      fold.keras              the fold model (last EMA weights, T = 1)
-      oof.npz                 out-of-fold file, group, label, logits, GAP and penultimate features
-      train_features.npz      penultimate + GAP features of the fold's un-augmented train images
-      done.json               written last: the fold is finished and skipped on a rerun
-    oof.npz                   all folds' out-of-fold predictions (after the last fold)
-
-Rerunning the same command resumes: finished folds are skipped, an unfinished fold continues
-from its last whole epoch (export.train's commit protocol).
+Every group is out-of-fold exactly once; each fold keeps its last EMA epoch (nothing is chosen on
+out-of-fold groups); a rerun resumes from the last whole epoch. Protocol, recipe, run folder:
+docs/model/cv.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """The cross-validation's fold models as ONE served model: the mean of their logits in one ONNX graph.
 
-    python -m export.cv_ensemble --run /work/runs/<cv run> --out DIR [--members 0 1 2] [--temperature T]
+    python -m export.cv_ensemble --run RUN --out DIR [--members 0 1 2] [--temperature T]
 
-Each member is a fold model's contract graph built with temperature 1 (`export.serving_graph`, its
-ood_score the kNN distance to its own train features, `export.knn_ood`). The ensemble graph:
-
-    probabilities = softmax(mean_m log p_m / T)   = softmax(mean_m logits_m / T)
-    ood_score     = mean_m ood_score_m
-    feature_maps  = concat_m feature_maps_m      (channels)
-    cam_weights   = concat_m cam_weights_m / M   (channels)
-
-log p_m = logits_m - logsumexp(logits_m): the subtracted term is the same for every class, so it
-cancels in the softmax and the mean of log-probabilities IS the mean of logits (Lakshminarayanan
-et al. average probabilities; the logit mean keeps one temperature meaningful for the whole
-ensemble, and T is fitted on the out-of-fold logits, export.cv_estimate). Grad-CAM over the
-concatenated channels is ReLU(mean_m CAM_m): exactly Grad-CAM of the mean logit, since each
-member's maps only reach the mean through that member.
-
-Cost: M members cost M times one member's inference. At 160 px one member is ~1.6x today's 128 px
-network (area); with inference about a third of the server's per-image CPU, the 2.5x budget allows
-a total inference cost of ~5.5x today's, i.e. 3 members at 160 px (or 5 at 128 px). To be measured
-with loadtest/model_infer_cost.py before anything ships.
+Mean logits, mean ood_score, Grad-CAM over the concatenated channels (= Grad-CAM of the mean
+logit); cost and derivation in docs/model/cv.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""THE estimate from the cross-validation's out-of-fold predictions, and the refer decision fitted on them.
+"""THE estimate from the out-of-fold predictions, and the refer decision fitted on them.
 
-    python -m export.cv_estimate --run /work/runs/<cv run> [--out estimate.json]
+    python -m export.cv_estimate --run RUN [--out estimate.json]
 
-- accuracy and per-class recall: out-of-fold argmax (the temperature cannot change it), 95% group
-  bootstrap over ALL groups (`export.scoring.group_bootstrap`: groups resampled within their class);
-- the temperature for the served model: fitted on the pooled out-of-fold logits (`export.calibrate`);
-  the ECE quoted beside it is CROSS-FITTED (each fold's T fitted on the other folds' out-of-fold
-  logits), so fitting T does not grade its own homework;
-- the refer decision (`export.decision_fit`): refer_below (and ood_above when out-of-fold OOD
-  scores are given) fitted on the pooled out-of-fold predictions; its coverage and accepted accuracy
-  are quoted cross-fitted too (thresholds fitted on k-1 folds, applied to the k-th).
-
-Nothing here chooses a fold model, an epoch or a recipe.
+Accuracy and recall with a group-bootstrap interval over all groups; temperature and thresholds
+fitted on the pooled out-of-fold predictions, their figures cross-fitted (docs/model/cv.md).
 """
 
 from __future__ import annotations

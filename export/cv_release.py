@@ -1,17 +1,9 @@
 """A finished cross-validation run -> a served model folder: the fold models' ensemble + model.json.
 
-    python -m export.cv_estimate --run RUN                   # first: RUN/estimate.json
     python -m export.cv_release --run RUN --out DIR --members 0 1 2
 
-model.json carries, beside the fields every model has:
-- `estimate`: THE figure (`export.cv_estimate.estimate_block`: out-of-fold, group-bootstrap interval);
-- `calibration`: the temperature fitted on the pooled out-of-fold logits;
-- `decision`: refer_below and ood_above fitted on the out-of-fold predictions (about 10x today's select split);
-- `ood`: the kNN score's description (each member's own train bank; the graph averages the members).
-
-The estimate is that of ONE fold model on unseen groups. The served ensemble's members together saw
-every group, so its own accuracy cannot be measured on this data; averaging models is not expected to
-lower it, and the manifest says which figure it is.
+model.json carries `estimate`, `calibration`, `decision` and `ood` (docs/model/cv.md says which
+figure each is).
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
 """Near-OOD score: k-th nearest-neighbour distance on L2-normalised penultimate features.
 
-Sun, Ming, Zhu, Li, "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
-Unlike the tied-covariance Mahalanobis distance to a class mean (Lee et al., 2018), it assumes no
-Gaussian class shape, so tissue that lands between or beside the class clusters (other organs,
-other labs) scores high even when it is close to a class mean.
-
-In the graph (`knn_score`, used by `export.serving_graph.build_serving_model(knn=...)`): the query
-is normalised, one MatMul against the stored bank [D, M] of normalised TRAIN features gives cosine
-similarities, TopK(k) takes the k largest, and for unit vectors ||q - b|| = sqrt(2 - 2 q.b). For
-M = 10,000 and D = 128 that is 1.3 MFLOP per image, small beside the convolutions, and 5 MB of
-float32 constants. The bank is fitted on train features only (never out-of-fold or select images).
-
-k = 10 is declared in advance (Sun et al. use k = 50 for 50,000 CIFAR images and smaller k for a
-sampled bank); choosing k needs OOD data, which the choice must not see.
+Sun, Ming, Zhu, Li, ICML 2022. In the graph: normalise, one MatMul against a bank of normalised
+train features, TopK. Fitted on train features only; k declared in advance (docs/model/cv.md).
 """
 
 from __future__ import annotations

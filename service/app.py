@@ -30,13 +30,16 @@ from service.core.remote_model import RemoteModel, RemoteReloader
 from service.core.state import Phase, ServiceState
 from service.errors import ModelSourceError
 from service.http import admin, analyze, docs, explain, predict, status, webpage
+from service.http import jobs as jobs_door
 from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import declare_api_keys
 from service.http.errors import install_error_handlers
 from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
-from service.model.source import fetch_configured_model
+from service.jobs.runner import JobRunner
+from service.jobs.store import open_store
+from service.model.source import S3Options, fetch_configured_model
 from service.observability.metrics import Metrics, PredictionMetrics
 from service.oip import rest as oip_door
 from service.settings import Settings
@@ -83,7 +86,9 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
     # Optional API keys, for the HTTP doors and the gRPC one alike.
     keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
-    shutdown = Shutdown(state, metrics, reloader, grpc_door)
+    # Slide jobs: state and results in LUNGSERVE_JOBS_URI; their tasks live in the lifespan.
+    jobs = JobRunner(state, open_store(settings.jobs_uri, S3Options.from_settings(settings)), metrics.jobs)
+    shutdown = Shutdown(state, metrics, reloader, grpc_door, jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -137,6 +142,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
                 },
             )
             reloader.start_polling()
+            await jobs.start()
             if grpc_door is not None and settings.grpc_port is not None:
                 port = await grpc_door.start(settings.host, settings.grpc_port)
                 log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
@@ -169,6 +175,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
     app.state.metrics = metrics
     app.state.upload_limits = RouteLimits.from_settings(settings)
     app.state.shutdown = shutdown
+    app.state.jobs = jobs
     app.state.shed_at_headers = lambda method, path: _shed(state, metrics, method, path)
     app.state.admin_auth_failures = AuthFailures(settings.admin_auth_failures_per_minute)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
@@ -186,7 +193,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", oip_door.BINARY_HEADER],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing", oip_door.BINARY_HEADER],
             max_age=600,
@@ -198,6 +205,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
     app.include_router(oip_door.router)
     app.include_router(explain.router)
     app.include_router(analyze.router)
+    app.include_router(jobs_door.router)
     app.include_router(admin.router)
     app.include_router(docs.router)
     app.include_router(webpage.router)  # GET / and /page/*
@@ -218,7 +226,8 @@ async def _sample_uploads(metrics: Metrics) -> None:
 def _shed(state: ServiceState, metrics: Metrics, method: bytes, path: bytes) -> bool:
     """True when a POST to a door (anything but /admin) would only get 503 for a full queue:
     `lungserve serve` then answers it from the headers (service.http.server), the cheapest answer."""
-    if method != b"POST" or path.startswith(b"/admin") or state.phase is not Phase.READY:
+    # A slide job (/jobs) waits for the queue later, queued: a full queue does not refuse it.
+    if method != b"POST" or path.startswith((b"/admin", b"/jobs")) or state.phase is not Phase.READY:
         return False
     runtime = state.runtime
     if runtime is None or runtime.has_room():
@@ -245,9 +254,15 @@ class Shutdown:
     """`service.http.server.ShutdownHooks` of this app: readiness off first, then the drain (once)."""
 
     def __init__(
-        self, state: ServiceState, metrics: Metrics, reloader: Reloader, grpc_door: GrpcDoor | None = None
+        self,
+        state: ServiceState,
+        metrics: Metrics,
+        reloader: Reloader,
+        grpc_door: GrpcDoor | None = None,
+        jobs: JobRunner | None = None,
     ) -> None:
         self._state = state
+        self._jobs = jobs
         self._metrics = metrics
         self._reloader = reloader
         self._grpc_door = grpc_door
@@ -268,6 +283,8 @@ class Shutdown:
         self._state.phase = Phase.STOPPING
         settings = self._state.settings
         log.info("stopping: draining admitted requests", extra={"drain_timeout_s": settings.drain_timeout_s})
+        if self._jobs is not None:
+            await self._jobs.stop()  # first: running jobs checkpoint while the batcher still answers
         if self._grpc_door is not None:
             await self._grpc_door.stop(settings.drain_timeout_s)  # its calls in flight finish first
         await self._reloader.stop()  # no swap from now on; displaced models finish draining

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,6 +29,10 @@ MiB = 1024 * 1024
 
 def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
 
 
 def _default_workers() -> int:
@@ -126,7 +131,23 @@ class Settings(BaseSettings):
         default=50_000_000, ge=1, le=178_956_970, description="width x height per decoded image"
     )
     max_slide_bytes: int = Field(
-        default=4096 * MiB, ge=1, description="bytes of one /analyze upload (spooled to a temporary file, not memory)"
+        default=4096 * MiB, ge=1, description="bytes of one /analyze or /jobs slide (spooled to disk, not memory)"
+    )
+
+    # --- slide jobs (service.jobs; docs/pathology.md) ---
+    jobs_uri: str = Field(
+        default_factory=lambda: str(_state_home() / "lungserve" / "jobs"),
+        description="where slide jobs, their checkpoints and results live: a folder or s3://bucket/prefix",
+    )
+    jobs_concurrency: int = Field(default=1, ge=1, le=64, description="slide jobs running at once; others wait queued")
+    jobs_queue_share: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="most of LUNGSERVE_QUEUE_LIMIT that job tiles may hold at once"
+    )
+    jobs_checkpoint_tiles: int = Field(
+        default=64, ge=1, le=100_000, description="tiles per checkpoint: at most this many are redone after a restart"
+    )
+    jobs_max_tiles: int = Field(
+        default=200_000, ge=1, description="tiles in one slide's grid (checked from its header), else 413"
     )
 
     # --- hostile clients (docs/reliability.md) ---
@@ -217,6 +238,16 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("jobs_uri")
+    @classmethod
+    def _jobs_location(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        scheme = parts.scheme.lower()
+        # One letter is a Windows drive ("C:/jobs"), not a scheme.
+        if (scheme == "s3" and not parts.netloc) or (len(scheme) > 1 and scheme not in ("s3", "file")):
+            raise ValueError("expected a folder, file:///path or s3://bucket/prefix")
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

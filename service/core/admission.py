@@ -106,14 +106,17 @@ class BodyReader(Protocol[T_co]):
 
 
 @asynccontextmanager
-async def admit(model: ModelClient, gate: UploadGate, body: BodyReader[T]) -> AsyncIterator[T]:
+async def admit(
+    model: ModelClient, gate: UploadGate, body: BodyReader[T], *, needs_queue: bool = True
+) -> AsyncIterator[T]:
     """Admit one request and read its body; its bytes are released when the block ends.
 
     A full queue answers 503 before the body is read (it would only be refused after it
-    arrived); the caller reserves queue slots for what the body holds.
+    arrived); the caller reserves queue slots for what the body holds. `needs_queue=False`:
+    a slide job, which waits for the queue later, queued.
     """
     body.check()
-    if not model.has_room():
+    if needs_queue and not model.has_room():
         model.reserve(1).release()  # raises the usual 503 overloaded, with Retry-After
     with gate.admit(body.charge) as ticket:
         content = await body.read()

@@ -4,7 +4,9 @@ Standard library only, generic over item ``T`` and result ``R``; handler, execut
 are injected. ``reserve(n)`` takes ``n`` of ``queue_limit`` slots or none, ``Reservation.submit``
 queues one item for a future of ``(result, BatchInfo)``, and a slot is held until its batch has
 computed. When a batch goes is the pure rule in `service.core.batch_rule`; the full contract
-(cancellation, draining, threads) is in docs/batching.md.
+(cancellation, draining, threads) is in docs/batching.md. ``reserve(n, low_priority=True)``
+(slide jobs) queues in a second lane: a batch takes every queued normal item first and fills up
+with low-priority ones, so background work never makes an interactive request wait behind it.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[tuple[R, BatchInfo]]
     enqueued_at: float  # loop.time()
+    low: bool = False  # queued in the low-priority lane
     state: _State = _State.QUEUED
     holds_slot: bool = True  # False once its slot was given back (cancelled mid-compute, or finished)
 
@@ -141,6 +144,7 @@ class Batcher(Generic[T, R]):
         self._slots = Slots(queue_limit, on_change=self._wakeup.set)
         # OrderedDict keyed by sequence number: FIFO order, O(1) removal of a cancelled entry.
         self._queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()
+        self._low_queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()  # the low-priority lane
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
         self._in_flight = 0
@@ -165,7 +169,7 @@ class Batcher(Generic[T, R]):
     @property
     def queue_depth(self) -> int:
         """Submitted items waiting for dispatch."""
-        return len(self._queue)
+        return self._queued()
 
     @property
     def reserved(self) -> int:
@@ -239,25 +243,31 @@ class Batcher(Generic[T, R]):
 
     # -- reservations -----------------------------------------------------------------------
 
-    def reserve(self, n: int) -> Reservation[T, R]:
-        """Reserve `n` slots at once, or none: raises QueueFull / BatcherStopped. No awaits."""
+    def reserve(self, n: int, *, low_priority: bool = False) -> Reservation[T, R]:
+        """Reserve `n` slots at once, or none: raises QueueFull / BatcherStopped. No awaits.
+
+        `low_priority`: the items go to the low lane (dispatched only after every normal one).
+        """
         if n < 0:
             raise ValueError(f"cannot reserve a negative number of slots ({n})")
         if self._refusing:
             raise BatcherStopped("batcher is stopping")
         self._slots.reserve(n)
-        return Reservation(self._slots, self._enqueue, n)
+        return Reservation(self._slots, partial(self._enqueue, low=low_priority), n)
 
-    def _enqueue(self, item: T) -> asyncio.Future[tuple[R, BatchInfo]]:
+    def _queued(self) -> int:
+        return len(self._queue) + len(self._low_queue)
+
+    def _enqueue(self, item: T, low: bool = False) -> asyncio.Future[tuple[R, BatchInfo]]:
         if self._phase is _Phase.CLOSED:
             self._slots.free(1)
             raise BatcherStopped("batcher is stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[R, BatchInfo]] = loop.create_future()
-        entry: _Entry[T, R] = _Entry(next(self._seq), item, future, loop.time())
-        self._queue[entry.seq] = entry
+        entry: _Entry[T, R] = _Entry(next(self._seq), item, future, loop.time(), low)
+        (self._low_queue if low else self._queue)[entry.seq] = entry
         future.add_done_callback(partial(self._on_future_done, entry))
-        self._observe(lambda: self._observer.on_queue_depth(len(self._queue)))
+        self._observe(lambda: self._observer.on_queue_depth(self._queued()))
         self._wakeup.set()
         return future
 
@@ -279,15 +289,16 @@ class Batcher(Generic[T, R]):
         """Remove queued entries whose futures were cancelled and give their slots back."""
         for entry in entries:
             entry.state = _State.DROPPED
-            self._queue.pop(entry.seq, None)
+            (self._low_queue if entry.low else self._queue).pop(entry.seq, None)
         self._slots.free(len(entries))
         self._observe(lambda: self._observer.on_dropped_cancelled(len(entries)))
-        self._observe(lambda: self._observer.on_queue_depth(len(self._queue)))
+        self._observe(lambda: self._observer.on_queue_depth(self._queued()))
         self._wakeup.set()  # the oldest item may have changed, and with it the deadline
 
     def _fail_queued(self, error: BaseException) -> None:
-        entries = list(self._queue.values())
+        entries = [*self._queue.values(), *self._low_queue.values()]
         self._queue.clear()
+        self._low_queue.clear()
         for entry in entries:
             entry.state = _State.DROPPED
             if not entry.future.done():
@@ -305,13 +316,14 @@ class Batcher(Generic[T, R]):
             # so no wake-up is lost (everything here runs on the loop thread, without awaits).
             self._wakeup.clear()
             wake_at: float | None = None
-            while self._queue and self._in_flight < self._max_in_flight_batches:
-                oldest = next(iter(self._queue.values()))
+            while self._queued() and self._in_flight < self._max_in_flight_batches:
+                # The next batch starts with the normal lane, so its oldest item sets the clock.
+                oldest = next(iter((self._queue or self._low_queue).values()))
                 now = loop.time()
                 # The delay counts from the oldest item's arrival, so items that already waited
                 # behind a busy handler go as soon as a compute slot frees up.
                 delay = dispatch_delay(
-                    queued=len(self._queue),
+                    queued=self._queued(),
                     oldest_wait_s=now - oldest.enqueued_at,
                     on_their_way=self._slots.reserved,
                     max_batch_size=self._max_batch_size,
@@ -334,13 +346,14 @@ class Batcher(Generic[T, R]):
         """Take up to max_batch_size live entries from the queue and start computing them."""
         entries: list[_Entry[T, R]] = []
         cancelled: list[_Entry[T, R]] = []
-        while self._queue and len(entries) < self._max_batch_size:
-            _, entry = self._queue.popitem(last=False)
+        while self._queued() and len(entries) < self._max_batch_size:
+            # Normal items first; low-priority ones only fill what is left of the batch.
+            _, entry = (self._queue or self._low_queue).popitem(last=False)
             # Cancelled but its done-callback has not run yet: drop it here.
             (cancelled if entry.future.done() else entries).append(entry)
         if cancelled:
             self._drop(cancelled)
-        self._observe(lambda: self._observer.on_queue_depth(len(self._queue)))
+        self._observe(lambda: self._observer.on_queue_depth(self._queued()))
         if not entries:
             return
         now = loop.time()

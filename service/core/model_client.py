@@ -97,8 +97,9 @@ class ModelClient(Protocol):
         """At least one queue slot is free: the pre-check before a body is read."""
         ...
 
-    def reserve(self, n: int) -> Slots:
-        """`n` queue slots now, or Overloaded (503) / ShuttingDown."""
+    def reserve(self, n: int, *, low_priority: bool = False) -> Slots:
+        """`n` queue slots now, or Overloaded (503) / ShuttingDown. `low_priority` (slide jobs):
+        their images are batched only after every queued interactive one."""
         ...
 
     async def infer(self, slots: Slots, image: Pixels) -> tuple[Classified, BatchInfo]:

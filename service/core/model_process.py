@@ -63,13 +63,6 @@ def model_message(runtime: ModelClient, generation: int, settings: Settings) -> 
     }
 
 
-def error_header(exc: BaseException) -> dict[str, Any]:
-    """A domain error as a CALL reply; the front raises the same class (`service.errors`)."""
-    if isinstance(exc, LungserveError):
-        return {"error": type(exc).__name__, "message": exc.message, "retry_after_s": getattr(exc, "retry_after_s", 1)}
-    return {"error": "InferenceFailed", "message": f"the model process failed: {type(exc).__name__}"}
-
-
 class ModelServer:
     """The model process's core: runtime + reloader + the fronts' sessions."""
 
@@ -226,6 +219,13 @@ class FrontSession:
             log.warning("front %s sent an unexpected %s frame", self.front, kind.name)
 
     def _submit(self, records: np.ndarray[Any, Any]) -> None:
+        # A frame may mix a front's interactive images and its slide jobs' (low priority).
+        low = records["low"].astype(bool)
+        for lane in (records[~low], records[low]):
+            if len(lane):
+                self._submit_lane(lane, bool(lane["low"][0]))
+
+    def _submit_lane(self, records: np.ndarray[Any, Any], low_priority: bool) -> None:
         state = self.server.state
         try:
             if state.phase is not Phase.READY:
@@ -233,7 +233,7 @@ class FrontSession:
             runtime = state.current()
             if not isinstance(runtime, ModelRuntime):
                 raise TypeError("the model process serves a ModelRuntime")
-            reservation = runtime.reserve(len(records))
+            reservation = runtime.reserve(len(records), low_priority=low_priority)
         except (LungserveError, BatcherStopped) as exc:
             # Overloaded means the fronts admitted more than the bound: never expected.
             status = wire.Status.SHUTTING_DOWN if state.phase is not Phase.READY else wire.Status.OVERLOADED
@@ -244,7 +244,7 @@ class FrontSession:
         generation = self.server.generation(runtime)
         arena = self.arena
         with reservation:
-            for tag, slot, side in records.tolist():
+            for tag, slot, side, _low in records.tolist():
                 future = reservation.submit(arena.view(slot, side))
                 self._pending[tag] = future
                 future.add_done_callback(partial(self._done, generation, tag))
@@ -288,7 +288,7 @@ class FrontSession:
         try:
             reply, data = await self._run_call(header, payload)
         except Exception as exc:
-            reply = error_header(exc)
+            reply = wire.error_header(exc)
         self.protocol.send(wire.Kind.REPLY, wire.call_body(call_id, reply, data))
 
     async def _run_call(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], bytes]:

@@ -64,7 +64,7 @@ class RemoteModelClient:
         self._tags = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[tuple[int, Any]], int]] = {}  # tag -> (future, slot)
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], memoryview]]] = {}
-        self._submits: list[tuple[int, int, int]] = []
+        self._submits: list[tuple[int, int, int, bool]] = []
         self._cancels: list[int] = []
         self._flush_scheduled = False
         self._connected = asyncio.Event()
@@ -205,7 +205,7 @@ class RemoteModelClient:
     def has_room(self) -> bool:
         return self._bound.has_room()
 
-    def reserve(self, n: int) -> RemoteReservation:
+    def reserve(self, n: int, *, low_priority: bool = False) -> RemoteReservation:
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
         self._model()
@@ -215,7 +215,7 @@ class RemoteModelClient:
                 f"the server is at capacity ({self.queue_limit} images admitted); retry shortly",
                 retry_after_s=self.retry_after_s,
             )
-        return RemoteReservation(self._give, n)
+        return RemoteReservation(self._give, n, low_priority=low_priority)
 
     async def infer(self, slots: Slots, image: NDArray[np.uint8]) -> tuple[Classified, BatchInfo]:
         if not isinstance(slots, RemoteReservation):
@@ -236,7 +236,7 @@ class RemoteModelClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._pending[tag] = (future, slot)
-        self._submits.append((tag, slot, image.shape[0]))
+        self._submits.append((tag, slot, image.shape[0], slots.low_priority))
         self._schedule_flush()
         # The tissue check runs here, in a thread, while the model process classifies the image
         # (the model process leaves it to the fronts: see ModelServer._build).

@@ -35,9 +35,10 @@ class RemoteModel:
 class RemoteReservation:
     """`n` admitted images of one request: slots of the shared bound until each is answered."""
 
-    def __init__(self, give: Callable[[int], None], n: int) -> None:
+    def __init__(self, give: Callable[[int], None], n: int, *, low_priority: bool = False) -> None:
         self._give = give
         self.remaining = n
+        self.low_priority = low_priority
 
     def take_one(self) -> None:
         if self.remaining <= 0:

@@ -99,9 +99,9 @@ class ModelRuntime:
     def has_room(self) -> bool:
         return self._batcher.available > 0
 
-    def reserve(self, n: int) -> ImageReservation:
+    def reserve(self, n: int, *, low_priority: bool = False) -> ImageReservation:
         try:
-            return self._batcher.reserve(n)
+            return self._batcher.reserve(n, low_priority=low_priority)
         except QueueFull as exc:
             raise Overloaded(
                 f"the server is at capacity ({exc.queue_limit} images admitted); retry shortly",

@@ -94,9 +94,9 @@ class ServiceState:
         return old
 
     @asynccontextmanager
-    async def admit(self, body: BodyReader[T]) -> AsyncIterator[T]:
+    async def admit(self, body: BodyReader[T], *, needs_queue: bool = True) -> AsyncIterator[T]:
         """Every door's way in (`service.core.admission.admit`), into the model serving now."""
         if self.upload_gate is None:
             raise ModelNotReady("the server is not started")
-        async with admit(self.current(), self.upload_gate, body) as content:
+        async with admit(self.current(), self.upload_gate, body, needs_queue=needs_queue) as content:
             yield content

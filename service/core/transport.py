@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from service.core.batch_types import BatchInfo
 from service.core.model_client import Classified
+from service.errors import LungserveError
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
 
 # A frame: body length (u32, little-endian), kind (u8), body.
@@ -63,7 +64,8 @@ class Status(enum.IntEnum):
 
 
 # One submitted image: its tag (the front's key for the answer), the arena slot, its side.
-SUBMIT_RECORD: Final = np.dtype([("tag", "<u4"), ("slot", "<u4"), ("side", "<u4")])
+# `low`: a slide job's image, batched only after every queued interactive one.
+SUBMIT_RECORD: Final = np.dtype([("tag", "<u4"), ("slot", "<u4"), ("side", "<u4"), ("low", "u1")])
 
 
 @cache
@@ -168,6 +170,13 @@ class ResultRows:
         if self.probabilities:
             records["probabilities"] = np.stack(self.probabilities)
         return records
+
+
+def error_header(exc: BaseException) -> dict[str, Any]:
+    """A domain error as a CALL reply; the front raises the same class (`service.errors`)."""
+    if isinstance(exc, LungserveError):
+        return {"error": type(exc).__name__, "message": exc.message, "retry_after_s": getattr(exc, "retry_after_s", 1)}
+    return {"error": "InferenceFailed", "message": f"the model process failed: {type(exc).__name__}"}
 
 
 class FrameProtocol(asyncio.Protocol):

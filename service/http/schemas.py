@@ -364,7 +364,9 @@ class AnalysisSummary(BaseModel):
 
 
 class SourceInfo(BaseModel):
-    reader: str = Field(description="pillow (plain images) or openslide (pyramidal TIFF, slide formats)")
+    reader: str = Field(
+        description="pillow (plain images), tiff-strips (plain stripped TIFF) or openslide (tiled TIFF, slide formats)"
+    )
     format: str
     mpp: float | None = Field(default=None, description="microns per pixel at full resolution, when the file says")
     levels: int = Field(default=1, description="pyramid levels in the file")

@@ -35,6 +35,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+from service.observability.job_metrics import JobMetrics
 from service.observability.logs import current_request
 
 if TYPE_CHECKING:  # the runtime imports ONNX Runtime; only its types are needed here
@@ -110,6 +111,7 @@ class Metrics:
         # front's /metrics sums them (counters and histograms across every front and the model
         # process; gauges as stated per gauge below). Read here, not at import.
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.jobs = JobMetrics(registry, PREFIX)  # slide jobs (service.jobs.runner)
 
         self.requests = Counter(
             f"{PREFIX}_requests",

@@ -43,8 +43,13 @@ async def class_map(
     classify: Callable[[TileImage], Awaitable[R]],
     window: int,
     on_read: Callable[[], None] | None = None,
+    on_outcome: Callable[[int, TileOutcome[R]], None] | None = None,
 ) -> list[TileOutcome[R]]:
-    """Every tile's outcome, in grid order; the first failure cancels the rest and is raised."""
+    """Every tile's outcome, in grid order; the first failure cancels the rest and is raised.
+
+    `on_outcome(i, outcome)` is called as soon as `tiles[i]` is done (slide jobs checkpoint
+    from it, so a cancelled run still keeps every tile it finished).
+    """
     if window < 1:
         raise ValueError("window must be at least 1")
     outcomes: list[TileOutcome[R] | None] = [None] * len(tiles)
@@ -63,11 +68,14 @@ async def class_map(
             if on_read is not None:
                 on_read()
             if background:
-                outcomes[i] = TileOutcome(tile, None)
-                continue
-            result = await classify(image)
+                outcome: TileOutcome[R] = TileOutcome(tile, None)
+            else:
+                result = await classify(image)
+                outcome = TileOutcome(tile, result)
             del image  # this worker's decoded tile is released before it reads the next
-            outcomes[i] = TileOutcome(tile, result)
+            outcomes[i] = outcome
+            if on_outcome is not None:
+                on_outcome(i, outcome)
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.errors import ImageTooLarge, InvalidImage
 from service.model.jpeg import Data
 from service.model.preprocess import ALLOWED_FORMATS, RESIZE_FILTER, decode_whole, jpeg_layout, to_rgb
+from service.pathology.tiff_strips import NotStripTiff, StripTiffSlide, strip_layout
 from service.pathology.tiles import Tile
 
 # Transparent pixels (outside a slide's scanned area) become white glass, as in preprocess.
@@ -80,6 +81,12 @@ def open_slide(path: Path, *, max_pixels: int, tile_px: int, size: int, max_tile
             vendor = None
         if vendor is not None:
             return OpenSlideSlide(path, vendor, max_tile_pixels=max_tile_pixels)
+    try:
+        # A stripped TIFF is read a band of strips at a time (never decoded whole) when its
+        # layout allows; anything else (or anything odd) goes to Pillow, which says what is wrong.
+        return StripTiffSlide(path, strip_layout(path), tile_px)
+    except (NotStripTiff, InvalidImage, OSError):
+        pass
     return PillowSlide(path, max_pixels=max_pixels, tile_px=tile_px, size=size)
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +23,10 @@ LIFESPAN_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
-def _no_lungserve_env(no_lungserve_env: None) -> None:
-    """Every app test runs without the developer's LUNGSERVE_* variables."""
+def _no_lungserve_env(no_lungserve_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every app test runs without the developer's LUNGSERVE_* variables, and its slide jobs
+    (LUNGSERVE_JOBS_URI's default is under XDG_STATE_HOME) live in its own folder."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 def make_settings(**overrides: Any) -> Settings:

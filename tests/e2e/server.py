@@ -59,6 +59,8 @@ def run_server(
     """`executable serve` on a free loopback port, cwd tmp_path, in `environ` less LUNGSERVE_*, plus env."""
     port = free_port()
     environment = {k: v for k, v in environ.items() if not k.startswith("LUNGSERVE_")}
+    # Slide jobs stay in the test's folder, never in the developer's state directory.
+    environment["LUNGSERVE_JOBS_URI"] = str(tmp_path / "jobs")
     environment.update(env)
     log = tmp_path / f"serve-{port}.log"
     with log.open("wb") as out:

@@ -159,3 +159,17 @@ async def test_decisions_match_on_real_tiles_with_the_tissue_check(
             decided[kind] = [result.decision for result, _ in answers]
     assert decided["remote"] == decided["in-process"]
     assert len(set(decided["remote"])) >= 2  # both sides of the tissue check were exercised
+
+
+async def test_low_priority_images_are_answered_too(kind: str, folder: Path, remote: ModelProcess) -> None:
+    """Slide jobs' images (low priority) go through the same queue and come back the same."""
+    images = _images(3)
+    async with opened(kind, folder, remote) as client:
+        with client.reserve(2) as urgent, client.reserve(len(images), low_priority=True) as slides:
+            answers = await asyncio.gather(
+                *(client.infer(slides, image) for image in images), *(client.infer(urgent, i) for i in images[:2])
+            )
+        low, high = answers[: len(images)], answers[len(images) :]
+        for (a, _), (b, _) in zip(low[:2], high, strict=True):
+            np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-6)
+        assert client.free_slots == QUEUE_LIMIT

@@ -21,8 +21,8 @@ from tests.e2e.server import start_server, wait_ready
 
 pytestmark = [pytest.mark.e2e]
 
-# Operations with a body (6 doors: /predict, /predict-many, OIP infer x2, /explain, /analyze), in
-# both modes: 6 x 2 x 90 = 1,080 cases; operations with path parameters 25 each; the rest 1.
+# Operations with a body (7 doors: /predict, /predict-many, OIP infer x2, /explain, /analyze, /jobs),
+# in both modes: 7 x 2 x 90 = 1,260 cases; operations with path parameters 25 each; the rest 1.
 EXAMPLES_WITH_BODY = 90
 EXAMPLES_WITH_PARAMETERS = 25
 SEED = 20261202
@@ -36,6 +36,9 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         "LUNGSERVE_SHUTDOWN_DELAY_S": "0",
         # Generated 401s must not turn into 429s half-way: a high rate limit for this run.
         "LUNGSERVE_ADMIN_AUTH_FAILURES_PER_MINUTE": "100000",
+        # Generated slide jobs name s3:// objects: with no credentials they fail at once, and the
+        # AWS credential chain must not reach for the instance metadata service (loopback only).
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
     with start_server(tmp_path_factory.mktemp("schemathesis"), **env) as server:
         asyncio.run(wait_ready(server))

@@ -251,6 +251,9 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_api_key_requests",
         "lungserve_uploads_in_flight",
         "lungserve_body_bytes_in_flight",
+        "lungserve_jobs",
+        "lungserve_job_tiles",
+        "lungserve_job_duration_seconds",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
@@ -272,6 +275,8 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "provider",
         "le",
         "key",
+        "state",  # a slide job's state (five values)
+        "kind",  # a slide-job tile: tissue or background
     }
     assert labels <= allowed  # `key` is an API key's name from the keys file, never the key
 

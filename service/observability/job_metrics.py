@@ -1,0 +1,52 @@
+"""Slide-job collectors, on the app's own registry (built by `Metrics`).
+
+Bounded labels only: the job state (five values), the tile kind (two), the final state of a
+finished job (three). Never a job id: ids are unbounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+JOB_STATES: Final = ("queued", "running", "done", "failed", "cancelled")
+FINAL_STATES: Final = ("done", "failed", "cancelled")
+# A slide job takes seconds (a biopsy) to hours (a 10 Gpx resection at CPU speed).
+JOB_DURATION_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.jobs = Gauge(f"{prefix}_jobs", "Slide jobs known to this server, by state.", ["state"], registry=registry)
+        self.tiles = Counter(
+            f"{prefix}_job_tiles",
+            "Slide-job tiles processed (rate() is tiles/s), by kind: tissue (classified) or background (skipped).",
+            ["kind"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"{prefix}_job_duration_seconds",
+            "From a job's start to its end (restarts included), by final state.",
+            ["state"],
+            buckets=JOB_DURATION_BUCKETS,
+            registry=registry,
+        )
+        for kind in ("tissue", "background"):
+            self.tiles.labels(kind=kind)
+        for state in FINAL_STATES:
+            self.duration.labels(state=state)
+        for state in JOB_STATES:
+            self.jobs.labels(state=state).set(0)
+
+    def watch(self, count: Callable[[str], int]) -> None:
+        """The jobs gauge reads the runner's counts at scrape time."""
+        for state in JOB_STATES:
+            self.jobs.labels(state=state).set_function(lambda s=state: count(s))  # type: ignore[misc]
+
+    def tile(self, tissue: bool) -> None:
+        self.tiles.labels(kind="tissue" if tissue else "background").inc()
+
+    def finished(self, state: str, seconds: float) -> None:
+        self.duration.labels(state=state).observe(max(0.0, seconds))
