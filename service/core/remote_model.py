@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from service import errors
 from service.core import transport as wire
@@ -19,8 +19,11 @@ from service.model.decision import Thresholds
 from service.model.manifest import Manifest
 from service.model.source import ModelIdentity
 
-if TYPE_CHECKING:
-    from service.core.remote_client import RemoteModelClient
+
+class _Reloads(Protocol):
+    """The part of `RemoteModelClient` a reload needs (a protocol: no import back up to it)."""
+
+    async def reload(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class RemoteReloader:
     """`ModelReloader`'s surface for a front: the model process fetches, warms and swaps (and
     polls the ETag); every front learns the new model from its MODEL frame."""
 
-    def __init__(self, client: RemoteModelClient) -> None:
+    def __init__(self, client: _Reloads) -> None:
         self._client = client
 
     async def reload(self) -> ReloadResult:
