@@ -129,7 +129,7 @@ def main() -> int:
             "LUNGSERVE_LOG_JSON": "true",
         }
         model = subprocess.Popen(
-            [sys.executable, "-m", "service.core.model_process", "--socket", str(socket_path)],
+            [sys.executable, "-m", "service.processes.model", "--socket", str(socket_path)],
             env=env,
             stderr=subprocess.PIPE,
             text=True,

@@ -47,7 +47,7 @@ class ModelProcess:
         if self.proc is not None:
             self.exited.append(self.proc)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.core.model_process", "--socket", str(self.socket_path)],
+            [sys.executable, "-m", "service.processes.model", "--socket", str(self.socket_path)],
             env=environment,
             stderr=subprocess.PIPE,
             text=True,

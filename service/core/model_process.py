@@ -6,22 +6,18 @@ fronts), and leave as result records carrying the refer decision made beside the
 It never sees HTTP. Hot reload (`ModelReloader`: CALL "reload", SIGHUP, the ETag poller) swaps
 the runtime here; every front is told the new model (a MODEL frame) before any result of it.
 
-Run as `python -m service.core.model_process --socket PATH` by the supervisor (settings from the
-environment, as every process of `lungserve serve`), or in-process by tests and loadtest/feed.py.
+`service.processes.model` runs it as its own process (`python -m service.processes.model`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +30,7 @@ from service.core.model_client import Classified, ModelClient
 from service.core.reload import ModelReloader
 from service.core.runtime import ModelRuntime, open_runtime
 from service.core.state import Phase, ServiceState
-from service.errors import LungserveError, ModelSourceError
+from service.errors import LungserveError
 from service.model.source import ModelArtifact, fetch_configured_model
 from service.settings import Settings
 
@@ -324,75 +320,3 @@ class FrontSession:
         self.protocol.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
-
-
-async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awaitable[None]]) -> int:
-    """Start, serve until `stopping()` returns, drain. 0, or 3 when the model could not load."""
-    from prometheus_client import CollectorRegistry
-
-    from service.observability.metrics import Metrics
-
-    # Its batches, queue and in-flight runs: in one process's files, summed into every front's
-    # /metrics when the supervisor set PROMETHEUS_MULTIPROC_DIR (else nobody reads them).
-    metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
-    server = ModelServer(
-        settings,
-        observer=metrics.batcher_observer,
-        on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
-    )
-    try:
-        await server.start(socket_path)
-    except ModelSourceError as exc:
-        log.error("model not loaded from %s: %s", settings.model_uri, exc)
-        return 3
-    serving = server.state.current()
-    metrics.set_model(serving.identity, serving.provider)
-    metrics.set_ready(True)  # the model process's vote in lungserve_model_ready (the minimum)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
-    await stopping()
-    metrics.set_ready(False)
-    await server.stop()
-    return 0
-
-
-async def _reload_on_signal(server: ModelServer) -> None:
-    try:
-        await server.reloader.reload()
-    except LungserveError as exc:
-        log.warning("SIGHUP reload: %s", exc.message)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lungserve-model")
-    parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
-    args = parser.parse_args(argv)
-    from service.core.proctitle import die_with_parent, set_title
-    from service.observability.logs import configure_logging
-
-    set_title("lungserve: model")
-    if args.parent is not None:
-        die_with_parent(args.parent)
-    settings = Settings()
-    configure_logging(settings.log_level, json=settings.log_json)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown
-
-    async def until_sigterm() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm(signum: int, frame: object) -> None:
-            # signal.signal, not loop.add_signal_handler: asyncio restores the default action
-            # when its loop closes, and a second SIGTERM then would kill a clean exit.
-            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting anyway
-                loop.call_soon_threadsafe(stop.set)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        await stop.wait()
-
-    return asyncio.run(run(args.socket, settings, until_sigterm))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,9 +2,9 @@
 
 The supervisor binds the listening socket(s) once and starts:
 
-* one **model process** (`service.core.model_process`) when inference is remote: it owns the
+* one **model process** (`service.processes.model`) when inference is remote: it owns the
   device, and the fronts reach it through `service.core.transport`;
-* N **fronts** (`service.http.front`), each the whole FastAPI app on uvicorn, sharing the socket
+* N **fronts** (`service.processes.front`), each the whole FastAPI app on uvicorn, sharing the socket
   (the kernel spreads connections over the processes that accept on it).
 
 It holds no request state, so it cannot lose any: it only starts, watches, restarts and stops.
@@ -99,12 +99,12 @@ class Supervisor:
     def _plan(self) -> None:
         python = sys.executable
         if self.remote_model:
-            argv = [python, "-m", "service.core.model_process", "--parent", str(os.getpid())]
+            argv = [python, "-m", "service.processes.model", "--parent", str(os.getpid())]
             argv += ["--socket", str(self.model_socket)]
             self._children.append(_Child("model", 0, argv))
         fds = tuple(s.fileno() for s in self.sockets)
         for i in range(self.workers):
-            argv = [python, "-m", "service.http.front", "--index", str(i), "--parent", str(os.getpid())]
+            argv = [python, "-m", "service.processes.front", "--index", str(i), "--parent", str(os.getpid())]
             argv += [arg for fd in fds for arg in ("--fd", str(fd))]
             if self.remote_model:
                 argv += ["--model-socket", str(self.model_socket), "--queue-bound", str(self.queue_bound)]

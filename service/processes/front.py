@@ -1,7 +1,7 @@
 """A front process of `lungserve serve` (LUNGSERVE_WORKERS > 1): the whole app on uvicorn, on the
 listening socket(s) the supervisor bound and passed down (docs/topology.md).
 
-    python -m service.http.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
+    python -m service.processes.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
 
 With `--model-socket`, the app's model is the model process (`RemoteModelClient`); without, the
 front loads its own (inference in the front). Settings come from the environment, as for every

@@ -1,0 +1,1 @@
+"""The processes of `lungserve serve` with several workers: their entry points (docs/topology.md)."""
