@@ -321,7 +321,7 @@ def test_a_full_spool_disk_is_a_507_and_the_server_keeps_going(tmp_path: Path, s
         response = send(running, upload("/analyze", big))
         assert_error(response, 507, "insufficient_storage")
         # The partial spool file and its folder were removed.
-        assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-")] == []
+        assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-analyze-")] == []
         # Chunked (no declared length): the disk fills while the body is written, the same 507.
         form = Multipart().add("file", big, "x.img")
         body = form.body()
@@ -331,7 +331,7 @@ def test_a_full_spool_disk_is_a_507_and_the_server_keeps_going(tmp_path: Path, s
         head = [("Content-Type", form.content_type), ("Transfer-Encoding", "chunked")]
         response = send(running, request("POST", "/analyze", chunked + b"0\r\n\r\n", head, content_length=False))
         assert_error(response, 507, "insufficient_storage")
-        assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-")] == []
+        assert [p.name for p in small_tmpfs.iterdir() if p.name.startswith("lungserve-analyze-")] == []
         # The disk is free again: an /analyze that fits, and /predict, still work.
         assert send(running, upload("/analyze", encode(LARGE, "JPEG", quality=90))).status == 200
         assert send(running, upload("/predict", JPEG)).status == 200
