@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
-import simplejpeg  # type: ignore[import-untyped]  # no stubs; one call
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -197,6 +196,8 @@ def decode_whole(img: Image.Image, data: Data, layout: JpegLayout | None) -> Non
         return
     _refuse_grey_fill(img)
     if not layout.single_scan:
+        import simplejpeg  # type: ignore[import-untyped]  # only multi-scan JPEGs need it (no stubs)
+
         try:
             # The smallest output (1/8 scale, one channel): every scan is still entropy-decoded.
             simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=1, min_height=1, strict=True)
