@@ -37,9 +37,8 @@ from service.http.schemas import (
     multipart_body,
 )
 from service.http.uploads import (
-    MULTIPART_OVERHEAD_BYTES,
     MultipartBody,
-    UploadLimits,
+    RouteLimits,
     check_spool_room,
     close_spooled,
     spool_error,
@@ -118,16 +117,8 @@ def _pictures(
 async def analyze(request: Request) -> AnalyzeResponse:
     service: ServiceState = request.app.state.service
     settings = service.settings
-    limits = UploadLimits(
-        field="file",
-        max_files=1,
-        max_file_bytes=settings.max_slide_bytes,
-        max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
-        fail_fast=True,
-        # The same minimum upload rate as every other door: a trickled slide holds a slot too.
-        min_rate_bytes_s=settings.min_upload_rate_bytes_s or None,
-        rate_grace_s=settings.upload_rate_grace_s,
-    )
+    route_limits: RouteLimits = request.app.state.upload_limits
+    limits = route_limits.slide
     loop = asyncio.get_running_loop()
     try:
         spool_root = tempfile.TemporaryDirectory(prefix="lungserve-analyze-")

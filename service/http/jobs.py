@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from service.core.state import ServiceState
 from service.errors import BadRequest, InvalidImage, LungserveError, ModelNotReady, RequestTooLarge, TooManyTiles
 from service.http.schemas import ERROR_RESPONSES, AnalysisSummary, ErrorResponse, ModelRef, SourceInfo, TileAnswer
-from service.http.uploads import MULTIPART_OVERHEAD_BYTES, MultipartBody, UploadLimits
+from service.http.uploads import MultipartBody, RouteLimits
 from service.jobs.runner import JobRunner
 from service.jobs.s3_store import parse_slide_uri
 from service.observability.logs import request_context_from_scope
@@ -183,16 +183,8 @@ async def _uri_of(request: Request) -> str:
 
 async def _spooled_slide(service: ServiceState, runner: JobRunner, request: Request) -> Path:
     """The upload, written to disk as it arrives (never held in memory)."""
-    settings = service.settings
-    limits = UploadLimits(
-        field="file",
-        max_files=1,
-        max_file_bytes=settings.max_slide_bytes,
-        max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
-        fail_fast=True,
-        min_rate_bytes_s=settings.min_upload_rate_bytes_s or None,
-        rate_grace_s=settings.upload_rate_grace_s,
-    )
+    route_limits: RouteLimits = request.app.state.upload_limits
+    limits = route_limits.slide
     path = runner.spool_dir() / f"upload-{uuid.uuid4().hex}"
     handles: list[BinaryIO] = []
 

@@ -67,6 +67,7 @@ class RouteLimits:
 
     predict: UploadLimits
     predict_many: UploadLimits
+    slide: UploadLimits  # /analyze and POST /jobs: one large file, spooled to disk
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RouteLimits:
@@ -87,6 +88,16 @@ class RouteLimits:
                 max_file_bytes=settings.max_file_bytes,
                 max_body_bytes=settings.max_request_bytes,
                 fail_fast=False,
+                min_rate_bytes_s=rate,
+                rate_grace_s=settings.upload_rate_grace_s,
+            ),
+            slide=UploadLimits(
+                field="file",
+                max_files=1,
+                max_file_bytes=settings.max_slide_bytes,
+                max_body_bytes=settings.max_slide_bytes + MULTIPART_OVERHEAD_BYTES,
+                fail_fast=True,
+                # The same minimum upload rate as every other door: a trickled slide holds a slot too.
                 min_rate_bytes_s=rate,
                 rate_grace_s=settings.upload_rate_grace_s,
             ),
