@@ -316,7 +316,10 @@ class FrontSession:
             self._lost.set_result(None)
 
     async def close(self) -> None:
+        # BYE, then let the front hang up. Closing first races its last SUBMIT: a write into a
+        # closed socket loses the BYE with it, and its images would fail as after a crash.
+        # Until it hangs up, what it still submits is answered "shutting down" (_submit_lane).
         self.protocol.send(wire.Kind.BYE)
-        self.protocol.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
+        self.protocol.close()

@@ -339,7 +339,11 @@ class RemoteModelClient:
                 self._connected.set()
                 log.info("connected to the model process: %s %s", model.identity.name, model.identity.version)
         elif kind is wire.Kind.BYE:
-            self._model_stopping = True  # what it has not answered fails as "shutting down"
+            # It answered everything it read before BYE: what still waits never reached it, and
+            # fails as "shutting down" when we hang up (_on_lost), which lets it exit.
+            self._model_stopping = True
+            if self._protocol is not None:
+                self._protocol.close()
         elif kind is wire.Kind.REPLY:
             call_id, header, payload = wire.parse_call(body)
             future = self._calls.get(call_id)

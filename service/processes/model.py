@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -27,8 +26,10 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awaitable[None]]) -> int:
-    """Start, serve until `stopping()` returns, drain. 0, or 3 when the model could not load."""
+async def run(socket_path: Path, settings: Settings) -> int:
+    """Start, serve until SIGTERM, drain. 0, or 3 when the model could not load."""
+    # Before listening: a SIGTERM from the moment a front can connect must drain, not kill.
+    stop = _stop_on_sigterm()
     # Its batches, queue and in-flight runs: in one process's files, summed into every front's
     # /metrics when the supervisor set PROMETHEUS_MULTIPROC_DIR (else nobody reads them).
     metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
@@ -47,7 +48,7 @@ async def run(socket_path: Path, settings: Settings, stopping: Callable[[], Awai
     metrics.set_ready(True)  # the model process's vote in lungserve_model_ready (the minimum)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(server)))
-    await stopping()
+    await stop.wait()
     metrics.set_ready(False)
     await server.stop()
     return 0
@@ -58,6 +59,20 @@ async def _reload_on_signal(server: ModelServer) -> None:
         await server.reloader.reload()
     except LungserveError as exc:
         log.warning("SIGHUP reload: %s", exc.message)
+
+
+def _stop_on_sigterm() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # signal.signal, not loop.add_signal_handler: asyncio restores the default action
+        # when its loop closes, and a second SIGTERM then would kill a clean exit.
+        with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting anyway
+            loop.call_soon_threadsafe(stop.set)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,21 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown
-
-    async def until_sigterm() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm(signum: int, frame: object) -> None:
-            # signal.signal, not loop.add_signal_handler: asyncio restores the default action
-            # when its loop closes, and a second SIGTERM then would kill a clean exit.
-            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting anyway
-                loop.call_soon_threadsafe(stop.set)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        await stop.wait()
-
-    return asyncio.run(run(args.socket, settings, until_sigterm))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the model is up: it loads the newest anyway
+    code = asyncio.run(run(args.socket, settings))
+    # Python puts SIGTERM back to its default as it finalises: a second SIGTERM while we exit
+    # would turn a clean drain into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
