@@ -47,8 +47,10 @@ class Lock:
 DEV = Lock("dev", ("cpu", "export", "dev"), constrained=False)
 LOCKS = (
     DEV,
-    Lock("serve", ("cpu",)),  # the serving install: onnxruntime (CPU), never TensorFlow
-    Lock("gpu", ("gpu",)),  # onnxruntime-gpu, never beside onnxruntime
+    # The serving installs (`make serve`, the wheel path, the images): every serving extra,
+    # never TensorFlow. serve: onnxruntime (CPU); gpu: onnxruntime-gpu, never beside onnxruntime.
+    Lock("serve", ("cpu", "grpc", "slides")),
+    Lock("gpu", ("gpu", "grpc", "slides")),
     Lock("test", ("cpu", "dev")),  # the other-version matrix of `make test`: dev without TensorFlow
     Lock("build", source="requirements/build.in"),  # setuptools + build, for --no-build-isolation
 )

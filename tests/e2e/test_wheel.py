@@ -3,10 +3,12 @@
 service/ and export/, adds exactly the import names the README documents, and, installed into a
 fresh venv outside the checkout from the serving lock (hash-checked) plus the wheel, its own
 `lungserve serve`, started from a directory outside the checkout, answers /predict on a real image
-with the bundled model. An editable install or PYTHONPATH would hide a missing file or package."""
+with the bundled model, and OIP over gRPC (the serving lock carries the `grpc` and `slides`
+extras, as the images do). An editable install or PYTHONPATH would hide a missing file or package."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import os
 import subprocess
@@ -16,12 +18,14 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from packaging.specifiers import SpecifierSet
 
 from service.model.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL, ROOT
-from tests.e2e.server import run_server, wait_ready
+from tests.e2e.server import free_port, run_server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -105,20 +109,41 @@ async def test_installed_wheel_serves_predict_from_outside_the_checkout(
     installed: Path, tmp_path: Path, real_images: list[Path]
 ) -> None:
     env = outside_env()
-    probe = "import importlib.util as u, service, export; print(service.__file__); print(u.find_spec('tensorflow'))"
+    # The serving extras are in the lock: gRPC (grpcio + Triton's generated code) and OpenSlide.
+    probe = (
+        "import importlib.util as u, service, export, grpc, openslide, tritonclient.grpc.service_pb2; "
+        "print(service.__file__); print(u.find_spec('tensorflow'))"
+    )
     where, tensorflow = run([installed / "bin" / "python", "-c", probe], cwd=tmp_path, env=env).splitlines()
     assert Path(where).is_relative_to(installed), f"service imported from {where}, not from the installed wheel"
     assert tensorflow == "None", "the serving lock pulled TensorFlow"
     run([installed / "bin" / "python", "-m", "pip", "check"], cwd=tmp_path, env=env)  # the lock meets the wheel
 
     manifest = Manifest.read(BUNDLED_MODEL / "model.json")
-    with run_server(tmp_path, installed / "bin" / "lungserve", env, {}) as server:
+    grpc_port = free_port()
+    with run_server(tmp_path, installed / "bin" / "lungserve", env, {"LUNGSERVE_GRPC_PORT": str(grpc_port)}) as server:
         await wait_ready(server)
         async with httpx.AsyncClient(base_url=server.url, timeout=60.0) as client:
             image = real_images[0]
             r = await client.post("/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
+        over_grpc = await asyncio.to_thread(infer_over_grpc, grpc_port, manifest.name, image.read_bytes())
     assert r.status_code == 200, r.text
     body = r.json()
     assert list(body["probabilities"]) == manifest.classes
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
     assert body["model"]["version"] == manifest.version  # the bundled model, shipped in the wheel
+    want = [body["probabilities"][c] for c in manifest.classes]
+    np.testing.assert_allclose(over_grpc, [want], rtol=0, atol=1e-5)
+
+
+def infer_over_grpc(port: int, model: str, image: bytes) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        assert client.is_model_ready(model)
+        tensor = grpcclient.InferInput("image_bytes", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+        probabilities = client.infer(model, [tensor]).as_numpy("probabilities")
+    finally:
+        client.close()
+    assert isinstance(probabilities, np.ndarray)
+    return probabilities
