@@ -50,12 +50,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, remote: RemoteModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, remote: RemoteModel | None = None, process: str = "server"
+) -> FastAPI:
     """The whole app. `remote`: the model lives in the model process (a front of `lungserve
-    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it."""
+    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it. `process`:
+    this process's name in the per-process metrics ("front N" under the supervisor)."""
     settings = settings if settings is not None else Settings()
     # Each app its own registry: several apps (tests) in one process never share a counter.
-    metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
+    metrics = Metrics(CollectorRegistry(), settings.max_batch_size, process)
     state = ServiceState(settings=settings, observer=PredictionMetrics(metrics))
     # POST /admin/reload and the optional ETag poller: new model built beside the old, then swapped.
     # Each runtime's batcher gets its own observer: while the old one drains, the queue gauges

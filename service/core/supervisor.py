@@ -113,7 +113,8 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         # Its own process group: a terminal's Ctrl-C reaches only the supervisor, which keeps the
         # order (fronts, then the model process). Children exit with it (die_with_parent).
-        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, process_group=0, env=self._env)
+        argv = [*child.argv, "--restart"] if child.exit_codes else child.argv  # counted in /metrics
+        child.proc = subprocess.Popen(argv, pass_fds=child.pass_fds, process_group=0, env=self._env)
         child.pidfd = os.pidfd_open(child.proc.pid)
         child.started_at = time.monotonic()
         child.restart_at = None

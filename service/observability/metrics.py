@@ -57,6 +57,7 @@ counted by `PredictionMetrics.on_image_abandoned`. Every admitted image ends in 
 outcome.
 """
 IMAGE_OUTCOMES: Final[tuple[str, ...]] = (*get_args(ImageOutcome), "cancelled")
+PROCESS_ROLES: Final = ("front", "model")  # the children the supervisor restarts
 
 RejectReason = Literal["queue_full", "deadline", "bad_input", "shutting_down", "not_ready"]
 """Why a request was refused (label `reason` of `lungserve_rejected_total`)."""
@@ -102,9 +103,10 @@ def status_class(status: int) -> str:
 class Metrics:
     """The service's collectors, plus the calls the API, the app and the batcher make."""
 
-    def __init__(self, registry: CollectorRegistry, max_batch_size: int) -> None:
+    def __init__(self, registry: CollectorRegistry, max_batch_size: int, process: str = "server") -> None:
         self.registry = registry
         self.max_batch_size = max_batch_size
+        self.process = process  # "server" (one process), "front N" or "model" (docs/topology.md)
         r = registry
         # Several processes (docs/topology.md): the supervisor gives every child the same
         # PROMETHEUS_MULTIPROC_DIR, prometheus_client writes each value to a file there, and any
@@ -185,6 +187,35 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # The same, per process (label `process`: bounded by the fronts and the model process).
+        # Live processes only: a replaced front's last values do not linger.
+        self.process_queue_depth = Gauge(
+            f"{PREFIX}_process_queue_depth",
+            "Images waiting in this process's batcher queue.",
+            ["process"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.process_batches_in_flight = Gauge(
+            f"{PREFIX}_process_batches_in_flight",
+            "Batches currently running in this process's model.",
+            ["process"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.process_batch_size = Histogram(
+            f"{PREFIX}_process_batch_size",
+            "Images per batch sent to the model, by the process that ran it.",
+            ["process"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
+        )
+        self.process_restarts = Counter(
+            f"{PREFIX}_process_restarts",
+            "Child processes the supervisor started again after they exited, by role (front, model).",
+            ["role"],
+            registry=r,
+        )
         self.rejected_requests = Counter(
             f"{PREFIX}_rejected",
             "Requests refused before compute, by reason.",
@@ -242,6 +273,16 @@ class Metrics:
             self.rejected_requests.labels(reason=reason)
         for d in DECISION_LABELS:
             self.decisions.labels(*d)
+        for role in PROCESS_ROLES:
+            self.process_restarts.labels(role=role)
+        self.process_queue_depth.labels(process=process)
+        self.process_batches_in_flight.labels(process=process)
+
+    def restarted(self, role: str) -> None:
+        """This process replaces one of `role` that exited (the supervisor said so: `--restart`)."""
+        if role not in PROCESS_ROLES:
+            raise ValueError(f"unknown process role {role!r}")
+        self.process_restarts.labels(role=role).inc()
 
     # --- called by the request middleware and the API ---------------------------------
 
@@ -355,12 +396,15 @@ class BatcherMetrics:
         self._in_flight = 0
 
     def on_queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth.inc(depth - self._depth)
+        m = self.metrics
+        m.queue_depth.inc(depth - self._depth)
+        m.process_queue_depth.labels(process=m.process).inc(depth - self._depth)
         self._depth = depth
 
     def on_batch_start(self, batch_id: int, size: int, queue_waits_s: Sequence[float]) -> None:
         m = self.metrics
         m.batch_size.observe(size)
+        m.process_batch_size.labels(process=m.process).observe(size)
         for wait in queue_waits_s:
             m.queue_wait.observe(wait)
 
@@ -370,7 +414,9 @@ class BatcherMetrics:
             self.metrics.batch_failures.inc()
 
     def on_in_flight(self, batches: int) -> None:
-        self.metrics.batches_in_flight.inc(batches - self._in_flight)
+        m = self.metrics
+        m.batches_in_flight.inc(batches - self._in_flight)
+        m.process_batches_in_flight.labels(process=m.process).inc(batches - self._in_flight)
         self._in_flight = batches
 
     def on_dropped_cancelled(self, count: int) -> None:

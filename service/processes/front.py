@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-socket", type=Path)
     parser.add_argument("--queue-bound", type=Path)
     parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
+    parser.add_argument("--restart", action="store_true", help="this front replaces one that exited")
     args = parser.parse_args(argv)
     set_title(f"lungserve: front {args.index}")
     if args.parent is not None:
@@ -49,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_socket is not None and args.queue_bound is not None:
         remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
     try:
-        app = create_app(settings, remote=remote)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
+        # Reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra.
+        app = create_app(settings, remote=remote, process=f"front {args.index}")
     except (ApiKeysFileError, GrpcUnavailable) as exc:
         print(f"lungserve front {args.index}: {exc}", file=sys.stderr)
         return 2  # the supervisor stops: every restart would fail the same way
     configure_logging(settings.log_level, json=settings.log_json)
+    if args.restart:
+        app.state.metrics.restarted("front")
     server, _ = build_server(app, settings)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
 

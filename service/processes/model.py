@@ -26,13 +26,15 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def run(socket_path: Path, settings: Settings) -> int:
+async def run(socket_path: Path, settings: Settings, *, restart: bool = False) -> int:
     """Start, serve until SIGTERM, drain. 0, or 3 when the model could not load."""
     # Before listening: a SIGTERM from the moment a front can connect must drain, not kill.
     stop = _stop_on_sigterm()
     # Its batches, queue and in-flight runs: in one process's files, summed into every front's
     # /metrics when the supervisor set PROMETHEUS_MULTIPROC_DIR (else nobody reads them).
-    metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
+    metrics = Metrics(CollectorRegistry(), settings.max_batch_size, "model")
+    if restart:
+        metrics.restarted("model")
     server = ModelServer(
         settings,
         observer=metrics.batcher_observer,
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lungserve-model")
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
+    parser.add_argument("--restart", action="store_true", help="this model process replaces one that exited")
     args = parser.parse_args(argv)
     set_title("lungserve: model")
     if args.parent is not None:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, json=settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the model is up: it loads the newest anyway
-    code = asyncio.run(run(args.socket, settings))
+    code = asyncio.run(run(args.socket, settings, restart=args.restart))
     # Python puts SIGTERM back to its default as it finalises: a second SIGTERM while we exit
     # would turn a clean drain into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

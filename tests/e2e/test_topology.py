@@ -84,6 +84,12 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
             # Batches (the model process's, or each front's): their sizes add up to the images.
             assert after["lungserve_batch_size_sum"] - before["lungserve_batch_size_sum"] == 6
             assert after["lungserve_model_ready"] == 1
+            # Per process: the batching processes' own series, summing to the server's.
+            batching = ["model"] if inference == "model-process" else ["front 0", "front 1"]
+            per_process = [f'lungserve_process_batch_size_sum{{process="{p}"}}' for p in batching]
+            assert sum(after[k] - before.get(k, 0.0) for k in per_process) == 6
+            assert all(f'lungserve_process_queue_depth{{process="{p}"}}' in after for p in batching)
+            assert after['lungserve_process_restarts_total{role="front"}'] == 0
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(TIMEOUT_S) == 0
 
@@ -133,6 +139,10 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
 
         assert not bad, bad[:5]
         assert 503 in statuses  # the images waiting on the killed model process
+        async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+            counted = _samples((await client.get("/metrics")).text)
+        assert counted['lungserve_process_restarts_total{role="model"}'] == 1
+        assert counted['lungserve_process_restarts_total{role="front"}'] == 1
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(TIMEOUT_S) == 0
         log = server.output()

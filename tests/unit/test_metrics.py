@@ -254,11 +254,15 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_jobs",
         "lungserve_job_tiles",
         "lungserve_job_duration_seconds",
+        "lungserve_process_queue_depth",
+        "lungserve_process_batches_in_flight",
+        "lungserve_process_batch_size",
+        "lungserve_process_restarts",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
             assert {s.name for s in family.samples} <= {f"{name}_total", f"{name}_created"}
-        if family.type == "histogram" and name != "lungserve_batch_size":
+        if family.type == "histogram" and name not in ("lungserve_batch_size", "lungserve_process_batch_size"):
             assert name.endswith("_seconds")
     # Labels are the bounded ones, never ids or file names.
     labels = {key for f in ours.values() for s in f.samples for key in s.labels}
@@ -277,6 +281,8 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "key",
         "state",  # a slide job's state (five values)
         "kind",  # a slide-job tile: tissue or background
+        "process",  # "server", "front N" (N < LUNGSERVE_WORKERS) or "model"
+        "role",  # front or model
     }
     assert labels <= allowed  # `key` is an API key's name from the keys file, never the key
 
@@ -422,3 +428,22 @@ def test_gauges_sum_over_batchers_during_a_reload(metrics: Metrics, registry: Co
     old.on_batch_start(1, 3, [0.0] * 3)
     new.on_batch_start(1, 2, [0.0] * 2)  # batch ids restart per batcher: counted, not keyed
     assert value(registry, "lungserve_batch_size_sum") == 5
+
+
+def test_per_process_series_name_the_process(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry, max_batch_size=8, process="front 1")
+    # Present before anything happens, at 0 (a dashboard shows 0, not "no data").
+    assert value(registry, "lungserve_process_queue_depth", process="front 1") == 0
+    assert value(registry, "lungserve_process_restarts_total", role="model") == 0
+    observer = metrics.batcher_observer()
+    observer.on_queue_depth(3)
+    observer.on_in_flight(1)
+    observer.on_batch_start(1, 2, [0.0, 0.0])
+    assert value(registry, "lungserve_process_queue_depth", process="front 1") == 3
+    assert value(registry, "lungserve_process_batches_in_flight", process="front 1") == 1
+    assert value(registry, "lungserve_process_batch_size_sum", process="front 1") == 2
+    assert value(registry, "lungserve_queue_depth") == 3  # the server-wide series are unchanged
+    metrics.restarted("front")
+    assert value(registry, "lungserve_process_restarts_total", role="front") == 1
+    with pytest.raises(ValueError, match="unknown process role"):
+        metrics.restarted("decoder")  # a typo must not mint a new series
