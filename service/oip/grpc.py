@@ -191,7 +191,13 @@ class GrpcDoor:
     async def start(self, host: str, port: int) -> int:
         max_message = self.state.settings.max_request_bytes
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                # Every front of `lungserve serve` binds this port; the kernel spreads the
+                # connections (docs/topology.md). gRPC's default on Linux, stated, not assumed.
+                ("grpc.so_reuseport", 1),
+            ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.state, self.metrics, self.keys), self.server

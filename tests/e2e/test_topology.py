@@ -11,10 +11,14 @@ import signal
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil  # type: ignore[import-untyped]  # no stubs
 import pytest
+import tritonclient.grpc as grpcclient
 
-from tests.e2e.server import Server, start_server, wait_ready
+from service.model.manifest import Manifest
+from tests.conftest import BUNDLED_MODEL
+from tests.e2e.server import Server, free_port, start_server, wait_ready
 from tests.images import noise_jpeg
 from tests.onnx_models import write_model_v2_dir
 
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.anyio
 
 TOPOLOGY = {"LUNGSERVE_WORKERS": "2", "LUNGSERVE_INFERENCE": "model-process", "LUNGSERVE_LOG_JSON": "true"}
 TIMEOUT_S = 60.0
+MODEL_NAME = Manifest.read(BUNDLED_MODEL / "model.json").name
 
 
 def children(server: Server) -> dict[str, int]:
@@ -49,7 +54,9 @@ async def until(predicate: object, what: str) -> None:
 
 @pytest.mark.parametrize("inference", ["model-process", "in-front"])
 async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Path, inference: str) -> None:
-    with start_server(tmp_path, **{**TOPOLOGY, "LUNGSERVE_INFERENCE": inference}) as server:
+    grpc_port = free_port()
+    env = {**TOPOLOGY, "LUNGSERVE_INFERENCE": inference, "LUNGSERVE_GRPC_PORT": str(grpc_port)}
+    with start_server(tmp_path, **env) as server:
         await wait_ready(server)
         fronts = {"lungserve: front 0", "lungserve: front 1"}
         # wait_ready saw one front ready; the other may still be starting (importing, or loading
@@ -90,6 +97,10 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
             assert sum(after[k] - before.get(k, 0.0) for k in per_process) == 6
             assert all(f'lungserve_process_queue_depth{{process="{p}"}}' in after for p in batching)
             assert after['lungserve_process_restarts_total{role="front"}'] == 0
+        # OIP over gRPC: every front serves the one port (SO_REUSEPORT), fresh channels each time.
+        assert server.output().count("Open Inference Protocol over gRPC on") == 2
+        for _ in range(4):
+            assert await asyncio.to_thread(_grpc_infer, grpc_port, image) == one.json()["label"]
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(TIMEOUT_S) == 0
 
@@ -148,6 +159,19 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
         log = server.output()
         assert "model process exited" in log
         assert "restarting" in log
+
+
+def _grpc_infer(port: int, image: bytes) -> str:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        tensor = grpcclient.InferInput("image_bytes", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+        labels = client.infer(MODEL_NAME, [tensor]).as_numpy("label")
+    finally:
+        client.close()
+    assert labels is not None
+    value = labels.tolist()[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _all_ready(server: Server) -> bool:
