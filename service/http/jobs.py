@@ -25,7 +25,7 @@ from service.errors import BadRequest, InvalidImage, LungserveError, ModelNotRea
 from service.http.schemas import ERROR_RESPONSES, AnalysisSummary, ErrorResponse, ModelRef, SourceInfo, TileAnswer
 from service.http.uploads import MultipartBody, RouteLimits
 from service.jobs.runner import JobRunner
-from service.jobs.s3_store import parse_slide_uri
+from service.model.source.uri import parse_slide_uri
 from service.observability.logs import request_context_from_scope
 from service.pathology.jobs import Job, geojson
 from service.pathology.slides import open_slide

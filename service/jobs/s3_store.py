@@ -14,14 +14,13 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.errors import LungserveError
 from service.jobs.errors import JobStoreError, SourceTooLarge
 from service.model.source.s3 import client, describe_s3_error
-from service.model.source.uri import S3Options
+from service.model.source.uri import S3Options, parse_slide_uri
 
 CHUNK_SIZE: Final = 1 << 20
 
@@ -31,17 +30,6 @@ class SlideUnreadable(LungserveError):
 
     code = "slide_unreadable"
     status = 422
-
-
-def parse_slide_uri(uri: str) -> tuple[str, str]:
-    """(bucket, key) of `s3://bucket/key`; ValueError for anything else."""
-    parts = urlsplit(uri.strip())
-    if parts.scheme.lower() != "s3" or not parts.netloc:
-        raise ValueError("expected s3://bucket/key")
-    key = parts.path.lstrip("/")
-    if not key or key.endswith("/") or parts.query or parts.fragment:
-        raise ValueError("expected s3://bucket/key naming one object (no query, no trailing slash)")
-    return parts.netloc, key
 
 
 class S3JobStore:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.s3_store import parse_slide_uri
 from service.jobs.store import LocalJobStore, get_json, open_store, put_json
-from service.model.source.uri import S3Options
+from service.model.source.uri import S3Options, parse_slide_uri
 from service.pathology.jobs import (
     REFER_SUFFIX,
     InvalidTransition,

@@ -101,3 +101,15 @@ def parse_model_uri(uri: str) -> LocalLocation | S3Location:
     if scheme and len(scheme) > 1 and "://" in uri:
         raise ModelSourceError(f"unsupported model URI scheme {scheme!r} in {uri!r} (use s3:// or a local path)")
     return LocalLocation(Path(uri))
+
+
+def parse_slide_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of a slide job's `s3://bucket/key`; ValueError for anything else. Here, not
+    in service.jobs.s3_store: the routes check it without importing the AWS SDK."""
+    parts = urlsplit(uri.strip())
+    if parts.scheme.lower() != "s3" or not parts.netloc:
+        raise ValueError("expected s3://bucket/key")
+    key = parts.path.lstrip("/")
+    if not key or key.endswith("/") or parts.query or parts.fragment:
+        raise ValueError("expected s3://bucket/key naming one object (no query, no trailing slash)")
+    return parts.netloc, key
