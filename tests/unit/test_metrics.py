@@ -254,6 +254,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_jobs",
         "lungserve_job_tiles",
         "lungserve_job_duration_seconds",
+        "lungserve_jobs_forwarded",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
