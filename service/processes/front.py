@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     server, _ = build_server(app, settings)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
     if placement is not None and placement.owner:
-        sockets.append(private_socket(placement.socket))  # the other fronts' /jobs arrive here
+        # The other fronts' /jobs arrive here. First: uvicorn listens in this order, so front 0
+        # takes requests of its own only once it takes theirs.
+        sockets.insert(0, private_socket(placement.socket))
 
     def graceful(signum: int, frame: object) -> None:
         pass  # as in `lungserve serve`: exit 0 after uvicorn's graceful shutdown
