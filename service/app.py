@@ -35,6 +35,7 @@ from service.http.access import KeyRing, KeysFile, api_key_guard
 from service.http.admin import AuthFailures
 from service.http.docs import declare_api_keys
 from service.http.errors import install_error_handlers
+from service.http.jobs_forward import JobsForwarder, JobsLink, JobsPlacement, TrustPrivateSocket
 from service.http.middleware import AdminPortSplit, CloseUnreadBody, RequestContextMiddleware, SecurityHeaders
 from service.http.uploads import RouteLimits
 from service.jobs.runner import JobRunner
@@ -51,11 +52,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings | None = None, *, remote: RemoteModel | None = None, process: str = "server"
+    settings: Settings | None = None,
+    *,
+    remote: RemoteModel | None = None,
+    jobs_placement: JobsPlacement | None = None,
+    process: str = "server",
 ) -> FastAPI:
     """The whole app. `remote`: the model lives in the model process (a front of `lungserve
-    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it. `process`:
-    this process's name in the per-process metrics ("front N" under the supervisor)."""
+    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it.
+    `jobs_placement` (several fronts): front 0 runs the slide jobs, the others forward /jobs to
+    it (service.http.jobs_forward); without it this process runs them. `process`: this
+    process's name in the per-process metrics ("front N" under the supervisor)."""
     settings = settings if settings is not None else Settings()
     # Each app its own registry: several apps (tests) in one process never share a counter.
     metrics = Metrics(CollectorRegistry(), settings.max_batch_size, process)
@@ -90,7 +97,13 @@ def create_app(
     keys = KeysFile(settings.api_keys_file) if settings.api_keys_file is not None else None
     grpc_door = _grpc_door(state, metrics, keys) if settings.grpc_port is not None else None
     # Slide jobs: state and results in LUNGSERVE_JOBS_URI; their tasks live in the lifespan.
-    jobs = JobRunner(state, open_store(settings.jobs_uri, S3Options.from_settings(settings)), metrics.jobs)
+    # With several fronts only front 0 runs them; the others pass /jobs on to it.
+    jobs: JobRunner | None = None
+    jobs_link: JobsLink | None = None
+    if jobs_placement is None or jobs_placement.owner:
+        jobs = JobRunner(state, open_store(settings.jobs_uri, S3Options.from_settings(settings)), metrics.jobs)
+    else:
+        jobs_link = JobsLink(jobs_placement.socket, retry_after_s=settings.retry_after_s, metrics=metrics.jobs)
     shutdown = Shutdown(state, metrics, reloader, grpc_door, jobs)
 
     @asynccontextmanager
@@ -145,7 +158,8 @@ def create_app(
                 },
             )
             reloader.start_polling()
-            await jobs.start()
+            if jobs is not None:
+                await jobs.start()
             if grpc_door is not None and settings.grpc_port is not None:
                 port = await grpc_door.start(settings.host, settings.grpc_port)
                 log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, port, extra={"grpc_port": port})
@@ -157,6 +171,8 @@ def create_app(
             if sampling is not None:
                 sampling.cancel()
             await asyncio.gather(trimming, *([sampling] if sampling else []), return_exceptions=True)
+            if jobs_link is not None:
+                await jobs_link.aclose()
             log.info("stopped")
 
     # API keys: an app-wide dependency, so it runs after routing (the request keeps its route
@@ -178,9 +194,12 @@ def create_app(
     app.state.metrics = metrics
     app.state.upload_limits = RouteLimits.from_settings(settings)
     app.state.shutdown = shutdown
-    app.state.jobs = jobs
+    app.state.jobs = jobs  # None in a front that forwards /jobs: its jobs routes never run
     app.state.shed_at_headers = lambda method, path: _shed(state, metrics, method, path)
     app.state.admin_auth_failures = AuthFailures(settings.admin_auth_failures_per_minute)
+    if jobs_link is not None:
+        # Inside the request context: a forwarded request keeps its id, and is counted once.
+        app.add_middleware(JobsForwarder, link=jobs_link)
     # Request id, X-Request-ID / Server-Timing headers, request metrics, one access line each.
     app.add_middleware(
         RequestContextMiddleware,
@@ -203,6 +222,9 @@ def create_app(
         )
     # Outermost of all: every answer, CORS preflights included, says nosniff, no framing, its CSP.
     app.add_middleware(SecurityHeaders)
+    if jobs_placement is not None and jobs_placement.owner:
+        # Front 0: what another front saw of a request it passed on (scheme, client) holds here.
+        app.add_middleware(TrustPrivateSocket, socket_path=jobs_placement.socket)
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(oip_door.router)

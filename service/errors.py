@@ -112,6 +112,18 @@ class ShuttingDown(LungserveError):
     status = 503
 
 
+class JobsUnavailable(LungserveError):
+    """Several fronts: the front that runs slide jobs (front 0) is not answering -- restarting
+    after a crash, or still starting. The request was not delivered; the client retries."""
+
+    code = "jobs_unavailable"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class InferenceFailed(LungserveError):
     """The model run for this request's batch failed; other batches are unaffected."""
 

@@ -5,7 +5,9 @@ The supervisor binds the listening socket(s) once and starts:
 * one **model process** (`service.processes.model`) when inference is remote: it owns the
   device, and the fronts reach it through `service.core.transport`;
 * N **fronts** (`service.processes.front`), each the whole FastAPI app on uvicorn, sharing the socket
-  (the kernel spreads connections over the processes that accept on it).
+  (the kernel spreads connections over the processes that accept on it). Slide jobs run in
+  front 0 only; the others forward /jobs to it on a private Unix socket
+  (`service.http.jobs_forward`), and a replacement front 0 recovers them from the job store.
 
 It holds no request state, so it cannot lose any: it only starts, watches, restarts and stops.
 
@@ -81,6 +83,8 @@ class Supervisor:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="lungserve-"))
         self.model_socket = self.runtime_dir / "model.sock"
         self.queue_bound = self.runtime_dir / "queue"
+        # Slide jobs run in front 0 only; the other fronts forward /jobs to it over this socket.
+        self.jobs_socket = self.runtime_dir / "jobs.sock"
         QueueBound.create(self.queue_bound)
         # One /metrics for the whole server: every child writes its values here, and a front
         # answering a scrape sums them (service.observability.metrics).
@@ -108,6 +112,8 @@ class Supervisor:
             argv += [arg for fd in fds for arg in ("--fd", str(fd))]
             if self.remote_model:
                 argv += ["--model-socket", str(self.model_socket), "--queue-bound", str(self.queue_bound)]
+            if self.workers > 1:
+                argv += ["--jobs-socket", str(self.jobs_socket), *(["--jobs-owner"] if i == 0 else [])]
             self._children.append(_Child("front", i, argv, fds))
 
     def _start(self, child: _Child) -> None:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import LungserveError, Overloaded, TooManyRequests, Unauthorized
+from service.errors import JobsUnavailable, LungserveError, Overloaded, TooManyRequests, Unauthorized
 from service.observability.logs import request_context_from_scope
 
 # Routes of the Open Inference Protocol: their errors keep the protocol's `{"error": "message"}`.
@@ -49,7 +49,7 @@ def http_error(exc: LungserveError, request_id: str | None = None, *, oip: bool 
     same status and headers.
     """
     headers: dict[str, str] = {}
-    if isinstance(exc, (Overloaded, TooManyRequests)):
+    if isinstance(exc, (Overloaded, TooManyRequests, JobsUnavailable)):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

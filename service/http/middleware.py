@@ -152,13 +152,18 @@ class RequestContextMiddleware:
             duration = time.perf_counter() - start
             route = route_template(scope)
             final_status = status if status is not None else 500
-            if self.metrics is not None:
-                self.metrics.observe_request(route, final_status, duration)
-            access_logger.log(
-                logging.DEBUG if route in self.quiet_routes else logging.INFO,
-                "request",
-                extra=_access_fields(ctx, scope["method"], route, final_status, duration),
-            )
+            fields = _access_fields(ctx, scope["method"], route, final_status, duration)
+            if ctx.forwarded:
+                # Front 0 served it: its own line and count are the request's (one of each, not
+                # two); this front's line is only for debugging the hop.
+                fields["forwarded_to"] = "front 0"
+                access_logger.debug("request", extra=fields)
+            else:
+                if self.metrics is not None:
+                    self.metrics.observe_request(route, final_status, duration)
+                access_logger.log(
+                    logging.DEBUG if route in self.quiet_routes else logging.INFO, "request", extra=fields
+                )
 
 
 def _access_fields(ctx: RequestContext, method: str, route: str, status: int, duration: float) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 JOB_STATES: Final = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES: Final = ("done", "failed", "cancelled")
+# Several fronts (docs/topology.md): what became of a /jobs request a front forwarded to front 0.
+FORWARD_OUTCOMES: Final = ("answered", "unavailable")
 # A slide job takes seconds (a biopsy) to hours (a 10 Gpx resection at CPU speed).
 JOB_DURATION_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
@@ -33,6 +35,15 @@ class JobMetrics:
             buckets=JOB_DURATION_BUCKETS,
             registry=registry,
         )
+        self.forwarded_requests = Counter(
+            f"{prefix}_jobs_forwarded",
+            "Requests under /jobs a front passed to front 0 (which runs the jobs), by outcome: answered "
+            "there, or unavailable (front 0 not answering: this front answered 503).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in FORWARD_OUTCOMES:
+            self.forwarded_requests.labels(outcome=outcome)
         for kind in ("tissue", "background"):
             self.tiles.labels(kind=kind)
         for state in FINAL_STATES:
@@ -47,6 +58,11 @@ class JobMetrics:
 
     def tile(self, tissue: bool) -> None:
         self.tiles.labels(kind="tissue" if tissue else "background").inc()
+
+    def forwarded(self, outcome: str) -> None:
+        if outcome not in FORWARD_OUTCOMES:  # a typo must not mint a new series
+            raise ValueError(f"unknown forward outcome {outcome!r}")
+        self.forwarded_requests.labels(outcome=outcome).inc()
 
     def finished(self, state: str, seconds: float) -> None:
         self.duration.labels(state=state).observe(max(0.0, seconds))

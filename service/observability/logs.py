@@ -91,6 +91,9 @@ class RequestContext:
     model_version: str | None = None
     images: int = 0
     api_key: str | None = None  # the caller's key *name* (service.http.access); never the key
+    # Several fronts: front 0 (which runs slide jobs) received this request from this front
+    # (service.http.jobs_forward), so it is front 0's to count and to write the access line of.
+    forwarded: bool = False
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("lungserve_request", default=None)
@@ -199,3 +202,6 @@ def configure_logging(level: int | str = "INFO", json: bool = True) -> None:
         uv.handlers.clear()
         uv.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx's INFO line per request would double the access log of a front passing /jobs on to
+    # front 0 (service.http.jobs_forward): front 0 writes that request's line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -2,10 +2,13 @@
 listening socket(s) the supervisor bound and passed down (docs/topology.md).
 
     python -m service.processes.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
+        [--jobs-socket P [--jobs-owner]]
 
 With `--model-socket`, the app's model is the model process (`RemoteModelClient`); without, the
-front loads its own (inference in the front). Settings come from the environment, as for every
-process of the server. The shutdown order is the single process's (service.http.server): on
+front loads its own (inference in the front). With `--jobs-socket`, slide jobs run in the front
+given `--jobs-owner` (front 0), which also serves the app on that Unix socket; the others forward
+/jobs there (service.http.jobs_forward); without, the front runs its own. Settings come from the
+environment, as for every process of the server. The shutdown order is the single process's (service.http.server): on
 SIGTERM, readiness 503, then the listener closes and what was admitted finishes.
 """
 
@@ -26,6 +29,7 @@ from service.core.proctitle import die_with_parent, set_title
 from service.core.remote_model import RemoteModel
 from service.errors import LungserveError
 from service.http.access import ApiKeysFileError
+from service.http.jobs_forward import JobsPlacement, private_socket
 from service.http.server import build_server
 from service.observability.logs import configure_logging
 from service.settings import Settings
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, action="append", required=True, help="an inherited listening socket")
     parser.add_argument("--model-socket", type=Path)
     parser.add_argument("--queue-bound", type=Path)
+    parser.add_argument("--jobs-socket", type=Path, help="front 0's private socket for /jobs (several fronts)")
+    parser.add_argument("--jobs-owner", action="store_true", help="run the slide jobs and serve --jobs-socket")
     parser.add_argument("--parent", type=int, help="the supervisor's pid: exit with it")
     parser.add_argument("--restart", action="store_true", help="this front replaces one that exited")
     args = parser.parse_args(argv)
@@ -49,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     remote = None
     if args.model_socket is not None and args.queue_bound is not None:
         remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
+    placement = JobsPlacement(args.jobs_socket, owner=args.jobs_owner) if args.jobs_socket is not None else None
     try:
         # Reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra.
-        app = create_app(settings, remote=remote, process=f"front {args.index}")
+        app = create_app(settings, remote=remote, jobs_placement=placement, process=f"front {args.index}")
     except (ApiKeysFileError, GrpcUnavailable) as exc:
         print(f"lungserve front {args.index}: {exc}", file=sys.stderr)
         return 2  # the supervisor stops: every restart would fail the same way
@@ -60,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         app.state.metrics.restarted("front")
     server, _ = build_server(app, settings)
     sockets = [socket.socket(fileno=fd) for fd in args.fd]
+    if placement is not None and placement.owner:
+        # The other fronts' /jobs arrive here. First: uvicorn listens in this order, so front 0
+        # takes requests of its own only once it takes theirs.
+        sockets.insert(0, private_socket(placement.socket))
 
     def graceful(signum: int, frame: object) -> None:
         pass  # as in `lungserve serve`: exit 0 after uvicorn's graceful shutdown

@@ -258,6 +258,7 @@ def test_exposition_parses_and_names_follow_conventions(metrics: Metrics) -> Non
         "lungserve_process_batches_in_flight",
         "lungserve_process_batch_size",
         "lungserve_process_restarts",
+        "lungserve_jobs_forwarded",
     }
     for name, family in ours.items():
         if family.type == "counter":  # the parser strips `_total`; every sample carries it
