@@ -50,9 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, remote: RemoteModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, remote: RemoteModel | None = None, queue_bound: QueueBound | None = None
+) -> FastAPI:
     """The whole app. `remote`: the model lives in the model process (a front of `lungserve
-    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it."""
+    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it, and
+    `queue_bound` (a front with the model in it) makes its queue_limit the whole server's."""
     settings = settings if settings is not None else Settings()
     # Each app its own registry: several apps (tests) in one process never share a counter.
     metrics = Metrics(CollectorRegistry(), settings.max_batch_size)
@@ -70,7 +73,7 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
         reloader = ModelReloader(
             state,
             settings,
-            lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
+            lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer(), shared_bound=queue_bound),
             on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
         )
     else:
@@ -118,7 +121,10 @@ def create_app(settings: Settings | None = None, *, remote: RemoteModel | None =
                         "model fetched and verified (sha256)",
                         extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
                     )
-                    state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
+                    runtime = await open_runtime(
+                        artifact, settings, metrics.batcher_observer(), shared_bound=queue_bound
+                    )
+                    state.replace_runtime(runtime)
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)

@@ -1,10 +1,11 @@
 """A front process of `lungserve serve` (LUNGSERVE_WORKERS > 1): the whole app on uvicorn, on the
 listening socket(s) the supervisor bound and passed down (docs/topology.md).
 
-    python -m service.processes.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
+    python -m service.processes.front --index N --fd FD [--fd FD] --queue-bound P [--model-socket P]
 
 With `--model-socket`, the app's model is the model process (`RemoteModelClient`); without, the
-front loads its own (inference in the front). Settings come from the environment, as for every
+front loads its own (inference in the front). Either way its admissions count in the server's
+one queue bound (`--queue-bound`, cell N). Settings come from the environment, as for every
 process of the server. The shutdown order is the single process's (service.http.server): on
 SIGTERM, readiness 503, then the listener closes and what was admitted finishes.
 """
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 
 from service.app import GrpcUnavailable, create_app
 from service.core.proctitle import die_with_parent, set_title
+from service.core.queue_bound import QueueBound
 from service.core.remote_model import RemoteModel
 from service.errors import LungserveError
 from service.http.access import ApiKeysFileError
@@ -46,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(args.parent)
     settings = Settings()
     remote = None
+    bound = None
     if args.model_socket is not None and args.queue_bound is not None:
         remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
+    elif args.queue_bound is not None:  # the model in this front, queue_limit the server's
+        bound = QueueBound(args.queue_bound, args.index, settings.queue_limit)
     try:
-        app = create_app(settings, remote=remote)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
+        # Reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra.
+        app = create_app(settings, remote=remote, queue_bound=bound)
     except (ApiKeysFileError, GrpcUnavailable) as exc:
         print(f"lungserve front {args.index}: {exc}", file=sys.stderr)
         return 2  # the supervisor stops: every restart would fail the same way
