@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             tree, *extra = spec.split("+")
             env = {k: v for k, v in os.environ.items() if not k.startswith("LUNGSERVE_")}
             env["PYTHONPATH"] = tree
+            env["LUNGSERVE_WORKERS"] = "1"  # one process each, unless +LUNGSERVE_WORKERS=N says otherwise
             env.update(kv.split("=", 1) for kv in extra)
             port = free_port()
             cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]

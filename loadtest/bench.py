@@ -309,6 +309,8 @@ def server_spec(
         env.update(lungserve_env or {})  # --lungserve-env: exploring settings, recorded in the report
         if system == "nobatch":
             env["LUNGSERVE_MAX_BATCH_SIZE"] = "1"
+        if system in ("lungserve", "nobatch"):
+            env["LUNGSERVE_WORKERS"] = "1"  # one process (the default is a front per usable CPU)
         if system in TOPOLOGIES:
             env["LUNGSERVE_WORKERS"] = str(len(os.sched_getaffinity(0)))
             env.update(TOPOLOGIES[system])

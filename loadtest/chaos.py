@@ -692,7 +692,8 @@ def free_port() -> int:
 async def own_server(**env: str) -> AsyncIterator[tuple[Target, subprocess.Popen[bytes]]]:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("LUNGSERVE_")}
-    environment.update({"LUNGSERVE_LOG_LEVEL": "WARNING", **env})
+    # One process (its pid is signalled and measured), unless a row passes LUNGSERVE_WORKERS.
+    environment.update({"LUNGSERVE_LOG_LEVEL": "WARNING", "LUNGSERVE_WORKERS": "1", **env})
     environment["PYTHONPATH"] = str(ROOT) + os.pathsep + environment.get("PYTHONPATH", "")
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below; quoted if start-up fails
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load

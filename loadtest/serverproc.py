@@ -40,6 +40,7 @@ def server(model: str | None, settings: dict[str, str], log: Path) -> Iterator[t
             "PYTHONPATH": str(ROOT),
             "LUNGSERVE_PROVIDER": "cpu",
             "LUNGSERVE_LOG_LEVEL": "WARNING",
+            "LUNGSERVE_WORKERS": "1",  # one process: its pid is the server's memory
             **settings,
         }
     )

@@ -75,6 +75,7 @@ class Server:
             LUNGSERVE_LOG_LEVEL="WARNING",
             LUNGSERVE_JOBS_URI=str(self.jobs),
             LUNGSERVE_SHUTDOWN_DELAY_S="0",
+            LUNGSERVE_WORKERS="1",  # one process, as in the runs it reported
         )
         out = self.log.open("ab")
         self.proc = await asyncio.create_subprocess_exec(

@@ -55,11 +55,13 @@ def create_app(
     settings: Settings | None = None,
     *,
     remote: RemoteModel | None = None,
+    queue_bound: QueueBound | None = None,
     jobs_placement: JobsPlacement | None = None,
     process: str = "server",
 ) -> FastAPI:
     """The whole app. `remote`: the model lives in the model process (a front of `lungserve
-    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it.
+    serve` with LUNGSERVE_WORKERS > 1, docs/topology.md); else this process runs it, and
+    `queue_bound` (a front with the model in it) makes its queue_limit the whole server's.
     `jobs_placement` (several fronts): front 0 runs the slide jobs, the others forward /jobs to
     it (service.http.jobs_forward); without it this process runs them. `process`: this
     process's name in the per-process metrics ("front N" under the supervisor)."""
@@ -80,7 +82,7 @@ def create_app(
         reloader = ModelReloader(
             state,
             settings,
-            lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer()),
+            lambda artifact: open_runtime(artifact, settings, metrics.batcher_observer(), shared_bound=queue_bound),
             on_swap=lambda runtime: metrics.set_model(runtime.identity, runtime.provider),
         )
     else:
@@ -134,7 +136,10 @@ def create_app(
                         "model fetched and verified (sha256)",
                         extra={**identity.log_fields(), "downloaded_bytes": artifact.downloaded_bytes},
                     )
-                    state.replace_runtime(await open_runtime(artifact, settings, metrics.batcher_observer()))
+                    runtime = await open_runtime(
+                        artifact, settings, metrics.batcher_observer(), shared_bound=queue_bound
+                    )
+                    state.replace_runtime(runtime)
             except ModelSourceError as exc:
                 # The one line an operator needs; the server then exits non-zero (start-up failed).
                 log.error("model not loaded from %s: %s", settings.model_uri, exc)

@@ -29,7 +29,8 @@ def _export_extra_missing(exc: ImportError) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Serve with uvicorn, one worker in this process (batching needs one queue per device)."""
+    """Serve with uvicorn: in this process (LUNGSERVE_WORKERS=1), or as the supervisor of fronts
+    (and a model process) when there are several (docs/topology.md)."""
     import signal
 
     from pydantic import ValidationError
@@ -40,7 +41,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.observability.logs import configure_logging
     from service.settings import Settings, describe_error
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    flags = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    overrides = {k: v for k, v in flags if v is not None}
     try:
         settings = Settings(**overrides)  # LUNGSERVE_* from the environment, flags win
     except ValidationError as exc:
@@ -263,12 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="serve the model over HTTP (settings: LUNGSERVE_* environment variables)",
-        description="Serve the model over HTTP with one uvicorn worker. Every setting is an environment variable.",
+        description=(
+            "Serve the model over HTTP: one front process per CPU this process may use (LUNGSERVE_WORKERS, "
+            "--workers; 1: one process, docs/topology.md). Every setting is an environment variable."
+        ),
         epilog="settings (environment variables):\n" + describe_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or LUNGSERVE_HOST)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000, or LUNGSERVE_PORT)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="front processes (default: the usable CPUs, or LUNGSERVE_WORKERS; 1: one process)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

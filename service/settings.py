@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.cpus import usable_cpus
+
 ProviderPolicy = Literal["auto", "cuda", "cpu"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 # Where inference runs when LUNGSERVE_WORKERS > 1 (docs/topology.md): one model process for every
@@ -37,6 +39,11 @@ def _state_home() -> Path:
 
 def _default_workers() -> int:
     return os.cpu_count() or 1
+
+
+def _default_fronts() -> int:
+    """LUNGSERVE_WORKERS unset: one front per CPU this process may use (read when Settings are built)."""
+    return min(usable_cpus(), 1024)
 
 
 class Settings(BaseSettings):
@@ -102,7 +109,13 @@ class Settings(BaseSettings):
 
     # --- processes (docs/topology.md) ---
     workers: int = Field(
-        default=1, ge=1, le=1024, description="front processes sharing the port; 1: one process, as before"
+        default_factory=_default_fronts,
+        ge=1,
+        le=1024,
+        description=(
+            "front processes sharing the port; default: the CPUs this process may use (its affinity, capped by "
+            "a cgroup CPU quota, e.g. a pod's CPU limit); 1: one process"
+        ),
     )
     inference: InferencePlacement = Field(
         default="auto", description="with several workers: auto, model-process (one per device) or in-front"
@@ -319,6 +332,8 @@ def describe_settings() -> str:
     for name, info in Settings.model_fields.items():
         if name == "model_uri":
             default = "the bundled model"
+        elif name == "workers":
+            default = "the usable CPUs"
         elif info.default_factory is not None:
             default = "computed"
         elif info.default is None:

@@ -2,6 +2,8 @@
 
 A slot is taken by `reserve`, kept while its item is queued and computing, and freed when its
 batch has finished (or its future was cancelled mid-compute); docs/batching.md explains why.
+With a `SharedBound` (the fronts of one server, each with its own batcher), every slot taken
+here also takes one of the shared count, and every slot freed here gives it back.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from service.core.batch_types import BatchInfo, QueueFull
+from service.core.batch_types import BatchInfo, QueueFull, SharedBound
 
 __all__ = ["Reservation", "Slots"]
 
@@ -22,8 +24,9 @@ R = TypeVar("R")
 class Slots:
     """The `queue_limit` bound: reserved + queued + computing items, in one count."""
 
-    def __init__(self, limit: int, on_change: Callable[[], None]) -> None:
+    def __init__(self, limit: int, on_change: Callable[[], None], shared: SharedBound | None = None) -> None:
         self.limit = limit
+        self.shared = shared  # also bounded by this count, shared with other batchers
         self.used = 0
         self.reserved = 0  # taken by reserve(), not yet submitted
         self.draining = False
@@ -32,11 +35,18 @@ class Slots:
 
     @property
     def available(self) -> int:
-        return self.limit - self.used
+        mine = self.limit - self.used
+        if self.shared is None:
+            return mine
+        return max(0, min(mine, self.shared.limit - self.shared.used))
 
     def reserve(self, n: int) -> None:
-        if n > self.available:
-            raise QueueFull(n, self.available, self.limit)
+        if n > self.limit - self.used:
+            raise QueueFull(n, self.limit - self.used, self.limit)
+        if self.shared is not None:
+            free = self.shared.try_take(n)  # all or nothing, atomically across the sharers
+            if n > free:
+                raise QueueFull(n, max(0, free), self.shared.limit)
         self.used += n
         self.reserved += n
 
@@ -51,7 +61,10 @@ class Slots:
         self._on_change()
 
     def free(self, n: int) -> None:
+        """`n` slots are free again: every path that ends a slot's use comes here, once."""
         self.used -= n
+        if self.shared is not None and n:
+            self.shared.give(n)
         if self.draining and self.used == 0:
             self.drained.set()
 

@@ -17,6 +17,7 @@ __all__ = [
     "HandlerResultError",
     "NullObserver",
     "QueueFull",
+    "SharedBound",
 ]
 
 
@@ -41,6 +42,26 @@ class HandlerResultError(RuntimeError):
         super().__init__(f"batch handler returned {got} result(s) for {expected} item(s)")
         self.expected = expected
         self.got = got
+
+
+class SharedBound(Protocol):
+    """A `queue_limit` count shared with other batchers (other processes): a batcher given one
+    takes a slot of it with each of its own and gives it back when its own is freed, so the
+    limit holds across all of them (`service.core.queue_bound.QueueBound`, one per front)."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def used(self) -> int:
+        """Slots taken by every sharer (a snapshot)."""
+        ...
+
+    def try_take(self, n: int) -> int:
+        """Take `n` slots, or none: returns the free slots seen (>= n when taken)."""
+        ...
+
+    def give(self, n: int) -> None: ...
 
 
 class BatchObserver(Protocol):

@@ -33,6 +33,7 @@ from service.core.batch_types import (
     HandlerResultError,
     NullObserver,
     QueueFull,
+    SharedBound,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "NullObserver",
     "QueueFull",
     "Reservation",
+    "SharedBound",
     "dispatch_delay",
 ]
 
@@ -121,6 +123,7 @@ class Batcher(Generic[T, R]):
         executor: concurrent.futures.Executor | None = None,
         observer: BatchObserver | None = None,
         dispatch_when_idle: bool = True,
+        shared_bound: SharedBound | None = None,
     ) -> None:
         for name, value, least in (
             ("max_batch_size", max_batch_size, 1),
@@ -141,7 +144,8 @@ class Batcher(Generic[T, R]):
         self._owns_executor = executor is None
 
         self._wakeup = asyncio.Event()  # any change the dispatcher may care about
-        self._slots = Slots(queue_limit, on_change=self._wakeup.set)
+        # `shared_bound`: queue_limit also holds across other batchers (the fronts of a server).
+        self._slots = Slots(queue_limit, on_change=self._wakeup.set, shared=shared_bound)
         # OrderedDict keyed by sequence number: FIFO order, O(1) removal of a cancelled entry.
         self._queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()
         self._low_queue: OrderedDict[int, _Entry[T, R]] = OrderedDict()  # the low-priority lane

@@ -3,6 +3,10 @@
 The batcher's handler closes over *this* engine, so a result always carries the manifest of
 the model that computed it. A hot reload (`service.core.reload`) opens a new runtime beside
 the serving one, swaps it in and drains the old one.
+
+In a front of `lungserve serve` with several fronts and the model in each (docs/topology.md),
+the batcher is also bounded by the server's shared count (`shared_bound`, a `QueueBound`), so
+`queue_limit` holds for the whole server, as it does with a model process.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.batcher import Batcher, BatcherStopped, BatchInfo, BatchObserver, QueueFull, Reservation
+from service.core.batcher import (
+    Batcher,
+    BatcherStopped,
+    BatchInfo,
+    BatchObserver,
+    QueueFull,
+    Reservation,
+    SharedBound,
+)
 from service.core.engine import CUDA, Engine
 from service.core.model_client import Classified, Pixels, Slots
 from service.errors import InferenceFailed, LungserveError, Overloaded, ShuttingDown
@@ -38,6 +50,7 @@ class ModelRuntime:
         *,
         identity: ModelIdentity | None = None,
         observer: BatchObserver | None = None,
+        shared_bound: SharedBound | None = None,
     ) -> None:
         self._engine = engine
         # Which model and where it came from (source, etag): /model, reload, logs, metrics.
@@ -66,6 +79,7 @@ class ModelRuntime:
             queue_limit=settings.queue_limit,
             max_in_flight_batches=settings.max_in_flight_batches,
             observer=observer,  # `Metrics` implements BatchObserver
+            shared_bound=shared_bound,  # queue_limit across every front of the server
         )
 
     # --- what the model is -------------------------------------------------------------------
@@ -166,11 +180,16 @@ def max_batch_size_for(provider: str, settings: Settings) -> int:
 
 
 async def open_runtime(
-    artifact: ModelArtifact, settings: Settings, observer: BatchObserver | None = None
+    artifact: ModelArtifact,
+    settings: Settings,
+    observer: BatchObserver | None = None,
+    *,
+    shared_bound: SharedBound | None = None,
 ) -> ModelRuntime:
     """Engine -> warm-up of every batch size the batcher can form -> started batcher.
 
-    Start-up and hot reload both open their runtime with this.
+    Start-up and hot reload both open their runtime with this; `shared_bound`: the server's
+    queue_limit count, shared with the other fronts (each runtime of a front uses the same one).
     """
     engine = await asyncio.to_thread(
         Engine,
@@ -184,7 +203,7 @@ async def open_runtime(
     if batch != settings.max_batch_size:
         log.info("batches of up to %d on %s (LUNGSERVE_MAX_BATCH_SIZE_CUDA)", batch, engine.provider)
         settings = settings.model_copy(update={"max_batch_size": batch})
-    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer)
+    runtime = ModelRuntime(engine, settings, identity=artifact.identity, observer=observer, shared_bound=shared_bound)
     await runtime.warm_up()
     await runtime.start()
     return runtime

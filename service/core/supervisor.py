@@ -110,8 +110,9 @@ class Supervisor:
         for i in range(self.workers):
             argv = [python, "-m", "service.processes.front", "--index", str(i), "--parent", str(os.getpid())]
             argv += [arg for fd in fds for arg in ("--fd", str(fd))]
+            argv += ["--queue-bound", str(self.queue_bound)]  # queue_limit for the server, either placement
             if self.remote_model:
-                argv += ["--model-socket", str(self.model_socket), "--queue-bound", str(self.queue_bound)]
+                argv += ["--model-socket", str(self.model_socket)]
             if self.workers > 1:
                 argv += ["--jobs-socket", str(self.jobs_socket), *(["--jobs-owner"] if i == 0 else [])]
             self._children.append(_Child("front", i, argv, fds))

@@ -1,11 +1,12 @@
 """A front process of `lungserve serve` (LUNGSERVE_WORKERS > 1): the whole app on uvicorn, on the
 listening socket(s) the supervisor bound and passed down (docs/topology.md).
 
-    python -m service.processes.front --index N --fd FD [--fd FD] [--model-socket P --queue-bound P]
+    python -m service.processes.front --index N --fd FD [--fd FD] --queue-bound P [--model-socket P]
         [--jobs-socket P [--jobs-owner]]
 
 With `--model-socket`, the app's model is the model process (`RemoteModelClient`); without, the
-front loads its own (inference in the front). With `--jobs-socket`, slide jobs run in the front
+front loads its own (inference in the front). Either way its admissions count in the server's
+one queue bound (`--queue-bound`, cell N). With `--jobs-socket`, slide jobs run in the front
 given `--jobs-owner` (front 0), which also serves the app on that Unix socket; the others forward
 /jobs there (service.http.jobs_forward); without, the front runs its own. Settings come from the
 environment, as for every process of the server. The shutdown order is the single process's (service.http.server): on
@@ -26,6 +27,7 @@ from fastapi import FastAPI
 
 from service.app import GrpcUnavailable, create_app
 from service.core.proctitle import die_with_parent, set_title
+from service.core.queue_bound import QueueBound
 from service.core.remote_model import RemoteModel
 from service.errors import LungserveError
 from service.http.access import ApiKeysFileError
@@ -53,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(args.parent)
     settings = Settings()
     remote = None
+    bound = None
     if args.model_socket is not None and args.queue_bound is not None:
         remote = RemoteModel(args.model_socket, args.queue_bound, args.index)
+    elif args.queue_bound is not None:  # the model in this front, queue_limit the server's
+        bound = QueueBound(args.queue_bound, args.index, settings.queue_limit)
     placement = JobsPlacement(args.jobs_socket, owner=args.jobs_owner) if args.jobs_socket is not None else None
     try:
         # Reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra.
-        app = create_app(settings, remote=remote, jobs_placement=placement, process=f"front {args.index}")
+        app = create_app(
+            settings, remote=remote, queue_bound=bound, jobs_placement=placement, process=f"front {args.index}"
+        )
     except (ApiKeysFileError, GrpcUnavailable) as exc:
         print(f"lungserve front {args.index}: {exc}", file=sys.stderr)
         return 2  # the supervisor stops: every restart would fail the same way

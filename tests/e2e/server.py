@@ -23,6 +23,10 @@ from tests.conftest import ROOT
 
 READY_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 60.0
+# LUNGSERVE_WORKERS defaults to the usable CPUs: every e2e server is one process unless its test
+# is about the topology (it passes LUNGSERVE_WORKERS itself). The servers started elsewhere (S3
+# reload, compose, fleet) add this too.
+ONE_PROCESS = {"LUNGSERVE_WORKERS": "1"}
 
 
 def lungserve_executable() -> Path:
@@ -56,11 +60,13 @@ def start_server(tmp_path: Path, **env: str) -> AbstractContextManager[Server]:
 def run_server(
     tmp_path: Path, executable: Path, environ: Mapping[str, str], env: Mapping[str, str]
 ) -> Iterator[Server]:
-    """`executable serve` on a free loopback port, cwd tmp_path, in `environ` less LUNGSERVE_*, plus env."""
+    """`executable serve` on a free loopback port, cwd tmp_path, in `environ` less LUNGSERVE_*, one
+    process (LUNGSERVE_WORKERS=1), plus env."""
     port = free_port()
     environment = {k: v for k, v in environ.items() if not k.startswith("LUNGSERVE_")}
     # Slide jobs stay in the test's folder, never in the developer's state directory.
     environment["LUNGSERVE_JOBS_URI"] = str(tmp_path / "jobs")
+    environment.update(ONE_PROCESS)
     environment.update(env)
     log = tmp_path / f"serve-{port}.log"
     with log.open("wb") as out:

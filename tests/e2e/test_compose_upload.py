@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.e2e.server import ONE_PROCESS
 from tests.s3fixtures import LoggedProcess, MotoServer, boto3_client
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +53,7 @@ def test_the_upload_job_puts_a_model_the_servers_load(moto: MotoServer, aws_env:
     }
     server_env["LUNGSERVE_MODEL_CACHE_DIR"] = str(tmp_path / "cache")  # compose: a tmpfs
     server_env["LUNGSERVE_SHUTDOWN_DELAY_S"] = "0"  # no balancer to wait for here
+    server_env.update(ONE_PROCESS)  # compose's fronts per replica are not what this test is about
     server = LoggedProcess(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0"], env=server_env, cwd=ROOT
     )

@@ -52,7 +52,7 @@ from tests.e2e.fleet import (
     render_haproxy_cfg,
     render_rules,
 )
-from tests.e2e.server import free_port
+from tests.e2e.server import ONE_PROCESS, free_port
 from tests.images import noise_png
 from tests.s3fixtures import LoggedProcess, MotoServer
 from tests.system_tools import require_tool
@@ -246,6 +246,7 @@ def test_fleet_survives_sigterm_alerts_and_rolls_out_a_model(
         "LUNGSERVE_PREPROCESS_WORKERS": "1",
         "LUNGSERVE_MAX_IN_FLIGHT_BATCHES": "1",
         "LUNGSERVE_DRAIN_TIMEOUT_S": "10",
+        **ONE_PROCESS,  # each instance one process: the fleet is HAProxy's three servers
     }
     launched = {n: launch(n, 0, env, tmp_path, processes) for n in NAMES}  # they load and warm up at once
     instances = {n: listening(n, proc) for n, proc in launched.items()}

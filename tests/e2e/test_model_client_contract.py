@@ -1,5 +1,9 @@
 """One contract, two `ModelClient`s: `ModelRuntime` (in this process) and `RemoteModelClient`
-(a real model process over the real transport). Same model, same images, same answers."""
+(a real model process over the real transport). Same model, same images, same answers.
+
+`ModelRuntime` runs twice: alone (`in-process`, one process serving) and bounded by a shared
+`QueueBound` (`in-front`, a front of several with the model in each): the queue bound is the
+same whatever the placement."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import numpy as np
 import pytest
 
 from service.core.model_client import ModelClient
-from service.core.runtime import open_runtime
+from service.core.queue_bound import QueueBound
+from service.core.runtime import ModelRuntime, open_runtime
 from service.errors import Overloaded, ShuttingDown
 from service.model.source import fetch_configured_model
 from service.settings import Settings
@@ -38,18 +43,31 @@ def remote(folder: Path) -> Iterator[ModelProcess]:
         yield mp
 
 
+def _settings(folder: Path) -> Settings:
+    return Settings(
+        model_uri=str(folder / "model"),
+        queue_limit=QUEUE_LIMIT,
+        max_batch_size=4,
+        max_files_per_request=8,
+        refer_below=0.5,
+    )
+
+
+async def _runtime(folder: Path, bound: QueueBound | None = None) -> ModelRuntime:
+    settings = _settings(folder)
+    return await open_runtime(await fetch_configured_model(settings), settings, shared_bound=bound)
+
+
 @asynccontextmanager
 async def opened(kind: str, folder: Path, remote: ModelProcess) -> AsyncIterator[ModelClient]:
     client: ModelClient
+    bound = None
     if kind == "in-process":
-        settings = Settings(
-            model_uri=str(folder / "model"),
-            queue_limit=QUEUE_LIMIT,
-            max_batch_size=4,
-            max_files_per_request=8,
-            refer_below=0.5,
-        )
-        client = await open_runtime(await fetch_configured_model(settings), settings)
+        client = await _runtime(folder)
+    elif kind == "in-front":
+        QueueBound.create(folder / "fronts-queue")  # zeroed: what the supervisor does at start
+        bound = QueueBound(folder / "fronts-queue", 1, QUEUE_LIMIT)
+        client = await _runtime(folder, bound)
     else:
         client = remote.client()
         await client.start()
@@ -57,9 +75,12 @@ async def opened(kind: str, folder: Path, remote: ModelProcess) -> AsyncIterator
         yield client
     finally:
         await client.stop(5.0)
+        if bound is not None:
+            assert bound.used == 0  # every slot of the shared count came back
+            bound.close()
 
 
-@pytest.fixture(params=["in-process", "remote"])
+@pytest.fixture(params=["in-process", "in-front", "remote"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -111,6 +132,44 @@ async def test_the_queue_limit_is_all_or_nothing(kind: str, folder: Path, remote
         held.release()  # idempotent
         last.release()
         assert client.free_slots == QUEUE_LIMIT
+
+
+@pytest.mark.parametrize("placement", ["in-front", "remote"])
+async def test_the_queue_limit_holds_across_fronts(placement: str, folder: Path, remote: ModelProcess) -> None:
+    """Two fronts, one bound: a front that holds nothing is refused when the other holds the
+    slots, with the same 503 + Retry-After, wherever the model runs."""
+    a: ModelClient
+    b: ModelClient
+    if placement == "in-front":
+        path = folder / "two-fronts-queue"
+        QueueBound.create(path)
+        a = await _runtime(folder, QueueBound(path, 0, QUEUE_LIMIT))
+        b = await _runtime(folder, QueueBound(path, 1, QUEUE_LIMIT))
+    else:
+        a, b = remote.client(0), remote.client(1)
+        await a.start()
+        await b.start()
+    try:
+        held = a.reserve(QUEUE_LIMIT - 1)
+        assert b.has_room()
+        assert b.free_slots == 1
+        with pytest.raises(Overloaded) as refused:
+            b.reserve(2)  # 7 + 2 > 8, though b itself holds nothing
+        assert (refused.value.status, refused.value.retry_after_s) == (503, 1)
+        one = b.reserve(1)
+        assert not a.has_room()
+        assert not b.has_room()
+        with pytest.raises(Overloaded):
+            a.reserve(1)
+        await b.infer(one, _images(1)[0])  # answered: its slot is free again, for either front
+        assert a.has_room()
+        assert a.free_slots == b.free_slots == 1
+        held.release()
+        assert a.free_slots == b.free_slots == QUEUE_LIMIT
+        a.reserve(QUEUE_LIMIT).release()  # the whole bound, for one front
+    finally:
+        await a.stop(5.0)
+        await b.stop(5.0)
 
 
 async def test_grad_cam_outputs_match(folder: Path, remote: ModelProcess) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from export.upload import upload
 from service.model.source import S3Options, current_etag
+from tests.e2e.server import ONE_PROCESS
 from tests.images import noise_png
 from tests.onnx_models import manifest_for, model_bytes, write_model_dir
 from tests.s3fixtures import LoggedProcess, MotoServer, boto3_client
@@ -49,6 +50,7 @@ def server_env(moto: MotoServer, uri: str, cache: Path, **extra: str) -> dict[st
         "LUNGSERVE_PROVIDER": "cpu",
         "LUNGSERVE_MAX_BATCH_SIZE": "4",
         "LUNGSERVE_PREPROCESS_WORKERS": "2",
+        **ONE_PROCESS,
         **extra,
     }
 

@@ -6,9 +6,13 @@ process table, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -16,8 +20,10 @@ import psutil  # type: ignore[import-untyped]  # no stubs
 import pytest
 import tritonclient.grpc as grpcclient
 
+from service.core.queue_bound import MAX_FRONTS
 from service.model.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL
+from tests.e2e import rawhttp
 from tests.e2e.server import Server, free_port, start_server, wait_ready
 from tests.images import noise_jpeg
 from tests.onnx_models import write_model_v2_dir
@@ -27,6 +33,8 @@ pytestmark = pytest.mark.anyio
 TOPOLOGY = {"LUNGSERVE_WORKERS": "2", "LUNGSERVE_INFERENCE": "model-process", "LUNGSERVE_LOG_JSON": "true"}
 TIMEOUT_S = 60.0
 MODEL_NAME = Manifest.read(BUNDLED_MODEL / "model.json").name
+ATTEMPTS = 5
+Cells = np.memmap[Any, np.dtype[np.int64]]
 
 
 def children(server: Server) -> dict[str, int]:
@@ -260,3 +268,101 @@ async def test_a_model_that_cannot_load_stops_the_supervisor_with_status_3(tmp_p
     with start_server(tmp_path, **env) as server:
         assert server.proc.wait(TIMEOUT_S) == 3
         assert "could not start (status 3)" in server.output()
+
+
+async def test_in_front_the_queue_limit_holds_across_fronts(tmp_path: Path) -> None:
+    """With a model in each front, LUNGSERVE_QUEUE_LIMIT is still the server's: while one front
+    holds every slot, the other answers 503 + Retry-After from the request's headers (no byte of
+    the body read), though it holds nothing itself; then the slots come back. Both ways round."""
+    limit = 8
+    env = {
+        **TOPOLOGY,
+        "LUNGSERVE_INFERENCE": "in-front",
+        "LUNGSERVE_QUEUE_LIMIT": str(limit),
+        "LUNGSERVE_MAX_FILES_PER_REQUEST": str(limit),
+    }
+    with start_server(tmp_path, **env) as server:
+        await wait_ready(server)
+        await until(lambda: _all_ready(server), "every process ready")
+        fronts = ("lungserve: front 0", "lungserve: front 1")
+        await until(lambda: _async(set(fronts) <= set(children(server))), "both fronts titled")
+        pids = [children(server)[title] for title in fronts]
+        cells = _queue_cells(pids[0])
+        port = int(server.url.rsplit(":", 1)[1])
+        image = noise_jpeg(1536)  # decoding 8 of these keeps the slots held long enough to see
+        try:
+            for holder, other in ((0, 1), (1, 0)):
+                refused = await asyncio.to_thread(_refused_while_held, port, pids, cells, holder, other, image, limit)
+                assert refused.status == 503, refused.body
+                assert refused.code == "overloaded"
+                assert refused.headers.get("retry-after") == "1"
+                assert int(cells.sum()) == 0  # every slot came back once the holder answered
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+            r = await client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})
+            assert r.status_code == 200, r.text
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT_S) == 0
+
+
+def _queue_cells(front: int) -> Cells:
+    """The server's shared queue bound (one int64 cell per front), mapped read-only: the file
+    every front has open."""
+    files = {Path(f.path) for f in psutil.Process(front).open_files()}
+    (path,) = {f for f in files if f.name == "queue" and f.parent.name.startswith("lungserve-")}
+    return np.memmap(path, dtype=np.int64, mode="r", shape=(MAX_FRONTS,))
+
+
+def _refused_while_held(
+    port: int,
+    pids: list[int],
+    cells: Cells,
+    holder: int,
+    other: int,
+    image: bytes,
+    limit: int,
+) -> rawhttp.RawResponse:
+    """Front `holder` admits `limit` images and is frozen holding every slot (SIGSTOP); a
+    request then reaches front `other` only, and is answered; `holder` resumes and answers 200."""
+    body = rawhttp.Multipart()
+    for i in range(limit):
+        body.add("files", image, f"{i}.jpg")
+    request = rawhttp.request("POST", "/predict-many", body.body(), [("Content-Type", body.content_type)])
+    _freeze(pids[other])  # only the holder accepts the next connection
+    for _ in range(ATTEMPTS):
+        with rawhttp.connect(port) as held:
+            rawhttp.send_all(held, request)
+            # Its slots are taken once the body is in, then held while 8 images decode and run:
+            # freeze the holder in that window (a miss, the answer arriving first, is retried).
+            while cells[holder] < limit and not select.select([held], [], [], 0)[0]:
+                pass
+            _freeze(pids[holder])
+            if cells[holder] == limit:  # frozen: nothing changes it now
+                os.kill(pids[other], signal.SIGCONT)
+                # Headers only, a body announced but never sent: the answer cannot wait for it.
+                probe = rawhttp.request(
+                    "POST", "/predict", headers=[("Content-Type", body.content_type), ("Content-Length", "100000")]
+                )
+                refused = rawhttp.exchange(port, probe)
+                os.kill(pids[holder], signal.SIGCONT)
+                answer = rawhttp.read_response(held)
+                assert answer.status == 200, answer.body[:300]
+                assert len(answer.json()["results"]) == limit
+                return refused
+            os.kill(pids[holder], signal.SIGCONT)
+            assert rawhttp.read_response(held).status == 200
+    pytest.fail(f"front {holder} answered before it could be seen holding every slot, {ATTEMPTS} times")
+
+
+def _freeze(pid: int) -> None:
+    """SIGSTOP, then wait until the kernel has really stopped it (bounded)."""
+    os.kill(pid, signal.SIGSTOP)
+    process = psutil.Process(pid)
+    deadline = time.monotonic() + TIMEOUT_S
+    while process.status() != psutil.STATUS_STOPPED:
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} not stopped within {TIMEOUT_S} s")
+        time.sleep(0.001)

@@ -86,7 +86,45 @@ def test_serve_refuses_a_bad_keys_file_naming_the_line_not_the_key(
     keys = tmp_path / "keys"
     keys.write_text("viewer:viewer-key-0123456789abcdef\nviewer:another-key-0123456789abcdef\n")
     monkeypatch.setenv("LUNGSERVE_API_KEYS_FILE", str(keys))
+    monkeypatch.setenv("LUNGSERVE_WORKERS", "1")  # this process refuses it, not a front
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "line 2: the name 'viewer' is used twice" in err
     assert "0123456789abcdef" not in err
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_serve_is_one_process_on_one_usable_cpu_and_a_supervisor_on_more(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int
+) -> None:
+    """LUNGSERVE_WORKERS unset: the usable CPUs decide (service.cpus)."""
+    monkeypatch.setattr("service.settings.usable_cpus", lambda: cpus)
+    supervised: list[int] = []
+
+    def supervise(settings: Settings, overrides: dict[str, object]) -> int:
+        supervised.append(settings.workers)
+        return 0
+
+    monkeypatch.setattr("service.cli._serve_supervised", supervise)
+    keys = tmp_path / "keys"
+    keys.write_text("viewer:viewer-key-0123456789abcdef\nviewer:another-key-0123456789abcdef\n")
+    monkeypatch.setenv("LUNGSERVE_API_KEYS_FILE", str(keys))  # one process stops here, before serving
+    if cpus == 1:
+        assert main(["serve"]) == 2
+        assert supervised == []
+    else:
+        assert main(["serve"]) == 0
+        assert supervised == [cpus]
+
+
+def test_serve_workers_flag_wins_over_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.settings.usable_cpus", lambda: 1)
+    supervised: list[tuple[int, dict[str, object]]] = []
+
+    def supervise(settings: Settings, overrides: dict[str, object]) -> int:
+        supervised.append((settings.workers, overrides))
+        return 0
+
+    monkeypatch.setattr("service.cli._serve_supervised", supervise)
+    assert main(["serve", "--workers", "3"]) == 0
+    assert supervised == [(3, {"workers": 3})]  # passed on to the fronts' environment

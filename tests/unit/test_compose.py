@@ -82,6 +82,8 @@ def test_the_stack_has_every_part(compose: dict[str, Any]) -> None:
     )
     shutdown = settings.shutdown_delay_s + max(settings.drain_timeout_s, settings.request_deadline_s) + 5
     assert int(server["stop_grace_period"].removesuffix("s")) > shutdown
+    # Fronts per replica pinned to its CPU limit (the container would read the same quota).
+    assert server["environment"]["LUNGSERVE_WORKERS"] == server["deploy"]["resources"]["limits"]["cpus"]
 
 
 def test_every_mounted_file_exists_and_fits(compose: dict[str, Any]) -> None:

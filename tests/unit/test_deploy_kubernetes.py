@@ -262,6 +262,16 @@ def test_every_lungserve_variable_is_a_setting(rendered: dict[str, list[dict[str
         Settings.model_validate(values)
 
 
+def test_every_pod_pins_its_fronts_to_its_cpu_limit(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """LUNGSERVE_WORKERS unset would be the same number (the cgroup quota), but a pinned one makes a
+    change of CPU limit a visible change of processes (and of model copies on CPU)."""
+    isvc = yaml.safe_load((KUBE / "kserve" / "inferenceservice.yaml").read_text())
+    containers = {o: container(objects) for o, objects in rendered.items()}
+    containers["kserve"] = isvc["spec"]["predictor"]["containers"][0]
+    for name, c in containers.items():
+        assert env_of(c)["LUNGSERVE_WORKERS"] == str(c["resources"]["limits"]["cpu"]), name
+
+
 def test_cpu_and_gpu_overlays_differ_where_they_must(rendered: dict[str, list[dict[str, Any]]]) -> None:
     cpu, gpu = container(rendered["cpu"]), container(rendered["gpu"])
     assert cpu["image"].endswith(":cpu")

@@ -78,3 +78,24 @@ def test_forwarded_allow_ips_default_none_and_parsed(monkeypatch: pytest.MonkeyP
     assert Settings().forwarded_allow_ips == []
     monkeypatch.setenv("LUNGSERVE_FORWARDED_ALLOW_IPS", "10.0.0.5, 10.1.0.0/16")
     assert Settings().forwarded_allow_ips == ["10.0.0.5", "10.1.0.0/16"]
+
+
+def test_workers_default_to_the_usable_cpus_read_when_settings_are_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def usable() -> int:
+        calls.append(1)
+        return 3
+
+    monkeypatch.setattr("service.settings.usable_cpus", usable)
+    assert Settings().workers == 3
+    assert Settings().workers == 3
+    assert len(calls) == 2  # each build reads them again (a container may be resized)
+    monkeypatch.setenv("LUNGSERVE_WORKERS", "1")
+    assert Settings().workers == 1
+    assert len(calls) == 2  # pinned: not read at all
+
+
+def test_workers_default_never_exceeds_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.settings.usable_cpus", lambda: 4096)
+    assert Settings().workers == 1024
