@@ -183,8 +183,15 @@ def _grpc_infer(port: int, image: bytes) -> str:
 
 
 async def _all_ready(server: Server) -> bool:
+    """Every process of the server ready. lungserve_model_ready is the minimum over the processes
+    that have written it, so a front still importing would not count: each must also show its
+    own per-process series (written when its metrics exist, before it can be ready)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
-        return _samples((await client.get("/metrics")).text).get("lungserve_model_ready") == 1
+        samples = _samples((await client.get("/metrics")).text)
+    # (A front whose model is remote is ready only once the model process, which wrote its own
+    # series before it listened, answers it.)
+    present = all(f'lungserve_process_queue_depth{{process="front {i}"}}' in samples for i in range(2))
+    return present and samples.get("lungserve_model_ready") == 1
 
 
 def _samples(text: str) -> dict[str, float]:
