@@ -37,8 +37,10 @@ def _state_home() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
 
 
-def _default_workers() -> int:
-    return os.cpu_count() or 1
+def _default_decode_threads() -> int:
+    # The CPUs it may use, not os.cpu_count(): in a pod limited to 2 CPUs on a 64-core node,
+    # 64 decode threads per front would only contend (and hold 64 images' pixels).
+    return min(usable_cpus(), 1024)
 
 
 def _default_fronts() -> int:
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
 
     # --- preprocessing ---
     preprocess_workers: int = Field(
-        default_factory=_default_workers, ge=1, le=1024, description="decode threads (Pillow drops the GIL)"
+        default_factory=_default_decode_threads, ge=1, le=1024, description="decode threads (Pillow drops the GIL)"
     )
 
     # --- upload limits (all refused with 413 / 422 JSON, never 500) ---

@@ -380,7 +380,9 @@ class RemoteModelClient:
         self._give(answered)
 
     def _on_lost(self) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and self._model_stopping:
+            log.info("the model process stopped (BYE): %d waiting image(s) fail with 503", len(self._pending))
+        elif self._connected.is_set():
             log.warning("lost the model process: failing %d waiting image(s) with 503", len(self._pending))
         self._connected.clear()
         self._protocol = None

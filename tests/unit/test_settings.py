@@ -88,12 +88,16 @@ def test_workers_default_to_the_usable_cpus_read_when_settings_are_built(monkeyp
         return 3
 
     monkeypatch.setattr("service.settings.usable_cpus", usable)
+    monkeypatch.setenv("LUNGSERVE_PREPROCESS_WORKERS", "2")
     assert Settings().workers == 3
     assert Settings().workers == 3
     assert len(calls) == 2  # each build reads them again (a container may be resized)
     monkeypatch.setenv("LUNGSERVE_WORKERS", "1")
     assert Settings().workers == 1
     assert len(calls) == 2  # pinned: not read at all
+    # Decode threads too: the usable CPUs (a pod's limit), not the node's cores.
+    monkeypatch.delenv("LUNGSERVE_PREPROCESS_WORKERS")
+    assert Settings().preprocess_workers == 3
 
 
 def test_workers_default_never_exceeds_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
