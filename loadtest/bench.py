@@ -53,18 +53,7 @@ ALL_SYSTEMS = (
     "ls-fronts",
     "ls-model",
 )
-SERVED = (
-    "lungserve",
-    "nobatch",
-    "mosec",
-    "litserve",
-    "triton",
-    "bentoml",
-    "rayserve",
-    "seed",
-    "ls-fronts",
-    "ls-model",
-)
+SERVED = tuple(s for s in ALL_SYSTEMS if s != "inprocess")  # every system behind HTTP
 # lungserve's multi-process topologies (docs/topology.md), one front per core: a model in each
 # front, or one model process serving every front.
 TOPOLOGIES = {

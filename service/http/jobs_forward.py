@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BadRequest, JobsUnavailable, LungserveError
 from service.http.errors import http_error
+from service.http.middleware import declares_body
 from service.observability.job_metrics import JobMetrics
 from service.observability.logs import REQUEST_ID_HEADER, RequestContext, new_request_id, request_context_from_scope
 
@@ -137,7 +138,7 @@ class JobsLink:
                     break
             body_read.set()
 
-        has_body = _declares_body(scope)
+        has_body = declares_body(scope)
         if not has_body:
             body_read.set()
         try:
@@ -246,15 +247,6 @@ async def _hang_up(receive: Receive, body_read: asyncio.Event) -> None:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _declares_body(scope: Scope) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-    return False
 
 
 def _target(scope: Scope) -> bytes:

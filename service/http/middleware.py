@@ -39,7 +39,8 @@ _ADMIN_PATHS = ("/admin/", "/metrics")
 _BOTH_PORTS = ("/health/",)
 
 
-def _declares_body(scope: Scope) -> bool:
+def declares_body(scope: Scope) -> bool:
+    """Whether the request has a body to read (a length above 0, or chunked)."""
     for name, value in scope.get("headers", ()):
         if name == b"transfer-encoding":
             return True
@@ -56,7 +57,7 @@ class CloseUnreadBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        complete = not _declares_body(scope)
+        complete = not declares_body(scope)
 
         async def tracking_receive() -> Message:
             nonlocal complete

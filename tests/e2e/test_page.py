@@ -22,8 +22,6 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -31,22 +29,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from service.model.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL
-from tests.e2e.chromium import OFFLINE_FLAGS
+from tests.e2e.chromium import page_browser
 from tests.e2e.server import start_server, wait_ready
-from tests.system_tools import require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 RENDER_TIMEOUT_S = 90.0
-CHROMIUM_FLAGS = (
-    *OFFLINE_FLAGS,
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,1800",
-)
 
 
 def _model_dir() -> Path:
@@ -68,18 +56,8 @@ def _blank_slide(out: Path) -> Path:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    chromium = require_tool("chromium", "chromium")
-    driver_path = require_tool("chromedriver", "chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
+    with page_browser(tmp_path / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _mosaic(originals: list[Path], out: Path) -> Path:

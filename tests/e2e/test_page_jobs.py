@@ -13,16 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.e2e.chromium import page_browser
 from tests.e2e.server import start_server, wait_ready
-from tests.e2e.test_page import CHROMIUM_FLAGS, RENDER_TIMEOUT_S
+from tests.e2e.test_page import RENDER_TIMEOUT_S
 from tests.slides import CELL, cell_image, write_slide
-from tests.system_tools import require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -36,21 +34,9 @@ def downloads(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def browser(tmp_path: Path, downloads: Path) -> Iterator[WebDriver]:
-    chromium = require_tool("chromium", "chromium")
-    driver_path = require_tool("chromedriver", "chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
-    )
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
+    prefs = {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    with page_browser(tmp_path / "chromium-profile", prefs) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _slide(originals: Path, path: Path) -> Path:
