@@ -31,14 +31,8 @@ def _export_extra_missing(exc: ImportError) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Serve with uvicorn: in this process (LUNGSERVE_WORKERS=1), or as the supervisor of fronts
     (and a model process) when there are several (docs/topology.md)."""
-    import signal
-
     from pydantic import ValidationError
 
-    from service.app import GrpcUnavailable, create_app
-    from service.http.access import ApiKeysFileError
-    from service.http.server import build_server
-    from service.observability.logs import configure_logging
     from service.settings import Settings, describe_error
 
     flags = (("host", args.host), ("port", args.port), ("workers", args.workers))
@@ -49,7 +43,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"lungserve serve: invalid settings:\n{describe_error(exc)}", file=sys.stderr)
         return 2
     if settings.workers > 1 or settings.inference == "model-process":
-        return _serve_supervised(settings, overrides)
+        return _serve_supervised(settings, overrides)  # before the app is imported: see there
+    return _serve_here(settings)
+
+
+def _serve_here(settings: Settings) -> int:
+    """One process: the app on uvicorn, with the model in it."""
+    import signal
+
+    from service.app import GrpcUnavailable, create_app
+    from service.http.access import ApiKeysFileError
+    from service.http.server import build_server
+    from service.observability.logs import configure_logging
+
     try:
         app = create_app(settings)  # reads LUNGSERVE_API_KEYS_FILE, checks the grpc extra
     except (ApiKeysFileError, GrpcUnavailable) as exc:
@@ -86,10 +92,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
-    """Several processes (docs/topology.md): a supervisor, N fronts, maybe one model process."""
+    """Several processes (docs/topology.md): a supervisor, N fronts, maybe one model process.
+
+    This process checks the settings and binds the sockets, then becomes the supervisor by
+    exec (service.processes.supervisor, same pid): the supervisor needs none of what was
+    imported to get here (pydantic, numpy; ONNX Runtime when `auto` asked it about CUDA).
+    """
     import os
 
-    from service.core.supervisor import Supervisor, listen, remote_inference
+    from service.core.supervisor import listen, remote_inference
+    from service.http.server import graceful_timeout_s
     from service.observability.logs import configure_logging
     from service.settings import env_name
 
@@ -107,16 +119,19 @@ def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
         "one model process" if remote else "a model in each front",
         extra={"workers": settings.workers, "inference": "model-process" if remote else "in-front"},
     )
-    from service.http.server import graceful_timeout_s
-
     # Above what a front's ordered shutdown can take (service.http.server), plus the model's drain.
     stop_timeout_s = settings.shutdown_delay_s + graceful_timeout_s(
         settings.drain_timeout_s, settings.request_deadline_s
     )
     stop_timeout_s += settings.drain_timeout_s + 30.0
-    return Supervisor(
-        workers=settings.workers, remote_model=remote, sockets=sockets, stop_timeout_s=stop_timeout_s
-    ).run()
+    argv = [sys.executable, "-m", "service.processes.supervisor", "--workers", str(settings.workers)]
+    argv += ["--stop-timeout", str(stop_timeout_s), "--log-level", settings.log_level]
+    argv += [arg for sock in sockets for arg in ("--fd", str(sock.fileno()))]
+    argv += ["--model-process"] if remote else []
+    argv += ["--log-json"] if settings.log_json else []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)  # the sockets are inheritable (listen); returns only by raising
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

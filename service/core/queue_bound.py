@@ -17,10 +17,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Final
-
-import numpy as np
 
 MAX_FRONTS: Final = 1024
 _BYTES: Final = MAX_FRONTS * 8
@@ -38,6 +37,8 @@ class QueueBound:
         # inherited one would be shared with the parent and every sibling.
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._map = mmap.mmap(self._fd, _BYTES)
+        import numpy as np  # here, not at the top: the supervisor (create, reset) stays numpy-free
+
         self._cells = np.frombuffer(self._map, dtype=np.int64)
 
     @staticmethod
@@ -50,7 +51,7 @@ class QueueBound:
     def reset(path: Path, index: int) -> None:
         """Zero a dead front's cell: nothing it admitted is waiting any more."""
         with open(path, "r+b") as f, mmap.mmap(f.fileno(), _BYTES) as m:
-            np.frombuffer(m, dtype=np.int64)[index] = 0
+            struct.pack_into("=q", m, index * 8, 0)
 
     @property
     def used(self) -> int:
@@ -82,6 +83,8 @@ class QueueBound:
         self._cells[self.index] = 0
 
     def close(self) -> None:
+        import numpy as np
+
         self._cells = np.zeros(1, dtype=np.int64)  # drop the view before unmapping
         self._map.close()
         os.close(self._fd)

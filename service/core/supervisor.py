@@ -38,10 +38,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.core.proctitle import set_title
 from service.core.queue_bound import QueueBound
-from service.settings import Settings
+
+if TYPE_CHECKING:  # the supervisor process itself imports only the standard library
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

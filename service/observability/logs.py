@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from starlette.types import Scope
+if TYPE_CHECKING:  # the supervisor logs through this module and imports no web framework
+    from starlette.types import Scope
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 MAX_REQUEST_ID_LEN: Final = 128

@@ -37,6 +37,15 @@ ATTEMPTS = 5
 Cells = np.memmap[Any, np.dtype[np.int64]]
 
 
+HEAVY = ("onnxruntime_pybind11_state", "_multiarray_umath", "_pydantic_core")
+
+
+def _native_modules(pid: int) -> set[str]:
+    """Which of the app's big native modules (ONNX Runtime, numpy, pydantic) the process maps."""
+    names = {Path(m.path).name for m in psutil.Process(pid).memory_maps()}
+    return {h for h in HEAVY if any(n.startswith(h) for n in names)}
+
+
 def children(server: Server) -> dict[str, int]:
     """Title -> pid of the supervisor's children (setproctitle)."""
     found = {}
@@ -74,6 +83,9 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
         titles = set(children(server))
         assert ("lungserve: model" in titles) == (inference == "model-process")
         assert psutil.Process(server.proc.pid).cmdline()[0] == "lungserve: supervisor"
+        # The supervisor became a lean program by exec (same pid): none of the app's native code.
+        assert _native_modules(server.proc.pid) == set()
+        assert set().union(*map(_native_modules, children(server).values())) == set(HEAVY)  # the probe finds them
         async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
             image = noise_jpeg(256)
             one = await client.post("/predict", files={"file": ("a.jpg", image, "image/jpeg")})

@@ -24,3 +24,17 @@ def test_serving_entry_points_import_no_aws_sdk_and_no_tensorflow() -> None:
     loaded = set(json.loads(done.stdout))
     assert not loaded & set(NOT_AT_IMPORT), sorted(loaded & set(NOT_AT_IMPORT))
     assert "onnxruntime" in loaded  # the probe ran the real imports
+
+
+def test_the_supervisor_imports_only_the_standard_library_and_its_own_modules() -> None:
+    """`lungserve serve` execs into it: it must not load back what the exec dropped."""
+    probe = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"  # what the interpreter's start-up (site hooks) loaded
+        "import service.processes.supervisor\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(json.loads(done.stdout))
+    assert "service" in loaded
+    assert loaded - set(sys.stdlib_module_names) == {"service"}
