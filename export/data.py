@@ -1,8 +1,9 @@
 """Folder-per-class image sets, the by-group split, and the decoded-array cache.
 
 Every image is decoded once through `service.model.preprocess.load_image` (the function the
-service runs per request) and cached as uint8 arrays, so training sees exactly the
-pixels serving will see and epochs do not pay for JPEG decoding again.
+service runs per request, its simplejpeg fast path for baseline JPEGs included) and cached as
+uint8 arrays, so training sees exactly the pixels serving will see and epochs do not pay for
+JPEG decoding again.
 """
 
 from __future__ import annotations

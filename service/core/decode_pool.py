@@ -85,7 +85,10 @@ class Decoder:
 
     def _decode(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:
         started = time.perf_counter()
-        image = load_image(data, size, max_pixels=self.max_image_pixels, cancelled=cancelled)
+        # The lane's bound is also load_image's: a large decode keeps Pillow's cancellable reader.
+        image = load_image(
+            data, size, max_pixels=self.max_image_pixels, cancelled=cancelled, large_pixels=self.large_image_pixels
+        )
         return image, time.perf_counter() - started
 
     def _decode_large(self, data: bytes, size: int, cancelled: threading.Event) -> tuple[Pixels, float]:

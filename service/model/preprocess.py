@@ -4,6 +4,16 @@ This is the *only* decode/resize path: training (`export.data`) caches its array
 through `load_image`, and the service calls the same function per request, so there
 is no train/serve skew. `RESIZE` describes it and is written into the model manifest.
 Pure functions, no I/O beyond the bytes given: safe to run in a thread pool.
+
+Two decoders, one result. Pillow opens every file (format allow-list, size limits, header; the
+JPEG marker walk follows) and decodes everything but the common JPEG: baseline, one scan, three
+colour components, no EXIF rotation, a decode below the large-image lane (every real tile and
+original). That one is decoded by libjpeg-turbo through simplejpeg: 3-6 % less CPU per
+load_image, as the header checks and the resize, unchanged, are most of its cost
+(docs/benchmarks/PROFILE.md). The same library as Pillow's, the same DCT scale as its draft, the
+same islow IDCT and fancy upsampling: the pixels are identical (tests/unit/test_fast_jpeg.py
+compares every real image). Any libjpeg error or warning sends the file to Pillow's path, so
+every refusal, and its message, is Pillow's.
 """
 
 from __future__ import annotations
@@ -14,9 +24,10 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
+import simplejpeg  # type: ignore[import-untyped]  # no stubs; two calls
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -56,6 +67,13 @@ NOT_AN_IMAGE: Final = "not a decodable image (expected JPEG, PNG, TIFF or BMP)"
 _JPEG_FILL: Final = 128
 _BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 
+# The default of LUNGSERVE_LARGE_IMAGE_PIXELS (service.settings): from this decode cost an image
+# takes the large-image lane, and Pillow's path, whose reader stops a decode nobody waits for.
+LARGE_DECODE_PIXELS: Final = 4_000_000
+_ORIENTATION: Final = 0x0112  # EXIF Orientation, the tag ImageOps.exif_transpose reads
+
+DecoderName = Literal["simplejpeg", "pillow"]
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -67,6 +85,14 @@ class Probe:
     # Pixels the decoder will produce: fewer than width x height when a JPEG is decoded
     # DCT-reduced (draft), the same otherwise (PNG, TIFF and BMP have no reduced decode).
     decode_pixels: int
+
+
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    """`load_image`'s array, and which decoder produced it (tests and benchmarks ask)."""
+
+    pixels: NDArray[np.uint8]
+    decoder: DecoderName
 
 
 class DecodeAbandoned(Exception):
@@ -149,7 +175,12 @@ def probe_image(data: bytes, size: int, *, max_pixels: int = 50_000_000, draft: 
         scale = _draft_scale(img, size, draft) if layout is None or layout.single_scan else 1
         width, height = img.size
         fmt = str(img.format)
-    return Probe(fmt, width, height, -(-width // scale) * -(-height // scale))
+    return Probe(fmt, width, height, _decode_pixels(width, height, scale))
+
+
+def _decode_pixels(width: int, height: int, scale: int) -> int:
+    """Pixels of a decode at 1/scale: libjpeg rounds each side up."""
+    return -(-width // scale) * -(-height // scale)
 
 
 def load_image(
@@ -159,27 +190,93 @@ def load_image(
     max_pixels: int = 50_000_000,
     draft: bool = True,
     cancelled: threading.Event | None = None,
+    large_pixels: int = LARGE_DECODE_PIXELS,
 ) -> NDArray[np.uint8]:
     """Decode `data` and return a C-contiguous (size, size, 3) uint8 RGB array.
 
     Raises InvalidImage for anything that is not a complete, decodable JPEG, PNG, TIFF or BMP
     and ImageTooLarge when the declared pixel count (or a JPEG's scan count) exceeds the limits
     (checked from the header and markers, before the pixels are decoded). Once `cancelled` is
-    set the decode stops with DecodeAbandoned.
+    set the decode stops with DecodeAbandoned. A decode cost of `large_pixels` or more always
+    takes Pillow's path (cancellable between blocks); `large_pixels=0` forces it for any file.
     """
+    return decode_image(
+        data, size, max_pixels=max_pixels, draft=draft, cancelled=cancelled, large_pixels=large_pixels
+    ).pixels
+
+
+def decode_image(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = 50_000_000,
+    draft: bool = True,
+    cancelled: threading.Event | None = None,
+    large_pixels: int = LARGE_DECODE_PIXELS,
+) -> Decoded:
+    """`load_image`, saying which decoder produced the pixels."""
     with _open(data, max_pixels, cancelled) as img:
         layout = jpeg_layout(img, data)
+        # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= size: several
+        # times cheaper than a full decode of a 768 px original. Both decoders use this scale.
+        scale = _draft_scale(img, size, draft)
         try:
-            if _draft_scale(img, size, draft) > 1:
-                # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= size:
-                # several times cheaper than a full decode of a 768 px original.
-                img.draft("RGB", (size, size))
-            decode_whole(img, data, layout)
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            common = _is_common_jpeg(img, layout, scale, large_pixels)
+            fast = _decode_simplejpeg(data, img.size, scale) if common else None
+            rgb = fast if fast is not None else _decode_pillow(img, data, layout, size, scale)
             resized = rgb.resize((size, size), RESIZE_FILTER)
         except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:
             raise InvalidImage(f"image data is corrupt or truncated: {exc}") from exc
-    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+    pixels = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+    return Decoded(pixels, "pillow" if fast is None else "simplejpeg")
+
+
+def _is_common_jpeg(img: Image.Image, layout: JpegLayout | None, scale: int, large_pixels: int) -> bool:
+    """A file simplejpeg decodes to Pillow's exact pixels: a plain JPEG (not MPO), one baseline scan
+    (multi-scan files need decode_whole's strict pass), three colour components (Pillow's "RGB"),
+    no EXIF rotation, and a decode small enough that it need not be cancellable."""
+    if img.format != "JPEG" or img.mode != "RGB" or layout is None or not layout.single_scan:
+        return False
+    if _decode_pixels(*img.size, scale) >= large_pixels:
+        return False
+    # Read from the header Pillow already parsed (EXIF or XMP): what exif_transpose would apply.
+    orientation: object = img.getexif().get(_ORIENTATION, 1)
+    return orientation == 1
+
+
+def _decode_simplejpeg(data: bytes, source: tuple[int, int], scale: int) -> Image.Image | None:
+    """The JPEG decoded by libjpeg-turbo at 1/scale, or None: then Pillow's path decides.
+
+    strict=True turns every libjpeg warning (a cut, a corrupt scan, stray bytes) into a
+    ValueError. Such a file goes to Pillow's path, which refuses it, or accepts it, exactly as
+    before, with the same messages.
+    """
+    width, height = -(-source[0] // scale), -(-source[1] // scale)
+    try:
+        # libjpeg-turbo's smallest scale (of n/8) still giving this size is 1/scale, Pillow's draft.
+        pixels: NDArray[np.uint8] = simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            fastdct=False,  # islow IDCT and fancy upsampling: libjpeg's defaults, as Pillow
+            fastupsample=False,
+            min_width=width,
+            min_height=height,
+            strict=True,
+        )
+    except ValueError:
+        return None
+    if pixels.shape != (height, width, 3):
+        return None  # another scale than Pillow's draft: parity first
+    _refuse_grey_last_row(pixels[-1])
+    return Image.fromarray(pixels)
+
+
+def _decode_pillow(img: Image.Image, data: bytes, layout: JpegLayout | None, size: int, scale: int) -> Image.Image:
+    """Every file: Pillow's decode with the truncation checks, EXIF orientation, then RGB."""
+    if scale > 1:
+        img.draft("RGB", (size, size))
+    decode_whole(img, data, layout)
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 def decode_whole(img: Image.Image, data: Data, layout: JpegLayout | None) -> None:
@@ -196,8 +293,6 @@ def decode_whole(img: Image.Image, data: Data, layout: JpegLayout | None) -> Non
         return
     _refuse_grey_fill(img)
     if not layout.single_scan:
-        import simplejpeg  # type: ignore[import-untyped]  # only multi-scan JPEGs need it (no stubs)
-
         try:
             # The smallest output (1/8 scale, one channel): every scan is still entropy-decoded.
             simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=1, min_height=1, strict=True)
@@ -208,7 +303,10 @@ def decode_whole(img: Image.Image, data: Data, layout: JpegLayout | None) -> Non
 def _refuse_grey_fill(img: Image.Image) -> None:
     if img.mode not in ("L", "RGB", "YCbCr"):
         return  # CMYK / Adobe JPEGs fill with another value; Pillow's own errors still apply
-    last_row = np.asarray(img.crop((0, img.height - 1, img.width, img.height)))
+    _refuse_grey_last_row(np.asarray(img.crop((0, img.height - 1, img.width, img.height))))
+
+
+def _refuse_grey_last_row(last_row: NDArray[np.uint8]) -> None:
     if bool((last_row == _JPEG_FILL).all()):
         raise InvalidImage(
             "image data is truncated or corrupt: the JPEG ends before its last scan line "
