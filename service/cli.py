@@ -100,7 +100,7 @@ def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
     """
     import os
 
-    from service.core.supervisor import listen, remote_inference
+    from service.core.supervisor import listen, listen_each, remote_inference
     from service.http.server import graceful_timeout_s
     from service.observability.logs import configure_logging
     from service.settings import env_name
@@ -109,7 +109,8 @@ def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
     for name, value in overrides.items():  # the children read their settings from the environment
         os.environ[env_name(name)] = str(value)
     remote = remote_inference(settings)
-    sockets = [listen(settings.host, port) for port in (settings.port, settings.admin_port) if port is not None]
+    public = listen_each(settings.host, settings.port, settings.workers)
+    shared = [listen(settings.host, settings.admin_port)] if settings.admin_port is not None else []
     logging.getLogger("service.cli").info(
         "serving %s on http://%s:%d with %d front process(es) and %s",
         settings.model_uri,
@@ -126,7 +127,8 @@ def _serve_supervised(settings: Settings, overrides: dict[str, object]) -> int:
     stop_timeout_s += settings.drain_timeout_s + 30.0
     argv = [sys.executable, "-m", "service.processes.supervisor", "--workers", str(settings.workers)]
     argv += ["--stop-timeout", str(stop_timeout_s), "--log-level", settings.log_level]
-    argv += [arg for sock in sockets for arg in ("--fd", str(sock.fileno()))]
+    argv += [arg for sock in public for arg in ("--public-fd", str(sock.fileno()))]
+    argv += [arg for sock in shared for arg in ("--shared-fd", str(sock.fileno()))]
     argv += ["--model-process"] if remote else []
     argv += ["--log-json"] if settings.log_json else []
     sys.stdout.flush()

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _STARTUP_FAILURES = (2, 3)  # bad settings; the model could not be loaded
 _BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # before the n-th quick restart of the same child in a row
 _QUICK_S = 10.0  # a child that lived shorter than this counts as a quick failure
+LISTEN_BACKLOG = 2048  # the kernel's queue of connections not yet accepted by any front
 
 
 @dataclass
@@ -74,15 +75,26 @@ class _Child:
 
 class Supervisor:
     def __init__(
-        self, *, workers: int, remote_model: bool, sockets: list[socket.socket], stop_timeout_s: float = 120.0
+        self,
+        *,
+        workers: int,
+        remote_model: bool,
+        public: list[socket.socket],
+        shared: list[socket.socket],
+        stop_timeout_s: float = 120.0,
     ) -> None:
+        if len(public) != workers:
+            raise ValueError(f"{workers} fronts need {workers} public sockets, got {len(public)}")
         self.workers = workers
         # After SIGTERM, how long the children may take before they are killed (a front stuck
         # starting up -- e.g. waiting for a model that never loads -- must not hang the exit).
         self.stop_timeout_s = stop_timeout_s
         self._kill_at: float | None = None
         self.remote_model = remote_model
-        self.sockets = sockets
+        # Front i accepts on public[i] (kept open here across its restarts: connections the
+        # kernel queued on it meanwhile wait for the replacement) and on every shared socket.
+        self.public = public
+        self.shared = shared
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="lungserve-"))
         self.model_socket = self.runtime_dir / "model.sock"
         self.queue_bound = self.runtime_dir / "queue"
@@ -109,8 +121,8 @@ class Supervisor:
             argv = [python, "-m", "service.processes.model", "--parent", str(os.getpid())]
             argv += ["--socket", str(self.model_socket)]
             self._children.append(_Child("model", 0, argv))
-        fds = tuple(s.fileno() for s in self.sockets)
         for i in range(self.workers):
+            fds = tuple(s.fileno() for s in [self.public[i], *self.shared])
             argv = [python, "-m", "service.processes.front", "--index", str(i), "--parent", str(os.getpid())]
             argv += [arg for fd in fds for arg in ("--fd", str(fd))]
             argv += ["--queue-bound", str(self.queue_bound)]  # queue_limit for the server, either placement
@@ -196,7 +208,7 @@ class Supervisor:
             child.restart_at = None
             if child.role == "front":
                 self._send(child, signal.SIGTERM)
-        for sock in self.sockets:
+        for sock in [*self.public, *self.shared]:
             sock.close()  # the fronts hold their own copies until they stop accepting
 
     @staticmethod
@@ -282,12 +294,25 @@ def remote_inference(settings: Settings) -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The shared listening socket, bound once here and inherited by every front."""
+def listen_each(host: str, port: int, fronts: int) -> list[socket.socket]:
+    """The public port: one listening socket per front, in one SO_REUSEPORT group.
+
+    The kernel spreads new connections over the group by address hash. On one shared socket,
+    whichever front came back to accept first took them: 32 keep-alive connections split as
+    unevenly as 30/2 and 32/0, one front serving nearly all of them on one core
+    (docs/topology.md).
+    """
+    return [listen(host, port, reuse_port=True) for _ in range(fronts)]
+
+
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket bound here and inherited by the fronts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock

@@ -1,4 +1,4 @@
-"""The supervisor's entry point: `python -m service.processes.supervisor --workers N --fd FD ...`.
+"""The supervisor's entry point: `python -m service.processes.supervisor --workers N --public-fd FD ...`.
 
 `lungserve serve` reads and checks the settings and binds the sockets, then replaces itself with
 this program (exec, same pid): the supervisor only starts, watches and stops processes, so it
@@ -20,17 +20,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.processes.supervisor")
     p.add_argument("--workers", type=int, required=True, help="front processes")
     p.add_argument("--model-process", action="store_true", help="one model process for the fronts")
-    p.add_argument("--fd", type=int, action="append", default=[], help="an inherited listening socket")
+    p.add_argument("--public-fd", type=int, action="append", default=[], help="front N's public socket, in order")
+    p.add_argument("--shared-fd", type=int, action="append", default=[], help="a socket every front accepts on")
     p.add_argument("--stop-timeout", type=float, required=True, help="seconds the children get after SIGTERM")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     args = p.parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
-    sockets = [socket.socket(fileno=fd) for fd in args.fd]
-    for sock in sockets:
+    public = [socket.socket(fileno=fd) for fd in args.public_fd]
+    shared = [socket.socket(fileno=fd) for fd in args.shared_fd]
+    for sock in [*public, *shared]:
         sock.set_inheritable(True)
     return Supervisor(
-        workers=args.workers, remote_model=args.model_process, sockets=sockets, stop_timeout_s=args.stop_timeout
+        workers=args.workers,
+        remote_model=args.model_process,
+        public=public,
+        shared=shared,
+        stop_timeout_s=args.stop_timeout,
     ).run()
 
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]  # no stubs
+
 TIMEOUT_S = 20.0
 
 
@@ -79,6 +81,28 @@ def request(
 
 def connect(port: int, timeout: float = TIMEOUT_S) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def connect_via(pid: int, port: int, timeout: float = TIMEOUT_S) -> socket.socket:
+    """A connection that process `pid` (one front of several) accepted. Each front has its own
+    socket and the kernel picks one by address hash, so connect until that front has it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = connect(port, timeout)
+        if _acceptor(sock.getsockname()[1], port, deadline) == pid:
+            return sock
+        sock.close()
+    raise TimeoutError(f"no connection accepted by process {pid} within {timeout} s")
+
+
+def _acceptor(client_port: int, port: int, deadline: float) -> int | None:
+    """The pid of the process that accepted the connection from `client_port` (polled)."""
+    while time.monotonic() < deadline:
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr.port == port and conn.raddr and conn.raddr.port == client_port and conn.pid:
+                return int(conn.pid)
+        time.sleep(0.001)
+    return None
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:

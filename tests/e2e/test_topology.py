@@ -10,6 +10,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,46 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
         assert "restarting" in log
 
 
+async def test_each_front_accepts_on_its_own_socket_and_connections_spread_over_them(tmp_path: Path) -> None:
+    """The public port is one SO_REUSEPORT group with a socket per front: the kernel hashes new
+    connections over the fronts. (On one shared socket the quicker front took them: 32/0 seen.)"""
+    with start_server(tmp_path, **{**TOPOLOGY, "LUNGSERVE_INFERENCE": "in-front"}) as server:
+        await wait_ready(server)
+        await until(lambda: _all_ready(server), "every process ready")
+        fronts = [pid for title, pid in children(server).items() if title.startswith("lungserve: front")]
+        port = int(server.url.rsplit(":", 1)[1])
+        listening = {pid: _listening_inodes(pid, port) for pid in fronts}
+        assert all(len(inodes) == 1 for inodes in listening.values()), listening
+        assert len(set().union(*listening.values())) == 2  # two sockets, not one shared
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        try:
+
+            async def all_accepted() -> bool:
+                return sum(_accepted(pid, port) for pid in fronts) == 32
+
+            await until(all_accepted, "all 32 connections accepted")
+            spread = [_accepted(pid, port) for pid in fronts]
+            # 2 x 2^-32 that a hash puts every one on the same front.
+            assert min(spread) >= 1, spread
+        finally:
+            for c in clients:
+                c.close()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT_S) == 0
+
+
+def _listening_inodes(pid: int, port: int) -> set[int]:
+    """The inodes of the listening sockets on `port` that process `pid` holds."""
+    fds = {c.fd for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in fds}
+
+
+def _accepted(pid: int, port: int) -> int:
+    return sum(
+        1 for c in psutil.Process(pid).net_connections("tcp") if c.status == "ESTABLISHED" and c.laddr.port == port
+    )
+
+
 def _grpc_infer(port: int, image: bytes) -> str:
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     try:
@@ -345,14 +386,14 @@ def _refused_while_held(
     limit: int,
 ) -> rawhttp.RawResponse:
     """Front `holder` admits `limit` images and is frozen holding every slot (SIGSTOP); a
-    request then reaches front `other` only, and is answered; `holder` resumes and answers 200."""
+    request on a connection front `other` accepted is then answered; `holder` resumes and
+    answers 200. (Each front has its own socket: see `rawhttp.connect_via`.)"""
     body = rawhttp.Multipart()
     for i in range(limit):
         body.add("files", image, f"{i}.jpg")
     request = rawhttp.request("POST", "/predict-many", body.body(), [("Content-Type", body.content_type)])
-    _freeze(pids[other])  # only the holder accepts the next connection
     for _ in range(ATTEMPTS):
-        with rawhttp.connect(port) as held:
+        with rawhttp.connect_via(pids[holder], port) as held, rawhttp.connect_via(pids[other], port) as spare:
             rawhttp.send_all(held, request)
             # Its slots are taken once the body is in, then held while 8 images decode and run:
             # freeze the holder in that window (a miss, the answer arriving first, is retried).
@@ -360,12 +401,12 @@ def _refused_while_held(
                 pass
             _freeze(pids[holder])
             if cells[holder] == limit:  # frozen: nothing changes it now
-                os.kill(pids[other], signal.SIGCONT)
                 # Headers only, a body announced but never sent: the answer cannot wait for it.
                 probe = rawhttp.request(
                     "POST", "/predict", headers=[("Content-Type", body.content_type), ("Content-Length", "100000")]
                 )
-                refused = rawhttp.exchange(port, probe)
+                rawhttp.send_all(spare, probe)
+                refused = rawhttp.read_response(spare)
                 os.kill(pids[holder], signal.SIGCONT)
                 answer = rawhttp.read_response(held)
                 assert answer.status == 200, answer.body[:300]
