@@ -48,4 +48,5 @@ def test_observe_all_counts_as_observe_does(values: list[float]) -> None:
 def test_a_nan_is_counted_in_no_bucket_as_observe_does() -> None:
     bulk, one_by_one = _samples([0.5, math.nan], bulk=True), _samples([0.5, math.nan], bulk=False)
     assert {k: v for k, v in bulk.items() if "sum" not in k} == {k: v for k, v in one_by_one.items() if "sum" not in k}
-    assert math.isnan(bulk["wait_seconds_sum"]) and math.isnan(one_by_one["wait_seconds_sum"])
+    assert math.isnan(bulk["wait_seconds_sum"])
+    assert math.isnan(one_by_one["wait_seconds_sum"])

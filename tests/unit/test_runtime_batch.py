@@ -53,12 +53,12 @@ def test_views_of_shared_memory_are_copied_not_kept(runtime: ModelRuntime) -> No
 )
 def test_images_that_do_not_fit_fail_as_np_stack_would(runtime: ModelRuntime, odd: np.ndarray) -> None:
     images = [*_images(1, 0), odd, *_images(1, 1)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"same shape|uint8"):
         runtime._infer_batch(images)
 
 
 def test_three_images_whose_rows_add_up_are_still_refused(runtime: ModelRuntime) -> None:
     # 8 + 4 + 12 rows = 3 x 8: a concatenation would fit the buffer; np.stack refuses.
     images = [np.zeros((8, 8, 3), np.uint8), np.zeros((4, 8, 3), np.uint8), np.zeros((12, 8, 3), np.uint8)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="same shape"):
         runtime._infer_batch(images)

@@ -20,12 +20,13 @@ def test_the_model_side_reads_each_image_in_place_at_any_side() -> None:
         seen = model.view(slots[0], 8)
         np.testing.assert_array_equal(seen, big)
         np.testing.assert_array_equal(model.view(slots[1], 4), small)
-        assert seen.flags.c_contiguous and not seen.flags.owndata
-        front.put(big[::-1].copy())  # written by the front afterwards: the view sees it (no copy)
+        assert seen.flags.c_contiguous
+        assert not seen.flags.owndata  # the shared memory itself, not a copy
         front.free(slots[0])
-        again = front.put(small[:, ::-1].copy())
+        again = front.put(small[:, ::-1].copy())  # the slot reused by the front
         assert again == slots[0]
         np.testing.assert_array_equal(model.view(again, 4), small[:, ::-1])
+        assert seen.reshape(-1)[: small.size].tobytes() == small[:, ::-1].tobytes()  # the earlier view sees it
         with pytest.raises(ValueError, match="does not fit"):
             model.view(0, 9)
         with pytest.raises(IndexError):
