@@ -4,11 +4,12 @@
 
 A model process (`service.core.model_process`, the real one, in its own process) serves a
 trivial ONNX graph (tests/onnx_models.py: cast, mean, linear, softmax) at 128 px; `--feeders`
-processes each run a `RemoteModelClient` (the fronts' client) and push already-decoded uint8
-tensors through the real transport (shared-memory arenas, batched control frames), the shared
-queue bound and the model process's batcher, `--concurrency` requests of `--images` images at
-once per feeder. What is measured is everything a front adds on top of decode: admission,
-the transport, batching, the decision beside the output. The last line is `images_per_s=N`.
+processes each run a `RemoteModelClient` (the fronts' client, on a front's event loop: uvloop when
+installed; `--loop asyncio` for asyncio's own) and push already-decoded uint8 tensors through the
+real transport (shared-memory arenas, batched control frames), the shared queue bound and the
+model process's batcher, `--concurrency` requests of `--images` images at once per feeder.
+What is measured is everything a front adds on top of decode: admission, the transport,
+batching, the decision beside the output. The last line is `images_per_s=N`.
 
 On a GPU host the same path must outrun the fronts' decoding (~12,000 images/s on 16 cores).
 """
