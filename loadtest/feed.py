@@ -4,11 +4,12 @@
 
 A model process (`service.core.model_process`, the real one, in its own process) serves a
 trivial ONNX graph (tests/onnx_models.py: cast, mean, linear, softmax) at 128 px; `--feeders`
-processes each run a `RemoteModelClient` (the fronts' client) and push already-decoded uint8
-tensors through the real transport (shared-memory arenas, batched control frames), the shared
-queue bound and the model process's batcher, `--concurrency` requests of `--images` images at
-once per feeder. What is measured is everything a front adds on top of decode: admission,
-the transport, batching, the decision beside the output. The last line is `images_per_s=N`.
+processes each run a `RemoteModelClient` (the fronts' client, on a front's event loop: uvloop when
+installed; `--loop asyncio` for asyncio's own) and push already-decoded uint8 tensors through the
+real transport (shared-memory arenas, batched control frames), the shared queue bound and the
+model process's batcher, `--concurrency` requests of `--images` images at once per feeder.
+What is measured is everything a front adds on top of decode: admission, the transport,
+batching, the decision beside the output. The last line is `images_per_s=N`.
 
 On a GPU host the same path must outrun the fronts' decoding (~12,000 images/s on 16 cores).
 """
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repo's `service` and `tests` importable
     sys.path.insert(0, str(ROOT))
 
+from service.core import event_loop  # noqa: E402
 from service.core.queue_bound import QueueBound  # noqa: E402
 from service.core.remote_client import RemoteModelClient  # noqa: E402
 
@@ -87,7 +89,9 @@ def _feeder(
     out: mp.Queue,  # type: ignore[type-arg]
 ) -> None:
     # loop.time() is time.monotonic(): the same clock in every process.
-    out.put(asyncio.run(_feed(index, socket_path, bound_path, args, start_at)))
+    feed = _feed(index, socket_path, bound_path, args, start_at)
+    # A front runs its client on uvicorn's loop: uvloop when installed (loop="auto").
+    out.put(event_loop.run(feed) if args.loop == "front" else asyncio.run(feed))
 
 
 def _cpu_s(pid: int) -> float:
@@ -108,6 +112,12 @@ def main() -> int:
     parser.add_argument("--queue-limit", type=int, default=1024)
     parser.add_argument("--in-flight", type=int, default=2, help="LUNGSERVE_MAX_IN_FLIGHT_BATCHES")
     parser.add_argument("--tissue-check", choices=("true", "false"), default="true")
+    parser.add_argument(
+        "--loop",
+        choices=("front", "asyncio"),
+        default="front",
+        help="the feeders' event loop: a front's (uvloop when installed), or asyncio's own",
+    )
     args = parser.parse_args()
 
     from tests.onnx_models import pixel_model_bytes, write_model_dir

@@ -9,16 +9,19 @@ here also takes one of the shared count, and every slot freed here gives it back
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Generic, TypeVar
 
 from service.core.batch_types import BatchInfo, QueueFull, SharedBound
 
-__all__ = ["Reservation", "Slots"]
+__all__ = ["OnDone", "Reservation", "Slots"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Told once, synchronously, when an item's future settles (result, error or cancellation).
+OnDone = Callable[[asyncio.Future[tuple[R, BatchInfo]]], None]
 
 
 class Slots:
@@ -50,9 +53,9 @@ class Slots:
         self.used += n
         self.reserved += n
 
-    def submitted(self) -> None:
-        """One reserved slot now holds a queued item (or is freed right after, if closed)."""
-        self.reserved -= 1
+    def submitted(self, n: int = 1) -> None:
+        """`n` reserved slots now hold queued items (or are freed right after, if closed)."""
+        self.reserved -= n
 
     def unreserve(self, n: int) -> None:
         """`n` reserved slots will never be submitted: fewer items on their way."""
@@ -77,7 +80,12 @@ class Slots:
 class Reservation(Generic[T, R]):
     """`n` slots of a batcher's bound, held until submitted or released."""
 
-    def __init__(self, slots: Slots, enqueue: Callable[[T], asyncio.Future[tuple[R, BatchInfo]]], n: int) -> None:
+    def __init__(
+        self,
+        slots: Slots,
+        enqueue: Callable[[Sequence[T], OnDone[R] | None], list[asyncio.Future[tuple[R, BatchInfo]]]],
+        n: int,
+    ) -> None:
         self._slots = slots
         self._enqueue = enqueue
         self._remaining = n
@@ -87,9 +95,12 @@ class Reservation(Generic[T, R]):
         """Slots still reserved (not yet submitted or released)."""
         return self._remaining
 
-    def submit(self, item: T) -> asyncio.Future[tuple[R, BatchInfo]]:
+    def submit(self, item: T, on_done: OnDone[R] | None = None) -> asyncio.Future[tuple[R, BatchInfo]]:
         """Queue `item` in one reserved slot; the future resolves to `(result, BatchInfo)`.
 
+        `on_done(future)`, if given, runs once as the future settles, synchronously, inside the
+        batcher: unlike `add_done_callback` it costs no loop callback per item (the model process
+        answers every image through it). It must be quick; an exception from it is logged.
         Raises RuntimeError when no reserved slot is left, and BatcherStopped once the batcher
         has shut down (the slot is given back).
         """
@@ -97,7 +108,23 @@ class Reservation(Generic[T, R]):
             raise RuntimeError("reservation has no slot left: reserve one slot per item")
         self._remaining -= 1
         self._slots.submitted()
-        return self._enqueue(item)
+        return self._enqueue((item,), on_done)[0]
+
+    def submit_all(
+        self, items: Sequence[T], on_done: OnDone[R] | None = None
+    ) -> list[asyncio.Future[tuple[R, BatchInfo]]]:
+        """`submit` for each item, in order, as one step: the queue and its observer are updated
+        once for all of them (the model process queues a whole frame of images this way).
+
+        Raises RuntimeError, submitting none, when fewer slots than items are left.
+        """
+        if len(items) > self._remaining:
+            raise RuntimeError(f"reservation has {self._remaining} slot(s) left for {len(items)} item(s)")
+        if not items:
+            return []
+        self._remaining -= len(items)
+        self._slots.submitted(len(items))
+        return self._enqueue(items, on_done)
 
     def release(self) -> None:
         """Give back the slots that were not submitted. Idempotent."""

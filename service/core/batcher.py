@@ -22,10 +22,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.core.batch_rule import dispatch_delay
-from service.core.batch_slots import Reservation, Slots
+from service.core.batch_slots import OnDone, Reservation, Slots
 from service.core.batch_types import (
     BatcherStopped,
     BatchInfo,
@@ -43,6 +43,7 @@ __all__ = [
     "BatcherStopped",
     "HandlerResultError",
     "NullObserver",
+    "OnDone",
     "QueueFull",
     "Reservation",
     "SharedBound",
@@ -69,15 +70,41 @@ class _Phase(enum.Enum):
     CLOSED = enum.auto()  # shut down: nothing runs any more, submit() refuses
 
 
-@dataclass(eq=False, slots=True)
-class _Entry(Generic[T, R]):
-    seq: int
-    item: T
-    future: asyncio.Future[tuple[R, BatchInfo]]
-    enqueued_at: float  # loop.time()
-    low: bool = False  # queued in the low-priority lane
-    state: _State = _State.QUEUED
-    holds_slot: bool = True  # False once its slot was given back (cancelled mid-compute, or finished)
+class _Entry(asyncio.Future[tuple[R, BatchInfo]], Generic[T, R]):
+    """One submitted item: its queue entry and the future `submit` returns, in one object.
+
+    Its cancellation reaches the batcher inside `cancel()` itself, not through a done-callback:
+    a callback per item would cost a scheduled loop callback for every result as well. One
+    object, not an entry beside its future, so no reference cycle outlives the item.
+    """
+
+    __slots__ = ("batcher", "enqueued_at", "holds_slot", "item", "low", "on_done", "seq", "state")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batcher: Batcher[T, R],
+        seq: int,
+        item: T,
+        enqueued_at: float,  # loop.time()
+        low: bool,
+        on_done: OnDone[R] | None,
+    ) -> None:
+        super().__init__(loop=loop)
+        self.batcher = batcher
+        self.seq = seq
+        self.item = item
+        self.enqueued_at = enqueued_at
+        self.low = low  # queued in the low-priority lane
+        self.on_done = on_done  # told at once when the future settles (Reservation.submit)
+        self.state = _State.QUEUED
+        self.holds_slot = True  # False once its slot was given back (cancelled mid-compute, or finished)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.batcher._on_cancelled(self)
+        return True
 
 
 @dataclass(eq=False, slots=True)
@@ -262,23 +289,31 @@ class Batcher(Generic[T, R]):
     def _queued(self) -> int:
         return len(self._queue) + len(self._low_queue)
 
-    def _enqueue(self, item: T, low: bool = False) -> asyncio.Future[tuple[R, BatchInfo]]:
+    def _enqueue(
+        self, items: Sequence[T], on_done: OnDone[R] | None = None, low: bool = False
+    ) -> list[asyncio.Future[tuple[R, BatchInfo]]]:
+        """Queue items (one `submit`, or a `submit_all`): one observer call and wake-up for all."""
         if self._phase is _Phase.CLOSED:
-            self._slots.free(1)
+            self._slots.free(len(items))
             raise BatcherStopped("batcher is stopped")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[R, BatchInfo]] = loop.create_future()
-        entry: _Entry[T, R] = _Entry(next(self._seq), item, future, loop.time(), low)
-        (self._low_queue if low else self._queue)[entry.seq] = entry
-        future.add_done_callback(partial(self._on_future_done, entry))
-        self._observe(lambda: self._observer.on_queue_depth(self._queued()))
+        now = loop.time()
+        queue = self._low_queue if low else self._queue
+        seq = self._seq
+        entries: list[asyncio.Future[tuple[R, BatchInfo]]] = []
+        for item in items:
+            entry = _Entry(loop, self, next(seq), item, now, low, on_done)
+            queue[entry.seq] = entry
+            entries.append(entry)
+        try:  # without _observe's closure: this runs for every submitted item
+            self._observer.on_queue_depth(len(self._queue) + len(self._low_queue))
+        except Exception:
+            logger.exception("batch observer failed")
         self._wakeup.set()
-        return future
+        return entries
 
-    def _on_future_done(self, entry: _Entry[T, R], future: asyncio.Future[tuple[R, BatchInfo]]) -> None:
-        # Fires for every completion; only a cancellation needs action.
-        if not future.cancelled():
-            return
+    def _on_cancelled(self, entry: _Entry[T, R]) -> None:
+        """Its future was just cancelled (inside `cancel()`, on the loop thread)."""
         if entry.state is _State.QUEUED:
             self._drop([entry])
         elif entry.state is _State.DISPATCHED and entry.holds_slot:
@@ -288,6 +323,17 @@ class Batcher(Generic[T, R]):
             entry.holds_slot = False
             self._slots.free(1)
             self._wakeup.set()
+        self._tell([entry])
+
+    def _tell(self, entries: list[_Entry[T, R]]) -> None:
+        """Run the `on_done` of entries whose futures have just settled (after the bookkeeping:
+        the caller's code sees the slots already free)."""
+        for entry in entries:
+            if entry.on_done is not None:
+                try:
+                    entry.on_done(entry)
+                except Exception:
+                    logger.exception("an item's on_done failed")
 
     def _drop(self, entries: list[_Entry[T, R]]) -> None:
         """Remove queued entries whose futures were cancelled and give their slots back."""
@@ -303,13 +349,16 @@ class Batcher(Generic[T, R]):
         entries = [*self._queue.values(), *self._low_queue.values()]
         self._queue.clear()
         self._low_queue.clear()
+        settled: list[_Entry[T, R]] = []
         for entry in entries:
             entry.state = _State.DROPPED
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            if not entry.done():
+                entry.set_exception(error)
+                settled.append(entry)
         if entries:
             self._slots.free(len(entries))
             self._observe(lambda: self._observer.on_queue_depth(0))
+        self._tell(settled)
 
     # -- dispatching ------------------------------------------------------------------------
 
@@ -353,8 +402,8 @@ class Batcher(Generic[T, R]):
         while self._queued() and len(entries) < self._max_batch_size:
             # Normal items first; low-priority ones only fill what is left of the batch.
             _, entry = (self._queue or self._low_queue).popitem(last=False)
-            # Cancelled but its done-callback has not run yet: drop it here.
-            (cancelled if entry.future.done() else entries).append(entry)
+            # Defensive: a cancelled entry leaves the queue inside cancel() (`_on_cancelled`).
+            (cancelled if entry.done() else entries).append(entry)
         if cancelled:
             self._drop(cancelled)
         self._observe(lambda: self._observer.on_queue_depth(self._queued()))
@@ -409,26 +458,32 @@ class Batcher(Generic[T, R]):
             return
         batch.finished = True
         del self._active[batch.batch_id]
-        size = len(batch.entries)
+        entries = batch.entries
+        size = len(entries)
+        settled: list[_Entry[T, R]] = []  # the ones this call completed (not cancelled before)
         if error is None and results is not None:
-            for entry, result in zip(batch.entries, results, strict=True):
-                if not entry.future.done():  # the client may have gone away during compute
-                    wait = batch.dispatched_at - entry.enqueued_at
-                    info = BatchInfo(batch.batch_id, size, wait, duration_s)
-                    entry.future.set_result((result, info))
+            batch_id, dispatched_at = batch.batch_id, batch.dispatched_at
+            for entry, result in zip(entries, results, strict=True):
+                if not entry.done():  # the client may have gone away during compute
+                    info = BatchInfo(batch_id, size, dispatched_at - entry.enqueued_at, duration_s)
+                    entry.set_result((result, info))
+                    settled.append(entry)
         else:
             failure = error if error is not None else RuntimeError("batch finished without results")
-            for entry in batch.entries:
-                if not entry.future.done():
-                    entry.future.set_exception(failure)
+            for entry in entries:
+                if not entry.done():
+                    entry.set_exception(failure)
+                    settled.append(entry)
         self._in_flight -= 1
-        held = sum(entry.holds_slot for entry in batch.entries)
-        for entry in batch.entries:
+        held = 0
+        for entry in entries:
+            held += entry.holds_slot
             entry.holds_slot = False
         self._slots.free(held)
         self._observe(lambda: self._observer.on_batch_end(batch.batch_id, size, duration_s, error))
         self._observe(lambda: self._observer.on_in_flight(self._in_flight))
         self._wakeup.set()  # a compute slot is free
+        self._tell(settled)
 
     def _on_dispatcher_done(self, task: asyncio.Task[None]) -> None:
         # The loop only ends by cancellation; anything else is a bug. Fail the queue rather than

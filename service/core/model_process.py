@@ -189,6 +189,7 @@ class FrontSession:
         self.front = front
         self.protocol = wire.FrameProtocol(self._on_frame, self._on_lost)
         self._pending: dict[int, asyncio.Future[tuple[Classified, BatchInfo]]] = {}
+        self._tag_of: dict[asyncio.Future[tuple[Classified, BatchInfo]], int] = {}  # its inverse
         self._out: dict[int, wire.ResultRows] = {}  # generation -> answers not sent yet
         self._n_classes: dict[int, int] = {}
         self._flush_scheduled = False
@@ -238,14 +239,22 @@ class FrontSession:
                 self._answer(0, tag, status)
             return
         generation = self.server.generation(runtime)
-        arena = self.arena
+        view = self.arena.view
         with reservation:
-            for tag, slot, side, _low in records.tolist():
-                future = reservation.submit(arena.view(slot, side))
-                self._pending[tag] = future
-                future.add_done_callback(partial(self._done, generation, tag))
+            slots = zip(records["slot"].tolist(), records["side"].tolist(), strict=True)
+            images = [view(slot, side) for slot, side in slots]
+            # The whole frame in one step; each answer is written by `on_done` as its batch ends,
+            # without a loop callback per image (add_done_callback would schedule one).
+            futures = reservation.submit_all(images, partial(self._done, generation))
+        pending, tag_of = self._pending, self._tag_of
+        for tag, future in zip(records["tag"].tolist(), futures, strict=True):
+            pending[tag] = future
+            tag_of[future] = tag
 
-    def _done(self, generation: int, tag: int, future: asyncio.Future[tuple[Classified, BatchInfo]]) -> None:
+    def _done(self, generation: int, future: asyncio.Future[tuple[Classified, BatchInfo]]) -> None:
+        tag = self._tag_of.pop(future, None)
+        if tag is None:  # its front is gone (_on_lost): nobody to answer
+            return
         self._pending.pop(tag, None)
         if future.cancelled():
             self._answer(generation, tag, wire.Status.CANCELLED)
@@ -310,6 +319,7 @@ class FrontSession:
         for future in list(self._pending.values()):
             future.cancel()
         self._pending.clear()
+        self._tag_of.clear()
         self.server.sessions.discard(self)
         self.arena.close()
         if not self._lost.done():

@@ -29,6 +29,7 @@ from service.core.batcher import BatchInfo
 from service.core.model_client import Classified, Slots
 from service.core.queue_bound import QueueBound
 from service.core.remote_model import ModelInfo, RemoteReservation, call_error, status_error
+from service.core.transport import DECISIONS
 from service.errors import LungserveError, ModelNotReady, Overloaded, ShuttingDown
 from service.model.decision import OUT_OF_DISTRIBUTION, Thresholds
 from service.model.manifest import Manifest
@@ -59,12 +60,14 @@ class RemoteModelClient:
         self.retry_after_s = retry_after_s
         self._models: dict[int, ModelInfo] = {}
         self._current: ModelInfo | None = None
+        self._tissue_check = False  # the current model's thresholds.tissue_check (read per image)
         self._protocol: wire.FrameProtocol | None = None
         self._arena: wire.TensorArena | None = None
         self._tags = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[tuple[int, Any]], int]] = {}  # tag -> (future, slot)
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], memoryview]]] = {}
-        self._submits: list[tuple[int, int, int, bool]] = []
+        # The next SUBMIT frame, column by column (one list per record field).
+        self._submits: tuple[list[int], list[int], list[int], list[bool]] = ([], [], [], [])
         self._cancels: list[int] = []
         self._flush_scheduled = False
         self._connected = asyncio.Event()
@@ -236,11 +239,17 @@ class RemoteModelClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._pending[tag] = (future, slot)
-        self._submits.append((tag, slot, image.shape[0], slots.low_priority))
-        self._schedule_flush()
+        tags, slots_, sides, lows = self._submits
+        tags.append(tag)
+        slots_.append(slot)
+        sides.append(image.shape[0])
+        lows.append(slots.low_priority)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         # The tissue check runs here, in a thread, while the model process classifies the image
         # (the model process leaves it to the fronts: see ModelServer._build).
-        tissue = loop.run_in_executor(None, check, image) if self._model().thresholds.tissue_check else None
+        tissue = loop.run_in_executor(None, check, image) if self._tissue_check else None
         try:
             generation, record = await future
             plausible = True if tissue is None else (await tissue).plausible
@@ -258,10 +267,10 @@ class RemoteModelClient:
 
     def _classified(self, generation: int, row: tuple[Any, ...]) -> tuple[Classified, BatchInfo]:
         status, decision, has_ood, batch_size, batch_id, wait, compute, ood, probabilities = row
-        if status != wire.Status.OK:
+        if status:  # not Status.OK
             raise status_error(wire.Status(status), self.retry_after_s)
         manifest = self._models[generation].manifest
-        result = Classified(probabilities, manifest, wire.DECISIONS[decision], ood if has_ood else None)
+        result = Classified(probabilities, manifest, DECISIONS[decision], ood if has_ood else None)
         return result, BatchInfo(batch_id, batch_size, wait, compute)
 
     async def run_outputs(self, batch: NDArray[np.uint8], names: Sequence[str]) -> list[NDArray[np.float32]]:
@@ -312,14 +321,16 @@ class RemoteModelClient:
         protocol = self._protocol
         if protocol is None:
             return
-        if self._submits:
-            records = np.array(self._submits, dtype=wire.SUBMIT_RECORD)
-            self._submits = []
+        tags, slots, sides, lows = self._submits
+        if tags:
+            records = np.empty(len(tags), dtype=wire.SUBMIT_RECORD)
+            records["tag"], records["slot"], records["side"], records["low"] = tags, slots, sides, lows
+            self._submits = ([], [], [], [])
             protocol.send(wire.Kind.SUBMIT, records.tobytes())
         if self._cancels:
-            tags = np.array(self._cancels, dtype="<u4")
+            cancelled = np.array(self._cancels, dtype="<u4")
             self._cancels = []
-            protocol.send(wire.Kind.CANCEL, tags.tobytes())
+            protocol.send(wire.Kind.CANCEL, cancelled.tobytes())
 
     def _on_frame(self, kind: wire.Kind, body: memoryview) -> None:
         if kind is wire.Kind.RESULTS:
@@ -328,6 +339,7 @@ class RemoteModelClient:
             model = ModelInfo(wire.json_doc(body))
             self._models[model.generation] = model
             self._current = model
+            self._tissue_check = model.thresholds.tissue_check
             if self._on_model is not None:
                 self._on_model(model)
             arena = self._arena
@@ -387,7 +399,7 @@ class RemoteModelClient:
         self._connected.clear()
         self._protocol = None
         self._arena = None
-        self._submits.clear()
+        self._submits = ([], [], [], [])
         self._cancels.clear()
         if self._model_stopping:
             self._fail_all(ShuttingDown("the model process shut down before this image was classified"))

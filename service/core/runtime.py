@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,6 +58,8 @@ class ModelRuntime:
         self.identity = identity if identity is not None else ModelIdentity.of(engine.manifest)
         self._retry_after_s = settings.retry_after_s
         self._batch_sizes = range(1, settings.max_batch_size + 1)
+        self._max_batch_size = settings.max_batch_size
+        self._buffers = threading.local()  # each batcher worker thread's batch buffer (`_stack`)
         # This model's thresholds (its manifest), with LUNGSERVE_REFER_BELOW / _OOD_ABOVE on top.
         self.thresholds = Thresholds.resolve(
             engine.manifest,
@@ -148,7 +151,7 @@ class ModelRuntime:
     def _infer_batch(self, images: Sequence[Pixels]) -> list[Classified]:
         """The batch handler, in the batcher's worker thread: the refer decision is made here,
         once, beside the model's output (service.model.decision)."""
-        batch = np.stack(images)
+        batch = self._stack(images)
         out = self._engine.infer(batch)
         decisions = decide_batch(batch, out.probabilities, out.ood_score, self.thresholds)
         manifest = self._engine.manifest
@@ -157,6 +160,28 @@ class ModelRuntime:
             Classified(row, manifest, decision, score)
             for row, decision, score in zip(out.probabilities, decisions, scores, strict=True)
         ]
+
+    def _stack(self, images: Sequence[Pixels]) -> Pixels:
+        """The images as one (N, S, S, 3) batch, copied into this worker thread's own buffer.
+
+        A fresh array per batch (np.stack) costs new pages and per-image Python work on every
+        batch; the buffer is reused (nothing keeps the batch once the handler returns). Images
+        that do not fit it (another shape or dtype) go through np.stack, which says why.
+        """
+        shape = images[0].shape
+        if len(shape) != 3 or any(image.shape != shape for image in images):
+            return np.stack(images)
+        buffer: Pixels | None = getattr(self._buffers, "batch", None)
+        if buffer is None or len(buffer) < len(images) or buffer.shape[1:] != shape:
+            buffer = np.empty((max(len(images), self._max_batch_size), *shape), dtype=np.uint8)
+            self._buffers.batch = buffer
+        batch = buffer[: len(images)]
+        try:
+            # Into the (N*S, S, 3) view of the same memory: one copy per image, no stacking.
+            np.concatenate(images, out=batch.reshape(-1, *shape[1:]), casting="no")
+        except TypeError:  # not uint8
+            return np.stack(images)
+        return batch
 
     # --- lifecycle ---------------------------------------------------------------------------
 

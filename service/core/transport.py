@@ -253,6 +253,7 @@ class TensorArena:
         self._buffer = np.frombuffer(self._map, dtype=np.uint8)
         # Only the front hands slots out; the model process only reads them.
         self._free = list(range(slots - 1, -1, -1)) if owner else []
+        self._by_side: dict[int, NDArray[np.uint8]] = {}  # side -> every slot as an (S, S, 3) image
 
     @classmethod
     def create(cls, name: str, slots: int, slot_bytes: int) -> TensorArena:
@@ -280,8 +281,18 @@ class TensorArena:
 
     def view(self, slot: int, side: int) -> NDArray[np.uint8]:
         """The image in `slot`, in place (no copy): valid until the front frees the slot."""
-        start = slot * self.slot_bytes
-        return self._buffer[start : start + side * side * 3].reshape(side, side, 3)
+        images = self._by_side.get(side)
+        if images is None:
+            images = self._by_side[side] = self._images(side)
+        image: NDArray[np.uint8] = images[slot]  # one index into a view made once, no reshaping
+        return image
+
+    def _images(self, side: int) -> NDArray[np.uint8]:
+        """All slots as (slots, S, S, 3) images over the shared memory (strides, never a copy)."""
+        if side * side * 3 > self.slot_bytes:
+            raise ValueError(f"a {side} px image does not fit a {self.slot_bytes}-byte slot")
+        shape = (self.slots, side, side, 3)
+        return np.ndarray(shape, np.uint8, buffer=self._map, strides=(self.slot_bytes, side * 3, 3, 1))
 
     def close(self) -> None:
         """Close the descriptor; the mapping goes when the last view of it is gone (a batch

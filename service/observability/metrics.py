@@ -35,6 +35,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.model.decision import ACCEPT, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Decision
+from service.observability.histograms import observe_all
 from service.observability.job_metrics import JobMetrics
 from service.observability.logs import current_request
 
@@ -394,19 +395,26 @@ class BatcherMetrics:
         self.metrics = metrics
         self._depth = 0
         self._in_flight = 0
+        # The children of this process's label, looked up once: the queue depth moves with
+        # every image, and `labels()` costs more than the update itself.
+        self._process_depth = metrics.process_queue_depth.labels(process=metrics.process)
+        self._process_in_flight = metrics.process_batches_in_flight.labels(process=metrics.process)
+        self._process_batch_size: Histogram | None = None  # its series appears with the first batch
 
     def on_queue_depth(self, depth: int) -> None:
-        m = self.metrics
-        m.queue_depth.inc(depth - self._depth)
-        m.process_queue_depth.labels(process=m.process).inc(depth - self._depth)
-        self._depth = depth
+        change = depth - self._depth
+        if change:
+            self.metrics.queue_depth.inc(change)
+            self._process_depth.inc(change)
+            self._depth = depth
 
     def on_batch_start(self, batch_id: int, size: int, queue_waits_s: Sequence[float]) -> None:
         m = self.metrics
         m.batch_size.observe(size)
-        m.process_batch_size.labels(process=m.process).observe(size)
-        for wait in queue_waits_s:
-            m.queue_wait.observe(wait)
+        if self._process_batch_size is None:
+            self._process_batch_size = m.process_batch_size.labels(process=m.process)
+        self._process_batch_size.observe(size)
+        observe_all(m.queue_wait, queue_waits_s)
 
     def on_batch_end(self, batch_id: int, size: int, duration_s: float, error: BaseException | None) -> None:
         self.metrics.inference.observe(duration_s)
@@ -414,9 +422,8 @@ class BatcherMetrics:
             self.metrics.batch_failures.inc()
 
     def on_in_flight(self, batches: int) -> None:
-        m = self.metrics
-        m.batches_in_flight.inc(batches - self._in_flight)
-        m.process_batches_in_flight.labels(process=m.process).inc(batches - self._in_flight)
+        self.metrics.batches_in_flight.inc(batches - self._in_flight)
+        self._process_in_flight.inc(batches - self._in_flight)
         self._in_flight = batches
 
     def on_dropped_cancelled(self, count: int) -> None:

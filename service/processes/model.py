@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from service.core import event_loop
 from service.core.model_process import ModelServer
 from service.core.proctitle import die_with_parent, set_title
 from service.errors import LungserveError, ModelSourceError
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, json=settings.log_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides the order of shutdown
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the model is up: it loads the newest anyway
-    code = asyncio.run(run(args.socket, settings, restart=args.restart))
+    code = event_loop.run(run(args.socket, settings, restart=args.restart))
     # Python puts SIGTERM back to its default as it finalises: a second SIGTERM while we exit
     # would turn a clean drain into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -90,3 +90,33 @@ def test_decide_batch_runs_the_tissue_check_unless_it_is_off() -> None:
     scores = np.array([1.0, 99.0], dtype=np.float32)
     off = Thresholds(refer_below=0.9, ood_above=40.0, tissue_check=False)
     assert decide_batch(images, probabilities, scores, off) == [ACCEPT, OUT_OF_DISTRIBUTION]
+
+
+@pytest.mark.parametrize(
+    "thresholds",
+    [
+        Thresholds(tissue_check=False),
+        Thresholds(refer_below=0.9, tissue_check=False),
+        Thresholds(ood_above=40.0, tissue_check=False),
+        Thresholds(refer_below=0.9, ood_above=40.0, tissue_check=False),
+        # Not representable in float32: the comparison must still be decide's, on Python floats.
+        Thresholds(refer_below=0.7, ood_above=0.1, tissue_check=False),
+    ],
+)
+def test_decide_batch_decides_every_image_as_decide_does(thresholds: Thresholds) -> None:
+    rng = np.random.default_rng(7)
+    probabilities = rng.dirichlet([1.0, 1.0, 1.0], size=64).astype(np.float32)
+    scores = rng.normal(20.0, 25.0, size=64).astype(np.float32)
+    # The edges: the thresholds themselves in float32, non-finite scores and probabilities.
+    probabilities[0] = [np.float32(0.7), np.float32(0.2), np.float32(0.1)]
+    probabilities[1] = [np.float32(0.9), np.float32(0.05), np.float32(0.05)]
+    probabilities[2] = [np.nan, 0.5, 0.5]
+    probabilities[3] = [np.inf, 0.0, 0.0]
+    scores[:6] = np.array([0.1, 40.0, np.nan, np.inf, -np.inf, 40.000004], dtype=np.float32)
+    images = np.zeros((64, 8, 8, 3), dtype=np.uint8)
+    for ood in (scores, None):
+        expected = [
+            decide(probabilities[i], None if ood is None else float(ood[i]), True, thresholds) for i in range(64)
+        ]
+        assert decide_batch(images, probabilities, ood, thresholds) == expected
+    assert decide_batch(images[:0], probabilities[:0], scores[:0], thresholds) == []
