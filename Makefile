@@ -72,15 +72,23 @@ s3-demo: $(VENV)/dev.stamp
 		$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
 
 # The matrix runs before the full suite, so the suite's own summary is the last thing printed.
+# The matrix runs beside the suite: each keeps about one core busy, and CI has two. It runs at a
+# lower priority, so the suite's real-process tests keep theirs; its output follows the suite's.
 test: $(VENV)/dev.stamp
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
-	$(BIN)/pytest
+	@log=$(VENV)/matrix.log; \
+	echo "+ nice -n 5 $(BIN)/python -m tools.matrix ... > $$log (beside pytest)"; \
+	nice -n 5 $(BIN)/python -m tools.matrix --venvs $(VENV)/matrix --skip $(PY_VERSION) \
+		--supported "$(SUPPORTED)" $(MATRIX) > $$log 2>&1 & matrix=$$!; \
+	$(BIN)/pytest; suite=$$?; \
+	wait $$matrix; status=$$?; \
+	echo "--- the matrix (tools/matrix.py, exit $$status), run beside pytest ---"; cat $$log; \
+	[ $$suite -eq 0 ] && [ $$status -eq 0 ]
 
 # Only the matrix (e.g. `make matrix MATRIX=3.13`).
 matrix: $(VENV)/dev.stamp
-	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
+	$(BIN)/python -m tools.matrix --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
 
 $(VENV_PYTHON):
 	@test -n "$(PY_VERSION)" || { echo "no Python found: tried $(PYTHON); set PYTHON=/path/to/python3.X" >&2; exit 1; }
