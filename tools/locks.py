@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -38,3 +40,20 @@ def checkout_name(root: Path) -> str:
 def checkout_lock(root: Path) -> AbstractContextManager[None]:
     """One build (sdist, wheel, editable install) at a time in the checkout at `root`."""
     return file_lock(checkout_name(root))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.locks -- CMD ...`: run CMD holding this checkout's build lock (the Makefile's
+    editable installs, while the matrix may be installing into its venvs)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m tools.locks -- CMD [ARG ...]", file=sys.stderr)
+        return 2
+    with checkout_lock(Path(__file__).resolve().parents[1]):
+        return subprocess.run(args, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

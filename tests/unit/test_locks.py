@@ -38,3 +38,13 @@ def test_the_checkout_lock_is_one_per_checkout(tmp_path: Path) -> None:
     with checkout_lock(ROOT):
         assert not other_process_gets(lock_path(checkout_name(ROOT)))
         assert other_process_gets(lock_path(checkout_name(tmp_path)))
+
+
+def test_the_command_line_runs_a_command_holding_the_checkout_lock() -> None:
+    probe = (
+        f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {_TRY!r}, sys.argv[1]]).returncode)"
+    )
+    path = str(lock_path(checkout_name(ROOT)))
+    held = subprocess.run([sys.executable, "-m", "tools.locks", "--", sys.executable, "-c", probe, path], cwd=ROOT)
+    assert held.returncode == 1  # the command's own status: the lock was held while it ran
+    assert other_process_gets(lock_path(checkout_name(ROOT)))
