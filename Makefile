@@ -1,8 +1,9 @@
 # lungserve: the two commands of the README, plus the lock.
 #
 #   make serve   serving-only .venv (requirements/serve.txt), then serve the bundled model on 127.0.0.1:8000
-#   make test    full .venv (requirements/dev.txt), then ruff + mypy + the whole pytest suite, and the
-#                unit + app layers and the wheel test on every other supported Python found (tools/matrix.py)
+#   make test    full .venv (requirements/dev.txt), then ruff + mypy + the whole pytest suite, and beside
+#                them the unit + app layers and the wheel test on every other supported Python found
+#                (tools/matrix.py, venvs in .venv-matrix/)
 #   make wheel   build dist/lungserve-*.whl (+ sdist) from the hashed build lock
 #   make lock    regenerate requirements/{dev,serve,gpu,test,build}.txt (uv pip compile, tools/lock.py)
 #
@@ -34,17 +35,20 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The venv remembers which Python made it: another one (python3 upgraded, PYTHON=) rebuilds it.
 VENV_PYTHON := $(VENV)/python-$(PY_VERSION).stamp
+# Builds in the checkout write lungserve.egg-info/ there: one at a time (the matrix may be building).
+IN_CHECKOUT = $(PYTHON) -m tools.locks --
 # `make test`'s other-version matrix: "auto" (every other supported version found; all of them
 # when CI is set), "none", or versions, e.g. MATRIX="3.13".
 MATRIX ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test dev lint typecheck lock clean s3-demo wheel matrix
+.PHONY: help serve test suite dev lint typecheck lock clean s3-demo wheel matrix
 
 help:
 	@echo "make serve   install the serving lock into .venv and serve the bundled model on $(HOST):$(PORT)"
 	@echo "make test    install the full dev lock into .venv, run ruff, mypy, the matrix and pytest"
 	@echo "make dev     only install the full dev lock into .venv"
+	@echo "make suite   make test without the matrix: ruff, mypy and pytest on $(PYTHON)"
 	@echo "make matrix  only the other-version part of make test (MATRIX=3.13 for one version)"
 	@echo "make wheel   build the wheel (and sdist) into dist/ from the hashed build lock"
 	@echo "make lock    regenerate requirements/*.txt with uv and check wheels for Python $(SUPPORTED)"
@@ -72,15 +76,30 @@ s3-demo: $(VENV)/dev.stamp
 		$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
 
 # The matrix runs before the full suite, so the suite's own summary is the last thing printed.
-test: $(VENV)/dev.stamp
+# The matrix starts first and runs beside everything else (the dev install, ruff, mypy, pytest):
+# each side keeps about one core busy, and CI has two. It needs only the standard library of
+# $(PYTHON), keeps its venvs outside $(VENV) (which the dev install may create anew), and runs at a
+# lower priority, so the suite's real-process tests keep theirs. Its output follows the suite's.
+MATRIX_VENVS ?= .venv-matrix
+test:
+	@mkdir -p $(MATRIX_VENVS); log=$(MATRIX_VENVS)/matrix.log; \
+	echo "+ nice -n 5 $(PYTHON) -m tools.matrix ... > $$log (beside the rest of make test)"; \
+	nice -n 5 $(PYTHON) -m tools.matrix --venvs $(MATRIX_VENVS) --skip "$(PY_VERSION)" \
+		--supported "$(SUPPORTED)" $(MATRIX) > $$log 2>&1 & matrix=$$!; \
+	$(MAKE) --no-print-directory suite; suite=$$?; \
+	wait $$matrix; status=$$?; \
+	echo "--- the matrix (tools/matrix.py, exit $$status), run beside the suite ---"; cat $$log; \
+	[ $$suite -eq 0 ] && [ $$status -eq 0 ]
+
+# ruff, mypy and the whole pytest suite on $(PYTHON) (make test without the matrix).
+suite: $(VENV)/dev.stamp
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
 	$(BIN)/pytest
 
 # Only the matrix (e.g. `make matrix MATRIX=3.13`).
-matrix: $(VENV)/dev.stamp
-	$(BIN)/python tools/matrix.py --venvs $(VENV)/matrix --skip $(PY_VERSION) --supported "$(SUPPORTED)" $(MATRIX)
+matrix:
+	$(PYTHON) -m tools.matrix --venvs $(MATRIX_VENVS) --skip "$(PY_VERSION)" --supported "$(SUPPORTED)" $(MATRIX)
 
 $(VENV_PYTHON):
 	@test -n "$(PY_VERSION)" || { echo "no Python found: tried $(PYTHON); set PYTHON=/path/to/python3.X" >&2; exit 1; }
@@ -94,7 +113,7 @@ $(VENV_PYTHON):
 $(VENV)/serve.stamp: requirements/serve.txt requirements/build.txt pyproject.toml $(VENV_PYTHON)
 	$(PIP) install --require-hashes -r requirements/serve.txt
 	$(PIP) install --require-hashes -r requirements/build.txt
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(IN_CHECKOUT) $(PIP) install --no-deps --no-build-isolation -e .
 	@# The venv may no longer match the dev lock exactly: make test must re-check it.
 	@rm -f $(VENV)/dev.stamp
 	@touch $@
@@ -104,7 +123,7 @@ $(VENV)/serve.stamp: requirements/serve.txt requirements/build.txt pyproject.tom
 $(VENV)/dev.stamp: requirements/dev.txt requirements/build.txt pyproject.toml $(VENV_PYTHON)
 	$(PIP) install --require-hashes -r requirements/dev.txt
 	$(PIP) install --require-hashes -r requirements/build.txt
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(IN_CHECKOUT) $(PIP) install --no-deps --no-build-isolation -e .
 	@touch $@
 
 # Just the full install (what `lungserve train/evaluate/export` need), without running anything.
@@ -136,4 +155,4 @@ lock:
 	$(PYTHON) tools/lock.py --uv "$$uv" --versions "$(SUPPORTED)" -- $(LOCK_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist
+	rm -rf $(VENV) $(MATRIX_VENVS) .mypy_cache .ruff_cache .pytest_cache build dist

@@ -8,7 +8,7 @@ $PYENV_ROOT, ~/.pyenv). A version that is not found is reported; with CI set it 
 CI cannot pass on fewer versions than it claims. Each venv is reused while its interpreter and
 the locks it was made from are unchanged, and made anew otherwise.
 
-Standard library only.
+Standard library only. Run as `python -m tools.matrix` from the checkout.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.locks import checkout_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = ("requirements/test.txt", "requirements/build.txt", "pyproject.toml")
@@ -104,7 +106,8 @@ def prepare(interpreter: Interpreter, venv: Path) -> float:
     pip.append("--no-compile")
     _run([*pip, "--require-hashes", "-r", "requirements/test.txt"])
     _run([*pip, "--require-hashes", "-r", "requirements/build.txt"])
-    _run([*pip, "--no-deps", "--no-build-isolation", "-e", "."])
+    with checkout_lock(ROOT):  # the suite's wheel test may be building in this checkout meanwhile
+        _run([*pip, "--no-deps", "--no-build-isolation", "-e", "."])
     stamp.write_text(json.dumps(want))
     return time.monotonic() - start
 

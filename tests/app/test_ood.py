@@ -86,6 +86,7 @@ async def test_real_tiles_with_wrong_colour_handling_are_referred(served: Served
     await assert_all_referred(served, list(miscoloured(tiles)))
 
 
+@pytest.mark.slow  # real data, and the same on every Python: not in the other-version matrix
 async def test_at_most_one_percent_of_real_held_out_tiles_are_referred_as_ood(served: Served, lc25000: Path) -> None:
     manifest = Manifest.read(BUNDLED_MODEL / "model.json")
     tiles = read_groups(lc25000)

@@ -26,6 +26,7 @@ from packaging.specifiers import SpecifierSet
 from service.model.manifest import Manifest
 from tests.conftest import BUNDLED_MODEL, ROOT
 from tests.e2e.server import free_port, run_server, wait_ready
+from tools.locks import checkout_lock
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -64,7 +65,8 @@ def packaged_files() -> set[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT], cwd=ROOT)
+    with checkout_lock(ROOT):  # `make test` runs the other-version matrix beside the suite
+        run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT], cwd=ROOT)
     (built,) = out.glob("lungserve-*.whl")
     return built
 

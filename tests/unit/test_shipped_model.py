@@ -68,6 +68,7 @@ def test_test_metrics_declare_intervals_around_the_point_estimates() -> None:
         assert lo <= pc["recall"] <= hi
 
 
+@pytest.mark.slow  # real data, and the same on every Python: not in the other-version matrix
 def test_bundled_model_reproduces_declared_test_metrics(lc25000: Path) -> None:
     from export.evaluate import evaluate_part
 
@@ -84,6 +85,7 @@ def test_bundled_model_reproduces_declared_test_metrics(lc25000: Path) -> None:
     assert report["decision"]["coverage"] == pytest.approx(declared["decision"]["coverage"], abs=0.002)
 
 
+@pytest.mark.slow  # real data, and the same on every Python: not in the other-version matrix
 def test_declared_decision_is_the_one_select_gives(lc25000: Path) -> None:
     from export import data as data_mod
     from export.decision_fit import fit_decision
