@@ -69,8 +69,6 @@ class JobRunner:
         # Job reads get threads of their own: the shared decode pool stays free for interactive requests.
         self._read_pool = ThreadPoolExecutor(2 * settings.jobs_concurrency, thread_name_prefix="job-read")
         self._work_dir: Path | None = None
-        if metrics is not None:
-            metrics.watch(self.count)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -114,6 +112,7 @@ class JobRunner:
             self._jobs.setdefault(job.id, job)
             if job.state is JobState.QUEUED:
                 self._queue.put_nowait(job.id)
+        self._counted()
         queued = sum(1 for j in found if j.state is JobState.QUEUED)
         log.info("slide jobs recovered: %d, %d queued", len(found), queued, extra={"jobs": len(found)})
 
@@ -143,6 +142,7 @@ class JobRunner:
             await self._store.put_file(f"{job.id}/{SOURCE}", upload)
         await self._save(job)  # the record last: a job listed is a job that can run
         self._jobs[job.id] = job
+        self._counted()
         self._queue.put_nowait(job.id)
         return job
 
@@ -282,4 +282,9 @@ class JobRunner:
             self._metrics.finished(job.state.value, _seconds_between(job.started or job.created, job.finished))
 
     async def _save(self, job: Job) -> None:
+        self._counted()  # the state in memory is what routes answer, saved or not
         await put_json(self._store, f"{job.id}/job.json", job.to_record())
+
+    def _counted(self) -> None:
+        if self._metrics is not None:
+            self._metrics.count(self.count)

@@ -21,7 +21,16 @@ JOB_DURATION_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 
 
 class JobMetrics:
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.jobs = Gauge(f"{prefix}_jobs", "Slide jobs known to this server, by state.", ["state"], registry=registry)
+        # Set on every change, not read at scrape time: a callback's value never reaches the
+        # shared files of multiprocess mode. Front 0 runs the jobs and the other fronts hold 0s,
+        # so the live sum is front 0's count, and a dead front 0's files drop out with it.
+        self.jobs = Gauge(
+            f"{prefix}_jobs",
+            "Slide jobs known to this server, by state.",
+            ["state"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.tiles = Counter(
             f"{prefix}_job_tiles",
             "Slide-job tiles processed (rate() is tiles/s), by kind: tissue (classified) or background (skipped).",
@@ -51,10 +60,10 @@ class JobMetrics:
         for state in JOB_STATES:
             self.jobs.labels(state=state).set(0)
 
-    def watch(self, count: Callable[[str], int]) -> None:
-        """The jobs gauge reads the runner's counts at scrape time."""
+    def count(self, count: Callable[[str], int]) -> None:
+        """The jobs gauge set from the runner's counts (called after every change of a job's state)."""
         for state in JOB_STATES:
-            self.jobs.labels(state=state).set_function(lambda s=state: count(s))  # type: ignore[misc]
+            self.jobs.labels(state=state).set(count(state))
 
     def tile(self, tissue: bool) -> None:
         self.tiles.labels(kind="tissue" if tissue else "background").inc()

@@ -120,6 +120,13 @@ async def _samples(client: httpx.AsyncClient, name: str) -> list[Sample]:
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith(name)]
 
 
+async def jobs_gauge(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        samples = [s for s in await _samples(client, "lungserve_jobs") if s.name == "lungserve_jobs"]
+    assert all(set(s.labels) == {"state"} for s in samples), samples  # no per-process (pid) series
+    return {s.labels["state"]: s.value for s in samples}
+
+
 async def metric(url: str, name: str, **labels: str) -> float:
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
         samples = await _samples(client, name)
@@ -197,6 +204,8 @@ async def test_every_front_answers_every_jobs_route_and_a_job_runs_once(tmp_path
         # Run once, by one process: every tile counted once, one job finished.
         assert await metric(url, "lungserve_job_tiles_total") == SMALL_TILES
         assert await metric(url, "lungserve_job_duration_seconds_count", state="done") == 1
+        # The jobs gauge is front 0's count, one series per state, never one per process.
+        assert await jobs_gauge(url) == {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": 0}
 
         result = await jobs.call("result", "GET", f"/jobs/{job['id']}/result")
         assert result.status_code == 200, result.text
@@ -237,6 +246,8 @@ async def test_every_front_answers_every_jobs_route_and_a_job_runs_once(tmp_path
         assert answer.json()["state"] == "cancelled"
         assert await metric(url, "lungserve_job_duration_seconds_count", state="cancelled") == cancelled + 1
         assert await metric(url, "lungserve_job_duration_seconds_count", state="done") == 1
+        want = {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": cancelled + 1}
+        assert await jobs_gauge(url) == want
         # Counted once: by front 0, whichever front the client reached.
         assert await _jobs_requests(url) == len(jobs.sent)
         t.server.proc.send_signal(signal.SIGTERM)
