@@ -118,6 +118,8 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
             assert sum(after[k] - before.get(k, 0.0) for k in per_process) == 6
             assert all(f'lungserve_process_queue_depth{{process="{p}"}}' in after for p in batching)
             assert after['lungserve_process_restarts_total{role="front"}'] == 0
+            # Bounded labels: no series per process id (a gauge without a multiprocess mode).
+            assert not [k for k in after if 'pid="' in k]
         # OIP over gRPC: every front serves the one port (SO_REUSEPORT), fresh channels each time.
         assert server.output().count("Open Inference Protocol over gRPC on") == 2
         for _ in range(4):
