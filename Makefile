@@ -75,7 +75,6 @@ s3-demo: $(VENV)/dev.stamp
 		LUNGSERVE_MODEL_CACHE_DIR=$(VENV)/s3-demo-cache LUNGSERVE_ADMIN_TOKEN=demo \
 		$(BIN)/lungserve serve --host $(HOST) --port $(PORT)
 
-# The matrix runs before the full suite, so the suite's own summary is the last thing printed.
 # The matrix starts first and runs beside everything else (the dev install, ruff, mypy, pytest):
 # each side keeps about one core busy, and CI has two. It needs only the standard library of
 # $(PYTHON), keeps its venvs outside $(VENV) (which the dev install may create anew), and runs at a

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -155,9 +156,6 @@ class JobRunner:
     def list(self, owner: str | None) -> list[Job]:
         return sorted((j for j in self._jobs.values() if j.owner == owner), key=lambda j: j.created, reverse=True)
 
-    def count(self, state: str) -> int:
-        return sum(1 for j in self._jobs.values() if j.state == state)
-
     async def cancel(self, owner: str | None, job_id: str) -> Job:
         job = self.get(owner, job_id)
         if job.state is JobState.QUEUED:
@@ -287,4 +285,4 @@ class JobRunner:
 
     def _counted(self) -> None:
         if self._metrics is not None:
-            self._metrics.count(self.count)
+            self._metrics.count(Counter(j.state.value for j in self._jobs.values()))

@@ -6,7 +6,7 @@ finished job (three). Never a job id: ids are unbounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -60,10 +60,10 @@ class JobMetrics:
         for state in JOB_STATES:
             self.jobs.labels(state=state).set(0)
 
-    def count(self, count: Callable[[str], int]) -> None:
-        """The jobs gauge set from the runner's counts (called after every change of a job's state)."""
+    def count(self, jobs: Mapping[str, int]) -> None:
+        """The jobs gauge set from the runner's jobs per state (after every change of a job's state)."""
         for state in JOB_STATES:
-            self.jobs.labels(state=state).set(count(state))
+            self.jobs.labels(state=state).set(jobs.get(state, 0))
 
     def tile(self, tissue: bool) -> None:
         self.tiles.labels(kind="tissue" if tissue else "background").inc()

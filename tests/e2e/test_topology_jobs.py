@@ -249,6 +249,8 @@ async def test_every_front_answers_every_jobs_route_and_a_job_runs_once(tmp_path
         want = {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": cancelled + 1}
         assert await jobs_gauge(url) == want
         # Counted once: by front 0, whichever front the client reached.
+        # A request is counted once its answer is sent, so the last one may still be on its way.
+        await until(lambda: _counted_at_least(url, len(jobs.sent)), "every /jobs request counted")
         assert await _jobs_requests(url) == len(jobs.sent)
         t.server.proc.send_signal(signal.SIGTERM)
         assert t.server.proc.wait(EXIT_TIMEOUT_S) == 0
@@ -258,6 +260,10 @@ async def test_every_front_answers_every_jobs_route_and_a_job_runs_once(tmp_path
             [line] = lines[request_id]
             assert line["route"].startswith("/jobs"), line
             assert (line.get("api_key") in KEYS) == (request_id not in jobs.refused), line
+
+
+async def _counted_at_least(url: str, n: int) -> bool:
+    return await _jobs_requests(url) >= n
 
 
 async def _jobs_requests(url: str) -> float:
