@@ -73,12 +73,9 @@ def _serve_here(settings: Settings) -> int:
     # Connection guards, timeouts and the shutdown order: service/http/server.py.
     server, sockets = build_server(app, settings)
 
-    def graceful(signum: int, frame: object) -> None:
-        # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores the handler
-        # it found and raises the signal again. Finding this one, the process exits normally
-        # (status 0) instead of being killed by the default action.
-        pass
-
+    # uvicorn handles SIGTERM/SIGINT itself while it serves (graceful shutdown), then restores
+    # the handler it found and raises the signal again: finding this one, the process exits 0.
+    graceful = server.handle_exit_outside_serve
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=sockets)

@@ -234,24 +234,42 @@ class LungserveServer(uvicorn.Server):
         self._hooks = hooks
         self._shutdown_delay_s = shutdown_delay_s
         self._exit_requested_at: float | None = None
+        self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._exit_requested_at is None and not self.should_exit:
-            # Runs in the signal handler, between two bytecodes of the loop thread: only flags.
+            # Runs in the signal handler, between two bytecodes of the loop thread, which may be
+            # holding a lock the hooks need (prometheus_client's multiprocess values share one:
+            # a front deadlocked here). So only a flag; the next tick calls draining().
             self._exit_requested_at = time.monotonic()
-            self._hooks.draining()
             return
         super().handle_exit(sig, frame)  # a second signal: go now (a second SIGINT forces)
 
+    def handle_exit_outside_serve(self, sig: int, frame: FrameType | None) -> None:
+        """The SIGTERM/SIGINT handler around `run()`, where uvicorn's own is not installed.
+
+        Before serve: the signal must still stop the server (swallowing it would leave it
+        running). After serve, uvicorn raises the signal it captured again: nothing more to do,
+        and the process exits 0 rather than by the default action.
+        """
+        if not self.started:
+            self.handle_exit(sig, frame)
+
     async def on_tick(self, counter: int) -> bool:
         requested = self._exit_requested_at
-        if requested is not None and time.monotonic() - requested >= self._shutdown_delay_s:
-            self.should_exit = True
+        if requested is not None:
+            self._drain_readiness()
+            if time.monotonic() - requested >= self._shutdown_delay_s:
+                self.should_exit = True
         return await super().on_tick(counter)
 
-    async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        if self._exit_requested_at is None:
+    def _drain_readiness(self) -> None:
+        if not self._draining:
+            self._draining = True
             self._hooks.draining()
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        self._drain_readiness()
         # The drain runs while uvicorn waits for the requests in flight: they end with their
         # result or our 503 before uvicorn's own timeout would cancel them.
         drain = asyncio.ensure_future(self._hooks.drain())

@@ -79,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         # takes requests of its own only once it takes theirs.
         sockets.insert(0, private_socket(placement.socket))
 
-    def graceful(signum: int, frame: object) -> None:
-        pass  # as in `lungserve serve`: exit 0 after uvicorn's graceful shutdown
-
     def reload(signum: int, frame: object) -> None:
         # SIGHUP (passed on by the supervisor when the model runs in the fronts): hot reload,
         # as /admin/reload does. The handler runs on the loop's thread, between two bytecodes.
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.call_soon_threadsafe(lambda: loop.create_task(_reload(app)))
 
     signal.signal(signal.SIGHUP, reload)
-    previous = signal.signal(signal.SIGTERM, graceful)
+    previous = signal.signal(signal.SIGTERM, server.handle_exit_outside_serve)  # as `lungserve serve`
     try:
         server.run(sockets=sockets)
     finally:

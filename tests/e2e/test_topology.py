@@ -11,6 +11,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,24 @@ def _native_modules(pid: int) -> set[str]:
     """Which of the app's big native modules (ONNX Runtime, numpy, pydantic) the process maps."""
     names = {Path(m.path).name for m in psutil.Process(pid).memory_maps()}
     return {h for h in HEAVY if any(n.startswith(h) for n in names)}
+
+
+def _exit_status(server: Server) -> int:
+    """The server's exit status; if it has not exited within TIMEOUT_S, fail with its log and
+    where each remaining child is stuck."""
+    try:
+        return server.proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stacks = {title: _stack(pid) for title, pid in children(server).items()}
+        pytest.fail(f"no exit {TIMEOUT_S} s after SIGTERM; children {stacks}\n{server.output()}")
+
+
+def _stack(pid: int) -> str:
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return "(no py-spy)"
+    done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, check=False)
+    return done.stdout + done.stderr
 
 
 def children(server: Server) -> dict[str, int]:
@@ -178,7 +198,7 @@ async def test_model_process_then_a_front_killed_under_load(tmp_path: Path) -> N
         assert counted['lungserve_process_restarts_total{role="model"}'] == 1
         assert counted['lungserve_process_restarts_total{role="front"}'] == 1
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(TIMEOUT_S) == 0
+        assert _exit_status(server) == 0
         log = server.output()
         assert "model process exited" in log
         assert "restarting" in log
