@@ -89,7 +89,8 @@ def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[st
     for f in np.unique(oof.fold):
         here = oof.fold == f
         ood_other = None if oof.ood is None else oof.ood[~here]
-        d = fit_decision(probs[~here], oof.labels[~here], ood_other, "other folds")
+        groups = np.asarray(oof.groups)[~here]
+        d = fit_decision(probs[~here], oof.labels[~here], ood_other, "other folds", groups=groups)
         accepted[here] = apply(
             probs[here], None if oof.ood is None else oof.ood[here], d["refer_below"], d.get("ood_above")
         )
@@ -114,7 +115,7 @@ def fit_serving(oof: OutOfFold) -> dict[str, Any]:
     chosen_on = (
         f"out-of-fold predictions, {len(np.unique(oof.fold))}-fold grouped CV ({n_groups} groups, {len(probs)} images)"
     )
-    decision = fit_decision(probs, oof.labels, oof.ood, chosen_on)
+    decision = fit_decision(probs, oof.labels, oof.ood, chosen_on, groups=np.asarray(oof.groups))
     cross_probs, temps = cross_fitted_probabilities(oof)
     return {
         "temperature": temperature,

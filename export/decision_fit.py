@@ -1,8 +1,10 @@
-"""Fitting the refer decision's thresholds on the SELECT groups (selective classification).
+"""Fitting the refer decision's thresholds (selective classification): on the SELECT groups, or
+on the cross-validation's out-of-fold predictions with their groups.
 
 - refer_below: refer when the calibrated top probability is below it. Chosen as the lowest
   threshold whose accepted predictions reach the target accuracy (0.99), i.e. the highest
-  coverage that keeps that accuracy.
+  coverage that keeps that accuracy. Given the groups, the target must hold at the accepted
+  accuracy's group-bootstrap lower bound, so the threshold holds on groups it never saw.
 - ood_above: refer as out of distribution when ood_score exceeds it. Chosen so that at most
   `max_ood_rate` (0.5%) of the select tiles exceed it: real tissue like the training data is
   rarely refused for this reason, and far-away inputs (photographs, blank slides, noise) are.
@@ -19,6 +21,9 @@ from numpy.typing import NDArray
 
 TARGET_ACCURACY = 0.99
 MAX_OOD_RATE = 0.005
+# With groups: the target must hold at this one-sided group-bootstrap lower bound, not the point.
+BOUND_LEVEL = 0.95
+BOUND_RESAMPLES = 1000
 
 
 def risk_coverage(
@@ -39,15 +44,55 @@ def risk_coverage(
 
 
 def fit_refer_below(
-    conf: NDArray[np.floating], correct: NDArray[np.bool_], target: float = TARGET_ACCURACY
+    conf: NDArray[np.floating],
+    correct: NDArray[np.bool_],
+    target: float = TARGET_ACCURACY,
+    groups: NDArray[Any] | None = None,
 ) -> dict[str, float]:
-    """The lowest threshold whose accepted accuracy is >= target (so the highest coverage)."""
+    """The lowest threshold whose accepted accuracy is >= target (so the highest coverage).
+
+    With `groups`, the accepted accuracy that must reach the target is its group-bootstrap lower
+    bound (`accepted_accuracy_lower_bound`), not the point: errors come in whole groups, so a
+    threshold fitted to the point falls short on unseen groups (docs/model/cv.md).
+    """
     thresholds, coverage, accuracy = risk_coverage(conf, correct)
-    ok = np.flatnonzero(accuracy >= target)
+    bound = accuracy if groups is None else accepted_accuracy_lower_bound(conf, correct, groups)
+    ok = np.flatnonzero(bound >= target)
     if len(ok) == 0:  # not even the most confident prediction: refer everything
         return {"refer_below": 1.0 + 1e-9, "coverage": 0.0, "accuracy": float("nan")}
     i = ok[-1]  # thresholds descend, so the last qualifying point has the lowest threshold
-    return {"refer_below": float(thresholds[i]), "coverage": float(coverage[i]), "accuracy": float(accuracy[i])}
+    fit = {"refer_below": float(thresholds[i]), "coverage": float(coverage[i]), "accuracy": float(accuracy[i])}
+    if groups is not None:
+        fit["accuracy_lower_bound"] = float(bound[i])
+    return fit
+
+
+def accepted_accuracy_lower_bound(
+    conf: NDArray[np.floating],
+    correct: NDArray[np.bool_],
+    groups: NDArray[Any],
+    level: float = BOUND_LEVEL,
+    n_resamples: int = BOUND_RESAMPLES,
+    seed: int = 0,
+) -> NDArray[np.float64]:
+    """At each point of `risk_coverage`: the one-sided `level` lower bound of accepted accuracy,
+    resampling whole groups with replacement (a group's images are near-copies, wrong together)."""
+    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
+    c = np.asarray(conf, dtype=np.float64)[order]
+    ok = np.asarray(correct, dtype=np.float64)[order]
+    last = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # as in risk_coverage: ties together
+    _, gid = np.unique(np.asarray(groups)[order], return_inverse=True)
+    n_groups = int(gid.max()) + 1
+    rng = np.random.default_rng(seed)
+    accuracy = np.empty((n_resamples, len(last)))
+    for b in range(n_resamples):
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[gid].astype(np.float64)
+        accepted = np.cumsum(weight)[last]
+        right = np.cumsum(weight * ok)[last]
+        # No resampled image accepted at this threshold: nothing accepted, nothing wrong.
+        accuracy[b] = np.divide(right, accepted, out=np.ones_like(right), where=accepted > 0)
+    out: NDArray[np.float64] = np.quantile(accuracy, 1.0 - level, axis=0)
+    return out
 
 
 def fit_ood_above(scores: NDArray[np.floating], max_rate: float = MAX_OOD_RATE) -> dict[str, float]:
@@ -76,11 +121,15 @@ def fit_decision(
     chosen_on: str,
     target: float = TARGET_ACCURACY,
     max_ood_rate: float = MAX_OOD_RATE,
+    groups: NDArray[Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest's `decision` section, fitted on the select groups' outputs."""
+    """The manifest's `decision` section, fitted on the select groups' outputs (or, with `groups`,
+    on out-of-fold outputs, the target held at the group-bootstrap lower bound)."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(labels)
-    decision: dict[str, Any] = {**fit_refer_below(conf, correct, target), "target_accuracy": target}
+    decision: dict[str, Any] = {**fit_refer_below(conf, correct, target, groups), "target_accuracy": target}
+    if groups is not None:
+        decision["target_held_at"] = f"one-sided {BOUND_LEVEL:.0%} group-bootstrap lower bound ({BOUND_RESAMPLES}x)"
     if ood is not None:
         decision.update(fit_ood_above(ood, max_ood_rate))
     decision["chosen_on"] = chosen_on

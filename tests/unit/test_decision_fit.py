@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from export.decision_fit import (
+    accepted_accuracy_lower_bound,
     apply,
     evaluate_decision,
     fit_decision,
@@ -72,3 +73,55 @@ def test_decision_round_trip_on_another_split(tmp_path: Path) -> None:
     assert on_same["coverage"] <= decision["coverage"]  # the OOD gate can only refer more
     plot_risk_coverage({"s": (probs.max(1), probs.argmax(1) == labels)}, decision, tmp_path / "rc.png")
     assert (tmp_path / "rc.png").stat().st_size > 0
+
+
+def _one_group_confidently_wrong() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """100 groups of 10 near-copies, all right, and one more group whose 10 images are all wrong
+    at confidence 0.95: the whole-group error the cross-validation found (docs/model/cv.md)."""
+    rng = np.random.default_rng(0)
+    conf = np.r_[rng.uniform(0.5, 1.0, 1000), np.full(10, 0.95)]
+    correct = np.r_[np.ones(1000, bool), np.zeros(10, bool)]
+    groups = np.r_[np.repeat(np.arange(100), 10), np.full(10, 100)]
+    return conf, correct, groups
+
+
+def test_with_groups_the_target_must_hold_at_the_bootstrap_lower_bound() -> None:
+    conf, correct, groups = _one_group_confidently_wrong()
+    point = fit_refer_below(conf, correct, target=0.99)
+    held = fit_refer_below(conf, correct, target=0.99, groups=groups)
+    # The point fit accepts the wrong group (10 wrong among ~1,000 accepted: 0.99 on the nose);
+    # a resample holding that group twice falls short, so the bound asks for a higher threshold.
+    assert point["refer_below"] <= 0.95
+    assert held["refer_below"] > 0.95
+    assert held["accuracy_lower_bound"] >= 0.99
+    assert held["coverage"] < point["coverage"]
+
+
+def test_the_same_errors_ask_for_a_higher_threshold_when_they_come_in_groups() -> None:
+    rng = np.random.default_rng(1)
+    block_conf = rng.uniform(0.5, 1.0, 500)
+    block_correct = rng.uniform(0.0, 1.0, 500) < block_conf**0.05  # rarer when confident
+    conf = np.repeat(block_conf, 10) + rng.uniform(0, 1e-6, 5000)  # 10 near-copies each
+    correct = np.repeat(block_correct, 10)
+    alone = fit_refer_below(conf, correct, target=0.99, groups=np.arange(5000))
+    copies = fit_refer_below(conf, correct, target=0.99, groups=np.repeat(np.arange(500), 10))
+    assert copies["refer_below"] > alone["refer_below"]
+    assert copies["coverage"] < alone["coverage"]
+
+
+def test_the_lower_bound_never_exceeds_the_point_and_is_reproducible() -> None:
+    conf, correct, groups = _one_group_confidently_wrong()
+    _, _, accuracy = risk_coverage(conf, correct)
+    bound = accepted_accuracy_lower_bound(conf, correct, groups)
+    assert bound.shape == accuracy.shape
+    assert (bound <= accuracy + 1e-12).all()
+    assert (bound == accepted_accuracy_lower_bound(conf, correct, groups)).all()
+
+
+def test_fit_decision_with_groups_says_how_the_target_was_held() -> None:
+    conf, correct, groups = _one_group_confidently_wrong()
+    labels = np.zeros(len(conf), np.int64)
+    probs = np.c_[np.where(correct, conf, 1 - conf), np.where(correct, 1 - conf, conf)]
+    decision = fit_decision(probs, labels, None, "out-of-fold (test)", groups=groups)
+    assert "group-bootstrap lower bound" in decision["target_held_at"]
+    assert decision["accuracy_lower_bound"] >= 0.99
