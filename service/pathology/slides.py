@@ -268,13 +268,12 @@ class OpenSlideSlide:
     def describe(self) -> dict[str, Any]:
         import openslide
 
-        mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        return {
-            "reader": self.reader,
-            "format": self._vendor,
-            "mpp": float(mpp) if mpp else None,
-            "levels": self._slide.level_count,
-        }
+        try:  # after a failed read, even these lookups raise (OpenSlide's errors are sticky)
+            mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+            levels = self._slide.level_count
+        except openslide.OpenSlideError as exc:
+            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        return {"reader": self.reader, "format": self._vendor, "mpp": float(mpp) if mpp else None, "levels": levels}
 
     def prepare(self) -> None:
         pass  # every tile is read on its own
@@ -282,11 +281,13 @@ class OpenSlideSlide:
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
         import openslide
 
-        # The coarsest pyramid level still at or above the model's scale.
-        level = self._slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
-        downsample = self._slide.level_downsamples[level]
-        region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
+        # Every call in the try: OpenSlide's errors are sticky. Once one read has failed (maybe
+        # another tile's, on another thread), each later call on the slide raises, even a lookup.
         try:
+            # The coarsest pyramid level still at or above the model's scale.
+            level = self._slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
+            downsample = self._slide.level_downsamples[level]
+            region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
             region = self._slide.read_region((tile.x, tile.y), level, region_size)
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc

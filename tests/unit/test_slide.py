@@ -142,6 +142,24 @@ def test_a_slide_claiming_one_huge_stored_tile_is_refused(tmp_path: Path) -> Non
         slide.close()
 
 
+def test_every_tile_read_after_a_failed_one_is_still_the_clients_422(tmp_path: Path) -> None:
+    """OpenSlide's errors are sticky: after one failed read, every call on the slide raises, even
+    the level lookup. /analyze reads tiles on several threads, so the next tile's read (seen
+    in CI: a 500) must be the same InvalidImage as the first."""
+    pytest.importorskip("openslide")
+    path = tmp_path / "missing.tiff"
+    path.write_bytes(tiled_tiff_claiming(1500, 1500, tile=256))
+    slide = open_slide(path, max_pixels=10_000_000, tile_px=768, size=64)
+    try:
+        for tile in (Tile(0, 0, 768, 768), Tile(768, 0, 732, 768), Tile(0, 0, 768, 768)):
+            with pytest.raises(InvalidImage, match="corrupt"):
+                slide.read_tile(tile, 64)
+        with pytest.raises(InvalidImage, match="corrupt"):
+            slide.describe()
+    finally:
+        slide.close()
+
+
 def test_a_one_level_slide_thumbnail_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No pyramid: the thumbnail comes from level 0, read block by block (never the whole level at once).
     openslide = pytest.importorskip("openslide")
