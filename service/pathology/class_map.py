@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -60,11 +60,18 @@ async def class_map(
         image = slide.read_tile(tile, size)
         return image, is_background(image)
 
+    # Reads in the pool, kept until they have ended: a cancelled worker stops waiting for its
+    # read, but the thread goes on reading the slide, which our caller closes once we return.
+    reads: set[Future[tuple[TileImage, bool]]] = set()
+
     async def worker() -> None:
         # `next` on a shared iterator: each index goes to exactly one worker (one event loop).
         for i in indices:
             tile = tiles[i]
-            image, background = await loop.run_in_executor(pool, read, tile)
+            reading = pool.submit(read, tile)
+            reads.add(reading)
+            image, background = await asyncio.wrap_future(reading, loop=loop)
+            reads.discard(reading)
             if on_read is not None:
                 on_read()
             if background:
@@ -84,6 +91,10 @@ async def class_map(
     except BaseExceptionGroup as failed:
         # The first tile's error is the request's error (a domain error maps to its 4xx/5xx).
         raise failed.exceptions[0] from None
+    finally:
+        running = [asyncio.wrap_future(f, loop=loop) for f in reads if not f.done()]
+        if running:  # their results and errors are nobody's any more: gathered, not logged
+            await asyncio.gather(*running, return_exceptions=True)
     done = [o for o in outcomes if o is not None]
     assert len(done) == len(tiles)
     return done

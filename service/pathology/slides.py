@@ -223,6 +223,10 @@ class PillowSlide:
             self._image.close()
 
 
+class SlideClosed(RuntimeError):
+    """A read of a slide after its close (only a read nobody waits for any more can see it)."""
+
+
 class OpenSlideSlide:
     reader = "openslide"
 
@@ -233,6 +237,12 @@ class OpenSlideSlide:
             self._slide = openslide.OpenSlide(str(path))
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"OpenSlide cannot read this {vendor} file: {exc}") from exc
+        # OpenSlide aborts the whole process when a slide is closed under a read on another
+        # thread (an assertion in its TIFF handle cache). A request that fails or is cancelled
+        # closes its slide while pool threads may still read it: the close waits for the last.
+        self._use = threading.Lock()
+        self._readers = 0
+        self._closing = False
         self._vendor = vendor
         self._width, self._height = self._slide.dimensions
         if self._width <= 0 or self._height <= 0:
@@ -269,8 +279,9 @@ class OpenSlideSlide:
         import openslide
 
         try:  # after a failed read, even these lookups raise (OpenSlide's errors are sticky)
-            mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-            levels = self._slide.level_count
+            with self._reading() as slide:
+                mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+                levels = slide.level_count
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         return {"reader": self.reader, "format": self._vendor, "mpp": float(mpp) if mpp else None, "levels": levels}
@@ -284,11 +295,12 @@ class OpenSlideSlide:
         # Every call in the try: OpenSlide's errors are sticky. Once one read has failed (maybe
         # another tile's, on another thread), each later call on the slide raises, even a lookup.
         try:
-            # The coarsest pyramid level still at or above the model's scale.
-            level = self._slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
-            downsample = self._slide.level_downsamples[level]
-            region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
-            region = self._slide.read_region((tile.x, tile.y), level, region_size)
+            with self._reading() as slide:
+                # The coarsest pyramid level still at or above the model's scale.
+                level = slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
+                downsample = slide.level_downsamples[level]
+                region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
+                region = slide.read_region((tile.x, tile.y), level, region_size)
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         rgb = Image.new("RGB", region.size, _WHITE)
@@ -301,31 +313,58 @@ class OpenSlideSlide:
 
         # OpenSlide's get_thumbnail reads the whole best level into one buffer: 600 MB for a
         # one-level slide at the tile limit. Read that level in blocks, each shrunk into place.
-        slide = self._slide
         scale = min(1.0, max_side / max(self._width, self._height))
         size = (max(1, round(self._width * scale)), max(1, round(self._height * scale)))
         thumb = Image.new("RGB", size, _WHITE)
         try:
-            level = slide.get_best_level_for_downsample(1 / scale)
-            level_width, level_height = slide.level_dimensions[level]
-            downsample = slide.level_downsamples[level]
-            to_thumb = scale * downsample  # level pixels -> thumbnail pixels
-            for y in range(0, level_height, _THUMBNAIL_BLOCK):
-                for x in range(0, level_width, _THUMBNAIL_BLOCK):
-                    width, height = min(_THUMBNAIL_BLOCK, level_width - x), min(_THUMBNAIL_BLOCK, level_height - y)
-                    region = slide.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
-                    left, top = round(x * to_thumb), round(y * to_thumb)
-                    right, bottom = round((x + width) * to_thumb), round((y + height) * to_thumb)
-                    block = Image.new("RGB", region.size, _WHITE)
-                    block.paste(region, mask=region.getchannel("A"))
-                    # As Image.thumbnail does (what get_thumbnail used): reduce, then resample.
-                    shrunk = block.resize(
-                        (max(1, right - left), max(1, bottom - top)), Image.Resampling.LANCZOS, reducing_gap=2.0
-                    )
-                    thumb.paste(shrunk, (left, top))
+            with self._reading() as slide:
+                self._thumbnail_into(thumb, slide, scale)
         except openslide.OpenSlideError as exc:
             raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         return thumb
 
+    @staticmethod
+    def _thumbnail_into(thumb: Image.Image, slide: Any, scale: float) -> None:
+        # Its best level in blocks, each shrunk into place (see thumbnail).
+        level = slide.get_best_level_for_downsample(1 / scale)
+        level_width, level_height = slide.level_dimensions[level]
+        downsample = slide.level_downsamples[level]
+        to_thumb = scale * downsample  # level pixels -> thumbnail pixels
+        for y in range(0, level_height, _THUMBNAIL_BLOCK):
+            for x in range(0, level_width, _THUMBNAIL_BLOCK):
+                width, height = min(_THUMBNAIL_BLOCK, level_width - x), min(_THUMBNAIL_BLOCK, level_height - y)
+                region = slide.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
+                left, top = round(x * to_thumb), round(y * to_thumb)
+                right, bottom = round((x + width) * to_thumb), round((y + height) * to_thumb)
+                block = Image.new("RGB", region.size, _WHITE)
+                block.paste(region, mask=region.getchannel("A"))
+                # As Image.thumbnail does (what get_thumbnail used): reduce, then resample.
+                shrunk = block.resize(
+                    (max(1, right - left), max(1, bottom - top)), Image.Resampling.LANCZOS, reducing_gap=2.0
+                )
+                thumb.paste(shrunk, (left, top))
+
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        with self._use:
+            if self._closing:
+                raise SlideClosed("the slide was closed")
+            self._readers += 1
+        try:
+            yield self._slide
+        finally:
+            with self._use:
+                self._readers -= 1
+                last = self._closing and self._readers == 0
+            if last:
+                self._slide.close()
+
     def close(self) -> None:
-        self._slide.close()
+        """Close now, or when the last read in progress ends."""
+        with self._use:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._readers == 0
+        if idle:
+            self._slide.close()

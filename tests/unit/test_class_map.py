@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -100,3 +101,45 @@ async def test_a_broken_tile_fails_the_request_with_its_own_error() -> None:
 
     with ThreadPoolExecutor(2) as pool, pytest.raises(InvalidImage, match="corrupt"):
         await class_map(slide, tiles, size=4, pool=pool, classify=classify, window=2)
+
+
+class GatedSlide(FakeSlide):
+    """A slide whose tile reads block, in the pool, until the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__(10, 10, 10, glass=False)
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.reads_ended = 0
+
+    def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
+        self.started.set()
+        self.release.wait()
+        self.reads_ended += 1
+        return super().read_tile(tile, size)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_class_map_ends_only_after_the_read_it_started() -> None:
+    """The caller closes the slide once class_map is done (OpenSlide aborts the process when a
+    slide is closed under a read): cancelled, it must still wait for its reads in the pool."""
+    slide = GatedSlide()
+    loop = asyncio.get_running_loop()
+
+    async def classify(image: NDArray[np.uint8]) -> int:
+        return 0
+
+    with ThreadPoolExecutor(1) as pool:
+        tiles = [Tile(0, 0, 10, 10)]
+        task = asyncio.ensure_future(class_map(slide, tiles, size=4, pool=pool, classify=classify, window=1))
+        try:
+            await loop.run_in_executor(None, slide.started.wait)
+            task.cancel()
+            for _ in range(100):  # loop turns, not time: without the wait, the cancellation ends in a few
+                await asyncio.sleep(0)
+            assert not task.done()
+        finally:
+            slide.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert slide.reads_ended == 1

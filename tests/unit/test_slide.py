@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
 from service.model.preprocess import load_image
-from service.pathology.slides import OpenSlideSlide, PillowSlide, open_slide
+from service.pathology.slides import OpenSlideSlide, PillowSlide, SlideClosed, open_slide
 from service.pathology.tiles import Tile, tile_grid
 from tests.hostile_files import cut_after_scans, progressive, scan_bomb, tiled_tiff_claiming
 
@@ -98,6 +101,36 @@ def test_a_pyramidal_tiff_is_read_through_openslide_level_by_level(tmp_path: Pat
     assert thumb.mode == "RGB"
     assert max(thumb.size) == 300
     slide.close()
+
+
+def test_closing_a_slide_under_a_read_waits_for_the_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSlide aborts the whole process (an assertion in its TIFF cache) when a slide is
+    closed while another thread reads it; a failed or cancelled /analyze closes its slide with
+    pool threads still reading. The close waits for the last read."""
+    path = tmp_path / "slide.tif"
+    write_pyramid(path, _rgb(1536, 1536, seed=4))
+    slide = open_slide(path, max_pixels=1_000, tile_px=768, size=64)
+    assert isinstance(slide, OpenSlideSlide)
+    inside, release = threading.Event(), threading.Event()
+    real_read_region = slide._slide.read_region
+
+    def gated_read_region(*args: Any) -> Image.Image:
+        inside.set()
+        release.wait()
+        return real_read_region(*args)
+
+    monkeypatch.setattr(slide._slide, "read_region", gated_read_region)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(slide.read_tile, Tile(0, 0, 768, 768), 64)
+        try:
+            inside.wait()
+            slide.close()  # returns at once; the slide stays open for the read in progress
+        finally:
+            release.set()
+        assert reading.result().shape == (64, 64, 3)
+    with pytest.raises(SlideClosed):
+        slide.read_tile(Tile(0, 0, 768, 768), 64)
+    slide.close()  # twice is harmless
 
 
 # --- issue 22: the same validity path as /predict; claimed tile sizes ---------------------------
