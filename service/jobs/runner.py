@@ -257,7 +257,7 @@ class JobRunner:
 
     async def _end(self, job: Job, state: JobState, error: str | None = None) -> None:
         """A final state: the slide's copies removed first (a client that sees the state sees
-        the store as it stays), then the state, saved, and the duration counted. Shielded: a
+        the store as it stays), then the state and its duration counted, then saved. Shielded: a
         DELETE arriving now cannot leave the job half-ended."""
 
         async def end() -> None:
@@ -275,9 +275,11 @@ class JobRunner:
             await asyncio.to_thread(shutil.rmtree, self._work_dir / job.id, True)
 
     async def _recorded(self, job: Job) -> None:
-        await self._save(job)
+        # Counted before the save's first await: routes answer from memory, so a client that
+        # sees the final state must find its duration counted too.
         if self._metrics is not None:
             self._metrics.finished(job.state.value, _seconds_between(job.started or job.created, job.finished))
+        await self._save(job)
 
     async def _save(self, job: Job) -> None:
         self._counted()  # the state in memory is what routes answer, saved or not

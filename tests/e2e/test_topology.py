@@ -135,7 +135,8 @@ async def test_processes_have_their_titles_and_every_route_answers(tmp_path: Pat
             # Per process: the batching processes' own series, summing to the server's.
             batching = ["model"] if inference == "model-process" else ["front 0", "front 1"]
             per_process = [f'lungserve_process_batch_size_sum{{process="{p}"}}' for p in batching]
-            assert sum(after[k] - before.get(k, 0.0) for k in per_process) == 6
+            # A front the kernel hashed no connection to has no batch series yet (7 connections: 1 in 64).
+            assert sum(after.get(k, 0.0) - before.get(k, 0.0) for k in per_process) == 6
             assert all(f'lungserve_process_queue_depth{{process="{p}"}}' in after for p in batching)
             assert after['lungserve_process_restarts_total{role="front"}'] == 0
             # Bounded labels: no series per process id (a gauge without a multiprocess mode).
