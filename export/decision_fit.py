@@ -26,6 +26,17 @@ BOUND_LEVEL = 0.95
 BOUND_RESAMPLES = 1000
 
 
+def _descending(
+    conf: NDArray[np.floating], correct: NDArray[np.bool_]
+) -> tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
+    """(order, conf, correct as 0/1) by descending confidence, and the last index of each run of
+    equal confidences: ties are accepted together, so those are the threshold points."""
+    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
+    c = np.asarray(conf, dtype=np.float64)[order]
+    ok = np.asarray(correct, dtype=np.float64)[order]
+    return order, c, ok, np.flatnonzero(np.r_[c[1:] != c[:-1], True])
+
+
 def risk_coverage(
     conf: NDArray[np.floating], correct: NDArray[np.bool_]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
@@ -33,12 +44,8 @@ def risk_coverage(
 
     At threshold t the accepted set is {conf >= t}.
     """
-    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
-    c = np.asarray(conf, dtype=np.float64)[order]
-    ok = np.asarray(correct, dtype=np.float64)[order]
+    _, c, ok, last = _descending(conf, correct)
     cum_ok = np.cumsum(ok)
-    # the last index of each run of equal confidences: ties are accepted together
-    last = np.flatnonzero(np.r_[c[1:] != c[:-1], True])
     n_acc = last + 1.0
     return c[last], n_acc / len(c), cum_ok[last] / n_acc
 
@@ -77,10 +84,7 @@ def accepted_accuracy_lower_bound(
 ) -> NDArray[np.float64]:
     """At each point of `risk_coverage`: the one-sided `level` lower bound of accepted accuracy,
     resampling whole groups with replacement (a group's images are near-copies, wrong together)."""
-    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
-    c = np.asarray(conf, dtype=np.float64)[order]
-    ok = np.asarray(correct, dtype=np.float64)[order]
-    last = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # as in risk_coverage: ties together
+    order, _, ok, last = _descending(conf, correct)
     _, gid = np.unique(np.asarray(groups)[order], return_inverse=True)
     n_groups = int(gid.max()) + 1
     rng = np.random.default_rng(seed)

@@ -278,49 +278,34 @@ class OpenSlideSlide:
     def describe(self) -> dict[str, Any]:
         import openslide
 
-        try:  # after a failed read, even these lookups raise (OpenSlide's errors are sticky)
-            with self._reading() as slide:
-                mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-                levels = slide.level_count
-        except openslide.OpenSlideError as exc:
-            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        with self._reading() as slide:  # after a failed read, even these lookups raise
+            mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+            levels = slide.level_count
         return {"reader": self.reader, "format": self._vendor, "mpp": float(mpp) if mpp else None, "levels": levels}
 
     def prepare(self) -> None:
         pass  # every tile is read on its own
 
     def read_tile(self, tile: Tile, size: int) -> NDArray[np.uint8]:
-        import openslide
-
-        # Every call in the try: OpenSlide's errors are sticky. Once one read has failed (maybe
-        # another tile's, on another thread), each later call on the slide raises, even a lookup.
-        try:
-            with self._reading() as slide:
-                # The coarsest pyramid level still at or above the model's scale.
-                level = slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
-                downsample = slide.level_downsamples[level]
-                region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
-                region = slide.read_region((tile.x, tile.y), level, region_size)
-        except openslide.OpenSlideError as exc:
-            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        with self._reading() as slide:
+            # The coarsest pyramid level still at or above the model's scale.
+            level = slide.get_best_level_for_downsample(min(tile.width, tile.height) / size)
+            downsample = slide.level_downsamples[level]
+            region_size = (max(1, round(tile.width / downsample)), max(1, round(tile.height / downsample)))
+            region = slide.read_region((tile.x, tile.y), level, region_size)
         rgb = Image.new("RGB", region.size, _WHITE)
         rgb.paste(region, mask=region.getchannel("A"))
         resized = rgb.resize((size, size), RESIZE_FILTER)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
 
     def thumbnail(self, max_side: int) -> Image.Image:
-        import openslide
-
         # OpenSlide's get_thumbnail reads the whole best level into one buffer: 600 MB for a
         # one-level slide at the tile limit. Read that level in blocks, each shrunk into place.
         scale = min(1.0, max_side / max(self._width, self._height))
         size = (max(1, round(self._width * scale)), max(1, round(self._height * scale)))
         thumb = Image.new("RGB", size, _WHITE)
-        try:
-            with self._reading() as slide:
-                self._thumbnail_into(thumb, slide, scale)
-        except openslide.OpenSlideError as exc:
-            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
+        with self._reading() as slide:
+            self._thumbnail_into(thumb, slide, scale)
         return thumb
 
     @staticmethod
@@ -346,12 +331,21 @@ class OpenSlideSlide:
 
     @contextmanager
     def _reading(self) -> Iterator[Any]:
+        """The open slide for one read: counted (see close), its errors the client's 422.
+
+        Every OpenSlide call goes through here: its errors are sticky, so after one failed read
+        any call on the slide raises, even a level lookup.
+        """
+        import openslide
+
         with self._use:
             if self._closing:
                 raise SlideClosed("the slide was closed")
             self._readers += 1
         try:
             yield self._slide
+        except openslide.OpenSlideError as exc:
+            raise InvalidImage(f"slide data is corrupt: {exc}") from exc
         finally:
             with self._use:
                 self._readers -= 1
