@@ -2,7 +2,8 @@
 
 The page talks to the same doors as any client (/predict, /explain, /analyze); the only thing
 it gets from here besides its files is /page/config.json: the model's classes, the class
-colours of the /analyze overlay (one palette, `service.pathology.overlay`) and the tile size.
+colours of the /analyze overlay (one palette, `service.pathology.overlay`), the tile size and the
+model's published accuracy on unseen tissue groups, when its manifest has one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.core.state import ServiceState
+from service.model.manifest import Manifest
 from service.pathology.overlay import class_colours
 
 PAGE_DIR: Final = Path(__file__).resolve().parent / "page"
@@ -39,6 +41,21 @@ async def config(request: Request) -> dict[str, Any]:
         "colours": class_colours(manifest.classes),
         "tile_source_px": manifest.tile_px,
         "explain": manifest.cam_outputs(model.output_names) is not None,
+        "estimate": _estimate(manifest),
+    }
+
+
+def _estimate(manifest: Manifest) -> dict[str, Any] | None:
+    # Pathologists read the answers: the page says how often this model is right on tissue it
+    # never saw (model.json `estimate`, docs/model/cv.md), or that no such figure exists.
+    estimate = manifest.estimate
+    if estimate is None:
+        return None
+    return {
+        "accuracy": estimate.accuracy,
+        "interval": list(estimate.interval),
+        "method": estimate.method,
+        "groups": estimate.groups,
     }
 
 

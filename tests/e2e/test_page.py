@@ -90,6 +90,15 @@ async def test_the_page_classifies_explains_and_maps_real_images(
         browser.get(server.url + "/")
         WebDriverWait(browser, RENDER_TIMEOUT_S).until(lambda d: "classes" in d.find_element(By.ID, "model-line").text)
 
+        # The model's published accuracy on unseen tissue groups, or that it has none.
+        estimate = Manifest.read(model / "model.json").estimate
+        estimate_line = browser.find_element(By.ID, "model-estimate").text
+        if estimate is None:
+            assert "publishes no accuracy estimate" in estimate_line
+        else:
+            assert f"{100 * estimate.accuracy:.1f}%" in estimate_line
+            assert f"{estimate.groups} groups" in estimate_line
+
         # Keyboard: the first Tab reaches the image picker.
         browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
         assert browser.switch_to.active_element.get_attribute("id") == "file-input"

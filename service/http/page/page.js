@@ -81,10 +81,21 @@ async function loadModel() {
       `Model ${config.model.name} ${config.model.version} on ${config.provider}; classes ${state.classes.join(", ")}; ` +
       `large images are tiled in ${state.tileSourcePx} px squares` +
       (config.explain ? "; Grad-CAM available." : "; this model has no Grad-CAM outputs.");
+    $("model-estimate").textContent = estimateLine(config.estimate);
     renderLegend();
   } catch (err) {
     $("model-line").textContent = `The model description could not be loaded (${err.message}); results still work.`;
   }
+}
+
+function estimateLine(estimate) {
+  if (!estimate) {
+    return "This model publishes no accuracy estimate on unseen tissue groups (model.json has no \"estimate\").";
+  }
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  const [lo, hi] = estimate.interval;
+  return `Accuracy on tissue groups it never saw: ${pct(estimate.accuracy)} ` +
+    `(95% interval ${pct(lo)} to ${pct(hi)}; ${estimate.method}, ${estimate.groups} groups).`;
 }
 
 function renderLegend() {
