@@ -42,6 +42,7 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import open_store
 from service.model.source import S3Options, fetch_configured_model
 from service.observability.metrics import Metrics, PredictionMetrics
+from service.observability.native_logs import silence_pillow_libtiff
 from service.oip import rest as oip_door
 from service.settings import Settings
 
@@ -110,6 +111,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        silence_pillow_libtiff()  # its prints would break the JSON log on every damaged TIFF
         state.decoder = Decoder(
             settings.preprocess_workers,
             max_image_pixels=settings.max_image_pixels,

@@ -203,6 +203,9 @@ def configure_logging(level: int | str = "INFO", json: bool = True) -> None:
         uv.handlers.clear()
         uv.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # Python warnings (Pillow's on damaged TIFF tags, say) become WARNING records in this format,
+    # not bare lines on stderr that a JSON log pipeline cannot parse.
+    logging.captureWarnings(True)
     # httpx's INFO line per request would double the access log of a front passing /jobs on to
     # front 0 (service.http.jobs_forward): front 0 writes that request's line.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -29,20 +31,45 @@ from service.observability.logs import (
     server_timing,
 )
 from service.observability.metrics import Metrics
+from tests.conftest import ROOT
 
 SECRET_NAME = "patient_jane_doe_19620412.jpeg"
 
 
 # --- request ids -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("good", ["abc", "0f" * 16, "a" * 128, "Root=1-5759e988-bd862e3fe1be46a994272793",
-                                  "req:42/retry@edge", "550e8400-e29b-41d4-a716-446655440000"])
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        "abc",
+        "0f" * 16,
+        "a" * 128,
+        "Root=1-5759e988-bd862e3fe1be46a994272793",
+        "req:42/retry@edge",
+        "550e8400-e29b-41d4-a716-446655440000",
+    ],
+)
 def test_sane_client_ids_are_kept(good: str) -> None:
     assert accept_request_id(good) == good
 
 
-@pytest.mark.parametrize("bad", [None, "", "a" * 129, "has space", "line\nbreak", "quote\"d", "tab\t",
-                                 "ünïcode", "<script>", "semi;colon", "comma,separated"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        "",
+        "a" * 129,
+        "has space",
+        "line\nbreak",
+        'quote"d',
+        "tab\t",
+        "ünïcode",
+        "<script>",
+        "semi;colon",
+        "comma,separated",
+    ],
+)
 def test_bad_client_ids_are_replaced(bad: str | None) -> None:
     new = accept_request_id(bad)
     assert new != bad
@@ -55,6 +82,7 @@ def test_generated_ids_differ() -> None:
 
 
 # --- Server-Timing ---------------------------------------------------------------------
+
 
 def test_server_timing_from_the_record() -> None:
     t = RequestTiming()
@@ -76,14 +104,16 @@ def test_server_timing_sums_decode_and_distinct_batches_and_takes_the_longest_wa
 
 # --- formatters --------------------------------------------------------------------------
 
+
 def _record(msg: str, *args: object, **extra: Any) -> logging.LogRecord:
     logger = logging.getLogger("lungserve.test")
     return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, args, None, extra=extra)
 
 
 def test_json_formatter_emits_one_object_with_extras() -> None:
-    line = JsonFormatter().format(_record("warm-up took %.1f ms", 12.34, provider="CPUExecutionProvider",
-                                          batch_sizes=[1, 2]))
+    line = JsonFormatter().format(
+        _record("warm-up took %.1f ms", 12.34, provider="CPUExecutionProvider", batch_sizes=[1, 2])
+    )
     assert "\n" not in line
     obj = json.loads(line)
     assert obj["level"] == "INFO"
@@ -100,8 +130,10 @@ def test_json_formatter_survives_odd_extras_and_exceptions() -> None:
         raise RuntimeError("boom")
     except RuntimeError:
         import sys
-        record = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "failed", (),
-                                                   sys.exc_info(), extra={"obj": object()})
+
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info(), extra={"obj": object()}
+        )
     obj = json.loads(JsonFormatter().format(record))
     assert "RuntimeError: boom" in obj["exc"]
     assert obj["obj"].startswith("<object object")
@@ -136,6 +168,7 @@ def test_configure_logging_installs_one_json_handler_and_silences_uvicorn_access
 
 # --- the middleware on a tiny app --------------------------------------------------------
 
+
 async def predict(request: Request) -> Response:
     ctx = current_request()
     assert ctx is not None
@@ -160,8 +193,6 @@ async def fail(request: Request) -> Response:
     raise RuntimeError("bug")
 
 
-
-
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
@@ -171,8 +202,12 @@ def registry() -> CollectorRegistry:
 def client(registry: CollectorRegistry) -> httpx.AsyncClient:
     metrics = Metrics(registry, max_batch_size=8)
     app = Starlette(
-        routes=[Route("/v1/predict", predict, methods=["POST"]), Route("/items/{name}", item),
-                Route("/fail", fail), Route("/metrics", item)],
+        routes=[
+            Route("/v1/predict", predict, methods=["POST"]),
+            Route("/items/{name}", item),
+            Route("/fail", fail),
+            Route("/metrics", item),
+        ],
         middleware=[Middleware(RequestContextMiddleware, metrics=metrics)],
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -194,7 +229,8 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
 ) -> None:
     async with client:
         r = await client.post(
-            "/v1/predict", files={"file": (SECRET_NAME, b"\xff\xd8 not really", "image/jpeg")},
+            "/v1/predict",
+            files={"file": (SECRET_NAME, b"\xff\xd8 not really", "image/jpeg")},
             headers={"X-Request-ID": "client-42"},
         )
     assert r.status_code == 200
@@ -213,9 +249,19 @@ async def test_prediction_request_gets_id_timing_metrics_and_one_access_line(
     assert own.items() <= lines[0].items()
     [access] = _access(server_log)
     assert access == access | {
-        "level": "INFO", "msg": "request", "request_id": "client-42", "method": "POST",
-        "route": "/v1/predict", "status": 200, "images": 1, "batch_ids": [11], "batch_sizes": [4],
-        "model_version": "3", "queue_s": 0.001, "decode_s": 0.002, "inference_s": 0.003,
+        "level": "INFO",
+        "msg": "request",
+        "request_id": "client-42",
+        "method": "POST",
+        "route": "/v1/predict",
+        "status": 200,
+        "images": 1,
+        "batch_ids": [11],
+        "batch_sizes": [4],
+        "model_version": "3",
+        "queue_s": 0.001,
+        "decode_s": 0.002,
+        "inference_s": 0.003,
     }
     assert access["duration_s"] >= 0
 
@@ -242,7 +288,10 @@ async def test_route_is_the_template_and_ids_are_generated_or_replaced(
     assert requests(registry, "unmatched", "4xx") == 1
     assert SECRET_NAME not in server_log.getvalue()
     assert [(a["route"], a["status"]) for a in _access(server_log)] == [
-        ("/items/{name}", 200), ("/items/{name}", 200), ("unmatched", 404)]
+        ("/items/{name}", 200),
+        ("/items/{name}", 200),
+        ("unmatched", 404),
+    ]
 
 
 @pytest.mark.anyio
@@ -271,3 +320,40 @@ async def test_metrics_scrapes_are_counted_but_logged_at_debug(
 def test_no_request_outside_a_request() -> None:
     assert current_request() is None
     assert current_request_id() is None
+
+
+# A process of its own: logging's handlers, the warnings hook and libtiff's handlers are global.
+_DAMAGED_TIFF_SCRIPT = """
+import io, sys, warnings
+import numpy as np, tifffile
+from PIL import Image
+from service.observability.logs import configure_logging
+from service.observability.native_logs import silence_pillow_libtiff
+
+configure_logging("INFO", json=True)
+print("quieted", silence_pillow_libtiff())
+pixels = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype("uint8")
+buf = io.BytesIO()
+tifffile.imwrite(buf, pixels, tile=(256, 256), compression="zlib")
+data = bytearray(buf.getvalue())
+data[2000:2400] = bytes(b ^ 0x55 for b in data[2000:2400])  # inside the first tile's zlib stream
+try:
+    Image.open(io.BytesIO(bytes(data))).load()
+except OSError as exc:
+    print("refused", exc)
+warnings.warn("a library's warning")
+"""
+
+
+def test_damaged_tiffs_and_warnings_keep_a_json_log_json() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _DAMAGED_TIFF_SCRIPT], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "quieted 1" in out.stdout  # Pillow's wheel bundles one libtiff
+    assert "refused" in out.stdout  # the damage is still an error: Pillow raises, the client gets a 422
+    records = [json.loads(line) for line in out.stderr.splitlines()]  # every stderr line is JSON
+    warned = [r for r in records if r["logger"] == "py.warnings"]
+    assert len(warned) == 1
+    assert "a library's warning" in warned[0]["msg"]
+    assert warned[0]["level"] == "WARNING"
