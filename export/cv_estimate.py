@@ -33,7 +33,10 @@ class OutOfFold:
 
     @classmethod
     def load(cls, path: Path, ood: NDArray[np.floating] | None = None) -> OutOfFold:
+        """A run's oof.npz (with `ood` given), or a published file (its own `ood`)."""
         with np.load(path) as f:
+            if ood is None and "ood" in f.files:
+                ood = f["ood"]
             return cls(
                 classes=[str(c) for c in f["classes"]],
                 labels=np.asarray(f["labels"], np.int64),
@@ -126,6 +129,36 @@ def fit_serving(oof: OutOfFold) -> dict[str, Any]:
     }
 
 
+def publish(oof: OutOfFold, files: NDArray[Any], path: Path) -> None:
+    """The out-of-fold predictions behind the estimate, for anyone to recompute it (`result`):
+    file, group, label, fold, logits and kNN score per image, no features (a few hundred KB)."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    arrays: dict[str, NDArray[Any]] = {
+        "classes": np.array(oof.classes),
+        "files": np.asarray(files),
+        "groups": np.array(oof.groups),
+        "labels": oof.labels.astype(np.int8),
+        "fold": oof.fold.astype(np.int8),
+        "logits": oof.logits.astype(np.float32),  # as the run stored them: the estimate recomputes exactly
+    }
+    if oof.ood is not None:
+        arrays["ood"] = oof.ood
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its `allow_pickle`
+    tmp.replace(path)
+
+
+def result(oof: OutOfFold, knn_k: int) -> dict[str, Any]:
+    """What estimate.json holds: the estimate, the served temperature and decision, the OOD score."""
+    out: dict[str, Any] = {"estimate": estimate_block(oof), **fit_serving(oof)}
+    if oof.ood is not None:
+        out["ood"] = {
+            "method": "k-th nearest-neighbour distance, normalised penultimate features; each fold's own train bank",
+            "k": knn_k,
+            "oof_median": float(np.median(oof.ood)),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from export.knn_ood import DEFAULT_K, oof_scores
 
@@ -133,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="an export.cv run folder with oof.npz")
     p.add_argument("--knn-k", type=int, default=DEFAULT_K, help="k of the kNN OOD score (declared, not tuned)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/estimate.json")
+    p.add_argument("--publish", type=Path, default=None, help="also write the out-of-fold predictions here (.npz)")
     a = p.parse_args(argv)
     with np.load(a.run / "oof.npz") as f:
         files = f["files"]
@@ -140,20 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     # Each image scored by the bank of the fold model that never saw it: what ood_above is fitted on.
     ood = oof_scores(files, folds, a.knn_k)
     oof = OutOfFold.load(a.run / "oof.npz", ood)
-    result = {
-        "estimate": estimate_block(oof),
-        **fit_serving(oof),
-        "ood": {
-            "method": "k-th nearest-neighbour distance, normalised penultimate features; each fold's own train bank",
-            "k": a.knn_k,
-            "oof_median": float(np.median(ood)),
-        },
-    }
+    found = result(oof, a.knn_k)
     out = a.out or a.run / "estimate.json"
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(found, indent=1) + "\n")
     tmp.replace(out)
-    print(json.dumps(result["estimate"], indent=1))
+    if a.publish is not None:
+        publish(oof, files, a.publish)
+    print(json.dumps(found["estimate"], indent=1))
     return 0
 
 

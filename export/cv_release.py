@@ -59,6 +59,16 @@ def _keras_ensemble(run: Path, members: list[int], images: NDArray[np.uint8], te
     return softmax(np.mean(np.asarray(logits, np.float64), axis=0) / temperature)
 
 
+def _folds_trained(run: Path) -> dict[str, dict[str, float]]:
+    """Each finished fold's epochs and training + finishing time (its done.json), as run here."""
+    out: dict[str, dict[str, float]] = {}
+    for done in sorted(run.glob("fold-*/done.json")):
+        d = json.loads(done.read_text())
+        seconds = float(d["train_seconds"]) + float(d.get("finish_seconds", 0.0))
+        out[str(d["fold"])] = {"epochs": int(d["epochs"]), "seconds": round(seconds, 1)}
+    return out
+
+
 def release(
     run: Path, out_dir: Path, members: list[int], *, data: Path | None = None, version: str | None = None
 ) -> Manifest:
@@ -141,7 +151,7 @@ def release(
                     "method": f"{recipe['folds']}-fold grouped CV, every group out-of-fold once",
                     "seed": recipe["seed"],
                 },
-                "training": {"recipe": recipe, "run": run.name},
+                "training": {"recipe": recipe, "run": run.name, "folds": _folds_trained(run)},
             }
         )
         (Path(tmp) / MANIFEST_NAME).write_text(json.dumps(manifest.dump(), indent=1) + "\n")

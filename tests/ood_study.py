@@ -60,6 +60,8 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
     extra: dict[str, Any] = manifest.model_extra or {}
     split = extra.get("split")
     every = {t.group for t in tiles}
+    if is_cv_release(manifest):  # the members together trained on every group: none is held out
+        return every, every, CV_EVERY_GROUP
     if isinstance(split, dict) and split.get("test_groups"):
         held = set(split["test_groups"])
         listed = split.get("train_groups")  # a list of groups, or only their number
@@ -67,6 +69,14 @@ def split_of(manifest: Manifest, tiles: Sequence[Tile]) -> tuple[set[str], set[s
         return train, held, "split.test_groups"
     held = set(extra.get("validation_groups") or [])
     return every - held, held, "validation_groups"
+
+
+CV_EVERY_GROUP = "every group, each trained on by some members of the ensemble"
+
+
+def is_cv_release(manifest: Manifest) -> bool:
+    """A cross-validation release (export.cv_release): fold models as one ensemble."""
+    return "ensemble" in (manifest.model_extra or {})
 
 
 SPLIT_SEED = 1337  # export/train.py's seed: how model v2 halved the v1 validation groups
@@ -79,6 +89,8 @@ def select_groups_of(manifest: Manifest, tiles: Sequence[Tile]) -> set[str]:
     the first half of each class, rounded down)."""
     extra: dict[str, Any] = manifest.model_extra or {}
     split = extra.get("split")
+    if is_cv_release(manifest):
+        return set()
     if isinstance(split, dict) and split.get("select_groups"):
         return set(split["select_groups"])
     rng = random.Random(SPLIT_SEED)
@@ -117,13 +129,18 @@ def measures_of(tiles: Sequence[Tile], size: int) -> list[TissueMeasures]:
     return out
 
 
-def fit_section(train: list[TissueMeasures], select: list[TissueMeasures], test: list[TissueMeasures]) -> list[str]:
+def fit_section(
+    train: list[TissueMeasures],
+    select: list[TissueMeasures],
+    test: list[TissueMeasures],
+    train_word: str = "train-group",
+) -> list[str]:
     names = [f.name for f in fields(TissueMeasures)]
     table = np.array([astuple(m) for m in train], dtype=np.float64)
     lines = [
         "## The tissue check's limits (service/model/tissue.py)",
         "",
-        f"Quantiles of each feature over the {len(train)} train-group tiles (percent), and the limit in code:",
+        f"Quantiles of each feature over the {len(train)} {train_word} tiles (percent), and the limit in code:",
         "",
         "| feature | " + " | ".join(f"q{q:g}" for q in QUANTILES) + " | limit |",
         "|---|" + "---|" * (len(QUANTILES) + 1),
@@ -146,9 +163,13 @@ def fit_section(train: list[TissueMeasures], select: list[TissueMeasures], test:
     lines.append(
         "Limits are fitted on the train groups and checked on the select groups; the test groups are"
         " reported, never used for a choice."
+        if select
+        else "The limits are constants, fitted for model v2 on its 489 train groups; here they meet every tile."
     )
     lines.append("")
-    for label, ms in (("train-group", train), ("select-group", select), ("test-group", test)):
+    for label, ms in ((train_word, train), ("select-group", select), ("test-group", test)):
+        if not ms:  # a cross-validation release has no select or test groups
+            continue
         failures = [judge(m) for m in ms]
         flagged = sum(1 for f in failures if f)
         by = Counter(x.value for f in failures for x in f)
@@ -181,11 +202,11 @@ def hed_jitter(x: NDArray[np.uint8], rng: np.random.Generator, gain: float, shif
     return np.asarray(np.clip(rgb, 0, 255), dtype=np.uint8)
 
 
-def stain_section(tiles: Sequence[Tile], size: int) -> list[str]:
+def stain_section(tiles: Sequence[Tile], size: int, word: str = "held-out") -> list[str]:
     lines = [
-        "## Stain variation (held-out tiles, HED jitter)",
+        f"## Stain variation ({word} tiles, HED jitter)",
         "",
-        "How often the tissue check refers real held-out tiles whose stain concentrations were jittered",
+        f"How often the tissue check refers real {word} tiles whose stain concentrations were jittered",
         "(per image, per stain: gain U(1-a, 1+a), shift U(-b, b) in optical density; seed 0). Training",
         "augments with a=0.1, b=0.05. Another lab's H&E may differ more: the check was fitted on",
         "LC25000 alone and would refer more of it.",
@@ -273,7 +294,7 @@ def variant_lines(pairs: Sequence[tuple[OodImage, Outcome]]) -> list[str]:
 
 
 def held_out_section(
-    engine: Engine, thresholds: Thresholds, tiles: Sequence[Tile], named: str
+    engine: Engine, thresholds: Thresholds, tiles: Sequence[Tile], named: str, word: str = "held-out"
 ) -> tuple[list[str], float]:
     counts: Counter[str] = Counter()
     for start in range(0, len(tiles), 256):
@@ -285,7 +306,7 @@ def held_out_section(
     n = counts["accepted"] + counts["out_of_distribution"] + counts["low_confidence"]
     ood = counts["out_of_distribution"]
     lines = [
-        f"## Real held-out tiles ({named}: {len({t.group for t in tiles})} groups, {n} tiles)",
+        f"## Real {word} tiles ({named}: {len({t.group for t in tiles})} groups, {n} tiles)",
         "",
         f"- referred as out_of_distribution: {pct(ood, n)}",
         f"  - failing the tissue check: {pct(counts['tissue'], n)}",
@@ -316,10 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # v1 manifests: select is half of the held-out groups; v2 manifests name it beside test.
     select_groups = select_groups_of(manifest, tiles) - train_groups
+    cv = is_cv_release(manifest)
+    word = "every" if cv else "held-out"  # a cross-validation ensemble holds no group out
     fit = fit_section(
         measures_of(train, engine.input_size),
         measures_of([t for t in tiles if t.group in select_groups], engine.input_size),
-        measures_of([t for t in held if t.group not in select_groups], engine.input_size),
+        [] if cv else measures_of([t for t in held if t.group not in select_groups], engine.input_size),
+        "every" if cv else "train-group",
     )
     by_class: dict[str, list[Tile]] = defaultdict(list)
     for t in held:
@@ -331,10 +355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for t in sorted(ts, key=lambda t: t.path.name)[:: max(1, len(ts) // RESTAINED_PER_CLASS)][:RESTAINED_PER_CLASS]
     ]
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
-    held_lines, ood_rate = held_out_section(engine, thresholds, held, named)
-    stain_lines = stain_section(held, engine.input_size)
+    held_lines, ood_rate = held_out_section(engine, thresholds, held, named, word)
+    stain_lines = stain_section(held, engine.input_size, word)
 
     held_which = "the test half only" if named.startswith("split.") else "select and test together"
+    if cv:
+        ood_rate_oof = manifest.decision.model_dump().get("ood_rate") if manifest.decision else None
+        held_which = (
+            "no group is held out from the ensemble; out of fold (each tile against the one fold model that "
+            f"never saw it) the rate is model.json's decision.ood_rate = {ood_rate_oof}"
+        )
     doc = [
         "# Out-of-distribution inputs: the tissue check and the refer decision",
         "",
@@ -345,13 +375,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ood_score output: {'yes' if manifest.ood_output is not None else 'no'}",
         f"- thresholds (manifest, no overrides): refer_below={thresholds.refer_below}, "
         f"ood_above={thresholds.ood_above}",
-        f"- data: LC25000 lung tiles, {len(train_groups & {t.group for t in tiles})} train groups "
+        f"- data: LC25000 lung tiles, {len(held_groups)} groups ({len(held)} tiles), each trained on by some "
+        "members of the ensemble"
+        if cv
+        else f"- data: LC25000 lung tiles, {len(train_groups & {t.group for t in tiles})} train groups "
         f"({len(train)} tiles), {len(held_groups)} held-out groups ({len(held)} tiles)",
-        f"- {OTHER_STAIN} and {MISCOLOURED}: re-stained and re-coloured copies of {len(real)} held-out tiles",
-        f"- splits: the tissue check's limits were fitted on the train groups only and checked on the select "
-        f"groups ({len(select_groups)} groups); the OOD set's real-tile copies and the held-out share below use "
-        f"the held-out groups named by {named} ({held_which}); "
-        f"no figure from the test groups was used to choose anything",
+        f"- {OTHER_STAIN} and {MISCOLOURED}: re-stained and re-coloured copies of {len(real)} {word} tiles",
+        (
+            "- splits: the tissue check's limits (constants of service/model/tissue.py, fitted on model v2's 489 "
+            "train groups) are shown on every tile; the OOD set's real-tile copies and the share below use "
+            f"{named} ({held_which})"
+            if cv
+            else f"- splits: the tissue check's limits were fitted on the train groups only and checked on the select "
+            f"groups ({len(select_groups)} groups); the OOD set's real-tile copies and the held-out share below use "
+            f"the held-out groups named by {named} ({held_which}); "
+            f"no figure from the test groups was used to choose anything"
+        ),
         f"- run: Python {platform.python_version()}, {time.perf_counter() - started:.0f} s",
         "",
         *fit,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export import cv_estimate, cv_release
+from export import cv_estimate, cv_release, model_card
 from export.checkpoint import EMA, LAST, WeightEMA, recover
 from export.cv import CV_JSON, DONE, OOF, CVConfig, assign_folds, run
 from export.data import DataError, scan
@@ -90,8 +90,11 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     assert (fold0 / DONE).read_text() == done
 
     # THE estimate and the decision from the pooled out-of-fold predictions (kNN OOD per fold)
-    assert cv_estimate.main(["--run", str(tmp_path / "run"), "--knn-k", "2"]) == 0
+    published = tmp_path / "cv_oof.npz"
+    assert cv_estimate.main(["--run", str(tmp_path / "run"), "--knn-k", "2", "--publish", str(published)]) == 0
     est = json.loads((tmp_path / "run" / "estimate.json").read_text())
+    # the published predictions alone give the same figures, to the last digit
+    assert json.loads(json.dumps(cv_estimate.result(cv_estimate.OutOfFold.load(published), 2))) == est
     assert est["estimate"]["groups"] == 21
     assert est["estimate"]["method"] == "3-fold grouped CV, out-of-fold"
     assert "ood_above" in est["decision"]
@@ -106,6 +109,11 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     assert manifest["decision"]["refer_below"] == est["decision"]["refer_below"]
     assert manifest["ood"]["members"]["1"]["k"] == manifest["ood"]["k"] == 2  # the k ood_above was fitted with
     assert manifest["parity"]["argmax_flips"] == 0
+    assert sorted(manifest["training"]["folds"]) == ["0", "1", "2"]
+    assert manifest["training"]["folds"]["0"]["epochs"] == 2
+    card = model_card.render(manifest, cv_estimate.OutOfFold.load(published))
+    assert manifest["version"] in card
+    assert "3-fold grouped CV, out-of-fold" in card
 
     with pytest.raises(ValueError, match="another recipe"):
         run(CVConfig(data=data, out=tmp_path / "run", folds=3, input_size=32, epochs=2, hed_alpha=0.2, max_steps=1))
