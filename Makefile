@@ -93,6 +93,7 @@ test:
 # ruff, mypy and the whole pytest suite on $(PYTHON) (make test without the matrix).
 suite: $(VENV)/dev.stamp
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 

@@ -123,11 +123,21 @@ def export(
             val = training["validation"]
             manifest_data["validation_metrics"] = {
                 k: val[k]
-                for k in ("n", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "ece",
-                          "ece_before_calibration")
+                for k in (
+                    "n",
+                    "accuracy",
+                    "balanced_accuracy",
+                    "per_class",
+                    "confusion_matrix",
+                    "ece",
+                    "ece_before_calibration",
+                )
             }
-            manifest_data["training"] = {"config": training["config"], "best_epoch": training["best_epoch"],
-                                         "train_seconds": training["train_seconds"]}
+            manifest_data["training"] = {
+                "config": training["config"],
+                "best_epoch": training["best_epoch"],
+                "train_seconds": training["train_seconds"],
+            }
         manifest = Manifest.model_validate(manifest_data)
         (Path(tmp) / MANIFEST_NAME).write_text(json.dumps(manifest.dump(), indent=1) + "\n")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,17 @@
 """A lever's effect: two cross-validation runs compared on the SAME out-of-fold images, paired.
 
     python -m export.cv_compare RUN_A RUN_B
+    python -m export.cv_compare --model-a DIR --part test --data DATA RUN_B
 
 Both runs use the same seed, hence the same folds, so every image was out-of-fold in both. The
 difference in accuracy (B - A) gets a paired group-bootstrap interval: each resample draws groups
 (within their class) and scores both runs on the same draw, so the group effects shared by both runs
 cancel and the interval is much narrower than the two separate intervals suggest. Partial runs
 (`--only-folds`) are compared on the folds both have finished.
+
+`--model-a` compares a single-split model (a 3-way `split` in its manifest, e.g. model v2) on its
+own `--part` groups, which it never trained on, with the run's out-of-fold predictions of the same
+images, which no fold model that made them trained on either.
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ def finished_folds(run: Path) -> dict[str, NDArray[Any]]:
     if not parts:
         raise ValueError(f"{run} has no finished fold")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def model_part(model_dir: Path, data: Path, part: str, cache_dir: Path | None = None) -> dict[str, NDArray[Any]]:
+    """files, groups, labels and probabilities (as "logits": only their argmax is used) of a
+    single-split model on one part of its own split, through ONNX Runtime."""
+    from export import data as data_mod
+    from export.evaluate import run_outputs, split_of
+
+    manifest = json.loads((model_dir / "model.json").read_text())
+    samples = getattr(split_of(manifest, data_mod.scan(data)), part)
+    images, labels = data_mod.load_arrays(samples, int(manifest["input_size"]), cache_dir)
+    return {
+        "files": np.array([s.rel for s in samples]),
+        "groups": np.array([s.group for s in samples]),
+        "labels": labels,
+        "logits": run_outputs(model_dir, images)["probabilities"],
+    }
 
 
 def paired_difference(
@@ -78,11 +100,22 @@ def paired_difference(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.cv_compare", description=__doc__.splitlines()[0])
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
+    p.add_argument("runs", type=Path, nargs="+", help="RUN_A RUN_B, or RUN_B with --model-a")
+    p.add_argument("--model-a", type=Path, default=None, help="a single-split model folder as A")
+    p.add_argument("--part", default="test", choices=("select", "test"), help="with --model-a: its split part")
+    p.add_argument("--data", type=Path, default=None, help="with --model-a: the data folder")
+    p.add_argument("--cache-dir", type=Path, default=None)
     a = p.parse_args(argv)
-    result = paired_difference(finished_folds(a.run_a), finished_folds(a.run_b))
-    print(json.dumps({"a": str(a.run_a), "b": str(a.run_b), **result}, indent=1))
+    if a.model_a is not None:
+        if len(a.runs) != 1 or a.data is None:
+            p.error("--model-a takes one run (B) and --data")
+        first, name_a = model_part(a.model_a, a.data, a.part, a.cache_dir), f"{a.model_a} ({a.part} groups)"
+    else:
+        if len(a.runs) != 2:
+            p.error("give RUN_A RUN_B")
+        first, name_a = finished_folds(a.runs[0]), str(a.runs[0])
+    result = paired_difference(first, finished_folds(a.runs[-1]))
+    print(json.dumps({"a": name_a, "b": str(a.runs[-1]), **result}, indent=1))
     return 0
 
 

@@ -109,20 +109,51 @@ def multipart(field: str, uploads: list[Upload]) -> tuple[bytes, str]:
 
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("lungserve load test")
-    group.add_argument("--images", type=str, env_var="LOADTEST_IMAGES", default="",
-                       help="folder of images (empty: a synthetic set made in memory)")
-    group.add_argument("--image-limit", type=int, env_var="LOADTEST_IMAGE_LIMIT", default=256,
-                       help="read at most this many files from --images")
-    group.add_argument("--many-n", type=int, env_var="LOADTEST_MANY_N", default=8,
-                       help="images per /predict-many request")
-    group.add_argument("--predict-weight", type=float, env_var="LOADTEST_PREDICT_WEIGHT", default=3.0,
-                       help="relative share of /predict requests")
-    group.add_argument("--many-weight", type=float, env_var="LOADTEST_MANY_WEIGHT", default=1.0,
-                       help="relative share of /predict-many requests")
-    group.add_argument("--wait-min", type=float, env_var="LOADTEST_WAIT_MIN", default=0.0,
-                       help="shortest think time between a user's requests (s)")
-    group.add_argument("--wait-max", type=float, env_var="LOADTEST_WAIT_MAX", default=0.0,
-                       help="longest think time between a user's requests (s)")
+    group.add_argument(
+        "--images",
+        type=str,
+        env_var="LOADTEST_IMAGES",
+        default="",
+        help="folder of images (empty: a synthetic set made in memory)",
+    )
+    group.add_argument(
+        "--image-limit",
+        type=int,
+        env_var="LOADTEST_IMAGE_LIMIT",
+        default=256,
+        help="read at most this many files from --images",
+    )
+    group.add_argument(
+        "--many-n", type=int, env_var="LOADTEST_MANY_N", default=8, help="images per /predict-many request"
+    )
+    group.add_argument(
+        "--predict-weight",
+        type=float,
+        env_var="LOADTEST_PREDICT_WEIGHT",
+        default=3.0,
+        help="relative share of /predict requests",
+    )
+    group.add_argument(
+        "--many-weight",
+        type=float,
+        env_var="LOADTEST_MANY_WEIGHT",
+        default=1.0,
+        help="relative share of /predict-many requests",
+    )
+    group.add_argument(
+        "--wait-min",
+        type=float,
+        env_var="LOADTEST_WAIT_MIN",
+        default=0.0,
+        help="shortest think time between a user's requests (s)",
+    )
+    group.add_argument(
+        "--wait-max",
+        type=float,
+        env_var="LOADTEST_WAIT_MAX",
+        default=0.0,
+        help="longest think time between a user's requests (s)",
+    )
 
 
 def _load_images(environment: Environment, **_kwargs: Any) -> None:
@@ -140,8 +171,11 @@ def _load_images(environment: Environment, **_kwargs: Any) -> None:
             wait_min=float(opts.wait_min),
             wait_max=max(float(opts.wait_min), float(opts.wait_max)),
         )
-    if _OPTIONS.many_n < 1 or _OPTIONS.predict_weight < 0 or _OPTIONS.many_weight < 0 or (
-        _OPTIONS.predict_weight + _OPTIONS.many_weight <= 0
+    if (
+        _OPTIONS.many_n < 1
+        or _OPTIONS.predict_weight < 0
+        or _OPTIONS.many_weight < 0
+        or (_OPTIONS.predict_weight + _OPTIONS.many_weight <= 0)
     ):
         raise ValueError(f"invalid load-test options: {_OPTIONS}")
     uploads = read_uploads(Path(folder), limit) if folder else synthetic_uploads()

@@ -58,8 +58,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for size, filters, step, infer in rows:
         epoch_min = TRAIN_IMAGES / BATCH * step / 60
-        print(f"| {size} | {'/'.join(map(str, filters))} | {step:.3f} | {epoch_min:.1f} | "
-              f"{step / base_step:.2f} | {infer:.2f} | {infer / base_infer:.2f} |")
+        print(
+            f"| {size} | {'/'.join(map(str, filters))} | {step:.3f} | {epoch_min:.1f} | "
+            f"{step / base_step:.2f} | {infer:.2f} | {infer / base_infer:.2f} |"
+        )
 
 
 if __name__ == "__main__":

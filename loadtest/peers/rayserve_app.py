@@ -71,13 +71,13 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.num_cpus,
-             log_to_driver=False)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.num_cpus, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(
             build_app(args.model, args.max_batch_size, args.batch_wait_timeout_s, args.max_ongoing_requests),
-            name="lungserve-peer", route_prefix="/predict",
+            name="lungserve-peer",
+            route_prefix="/predict",
         )
         print(f"rayserve peer ready on http://127.0.0.1:{args.port}/predict", flush=True)
         stop.wait()

@@ -71,13 +71,11 @@ async def served() -> AsyncIterator[Served]:
         yield s
 
 
-
-
 async def post_stalled_upload(client: httpx.AsyncClient, never: asyncio.Event) -> httpx.Response:
     """POST /predict whose upload starts but never finishes (until `never` is set)."""
 
     async def stalled_body() -> AsyncIterator[bytes]:
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpeg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n\r\n'
         await never.wait()
         yield b""
 

@@ -53,6 +53,7 @@ def truncated_jpeg() -> bytes:
 
 # --- the happy path ----------------------------------------------------------------------
 
+
 async def test_predict_equals_direct_inference(served: Served, real_images: list[Path]) -> None:
     for path in real_images:
         data = path.read_bytes()
@@ -74,9 +75,7 @@ async def test_concurrent_requests_are_batched_without_changing_answers(
     served: Served, real_images: list[Path]
 ) -> None:
     datas = [p.read_bytes() for p in real_images] * 2  # 6 images: within queue_limit=8
-    responses = await asyncio.gather(
-        *(served.client.post("/predict", files={"file": ("x.jpeg", d)}) for d in datas)
-    )
+    responses = await asyncio.gather(*(served.client.post("/predict", files={"file": ("x.jpeg", d)}) for d in datas))
     for data, r in zip(datas, responses, strict=True):
         assert r.status_code == 200, r.text
         got = [r.json()["probabilities"][c] for c in MANIFEST.classes]
@@ -102,7 +101,13 @@ async def test_predict_many_mixed_good_and_bad_in_upload_order(served: Served, r
     assert [x["filename"] for x in results] == [f[1][0] for f in files]
     codes = [x["error"]["code"] if "error" in x else "ok" for x in results]
     assert codes == [
-        "ok", "invalid_image", "invalid_image", "ok", "image_too_large", "invalid_image", "image_too_large"
+        "ok",
+        "invalid_image",
+        "invalid_image",
+        "ok",
+        "image_too_large",
+        "invalid_image",
+        "image_too_large",
     ]
     for x, data in ((results[0], good[0]), (results[3], good[1])):
         np.testing.assert_allclose([x["probabilities"][c] for c in MANIFEST.classes], direct(data), atol=1e-5)
@@ -128,12 +133,20 @@ BAD_PREDICT: list[tuple[str, dict[str, Any], int, str]] = [
     ("wrong field name", {"files": {"image": ("a.jpeg", noise_jpeg())}}, 422, "missing_field"),
     ("text field named file", {"data": {"file": "hello"}, "files": {"other": ("x", b"x")}}, 422, "invalid_image"),
     ("form without the field", {"data": {"note": "hello"}, "files": {"other": ("x", b"x")}}, 422, "missing_field"),
-    ("two files", {"files": [("file", ("a.jpeg", noise_jpeg())), ("file", ("b.jpeg", noise_jpeg()))]}, 413,
-     "too_many_files"),
+    (
+        "two files",
+        {"files": [("file", ("a.jpeg", noise_jpeg())), ("file", ("b.jpeg", noise_jpeg()))]},
+        413,
+        "too_many_files",
+    ),
     ("json body", {"json": {"file": "aGVsbG8="}}, 415, "unsupported_media_type"),
     ("no body", {}, 415, "unsupported_media_type"),
-    ("raw image body", {"content": noise_jpeg(), "headers": {"content-type": "image/jpeg"}}, 415,
-     "unsupported_media_type"),
+    (
+        "raw image body",
+        {"content": noise_jpeg(), "headers": {"content-type": "image/jpeg"}},
+        415,
+        "unsupported_media_type",
+    ),
     (
         "malformed multipart",
         {"content": b"--x\r\ngarbage", "headers": {"content-type": "multipart/form-data; boundary=x"}},
@@ -154,8 +167,9 @@ async def test_predict_bad_input(served: Served, case: str, kwargs: dict[str, An
 async def test_predict_many_limits(served: Served) -> None:
     nine = [("files", (f"{i}.jpeg", noise_jpeg(32, i))) for i in range(9)]
     assert_error(await served.client.post("/predict-many", files=nine), 413, "too_many_files")
-    assert_error(await served.client.post("/predict-many", files={"file": ("a.jpeg", noise_jpeg())}), 422,
-                 "missing_field")
+    assert_error(
+        await served.client.post("/predict-many", files={"file": ("a.jpeg", noise_jpeg())}), 422, "missing_field"
+    )
 
 
 async def test_predict_many_whole_body_limit() -> None:
@@ -165,6 +179,7 @@ async def test_predict_many_whole_body_limit() -> None:
 
 
 # --- overload, deadline, readiness ---------------------------------------------------------
+
 
 async def test_full_queue_answers_503_before_reading_or_decoding(served: Served, real_images: list[Path]) -> None:
     runtime = served.state.current()
@@ -233,6 +248,7 @@ async def test_model_endpoint(served: Served) -> None:
 
 # --- start-up failures ------------------------------------------------------------------------
 
+
 async def test_cuda_policy_refuses_to_start_here() -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a CUDA build of onnxruntime")
@@ -252,6 +268,7 @@ async def test_a_model_that_fails_verification_refuses_to_start(tmp_path: Path) 
 
 
 # --- the error shape for everything else ---------------------------------------------------
+
 
 async def test_framework_errors_use_the_same_shape(served: Served) -> None:
     assert_error(await served.client.get("/no-such-route"), 404, "not_found")
@@ -280,6 +297,7 @@ async def test_validation_errors_and_unexpected_exceptions_use_the_same_shape() 
 
 
 # --- documentation ----------------------------------------------------------------------------
+
 
 async def test_openapi_documents_the_multipart_bodies_and_examples(served: Served) -> None:
     spec = (await served.client.get("/openapi.json")).json()

@@ -77,8 +77,6 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-
-
 @pytest.fixture
 async def logged(server_log: io.StringIO) -> AsyncIterator[tuple[Served, io.StringIO]]:
     async with serve(make_settings()) as s:
@@ -87,13 +85,20 @@ async def logged(server_log: io.StringIO) -> AsyncIterator[tuple[Served, io.Stri
 
 # --- exact counts -------------------------------------------------------------------------
 
+
 async def test_known_requests_move_every_counter_by_the_exact_amount(served: Served) -> None:
     before = snapshot(served)
     c = served.client
     good = await asyncio.gather(*(c.post("/predict", files={"file": ("a.jpeg", jpeg(i))}) for i in range(3)))
     invalid = await c.post("/predict", files={"file": ("b.jpeg", b"not an image")})
-    many = await c.post("/predict-many", files=[("files", ("c.jpeg", jpeg(10))), ("files", ("d.jpeg", jpeg(11))),
-                                                ("files", ("e.txt", b"not an image either"))])
+    many = await c.post(
+        "/predict-many",
+        files=[
+            ("files", ("c.jpeg", jpeg(10))),
+            ("files", ("d.jpeg", jpeg(11))),
+            ("files", ("e.txt", b"not an image either")),
+        ],
+    )
     missing = await c.post("/predict", files={"wrong_field": ("f.jpeg", jpeg(12))})
     nowhere = await c.get("/no/such/route")
 
@@ -134,8 +139,12 @@ async def test_metrics_endpoint_serves_the_same_numbers_in_prometheus_format(ser
     [ok] = [s for s in families["lungserve_images"].samples if s.labels.get("outcome") == "ok"]
     assert ok.value == 1
     [info] = families["lungserve_model_info"].samples
-    assert info.labels == {"name": MANIFEST.name, "version": MANIFEST.version, "sha256": MANIFEST.sha256[:12],
-                           "provider": "CPUExecutionProvider"}
+    assert info.labels == {
+        "name": MANIFEST.name,
+        "version": MANIFEST.version,
+        "sha256": MANIFEST.sha256[:12],
+        "provider": "CPUExecutionProvider",
+    }
     assert families["lungserve_model_ready"].samples[0].value == 1
     buckets = [s.labels["le"] for s in families["lungserve_batch_size"].samples if s.name.endswith("_bucket")]
     assert buckets == ["1.0", "2.0", "4.0", "+Inf"]  # max_batch_size=4 in these tests
@@ -189,6 +198,7 @@ async def test_ready_gauge_and_model_info_follow_the_lifespan_and_a_reload(tmp_p
 
 # --- request ids and Server-Timing ---------------------------------------------------------
 
+
 async def test_request_id_is_echoed_in_headers_and_error_bodies(served: Served) -> None:
     c = served.client
     ok = await c.post("/predict", files={"file": ("a.jpeg", jpeg(0))}, headers={"X-Request-ID": "lab-7:run/42"})
@@ -224,15 +234,21 @@ async def test_server_timing_on_predictions_only(served: Served) -> None:
 
 # --- logs ------------------------------------------------------------------------------------
 
+
 async def test_one_json_access_line_per_request_and_never_a_file_name(
     logged: tuple[Served, io.StringIO],
 ) -> None:
     s, log = logged
     c = s.client
     one = await c.post("/predict", files={"file": (f"{SECRET}.jpeg", jpeg(0))}, headers={"X-Request-ID": "r-1"})
-    many = await c.post("/predict-many", headers={"X-Request-ID": "r-2"}, files=[
-        ("files", (f"{SECRET}_a.jpeg", jpeg(1))), ("files", (f"{SECRET}_b.txt", b"no image")),
-    ])
+    many = await c.post(
+        "/predict-many",
+        headers={"X-Request-ID": "r-2"},
+        files=[
+            ("files", (f"{SECRET}_a.jpeg", jpeg(1))),
+            ("files", (f"{SECRET}_b.txt", b"no image")),
+        ],
+    )
     bad = await c.post("/predict", files={"file": (f"{SECRET}.png", b"x")}, headers={"X-Request-ID": "r-3"})
     await c.get("/metrics")
     assert (one.status_code, many.status_code, bad.status_code) == (200, 200, 422)
@@ -243,11 +259,31 @@ async def test_one_json_access_line_per_request_and_never_a_file_name(
     lines = json_lines(log)
     access = {a["request_id"]: a for a in lines if a["logger"] == "lungserve.access"}
     first = access["r-1"]
-    assert set(first) == {"ts", "level", "logger", "msg", "request_id", "method", "route", "status",
-                          "duration_s", "images", "batch_ids", "batch_sizes", "queue_s", "decode_s",
-                          "inference_s", "model_version"}
+    assert set(first) == {
+        "ts",
+        "level",
+        "logger",
+        "msg",
+        "request_id",
+        "method",
+        "route",
+        "status",
+        "duration_s",
+        "images",
+        "batch_ids",
+        "batch_sizes",
+        "queue_s",
+        "decode_s",
+        "inference_s",
+        "model_version",
+    }
     assert {k: first[k] for k in ("level", "msg", "method", "route", "status", "images", "model_version")} == {
-        "level": "INFO", "msg": "request", "method": "POST", "route": "/predict", "status": 200, "images": 1,
+        "level": "INFO",
+        "msg": "request",
+        "method": "POST",
+        "route": "/predict",
+        "status": 200,
+        "images": 1,
         "model_version": MANIFEST.version,
     }
     assert len(first["batch_ids"]) == 1

@@ -60,14 +60,16 @@ async def test_metrics_are_exact_under_concurrent_load_and_logs_hold_no_file_nam
         limits = httpx.Limits(max_connections=N)
         async with httpx.AsyncClient(base_url=server.url, timeout=60.0, limits=limits) as client:
             before = scrape((await client.get("/metrics")).text)
-            responses = await asyncio.gather(*(
-                client.post(
-                    "/predict",
-                    files={"file": (f"{SECRET}_{i:03d}.jpeg", data, "image/jpeg")},
-                    headers={"X-Request-ID": f"e2e-{i}"},
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        "/predict",
+                        files={"file": (f"{SECRET}_{i:03d}.jpeg", data, "image/jpeg")},
+                        headers={"X-Request-ID": f"e2e-{i}"},
+                    )
+                    for i, data in enumerate(datas)
                 )
-                for i, data in enumerate(datas)
-            ))
+            )
             after = scrape((await client.get("/metrics")).text)
 
         server.proc.send_signal(signal.SIGTERM)

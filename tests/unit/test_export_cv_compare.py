@@ -64,3 +64,29 @@ def test_partial_runs_contribute_their_finished_folds_only(tmp_path: Path) -> No
         if done:
             (d / "done.json").write_text("{}")
     assert len(finished_folds(tmp_path)["files"]) == 200
+
+
+def test_a_single_split_model_is_scored_on_its_own_part_only(tmp_path: Path) -> None:
+    from export.cv_compare import model_part
+    from tests.images import noise_png
+    from tests.onnx_models import CLASSES, write_model_dir
+
+    data = tmp_path / "data"
+    rows = ["class,group,file"]
+    for c, cls in enumerate(CLASSES):
+        (data / cls).mkdir(parents=True)
+        for g in (0, 1):
+            for i in (0, 1):
+                rel = f"{cls}/{g}_{i}.png"
+                (data / rel).write_bytes(noise_png(16, seed=10 * c + 2 * g + i))
+                rows.append(f"{cls},{g},{rel}")
+    (data / "groups.csv").write_text("\n".join(rows) + "\n")
+    split = {"select_groups": [f"{c}/0" for c in CLASSES], "test_groups": [f"{c}/1" for c in CLASSES]}
+    write_model_dir(tmp_path / "model", split=split)
+
+    part = model_part(tmp_path / "model", data, "test")
+    assert sorted(part["files"].tolist()) == sorted(f"{c}/1_{i}.png" for c in CLASSES for i in (0, 1))
+    assert sorted(set(part["groups"].tolist())) == sorted(split["test_groups"])
+    assert [CLASSES[label] for label in part["labels"]] == [f.split("/")[0] for f in part["files"]]
+    assert part["logits"].shape == (6, 3)
+    np.testing.assert_allclose(part["logits"].sum(axis=1), 1.0, rtol=1e-5)
