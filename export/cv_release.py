@@ -1,6 +1,6 @@
 """A finished cross-validation run -> a served model folder: the fold models' ensemble + model.json.
 
-    python -m export.cv_release --run RUN --out DIR --members 0 1 2
+    python -m export.cv_release --run RUN --out DIR --members 0 1
 
 model.json carries `estimate`, `calibration`, `decision` and `ood` (docs/model/cv.md says which
 figure each is).
