@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from export.cv_ood import DEFAULT_SCORE, SCORES, Score, fit_member
+
 PROB_FLOOR = 1e-30  # log(0) guard; reached only for logit gaps > 69, where the answer is certain anyway
 
 
@@ -71,24 +73,27 @@ def mean_logit_ensemble(members: list[Any], temperature: float = 1.0) -> Any:
     return out
 
 
-def export_member(fold_dir: Path, out_path: Path, k: int | None = None, max_bank: int | None = None) -> dict[str, Any]:
-    """A fold model (fold.keras, last EMA weights) -> its contract graph, T = 1, kNN ood_score."""
+def export_member(fold_dir: Path, out_path: Path, score: Score = DEFAULT_SCORE, k: int | None = None) -> dict[str, Any]:
+    """A fold model (fold.keras, last EMA weights) -> its contract graph, T = 1, with the ood_score
+    `score` fitted on its own train features (export.cv_ood); returns the statistics' description."""
     import keras
     import onnx
 
-    from export.cv import FOLD_MODEL, TRAIN_FEATURES
-    from export.knn_ood import DEFAULT_K, fit_knn
+    from export.cv import FOLD_MODEL
+    from export.knn_ood import DEFAULT_K, KnnBank
     from export.serving_graph import build_serving_model, output_names, to_onnx
 
     model = keras.models.load_model(fold_dir / FOLD_MODEL, compile=False)
-    with np.load(fold_dir / TRAIN_FEATURES) as f:
-        bank = fit_knn(f["penultimate"], k or DEFAULT_K, max_bank)
-    serving = build_serving_model(model, 1.0, None, knn=bank)
+    fitted = fit_member(fold_dir, score, k or DEFAULT_K)
+    if isinstance(fitted, KnnBank):
+        serving = build_serving_model(model, 1.0, None, knn=fitted)
+    else:
+        serving = build_serving_model(model, 1.0, fitted)
     proto = to_onnx(serving, int(model.input.shape[1]), output_names(True))
     tmp = out_path.with_name(out_path.stem + ".tmp.onnx")
     onnx.save(proto, tmp)
     tmp.replace(out_path)
-    return bank.to_json()
+    return fitted.to_json()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,20 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--members", type=int, nargs="+", default=None, help="fold indices (default: every fold)")
     p.add_argument("--temperature", type=float, default=None, help="default: RUN/estimate.json's temperature")
-    p.add_argument("--max-bank", type=int, default=None, help="subsample each member's kNN bank")
+    p.add_argument("--ood", choices=SCORES, default=None, help="default: RUN/estimate.json's, else mahalanobis")
     a = p.parse_args(argv)
     plan = json.loads((a.run / "cv.json").read_text())
     folds = a.members if a.members is not None else list(range(int(plan["recipe"]["folds"])))
-    temperature = a.temperature or float(json.loads((a.run / "estimate.json").read_text())["temperature"])
+    est = json.loads((a.run / "estimate.json").read_text()) if (a.run / "estimate.json").exists() else {}
+    temperature = a.temperature or float(est["temperature"])
+    score = a.ood or est.get("ood", {}).get("score", DEFAULT_SCORE)
     a.out.mkdir(parents=True, exist_ok=True)
-    knn = {}
+    stats = {}
     for f in folds:
-        member = a.out / f"member-{f}.onnx"
+        member = a.out / f"member-{f}-{score}.onnx"
         if not member.exists():  # members are the slow part (tf2onnx); a rerun reuses them
-            knn[f] = export_member(a.run / f"fold-{f}", member, max_bank=a.max_bank)
-    members = [onnx.load(a.out / f"member-{f}.onnx") for f in folds]
+            stats[f] = export_member(a.run / f"fold-{f}", member, score)
+    members = [onnx.load(a.out / f"member-{f}-{score}.onnx") for f in folds]
     onnx.save(mean_logit_ensemble(members, temperature), a.out / "model.onnx")
-    info = {"members": folds, "temperature": temperature, "knn": knn, "run": str(a.run)}
+    info = {"members": folds, "temperature": temperature, "ood": stats, "run": str(a.run)}
     (a.out / "ensemble.json").write_text(json.dumps(info, indent=1) + "\n")
     return 0
 

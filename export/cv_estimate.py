@@ -131,7 +131,7 @@ def fit_serving(oof: OutOfFold) -> dict[str, Any]:
 
 def publish(oof: OutOfFold, files: NDArray[Any], path: Path) -> None:
     """The out-of-fold predictions behind the estimate, for anyone to recompute it (`result`):
-    file, group, label, fold, logits and kNN score per image, no features (a few hundred KB)."""
+    file, group, label, fold, logits and OOD score per image, no features (a few hundred KB)."""
     tmp = path.with_name(path.stem + ".tmp.npz")
     arrays: dict[str, NDArray[Any]] = {
         "classes": np.array(oof.classes),
@@ -147,23 +147,22 @@ def publish(oof: OutOfFold, files: NDArray[Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def result(oof: OutOfFold, knn_k: int) -> dict[str, Any]:
-    """What estimate.json holds: the estimate, the served temperature and decision, the OOD score."""
+def result(oof: OutOfFold, ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What estimate.json holds: the estimate, the served temperature and decision, and `ood`
+    (the score's description, export.cv_ood.describe) with the out-of-fold median."""
     out: dict[str, Any] = {"estimate": estimate_block(oof), **fit_serving(oof)}
-    if oof.ood is not None:
-        out["ood"] = {
-            "method": "k-th nearest-neighbour distance, normalised penultimate features; each fold's own train bank",
-            "k": knn_k,
-            "oof_median": float(np.median(oof.ood)),
-        }
+    if oof.ood is not None and ood is not None:
+        out["ood"] = {**ood, "oof_median": float(np.median(oof.ood))}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.knn_ood import DEFAULT_K, oof_scores
+    from export.cv_ood import DEFAULT_SCORE, SCORES, describe, oof_scores
+    from export.knn_ood import DEFAULT_K
 
     p = argparse.ArgumentParser(prog="python -m export.cv_estimate", description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="an export.cv run folder with oof.npz")
+    p.add_argument("--ood", choices=SCORES, default=DEFAULT_SCORE, help="the ood_score (export.cv_ood)")
     p.add_argument("--knn-k", type=int, default=DEFAULT_K, help="k of the kNN OOD score (declared, not tuned)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/estimate.json")
     p.add_argument("--publish", type=Path, default=None, help="also write the out-of-fold predictions here (.npz)")
@@ -171,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(a.run / "oof.npz") as f:
         files = f["files"]
     folds = sorted(a.run.glob("fold-*"), key=lambda d: int(d.name.split("-")[1]))
-    # Each image scored by the bank of the fold model that never saw it: what ood_above is fitted on.
-    ood = oof_scores(files, folds, a.knn_k)
-    oof = OutOfFold.load(a.run / "oof.npz", ood)
-    found = result(oof, a.knn_k)
+    # Each image scored by the statistics of the fold model that never saw it: what ood_above is fitted on.
+    oof = OutOfFold.load(a.run / "oof.npz", oof_scores(files, folds, a.ood, a.knn_k))
+    found = result(oof, describe(a.ood, a.knn_k))
     out = a.out or a.run / "estimate.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(found, indent=1) + "\n")

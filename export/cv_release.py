@@ -1,6 +1,6 @@
 """A finished cross-validation run -> a served model folder: the fold models' ensemble + model.json.
 
-    python -m export.cv_release --run RUN --out DIR --members 0 1 2
+    python -m export.cv_release --run RUN --out DIR --members 0 1
 
 model.json carries `estimate`, `calibration`, `decision` and `ood` (docs/model/cv.md says which
 figure each is).
@@ -84,17 +84,18 @@ def release(
     data = data or Path(plan["data"])
     work = run / "release-members"  # tf2onnx is the slow part: members are kept for a rerun
     work.mkdir(exist_ok=True)
-    knn: dict[str, Any] = {}
+    score = est["ood"].get("score", "knn")  # an estimate.json from before the choice had kNN only
+    stats: dict[str, Any] = {}
     for f in members:
-        path, about = work / f"member-{f}.onnx", work / f"member-{f}.json"
+        path, about = work / f"member-{f}-{score}.onnx", work / f"member-{f}-{score}.json"
         if not about.exists():  # written after its graph: both exist, or the member is rebuilt
-            info = export_member(run / f"fold-{f}", path, k=int(est["ood"]["k"]))
+            info = export_member(run / f"fold-{f}", path, score, k=est["ood"].get("k"))
             about.write_text(json.dumps(info))
-        knn[str(f)] = json.loads(about.read_text())
-    protos = [onnx.load(work / f"member-{f}.onnx") for f in members]
+        stats[str(f)] = json.loads(about.read_text())
+    protos = [onnx.load(work / f"member-{f}-{score}.onnx") for f in members]
     proto = mean_logit_ensemble(protos, temperature)
     names = [o.name for o in proto.graph.output]
-    digest = hashlib.sha256(b"".join(sha256_file(work / f"member-{f}.onnx").encode() for f in members))
+    digest = hashlib.sha256(b"".join(sha256_file(work / f"member-{f}-{score}.onnx").encode() for f in members))
     version = version or f"{dt.date.today():%Y.%m.%d}-cv{len(members)}-{digest.hexdigest()[:8]}"
     stamp(
         proto,
@@ -142,7 +143,7 @@ def release(
                     "temperature": temperature,
                     "ece_cross_fitted": est["estimate"]["ece"],
                 },
-                "ood": {**est["ood"], "members": knn, "graph": "mean of the members' kNN distances"},
+                "ood": {**est["ood"], "members": stats, "graph": "mean of the members' distances"},
                 "decision": {**est["decision"], "cross_fitted": est["decision_cross_fitted"], "note": est["note"]},
                 "ensemble": {"members": members, "of_folds": int(recipe["folds"]), "combine": "mean of logits"},
                 "parity": {"images": len(images), "max_abs_diff": diff, "argmax_flips": flips},

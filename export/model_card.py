@@ -28,6 +28,10 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
+def _k(ood: dict[str, Any]) -> str:
+    return f", k = {ood['k']}" if "k" in ood else ""
+
+
 def _ci(pair: list[float]) -> str:
     return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
@@ -91,7 +95,7 @@ def render(manifest: dict[str, Any], oof: OutOfFold) -> str:
         f"{d['target_accuracy']} at its {d['target_held_at']}; on the pooled out-of-fold predictions: "
         f"coverage {_p(d['coverage'])}, accepted accuracy {_p(d['accuracy'])} (lower bound "
         f"{_p(d.get('accuracy_lower_bound'))}).",
-        f"* `ood_above` = **{d['ood_above']:.3f}** ({manifest['ood']['method']}, k = {manifest['ood']['k']}): "
+        f"* `ood_above` = **{d['ood_above']:.3f}** ({manifest['ood']['method']}{_k(manifest['ood'])}): "
         f"{100 * d['ood_rate']:.2f}% of real out-of-fold tiles above it.",
         f"* Cross-fitted (thresholds fitted on the other folds, applied to each fold): **coverage "
         f"{_p(cross['coverage'])}, accepted accuracy {_p(cross['accepted_accuracy'])}**, "

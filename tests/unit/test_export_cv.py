@@ -13,6 +13,7 @@ import pytest
 from export import cv_estimate, cv_release, model_card
 from export.checkpoint import EMA, LAST, WeightEMA, recover
 from export.cv import CV_JSON, DONE, OOF, CVConfig, assign_folds, run
+from export.cv_ood import Score
 from export.data import DataError, scan
 from service.model.manifest import Manifest, sha256_file
 from tests.unit.test_export_data import make_dataset
@@ -89,26 +90,35 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     assert again == []  # finished folds are skipped
     assert (fold0 / DONE).read_text() == done
 
-    # THE estimate and the decision from the pooled out-of-fold predictions (kNN OOD per fold)
+    # THE estimate and the decision from the pooled out-of-fold predictions, with each ood_score
+    # (per fold, fitted on its train features); the default, Mahalanobis, last: it stays the run's.
     published = tmp_path / "cv_oof.npz"
-    assert cv_estimate.main(["--run", str(tmp_path / "run"), "--knn-k", "2", "--publish", str(published)]) == 0
-    est = json.loads((tmp_path / "run" / "estimate.json").read_text())
-    # the published predictions alone give the same figures, to the last digit
-    assert json.loads(json.dumps(cv_estimate.result(cv_estimate.OutOfFold.load(published), 2))) == est
-    assert est["estimate"]["groups"] == 21
-    assert est["estimate"]["method"] == "3-fold grouped CV, out-of-fold"
-    assert "ood_above" in est["decision"]
+    for score in ("knn", "mahalanobis"):
+        options = ["--ood", "knn", "--knn-k", "2"] if score == "knn" else []
+        assert cv_estimate.main(["--run", str(tmp_path / "run"), "--publish", str(published), *options]) == 0
+        est = json.loads((tmp_path / "run" / "estimate.json").read_text())
+        assert est["ood"]["score"] == score
+        # the published predictions alone give the same figures, to the last digit
+        described = {k: v for k, v in est["ood"].items() if k != "oof_median"}
+        assert json.loads(json.dumps(cv_estimate.result(cv_estimate.OutOfFold.load(published), described))) == est
+        assert est["estimate"]["groups"] == 21
+        assert est["estimate"]["method"] == "3-fold grouped CV, out-of-fold"
+        assert "ood_above" in est["decision"]
 
-    # two fold models as one served model folder: softmax(mean logits / T), the contract's outputs
-    args = ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "ens"), "--members", "0", "1"]
-    assert cv_release.main(args) == 0
-    check_ensemble(tmp_path / "run", tmp_path / "ens", est["temperature"])
-    manifest = Manifest.read(tmp_path / "ens" / "model.json").dump()
-    assert manifest["sha256"] == sha256_file(tmp_path / "ens" / "model.onnx")
-    assert manifest["estimate"] == est["estimate"]
-    assert manifest["decision"]["refer_below"] == est["decision"]["refer_below"]
-    assert manifest["ood"]["members"]["1"]["k"] == manifest["ood"]["k"] == 2  # the k ood_above was fitted with
-    assert manifest["parity"]["argmax_flips"] == 0
+        # two fold models as one served model folder: softmax(mean logits / T), the contract's outputs
+        ens = tmp_path / f"ens-{score}"
+        assert cv_release.main(["--run", str(tmp_path / "run"), "--out", str(ens), "--members", "0", "1"]) == 0
+        check_ensemble(tmp_path / "run", ens, est["temperature"], score)
+        manifest = Manifest.read(ens / "model.json").dump()
+        assert manifest["sha256"] == sha256_file(ens / "model.onnx")
+        assert manifest["estimate"] == est["estimate"]
+        assert manifest["decision"]["refer_below"] == est["decision"]["refer_below"]
+        assert manifest["ood"]["score"] == score
+        if score == "knn":
+            assert manifest["ood"]["members"]["1"]["k"] == manifest["ood"]["k"] == 2  # the k ood_above was fitted with
+        else:
+            assert manifest["ood"]["members"]["1"]["method"].startswith("Mahalanobis")
+        assert manifest["parity"]["argmax_flips"] == 0
     assert sorted(manifest["training"]["folds"]) == ["0", "1", "2"]
     assert manifest["training"]["folds"]["0"]["epochs"] == 2
     card = model_card.render(manifest, cv_estimate.OutOfFold.load(published))
@@ -137,12 +147,13 @@ def test_an_interrupted_checkpoint_commit_is_rolled_forward_or_dropped(tmp_path:
     assert not list(tmp_path.glob("next-*"))
 
 
-def check_ensemble(run_dir: Path, ens: Path, temperature: float) -> None:
+def check_ensemble(run_dir: Path, ens: Path, temperature: float, score: Score) -> None:
     import keras
     import onnxruntime as ort
 
-    from export.cv import FOLD_MODEL
+    from export.cv import FOLD_MODEL, _head_outputs
     from export.cv_estimate import softmax
+    from export.cv_ood import distance, fit_member
     from export.model import logits_model
 
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -157,3 +168,16 @@ def check_ensemble(run_dir: Path, ens: Path, temperature: float) -> None:
     assert names == ["probabilities", "ood_score", "feature_maps", "cam_weights"]
     probs = sess.run(["probabilities"], {"image": images})[0]
     np.testing.assert_allclose(probs, softmax(np.mean(logits, axis=0) / temperature), atol=1e-4)
+    # ood_score: the mean of the members' distances, as export.cv_ood computes the out-of-fold ones
+    # that ood_above was fitted on
+    expected = np.mean(
+        [
+            distance(
+                fit_member(run_dir / f"fold-{f}", score, k=2),
+                _head_outputs(keras.models.load_model(run_dir / f"fold-{f}" / FOLD_MODEL, compile=False), images),
+            )
+            for f in (0, 1)
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(sess.run(["ood_score"], {"image": images})[0], expected, rtol=1e-3)
