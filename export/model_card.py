@@ -28,6 +28,11 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
+def _and(items: list[Any]) -> str:
+    words = [str(i) for i in items]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def _k(ood: dict[str, Any]) -> str:
     return f", k = {ood['k']}" if "k" in ood else ""
 
@@ -58,7 +63,7 @@ def render(manifest: dict[str, Any], oof: OutOfFold) -> str:
         BEGIN,
         "",
         f"Model version **`{manifest['version']}`**: the mean of the logits of fold models "
-        f"{', '.join(str(m) for m in ens['members'])} of a {ens['of_folds']}-fold grouped cross-validation, "
+        f"{_and(ens['members'])} of a {ens['of_folds']}-fold grouped cross-validation, "
         f"{manifest['input_size']} px input.",
         "",
         f"**The figure: {e['method']}**, {e['groups']} tissue groups, {e['images']:,} images; every group "
