@@ -25,7 +25,7 @@ from export.knn_ood import KnnBank, fit_knn, knn_distance
 from export.serving_graph import fit_mahalanobis
 from service.model.preprocess import load_image
 from tests.ood_images import ood_images
-from tests.ood_study import RESTAINED_PER_CLASS, read_groups
+from tests.ood_study import read_groups, real_tiles_to_recolour
 
 
 def energy(logits: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -47,15 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data/lc25000-lung"))
     p.add_argument("--size", type=int, default=160)
     a = p.parse_args(argv)
-    by_class = defaultdict(list)
-    for t in read_groups(a.data):
-        by_class[t.group.split("/")[0]].append(t)
-    real = [
-        load_image(t.path.read_bytes(), 256)
-        for _, ts in sorted(by_class.items())
-        for t in sorted(ts, key=lambda t: t.path.name)[:: max(1, len(ts) // RESTAINED_PER_CLASS)][:RESTAINED_PER_CLASS]
-    ]
-    items = ood_images(real)
+    items = ood_images(real_tiles_to_recolour(read_groups(a.data)))
     x = np.stack([load_image(i.data, a.size) for i in items])
     cats = np.array([i.category for i in items])
     oof_scores: dict[str, list[np.ndarray]] = defaultdict(list)

@@ -122,6 +122,19 @@ def pct(k: int, n: int) -> str:
     return f"{k}/{n} = {100 * k / n:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}%)"
 
 
+def real_tiles_to_recolour(tiles: Sequence[Tile]) -> list[NDArray[np.uint8]]:
+    """Every n-th tile of each class (RESTAINED_PER_CLASS of each), decoded at 256 px: the real
+    tissue that tests/ood_images.py re-stains and re-colours."""
+    by_class: dict[str, list[Tile]] = defaultdict(list)
+    for t in tiles:
+        by_class[t.group.split("/")[0]].append(t)
+    return [
+        load_image(t.path.read_bytes(), 256)
+        for _, ts in sorted(by_class.items())
+        for t in sorted(ts, key=lambda t: t.path.name)[:: max(1, len(ts) // RESTAINED_PER_CLASS)][:RESTAINED_PER_CLASS]
+    ]
+
+
 def measures_of(tiles: Sequence[Tile], size: int) -> list[TissueMeasures]:
     out: list[TissueMeasures] = []
     for start in range(0, len(tiles), BATCH):
@@ -345,15 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [] if cv else measures_of([t for t in held if t.group not in select_groups], engine.input_size),
         "every" if cv else "train-group",
     )
-    by_class: dict[str, list[Tile]] = defaultdict(list)
-    for t in held:
-        by_class[t.group.split("/")[0]].append(t)
-    # Re-stained versions of held-out tiles (every n-th of each class): other stains on real tissue.
-    real = [
-        load_image(t.path.read_bytes(), 256)
-        for _, ts in sorted(by_class.items())
-        for t in sorted(ts, key=lambda t: t.path.name)[:: max(1, len(ts) // RESTAINED_PER_CLASS)][:RESTAINED_PER_CLASS]
-    ]
+    real = real_tiles_to_recolour(held)
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
     held_lines, ood_rate = held_out_section(engine, thresholds, held, named, word)
     stain_lines = stain_section(held, engine.input_size, word)
