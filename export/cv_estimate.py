@@ -86,9 +86,12 @@ def estimate_block(oof: OutOfFold, n_resamples: int = 2000, seed: int = 0) -> di
     }
 
 
-def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[str, float]:
-    """Coverage / accepted accuracy of the decision rule when its thresholds never saw the fold."""
+def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[str, Any]:
+    """Coverage / accepted accuracy of the decision rule when its thresholds never saw the fold, and
+    the share of real tiles it refers as out of distribution, pooled and per fold (far groups come
+    whole, so the rate differs from fold to fold)."""
     accepted = np.zeros(len(oof.labels), bool)
+    referred_ood = np.zeros(len(oof.labels), bool)
     for f in np.unique(oof.fold):
         here = oof.fold == f
         ood_other = None if oof.ood is None else oof.ood[~here]
@@ -97,12 +100,20 @@ def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[st
         accepted[here] = apply(
             probs[here], None if oof.ood is None else oof.ood[here], d["refer_below"], d.get("ood_above")
         )
+        if oof.ood is not None and "ood_above" in d:
+            referred_ood[here] = oof.ood[here] > d["ood_above"]
     correct = probs.argmax(1) == oof.labels
-    return {
+    out: dict[str, Any] = {
         "coverage": float(accepted.mean()),
         "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan"),
         "accepted_wrong": float((accepted & ~correct).mean()),
     }
+    if oof.ood is not None:
+        out["referred_out_of_distribution"] = float(referred_ood.mean())
+        out["referred_out_of_distribution_per_fold"] = {
+            str(int(f)): float(referred_ood[oof.fold == f].mean()) for f in np.unique(oof.fold)
+        }
+    return out
 
 
 def fit_serving(oof: OutOfFold) -> dict[str, Any]:

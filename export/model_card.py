@@ -104,11 +104,22 @@ def render(manifest: dict[str, Any], oof: OutOfFold) -> str:
         f"{100 * d['ood_rate']:.2f}% of real out-of-fold tiles above it.",
         f"* Cross-fitted (thresholds fitted on the other folds, applied to each fold): **coverage "
         f"{_p(cross['coverage'])}, accepted accuracy {_p(cross['accepted_accuracy'])}**, "
-        f"{100 * cross['accepted_wrong']:.2f}% of all images accepted and wrong.",
+        f"{100 * cross['accepted_wrong']:.2f}% of all images accepted and wrong{_ood_rate(cross)}.",
         "",
         END,
     ]
     return "\n".join(lines)
+
+
+def _ood_rate(cross: dict[str, Any]) -> str:
+    """The cross-fitted share of real tiles referred as out of distribution, per fold too."""
+    if "referred_out_of_distribution_per_fold" not in cross:
+        return ""
+    per_fold = cross["referred_out_of_distribution_per_fold"]
+    return (
+        f"; real tiles referred as out of distribution {100 * cross['referred_out_of_distribution']:.2f}% "
+        "(per fold: " + ", ".join(f"{100 * per_fold[f]:.2f}%" for f in sorted(per_fold, key=int)) + ")"
+    )
 
 
 def _worst_groups(oof: OutOfFold, classes: list[str], n: int = 6) -> str:

@@ -124,6 +124,7 @@ def test_cv_run_resumes_where_it_stopped_and_pools_every_image_once(data: Path, 
     card = model_card.render(manifest, cv_estimate.OutOfFold.load(published))
     assert manifest["version"] in card
     assert "3-fold grouped CV, out-of-fold" in card
+    assert "real tiles referred as out of distribution" in card  # cross-fitted, pooled and per fold
 
     with pytest.raises(ValueError, match="another recipe"):
         run(CVConfig(data=data, out=tmp_path / "run", folds=3, input_size=32, epochs=2, hed_alpha=0.2, max_steps=1))

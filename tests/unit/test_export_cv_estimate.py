@@ -6,7 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from export.cv_estimate import OutOfFold, cross_fitted_probabilities, estimate_block, fit_serving, softmax
+from export.cv_estimate import (
+    OutOfFold,
+    cross_fitted_decision,
+    cross_fitted_probabilities,
+    estimate_block,
+    fit_serving,
+    softmax,
+)
 from export.scoring import expected_calibration_error
 
 CLASSES = ["a", "b", "c"]
@@ -84,3 +91,17 @@ def test_serving_fit_gives_temperature_and_decision_with_honest_cross_fitted_cov
     cf = out["decision_cross_fitted"]
     assert 0.0 < cf["coverage"] <= 1.0
     np.testing.assert_allclose(cf["accepted_wrong"], cf["coverage"] * (1.0 - cf["accepted_accuracy"]))
+    per_fold = cf["referred_out_of_distribution_per_fold"]
+    assert sorted(per_fold) == ["0", "1", "2", "3", "4"]
+    sizes = {f: int((oof.fold == int(f)).sum()) for f in per_fold}
+    pooled = sum(per_fold[f] * sizes[f] for f in per_fold) / len(oof.labels)
+    np.testing.assert_allclose(cf["referred_out_of_distribution"], pooled)
+
+
+def test_cross_fitted_ood_rate_counts_a_far_group_in_the_fold_that_holds_it() -> None:
+    oof = synthetic_oof()
+    assert oof.ood is not None
+    far = np.asarray(oof.groups) == oof.groups[int(np.flatnonzero(oof.fold == 2)[0])]
+    oof.ood[far] += 1e6  # one whole group far from everything, as real far groups are
+    per_fold = cross_fitted_decision(oof, softmax(oof.logits))["referred_out_of_distribution_per_fold"]
+    assert per_fold["2"] >= far.sum() / (oof.fold == 2).sum()
