@@ -24,3 +24,10 @@ def test_update_replaces_the_block_and_nothing_else() -> None:
     new = f"{BEGIN}\nnew figures\n{END}"
     assert update(card, new) == f"# title\nprose before\n{new}\nprose after\n"
     assert block_of(update(card, new)) == new
+
+
+def test_the_readme_quotes_the_shipped_estimate() -> None:
+    e = json.loads((BUNDLED_MODEL / "model.json").read_text())["estimate"]
+    figure = f"**{e['accuracy']:.3f} [{e['interval'][0]:.3f}, {e['interval'][1]:.3f}]**"
+    # If this fails: README.md's model section quotes an older figure than model.json's estimate.
+    assert f"{figure} ({e['method']}, {e['groups']} tissue groups)" in (ROOT / "README.md").read_text()
