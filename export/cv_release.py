@@ -69,6 +69,14 @@ def _folds_trained(run: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def release_version(member_digests: list[str], temperature: float, decision: dict[str, Any]) -> str:
+    """`YYYY.MM.DD-cvM-<hash>`: the hash covers the members, the temperature in the graph and the
+    shipped decision, so two releases that answer differently never share a version."""
+    shipped = json.dumps({"temperature": temperature, "decision": decision}, sort_keys=True)
+    digest = hashlib.sha256("".join(member_digests).encode() + shipped.encode())
+    return f"{dt.date.today():%Y.%m.%d}-cv{len(member_digests)}-{digest.hexdigest()[:8]}"
+
+
 def release(
     run: Path, out_dir: Path, members: list[int], *, data: Path | None = None, version: str | None = None
 ) -> Manifest:
@@ -95,8 +103,9 @@ def release(
     protos = [onnx.load(work / f"member-{f}-{score}.onnx") for f in members]
     proto = mean_logit_ensemble(protos, temperature)
     names = [o.name for o in proto.graph.output]
-    digest = hashlib.sha256(b"".join(sha256_file(work / f"member-{f}-{score}.onnx").encode() for f in members))
-    version = version or f"{dt.date.today():%Y.%m.%d}-cv{len(members)}-{digest.hexdigest()[:8]}"
+    version = version or release_version(
+        [sha256_file(work / f"member-{f}-{score}.onnx") for f in members], temperature, est["decision"]
+    )
     stamp(
         proto,
         {

@@ -105,3 +105,15 @@ def test_cross_fitted_ood_rate_counts_a_far_group_in_the_fold_that_holds_it() ->
     oof.ood[far] += 1e6  # one whole group far from everything, as real far groups are
     per_fold = cross_fitted_decision(oof, softmax(oof.logits))["referred_out_of_distribution_per_fold"]
     assert per_fold["2"] >= far.sum() / (oof.fold == 2).sum()
+
+
+def test_a_release_version_changes_with_anything_that_changes_the_answers() -> None:
+    from export.cv_release import release_version
+
+    members, decision = ["a" * 64, "b" * 64], {"refer_below": 0.95, "ood_above": 26.6}
+    version = release_version(members, 0.70, decision)
+    assert version.split("-")[1] == "cv2"
+    assert version == release_version(members, 0.70, dict(reversed(decision.items())))
+    assert release_version(members, 0.65, decision) != version  # the temperature is in the graph
+    assert release_version(members, 0.70, {**decision, "refer_below": 0.93}) != version
+    assert release_version(members[::-1], 0.70, decision) != version
