@@ -351,12 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # v1 manifests: select is half of the held-out groups; v2 manifests name it beside test.
     select_groups = select_groups_of(manifest, tiles) - train_groups
     cv = is_cv_release(manifest)
-    word = "every" if cv else "held-out"  # a cross-validation ensemble holds no group out
+    word = "LC25000" if cv else "held-out"  # a cross-validation ensemble holds no group out
     fit = fit_section(
         measures_of(train, engine.input_size),
         measures_of([t for t in tiles if t.group in select_groups], engine.input_size),
         [] if cv else measures_of([t for t in held if t.group not in select_groups], engine.input_size),
-        "every" if cv else "train-group",
+        "LC25000" if cv else "train-group",
     )
     real = real_tiles_to_recolour(held)
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))

@@ -9,7 +9,7 @@ What it keeps from the design it replaces: a Flask route reading the multipart f
 `model.predict` call per request, served by waitress with its defaults (4 threads).
 What it changes, to compare like for like: the network is lungserve's CNN
 (`export.model.build_model`, random weights: speed does not depend on them) and the resize
-goes to that model's input size (--input-size, the bundled manifest's 128 px) instead of the
+goes to that model's input size (--input-size: loadtest/bench.py passes the bundled manifest's) instead of the
 original 256 px.
 """
 # mypy: disable-error-code="import-not-found,import-untyped,untyped-decorator,misc,no-untyped-call"

@@ -1,4 +1,4 @@
-"""Out-of-distribution inputs get "refer" from the bundled model, and real held-out tiles rarely do.
+"""Out-of-distribution inputs get "refer" from the bundled model, and real tiles rarely do.
 
 Through the real app (/predict-many, the real engine on the bundled model), with the thresholds of
 the bundled manifest. The per-category figures and their command: docs/model/ood.md.
@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from service.model.manifest import Manifest
 from service.model.preprocess import load_image
 from tests.app.conftest import Served, make_settings, serve
-from tests.conftest import BUNDLED_MODEL
 from tests.ood_images import OodImage, miscoloured, ood_images, restained
-from tests.ood_study import read_groups, split_of
+from tests.ood_study import read_groups
 
 pytestmark = pytest.mark.anyio
 
 FILES_PER_REQUEST = 64
-MAX_HELD_OUT_OOD = 0.01  # issue 9: at most 1% of real held-out tiles referred as out of distribution
+MAX_REAL_OOD = 0.01  # issue 9: at most 1% of real tiles referred as out of distribution
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +85,17 @@ async def test_real_tiles_with_wrong_colour_handling_are_referred(served: Served
 
 
 @pytest.mark.slow  # real data, and the same on every Python: not in the other-version matrix
-async def test_at_most_one_percent_of_real_held_out_tiles_are_referred_as_ood(served: Served, lc25000: Path) -> None:
-    manifest = Manifest.read(BUNDLED_MODEL / "model.json")
-    tiles = read_groups(lc25000)
-    _, held_out, _ = split_of(manifest, tiles)
-    files = [(t.path.name, t.path.read_bytes()) for t in tiles if t.group in held_out]
-    assert len(files) > 1000
-    results = await predict_many(served, files)
+async def test_at_most_one_percent_of_real_tiles_are_referred_as_ood(served: Served, lc25000: Path) -> None:
+    """Real tiles through the served graph and thresholds: every 8th tile of every group.
+
+    Out of fold (each tile against the bank of the one fold model that never saw it) the rate is
+    the manifest's `decision.ood_rate`, fitted at most 0.5% and recomputed in
+    tests/unit/test_shipped_model.py. The served ensemble's members trained on every group, so this
+    checks what no out-of-fold figure can: that the shipped graph, its banks and `ood_above` agree.
+    """
+    tiles = read_groups(lc25000)[::8]
+    assert len(tiles) > 1000
+    results = await predict_many(served, [(t.path.name, t.path.read_bytes()) for t in tiles])
     reasons = Counter(str(r.get("reason")) for r in results)
-    assert sum(reasons.values()) == len(files)
-    assert reasons["out_of_distribution"] <= MAX_HELD_OUT_OOD * len(files), reasons
+    assert sum(reasons.values()) == len(tiles)
+    assert reasons["out_of_distribution"] <= MAX_REAL_OOD * len(tiles), reasons
