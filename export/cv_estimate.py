@@ -94,14 +94,12 @@ def cross_fitted_decision(oof: OutOfFold, probs: NDArray[np.float64]) -> dict[st
     referred_ood = np.zeros(len(oof.labels), bool)
     for f in np.unique(oof.fold):
         here = oof.fold == f
-        ood_other = None if oof.ood is None else oof.ood[~here]
+        ood_other, ood_here = (None, None) if oof.ood is None else (oof.ood[~here], oof.ood[here])
         groups = np.asarray(oof.groups)[~here]
         d = fit_decision(probs[~here], oof.labels[~here], ood_other, "other folds", groups=groups)
-        accepted[here] = apply(
-            probs[here], None if oof.ood is None else oof.ood[here], d["refer_below"], d.get("ood_above")
-        )
-        if oof.ood is not None and "ood_above" in d:
-            referred_ood[here] = oof.ood[here] > d["ood_above"]
+        accepted[here] = apply(probs[here], ood_here, d["refer_below"], d.get("ood_above"))
+        if ood_here is not None and "ood_above" in d:
+            referred_ood[here] = ood_here > d["ood_above"]
     correct = probs.argmax(1) == oof.labels
     out: dict[str, Any] = {
         "coverage": float(accepted.mean()),

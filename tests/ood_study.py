@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measures_of(train, engine.input_size),
         measures_of([t for t in tiles if t.group in select_groups], engine.input_size),
         [] if cv else measures_of([t for t in held if t.group not in select_groups], engine.input_size),
-        "LC25000" if cv else "train-group",
+        word if cv else "train-group",
     )
     real = real_tiles_to_recolour(held)
     ood_lines, missed = ood_section(engine, thresholds, ood_images(real))
